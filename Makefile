@@ -1,0 +1,34 @@
+# `make demo` runs the daemon on its embedded defaults; `make test` runs the test suite.
+# Both build .venv on first use (torch from the machine's local wheel cache, ~1 min).
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PIP_QUIET := --quiet --disable-pip-version-check --no-warn-script-location
+
+.PHONY: demo test test-unit lint bench-ingest bench-inference demo-model clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install $(PIP_QUIET) -e '.[dev]' 2>&1 | grep -v "is ignored: it is neither" || true
+	$(BIN)/python -c "import dicomai, torch, pynetdicom, highdicom"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/dicomai --config deploy/demo.toml demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check dicomai workers tests
+	$(BIN)/ruff format --check dicomai workers tests
+
+demo-model: $(STAMP)
+	$(BIN)/dicomai train-demo models/demo-chest-nodule
+
+clean:
+	rm -rf $(VENV) .pytest_cache var

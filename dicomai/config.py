@@ -1,0 +1,174 @@
+"""Settings: defaults < dicomai.toml < DICOMAI_* environment, read once and passed down."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from dicomai.errors import ConfigError
+
+
+class Peer(BaseModel):
+    """A sender allowed to associate: its calling AE title and the hosts it may come from."""
+
+    ae_title: str
+    hosts: list[str] = Field(default_factory=list)
+
+
+class IngestSettings(BaseModel):
+    ae_title: str = "DICOMAI"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    study_quiet_seconds: float = 30.0
+    allow_any: bool = False
+    peers: list[Peer] = Field(default_factory=list)
+    max_pdu: int = 131072
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        # PS3.5 Table 6.2-1: AE is 1-16 characters, no backslash or control characters.
+        if not 0 < len(value.strip()) <= 16 or "\\" in value:
+            raise ValueError("ae_title must be 1 to 16 characters without backslash")
+        return value.strip()
+
+
+class StorageSettings(BaseModel):
+    dir: Path = Path("var")
+
+
+class DatabaseSettings(BaseModel):
+    url: str = ""
+
+
+class BrokerSettings(BaseModel):
+    url: str = ""
+
+
+class WorkerSettings(BaseModel):
+    device: str = "auto"
+    embedded: bool = True
+
+
+class DeliverySettings(BaseModel):
+    max_attempts: int = 30
+    backoff_initial_seconds: float = 5.0
+    backoff_max_seconds: float = 1800.0
+    timeout_seconds: float = 30.0
+
+
+class Destination(BaseModel):
+    """Where results go: a C-STORE SCP (ae_title/host/port) or a folder (path)."""
+
+    name: str
+    ae_title: str | None = None
+    host: str | None = None
+    port: int | None = None
+    path: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Destination:
+        network = self.ae_title is not None and self.host is not None and self.port is not None
+        if network == (self.path is not None):
+            raise ValueError(
+                f"destination {self.name!r}: give either ae_title, host and port, or path"
+            )
+        return self
+
+
+class Settings(BaseSettings):
+    """Every setting of dicomai; see README.md for each key."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DICOMAI_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    destinations: list[Destination] = Field(default_factory=list)
+    uid_root: str = "2.25"
+    log_level: str = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # toml_file is set in model_config by load_settings; without it the source is empty.
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite:///{self.storage.dir.resolve() / 'dicomai.db'}"
+
+    @property
+    def broker_url(self) -> str:
+        return self.broker.url or "filesystem://"
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker_url == "filesystem://"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.storage.dir / "spool"
+
+    @property
+    def outputs_dir(self) -> Path:
+        return self.storage.dir / "outputs"
+
+    @property
+    def registry_dir(self) -> Path:
+        return self.storage.dir / "models"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.storage.dir / "broker"
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Read settings from defaults, the TOML file and the environment.
+
+    Parameters
+    ----------
+    config_file
+        TOML file; when None, ``DICOMAI_CONFIG`` names it, else only defaults and environment.
+    overrides
+        Values that win over every source (used by tests).
+
+    Raises
+    ------
+    ConfigError
+        The file is missing or a value is invalid; the message names the key.
+    """
+    path = config_file or os.environ.get("DICOMAI_CONFIG") or None
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"config file not found: {path}")
+    # pydantic-settings reads the file name from the class, so each file gets a subclass.
+    config = SettingsConfigDict(**{**Settings.model_config, "toml_file": path})
+    settings_cls = type("FileSettings", (Settings,), {"model_config": config})
+    try:
+        return settings_cls(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"invalid setting {where}: {first['msg']}") from None
+    except ValueError as exc:
+        raise ConfigError(f"invalid config file {path}: {exc}") from None

@@ -1,0 +1,1 @@
+"""SQLAlchemy 2 ORM tables and session handling; no business logic."""

@@ -1,0 +1,59 @@
+"""Values a model run produces: per-class scores, per-image predictions and heat maps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Code:
+    """A coded concept (PS3.3 Table 8.8-1): value, scheme designator and meaning."""
+
+    value: str
+    scheme: str
+    meaning: str
+
+
+@dataclass(frozen=True)
+class ClassScore:
+    """One class of the model for one image."""
+
+    name: str
+    code: Code
+    probability: float
+    threshold: float
+    is_finding: bool
+
+    @property
+    def positive(self) -> bool:
+        return self.is_finding and self.probability >= self.threshold
+
+
+@dataclass(frozen=True)
+class ImagePrediction:
+    """What the model said about one source image.
+
+    `heatmap` is float32 in [0, 1] at the model's input resolution (rows, columns), for the
+    `explained` class; None when the image was not evaluated.
+    """
+
+    sop_instance_uid: str
+    evaluated: bool
+    scores: tuple[ClassScore, ...] = ()
+    predicted: str | None = None
+    explained: str | None = None
+    heatmap: np.ndarray | None = None
+    reason: str | None = None
+
+    def score(self, name: str) -> ClassScore:
+        for score in self.scores:
+            if score.name == name:
+                return score
+        raise KeyError(name)
+
+    @property
+    def top_finding(self) -> ClassScore | None:
+        findings = [s for s in self.scores if s.is_finding]
+        return max(findings, key=lambda s: s.probability) if findings else None

@@ -1,0 +1,62 @@
+"""What every output builder is fed: sources, predictions, model identity, deterministic UIDs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from pydicom import Dataset
+
+from dicomai.inference.types import ImagePrediction
+from dicomai.uids import derive_uid
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    """A classified source image: its dataset (with pixel data) and an 8-bit rendering.
+
+    `display` is uint8 (rows, columns), the image as a viewer shows it: modality and VOI LUT
+    applied, MONOCHROME1 inverted, at the source resolution (first frame of a multi-frame).
+    """
+
+    dataset: Dataset
+    display: np.ndarray
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which algorithm produced the result (for TID 4019 and Contributing Equipment)."""
+
+    name: str
+    version: str
+    architecture: str
+    weights_sha256: str
+    manufacturer: str = "dicomai"
+    software_version: str = "0.1.0"
+
+
+@dataclass(frozen=True)
+class ResultContext:
+    """Everything an output builder needs; `predictions[i]` belongs to `sources[i]`."""
+
+    sources: tuple[SourceImage, ...]
+    predictions: tuple[ImagePrediction, ...]
+    model: ModelIdentity
+    input_digest: str
+    uid_root: str = "2.25"
+
+    @property
+    def study_uid(self) -> str:
+        return str(self.sources[0].dataset.StudyInstanceUID)
+
+    def uid(self, kind: str, source_uid: str = "") -> str:
+        """The deterministic UID of an output object, series or other `kind` of identifier."""
+        return derive_uid(
+            self.study_uid,
+            self.input_digest,
+            self.model.name,
+            self.model.version,
+            kind,
+            source_uid,
+            root=self.uid_root,
+        )

@@ -1,0 +1,1 @@
+"""Celery wiring: the app and its thin tasks."""
