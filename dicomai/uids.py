@@ -12,6 +12,10 @@ _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
 # Our UID root: the "2.25" UUID-derived arc (PS3.5 B.2) needs no registration.
 DEFAULT_UID_ROOT = "2.25"
 
+# derive_uid("dicomai", "implementation-class"): names our software in File Meta (PS3.10 §7.1).
+IMPLEMENTATION_CLASS_UID = "2.25.155180748806027376962599326371063509316"
+IMPLEMENTATION_VERSION_NAME = "DICOMAI_010"
+
 
 def is_valid_uid(value: object) -> bool:
     """Return whether `value` is a UID by the full grammar of PS3.5 §9.1."""

@@ -1,0 +1,87 @@
+"""Reading the few tags an instance row needs from the encoded bytes, without decoding pixels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from io import BytesIO
+
+from pydicom import dcmread
+from pydicom.dataset import FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+
+from dicomai.errors import InvalidInstance
+from dicomai.uids import is_valid_uid
+
+_TAGS = [
+    "SpecificCharacterSet",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "SOPClassUID",
+    "Modality",
+    "BodyPartExamined",
+]
+
+PREAMBLE = b"\x00" * 128 + b"DICM"
+
+
+@dataclass(frozen=True)
+class Header:
+    """The identifying attributes of a received instance."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    modality: str | None
+    body_part: str | None
+
+
+def encode_file_meta(file_meta: FileMetaDataset) -> bytes:
+    """The File Meta Information group (PS3.10 §7.1), preceded by preamble and prefix."""
+    buffer = BytesIO()
+    buffer.write(PREAMBLE)
+    write_file_meta_info(buffer, file_meta, enforce_standard=True)  # type: ignore[arg-type]
+    return buffer.getvalue()
+
+
+def read_header(meta: bytes, dataset: bytes | memoryview) -> Header:
+    """Parse the identifying tags of an encoded instance.
+
+    Parameters
+    ----------
+    meta
+        Preamble, prefix and file meta group, as from `encode_file_meta`.
+    dataset
+        The dataset as received, in the transfer syntax the meta names.
+
+    Raises
+    ------
+    InvalidInstance
+        The header cannot be parsed or a UID is missing or malformed.
+    """
+    try:
+        ds = dcmread(
+            BytesIO(meta + bytes(dataset)), stop_before_pixels=True, specific_tags=_TAGS
+        )
+    except Exception as exc:  # pydicom raises many types for malformed data
+        raise InvalidInstance(f"cannot parse dataset: {type(exc).__name__}") from None
+    uids = {}
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+        value = str(ds.get(keyword, "") or "")
+        if not is_valid_uid(value):
+            raise InvalidInstance(f"{keyword} missing or not a valid UID")
+        uids[keyword] = value
+    return Header(
+        study_uid=uids["StudyInstanceUID"],
+        series_uid=uids["SeriesInstanceUID"],
+        sop_instance_uid=uids["SOPInstanceUID"],
+        sop_class_uid=uids["SOPClassUID"],
+        modality=_short_text(ds.get("Modality"), 16),
+        body_part=_short_text(ds.get("BodyPartExamined"), 64),
+    )
+
+
+def _short_text(value: object, limit: int) -> str | None:
+    text = str(value or "").strip()
+    return text[:limit] or None

@@ -1,0 +1,112 @@
+"""Recording a received instance and its study in SQL, with its audit row, in one commit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomai.audit import Action, record
+from dicomai.db.models import Instance, Study, StudyState, utcnow
+from dicomai.ingest.header import Header
+
+
+@dataclass(frozen=True)
+class Received:
+    """A received instance, already durable in the spool."""
+
+    header: Header
+    transfer_syntax_uid: str
+    path: str
+    size: int
+    sha256: str
+    calling_ae: str
+
+
+def is_known(sessions: sessionmaker[Session], sop_instance_uid: str) -> bool:
+    """Whether an instance with this SOP Instance UID is already recorded."""
+    with sessions() as session:
+        found = session.scalar(
+            select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)
+        )
+        return found is not None
+
+
+def record_instance(sessions: sessionmaker[Session], received: Received) -> bool:
+    """Insert the instance row, update its study, audit; commit. Return False for a resend.
+
+    A concurrent resend of the same SOP Instance UID loses the unique constraint and is
+    treated as a resend (DESIGN.md rule 3: recorded once); a concurrent first instance of
+    the same study loses the study's unique constraint and is retried once.
+    """
+    for attempt in range(2):
+        try:
+            with sessions() as session, session.begin():
+                study = _study_for_update(session, received)
+                session.add(_instance_row(study, received))
+                _audit_stored(session, received)
+            return True
+        except IntegrityError:
+            if is_known(sessions, received.header.sop_instance_uid):
+                return False
+            if attempt:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _audit_stored(session: Session, received: Received) -> None:
+    record(
+        session,
+        Action.INSTANCE_STORED,
+        actor=received.calling_ae,
+        object_type="instance",
+        object_id=received.header.sop_instance_uid,
+        study_uid=received.header.study_uid,
+        sop_class_uid=received.header.sop_class_uid,
+        transfer_syntax_uid=received.transfer_syntax_uid,
+        size=received.size,
+    )
+
+
+def _study_for_update(session: Session, received: Received) -> Study:
+    header = received.header
+    study = session.scalar(select(Study).where(Study.study_uid == header.study_uid))
+    if study is None:
+        study = Study(
+            study_uid=header.study_uid,
+            modality=header.modality,
+            calling_ae=received.calling_ae,
+            instance_count=0,
+        )
+        session.add(study)
+        session.flush()
+    # A late instance reopens a completed study: its new content gets a new job.
+    session.execute(
+        update(Study)
+        .where(Study.id == study.id)
+        .values(
+            instance_count=Study.instance_count + 1,
+            last_received_at=utcnow(),
+            state=StudyState.RECEIVING,
+        )
+    )
+    return study
+
+
+def _instance_row(study: Study, received: Received) -> Instance:
+    header = received.header
+    return Instance(
+        study_id=study.id,
+        sop_instance_uid=header.sop_instance_uid,
+        sop_class_uid=header.sop_class_uid,
+        series_uid=header.series_uid,
+        transfer_syntax_uid=received.transfer_syntax_uid,
+        modality=header.modality,
+        body_part=header.body_part,
+        path=received.path,
+        size=received.size,
+        sha256=received.sha256,
+        calling_ae=received.calling_ae,
+    )

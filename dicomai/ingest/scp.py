@@ -1,0 +1,166 @@
+"""The DICOM listener: association control, C-ECHO and C-STORE, bound to spool and database."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import socket
+from typing import Any
+
+from pydicom.dataset import FileMetaDataset
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, evt
+from pynetdicom.sop_class import Verification, _STORAGE_CLASSES
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomai.audit import Action, record
+from dicomai.config import Settings
+from dicomai.errors import InvalidInstance, StorageUnavailable
+from dicomai.ingest.access import AccessPolicy
+from dicomai.ingest.header import encode_file_meta, read_header
+from dicomai.ingest.recorder import Received, is_known, record_instance
+from dicomai.ingest.spool import Spool
+from dicomai.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+
+log = logging.getLogger(__name__)
+
+# PS3.4 Table B.2-1 and PS3.7 Annex C status codes.
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+
+
+def build_ae(settings: Settings) -> AE:
+    """An AE that accepts every storage SOP class in every transfer syntax, and Verification."""
+    ae = AE(ae_title=settings.ingest.ae_title)
+    ae.maximum_pdu_size = settings.ingest.max_pdu
+    ae.require_called_aet = True
+    ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+    for uid in _STORAGE_CLASSES.values():
+        ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
+    return ae
+
+
+def handlers(
+    settings: Settings, spool: Spool, sessions: sessionmaker[Session]
+) -> list[tuple[Any, ...]]:
+    """The event handlers of the listener, bound to their dependencies."""
+    policy = AccessPolicy(settings.ingest.peers, settings.ingest.allow_any)
+    return [
+        (evt.EVT_CONN_OPEN, on_connection_open),
+        (evt.EVT_REQUESTED, on_requested, [policy, sessions]),
+        (evt.EVT_C_ECHO, on_echo),
+        (evt.EVT_C_STORE, on_store, [spool, sessions]),
+    ]
+
+
+def on_connection_open(event: evt.Event) -> None:
+    # FACTS.md: without TCP_NODELAY every DIMSE response waits ~40 ms for a delayed ACK.
+    sock = event.assoc.dul.socket.socket
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def on_requested(event: evt.Event, policy: AccessPolicy, sessions: sessionmaker[Session]) -> None:
+    """Reject a caller that is not on the allow-list (PS3.8 9.3.4: calling AE not recognised)."""
+    requestor = event.assoc.requestor
+    calling = requestor.primitive.calling_ae_title
+    decision = policy.check(calling, requestor.address)
+    if decision.allowed:
+        return
+    event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+    log.warning("association rejected: %s (%s from %s)", decision.reason, calling, requestor.address)
+    try:
+        with sessions() as session, session.begin():
+            record(
+                session,
+                Action.ASSOCIATION_REJECTED,
+                actor=calling,
+                object_type="association",
+                object_id=requestor.address,
+                reason=decision.reason,
+            )
+    except Exception:  # the rejection stands even if the audit database is down
+        log.exception("could not audit a rejected association")
+
+
+def on_echo(event: evt.Event) -> int:
+    return SUCCESS
+
+
+def on_store(event: evt.Event, spool: Spool, sessions: sessionmaker[Session]) -> int:
+    """Store one instance durably, then record it; answer Success only after both.
+
+    Every failure is answered with a status, never an exception: pynetdicom would answer
+    0xC211 and log a traceback that may hold the dataset.
+    """
+    calling = event.assoc.requestor.ae_title
+    try:
+        return _store(event, spool, sessions, calling)
+    except InvalidInstance as exc:
+        _audit_rejection(sessions, calling, event.request.AffectedSOPInstanceUID, str(exc))
+        log.warning("C-STORE refused from %s: %s", calling, exc)
+        return CANNOT_UNDERSTAND
+    except StorageUnavailable as exc:
+        log.error("C-STORE from %s not stored: %s", calling, exc)
+        return OUT_OF_RESOURCES
+    except Exception as exc:
+        log.error("C-STORE from %s failed: %s", calling, type(exc).__name__)
+        return OUT_OF_RESOURCES
+
+
+def _store(event: evt.Event, spool: Spool, sessions: sessionmaker[Session], calling: str) -> int:
+    request = event.request
+    dataset = request.DataSet.getbuffer()
+    meta = encode_file_meta(_file_meta(event))
+    header = read_header(meta, dataset)
+    if header.sop_instance_uid != request.AffectedSOPInstanceUID:
+        raise InvalidInstance("SOPInstanceUID differs from the C-STORE request")
+    relative = spool.relative_path(header.study_uid, header.sop_instance_uid)
+    if is_known(sessions, header.sop_instance_uid):
+        return SUCCESS
+    size = spool.write(relative, (meta, dataset))
+    digest = hashlib.sha256(meta)
+    digest.update(dataset)
+    received = Received(
+        header=header,
+        transfer_syntax_uid=str(event.context.transfer_syntax),
+        path=relative,
+        size=size,
+        sha256=digest.hexdigest(),
+        calling_ae=calling,
+    )
+    try:
+        record_instance(sessions, received)
+    except Exception as exc:
+        # No row, no Success: the file must not outlive the failed commit.
+        spool.remove(relative)
+        raise StorageUnavailable(f"database: {type(exc).__name__}") from None
+    return SUCCESS
+
+
+def _file_meta(event: evt.Event) -> FileMetaDataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = event.request.AffectedSOPClassUID
+    meta.MediaStorageSOPInstanceUID = event.request.AffectedSOPInstanceUID
+    meta.TransferSyntaxUID = event.context.transfer_syntax
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    meta.SourceApplicationEntityTitle = event.assoc.requestor.ae_title
+    return meta
+
+
+def _audit_rejection(
+    sessions: sessionmaker[Session], calling: str, sop_instance_uid: object, reason: str
+) -> None:
+    try:
+        with sessions() as session, session.begin():
+            record(
+                session,
+                Action.INSTANCE_REJECTED,
+                actor=calling,
+                object_type="instance",
+                object_id=str(sop_instance_uid or "")[:128],
+                reason=reason,
+            )
+    except Exception:
+        log.exception("could not audit a rejected instance")

@@ -1,0 +1,85 @@
+"""Keeping the broker in step with SQL: ring for new, stuck and abandoned jobs and due deliveries."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomai.audit import Action, record
+from dicomai.db.models import Delivery, DeliveryState, Job, JobState, utcnow
+from dicomai.jobs.doorbell import Doorbell
+
+log = logging.getLogger(__name__)
+
+RECONCILER = "reconciler"
+
+
+@dataclass(frozen=True)
+class Leases:
+    """How long a rung job or delivery may wait before it is rung again."""
+
+    queued_seconds: float = 300.0
+    heartbeat_seconds: float = 600.0
+    delivery_seconds: float = 120.0
+    max_attempts: int = 3
+
+
+def ring_jobs(sessions: sessionmaker[Session], doorbell: Doorbell, leases: Leases) -> int:
+    """Ring for jobs never rung, rung long ago, or abandoned by a dead worker; return the count."""
+    now = utcnow()
+    stale_queue = now - timedelta(seconds=leases.queued_seconds)
+    stale_heartbeat = now - timedelta(seconds=leases.heartbeat_seconds)
+    with sessions() as session, session.begin():
+        jobs = session.scalars(
+            select(Job)
+            .where(
+                or_(
+                    (Job.state == JobState.QUEUED)
+                    & (or_(Job.enqueued_at.is_(None), Job.enqueued_at <= stale_queue)),
+                    (Job.state == JobState.RUNNING) & (Job.heartbeat_at <= stale_heartbeat),
+                )
+            )
+            .with_for_update(skip_locked=True)
+        ).all()
+        rung = [job.id for job in jobs if _requeue(session, job, leases, now)]
+    for job_id in rung:
+        doorbell.ring_job(job_id)
+    return len(rung)
+
+
+def _requeue(session: Session, job: Job, leases: Leases, now: object) -> bool:
+    if job.state == JobState.RUNNING and job.attempts >= leases.max_attempts:
+        job.state = JobState.FAILED
+        job.error = f"abandoned after {job.attempts} attempts"
+        record(session, Action.JOB_FAILED, actor=RECONCILER, object_type="job",
+               object_id=job.id, reason=job.error)
+        return False
+    action = Action.JOB_ENQUEUED
+    reason = "new" if job.enqueued_at is None else "re-enqueued"
+    if job.state == JobState.RUNNING:
+        reason = "worker heartbeat lost"
+    job.state = JobState.QUEUED
+    job.enqueued_at = now  # type: ignore[assignment]
+    record(session, action, actor=RECONCILER, object_type="job", object_id=job.id, reason=reason)
+    return True
+
+
+def ring_deliveries(sessions: sessionmaker[Session], doorbell: Doorbell, leases: Leases) -> int:
+    """Ring for pending deliveries that are due; each gets a lease so it is rung once."""
+    now = utcnow()
+    with sessions() as session, session.begin():
+        due = session.scalars(
+            select(Delivery)
+            .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)
+            .with_for_update(skip_locked=True)
+        ).all()
+        for delivery in due:
+            delivery.next_attempt_at = now + timedelta(seconds=leases.delivery_seconds)
+        ids = [d.id for d in due]
+    for delivery_id in ids:
+        doorbell.ring_delivery(delivery_id)
+    return len(ids)

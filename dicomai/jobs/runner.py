@@ -1,0 +1,270 @@
+"""Running one job: read the study's images, classify, explain, encode results, deliver."""
+
+from __future__ import annotations
+
+import logging
+from io import BytesIO
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom import Dataset
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomai.audit import Action, record
+from dicomai.config import Settings
+from dicomai.db.models import (
+    Delivery,
+    Instance,
+    Job,
+    JobState,
+    ModelState,
+    OutputObject,
+    Prediction,
+    utcnow,
+)
+from dicomai.delivery.dispatch import attempt_delivery, pending_for_job
+from dicomai.errors import DicomaiError, ModelPackageError, NotEvaluable
+from dicomai.imaging.decode import read_instance
+from dicomai.imaging.preprocess import prepare
+from dicomai.inference.runner import Classifier
+from dicomai.inference.types import ImagePrediction
+from dicomai.ingest.spool import Spool
+from dicomai.jobs.applicability import applies
+from dicomai.models.package import load_model
+from dicomai.results.context import ModelIdentity, ResultContext, SourceImage
+from dicomai.results.sc import build_sc
+from dicomai.results.sr import build_sr
+
+log = logging.getLogger(__name__)
+
+WORKER = "worker"
+FINAL_STATES = (JobState.DONE, JobState.FAILED, JobState.NOT_APPLICABLE)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a claimed job needs, read in the claiming transaction."""
+
+    job_id: int
+    study_uid: str
+    input_digest: str
+    model_version_id: int
+    model_path: str
+    shadow: bool
+    instances: tuple[tuple[str, str], ...]  # (sop_instance_uid, spool path)
+
+
+@dataclass(frozen=True)
+class Output:
+    kind: str
+    dataset: Dataset
+    path: str
+
+
+class JobRunner:
+    """Runs jobs in one worker process; keeps each loaded model version for the next job."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], device: str) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.device = device
+        self.spool = Spool(settings.spool_dir)
+        self.outputs = Spool(settings.outputs_dir)
+        self._classifiers: dict[int, Classifier] = {}
+
+    def run_job(self, job_id: int) -> None:
+        """Run job `job_id` if it is not finished; idempotent, so a redelivered task is harmless."""
+        claim = self._claim(job_id)
+        if claim is None:
+            return
+        try:
+            predictions, outputs = self._process(claim)
+            self._finish(claim, predictions, outputs)
+        except Exception as exc:
+            self._fail(claim, exc)
+            return
+        for delivery_id in pending_for_job(self.sessions, job_id):
+            attempt_delivery(self.sessions, self.settings, delivery_id)
+
+    def deliver(self, delivery_id: int) -> None:
+        attempt_delivery(self.sessions, self.settings, delivery_id)
+
+    def _claim(self, job_id: int) -> Claim | None:
+        with self.sessions() as session, session.begin():
+            job = session.scalar(select(Job).where(Job.id == job_id).with_for_update())
+            if job is None or job.state in FINAL_STATES:
+                return None
+            now = utcnow()
+            job.state = JobState.RUNNING
+            job.attempts += 1
+            job.started_at = job.heartbeat_at = now
+            model = job.model_version
+            instances = [i for i in job.study.instances if applies(model.manifest, i)]
+            record(session, Action.JOB_STARTED, actor=WORKER, object_type="job", object_id=job.id,
+                   study_uid=job.study.study_uid, model=model.label, attempt=job.attempts)
+            return Claim(
+                job_id=job.id,
+                study_uid=job.study.study_uid,
+                input_digest=job.input_digest,
+                model_version_id=model.id,
+                model_path=model.path,
+                shadow=model.state == ModelState.SHADOW,
+                instances=tuple(
+                    (i.sop_instance_uid, i.path)
+                    for i in sorted(instances, key=lambda i: i.sop_instance_uid)
+                ),
+            )
+
+    def _classifier(self, claim: Claim) -> Classifier:
+        classifier = self._classifiers.get(claim.model_version_id)
+        if classifier is None:
+            path = Path(claim.model_path)
+            if not path.is_absolute():
+                path = self.settings.registry_dir / path
+            classifier = Classifier(load_model(path), device=self.device)
+            self._classifiers[claim.model_version_id] = classifier
+        return classifier
+
+    def _process(self, claim: Claim) -> tuple[list[ImagePrediction], list[Output]]:
+        classifier = self._classifier(claim)
+        spec = classifier.loaded.manifest.input
+        sources: list[SourceImage] = []
+        inputs: list[tuple[str, Any]] = []
+        skipped: dict[str, str] = {}
+        for sop_uid, path in claim.instances:
+            try:
+                dataset = read_instance(self.spool.path(path))
+                display, tensor = prepare(dataset, spec)
+            except NotEvaluable as exc:
+                skipped[sop_uid] = str(exc)
+                continue
+            sources.append(SourceImage(dataset=dataset, display=display))
+            inputs.append((sop_uid, tensor))
+        predictions = classifier.predict(inputs) if inputs else []
+        not_evaluated = [
+            ImagePrediction(sop_instance_uid=uid, evaluated=False, reason=reason)
+            for uid, reason in skipped.items()
+        ]
+        outputs = self._encode(claim, classifier, sources, predictions) if sources else []
+        return predictions + not_evaluated, outputs
+
+    def _encode(
+        self,
+        claim: Claim,
+        classifier: Classifier,
+        sources: list[SourceImage],
+        predictions: list[ImagePrediction],
+    ) -> list[Output]:
+        manifest = classifier.loaded.manifest
+        context = ResultContext(
+            sources=tuple(sources),
+            predictions=tuple(predictions),
+            model=ModelIdentity(
+                name=manifest.name,
+                version=manifest.version,
+                architecture=manifest.architecture,
+                weights_sha256=manifest.weights_sha256,
+            ),
+            input_digest=claim.input_digest,
+            uid_root=self.settings.uid_root,
+        )
+        datasets = [("sr", build_sr(context))]
+        datasets += [("sc", build_sc(context, i)) for i in range(len(sources))]
+        outputs = []
+        for kind, dataset in datasets:
+            relative = self.outputs.relative_path(claim.study_uid, str(dataset.SOPInstanceUID))
+            self.outputs.write(relative, [_encode_file(dataset)])
+            outputs.append(Output(kind=kind, dataset=dataset, path=relative))
+        return outputs
+
+    def _finish(
+        self, claim: Claim, predictions: list[ImagePrediction], outputs: list[Output]
+    ) -> None:
+        with self.sessions() as session, session.begin():
+            job = session.get_one(Job, claim.job_id)
+            _store_predictions(session, job, predictions)
+            for output in outputs:
+                row = _upsert_output(session, job, output)
+                if not claim.shadow:
+                    _add_deliveries(session, row, [d.name for d in self.settings.destinations])
+            job.state = JobState.DONE
+            job.finished_at = utcnow()
+            job.error = None
+            record(session, Action.JOB_DONE, actor=WORKER, object_type="job", object_id=job.id,
+                   study_uid=claim.study_uid, images=len(predictions), outputs=len(outputs),
+                   shadow=claim.shadow)
+
+    def _fail(self, claim: Claim, exc: Exception) -> None:
+        reason = str(exc) if isinstance(exc, DicomaiError) else type(exc).__name__
+        log.error("job %d failed: %s", claim.job_id, reason, exc_info=not isinstance(exc, DicomaiError))
+        permanent = isinstance(exc, ModelPackageError)
+        with self.sessions() as session, session.begin():
+            job = session.get_one(Job, claim.job_id)
+            job.error = reason
+            if permanent or job.attempts >= 3:
+                job.state = JobState.FAILED
+                job.finished_at = utcnow()
+                record(session, Action.JOB_FAILED, actor=WORKER, object_type="job",
+                       object_id=job.id, study_uid=claim.study_uid, reason=reason)
+            else:
+                # Back to the queue; the reconciler rings it again after its lease.
+                job.state = JobState.QUEUED
+                job.enqueued_at = utcnow()
+
+
+def _encode_file(dataset: Dataset) -> bytes:
+    buffer = BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _store_predictions(session: Session, job: Job, predictions: list[ImagePrediction]) -> None:
+    session.execute(delete(Prediction).where(Prediction.job_id == job.id))
+    ids = dict(
+        session.execute(
+            select(Instance.sop_instance_uid, Instance.id).where(Instance.study_id == job.study_id)
+        ).tuples()
+    )
+    for prediction in predictions:
+        top = prediction.top_finding
+        session.add(
+            Prediction(
+                job_id=job.id,
+                instance_id=ids[prediction.sop_instance_uid],
+                label=top.name if top else prediction.predicted,
+                probability=top.probability if top else None,
+                positive=top.positive if top else None,
+                evaluated=prediction.evaluated,
+                reason=prediction.reason,
+            )
+        )
+
+
+def _upsert_output(session: Session, job: Job, output: Output) -> OutputObject:
+    uid = str(output.dataset.SOPInstanceUID)
+    row = session.scalar(select(OutputObject).where(OutputObject.sop_instance_uid == uid))
+    if row is None:
+        row = OutputObject(
+            job_id=job.id,
+            kind=output.kind,
+            sop_instance_uid=uid,
+            sop_class_uid=str(output.dataset.SOPClassUID),
+            series_uid=str(output.dataset.SeriesInstanceUID),
+            path=output.path,
+        )
+        session.add(row)
+        session.flush()
+        record(session, Action.OUTPUT_CREATED, actor=WORKER, object_type="output",
+               object_id=uid, study_uid=job.study.study_uid, kind=output.kind)
+    return row
+
+
+def _add_deliveries(session: Session, output: OutputObject, destinations: list[str]) -> None:
+    existing = set(
+        session.scalars(select(Delivery.destination).where(Delivery.output_id == output.id))
+    )
+    for name in destinations:
+        if name not in existing:
+            session.add(Delivery(output_id=output.id, destination=name))

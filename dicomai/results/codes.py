@@ -1,0 +1,94 @@
+"""Coded concepts, labels and equipment that the SR and SC builders share."""
+
+from __future__ import annotations
+
+import highdicom as hd
+from pydicom.sr.codedict import codes
+
+from dicomai.inference.types import Code
+from dicomai.results.context import ModelIdentity
+
+# PS3.16 CID 100: what the report is about.
+IMAGING_PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
+# PS3.16 CID 240 (Present/Absent): SCT 2667000 was replaced by 272519000 for "Absent".
+PRESENT = hd.sr.CodedConcept("52101004", "SCT", "Present")
+ABSENT = hd.sr.CodedConcept("272519000", "SCT", "Absent")
+PROBABILITY = hd.sr.CodedConcept("122157", "DCM", "Probability")
+# UCUM's unity: a calibrated probability in [0, 1] has no unit.
+NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
+EVALUATION = hd.sr.CodedConcept("386053000", "SCT", "Evaluation procedure")
+NOT_EVALUATED = hd.sr.CodedConcept("373121007", "SCT", "Not Evaluated")
+COMMENT = hd.sr.CodedConcept("121106", "DCM", "Comment")
+
+MANUFACTURER = "dicomai"
+NOT_FOR_DIAGNOSIS = "not for primary diagnosis"
+
+# PS3.5 Table 6.2-1: LO (Series Description, Manufacturer's Model Name) holds 64 characters.
+_LO_LIMIT = 64
+
+
+def coded(code: Code) -> hd.sr.CodedConcept:
+    """Return a model class `code` as a highdicom coded concept.
+
+    Parameters
+    ----------
+    code
+        Code of a model class, as the model package declares it.
+
+    Returns
+    -------
+    highdicom.sr.CodedConcept
+        The same concept, ready for an SR content item.
+    """
+    return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
+
+
+def model_label(model: ModelIdentity) -> str:
+    """Return "<name> <version>", the way outputs name the model to a reader."""
+    return f"{model.name} {model.version}"
+
+
+def series_description(prefix: str, model: ModelIdentity, suffix: str = "") -> str:
+    """Return "<prefix> (<model label>)<suffix>", the model label cut to fit 64 characters.
+
+    Parameters
+    ----------
+    prefix
+        Text before the model label, e.g. "AI findings".
+    model
+        The model whose name and version are shown.
+    suffix
+        Text after the closing parenthesis; never cut, since it carries the warning.
+
+    Returns
+    -------
+    str
+        A Series Description of at most 64 characters.
+    """
+    room = _LO_LIMIT - len(prefix) - len(suffix) - len(" ()")
+    label = model_label(model)
+    if len(label) > room:
+        label = label[: max(room - 1, 0)] + "~"
+    return f"{prefix} ({label}){suffix}"
+
+
+def model_equipment(model: ModelIdentity) -> hd.ContributingEquipment:
+    """Describe the model as processing equipment (PS3.3 C.12.1.1.5, Contributing Equipment).
+
+    Parameters
+    ----------
+    model
+        The model that produced the result.
+
+    Returns
+    -------
+    highdicom.ContributingEquipment
+        An item for the Contributing Equipment Sequence.
+    """
+    return hd.ContributingEquipment(
+        manufacturer=model.manufacturer[:_LO_LIMIT],
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=model.name[:_LO_LIMIT],
+        software_versions=model.version[:_LO_LIMIT],
+        contribution_description=f"{model.architecture} classifier, AI generated result",
+    )

@@ -1,0 +1,41 @@
+"""The Celery app: late acknowledgement, one task at a time, SQL as the source of truth."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from dicomai.config import Settings
+
+INFERENCE_QUEUE = "dicomai.inference"
+DELIVERY_QUEUE = "dicomai.delivery"
+RUN_JOB = "dicomai.run_job"
+DELIVER = "dicomai.deliver"
+
+
+def make_app(settings: Settings) -> Celery:
+    """A Celery app for `settings`; the embedded broker is a spool folder, no server needed."""
+    app = Celery("dicomai", broker=settings.broker_url, set_as_current=False)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        task_routes={RUN_JOB: {"queue": INFERENCE_QUEUE}, DELIVER: {"queue": DELIVERY_QUEUE}},
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        task_serializer="json",
+        accept_content=["json"],
+    )
+    if settings.embedded_broker:
+        queue_dir = settings.broker_dir / "queue"
+        done_dir = settings.broker_dir / "processed"
+        queue_dir.mkdir(parents=True, exist_ok=True)
+        done_dir.mkdir(parents=True, exist_ok=True)
+        app.conf.broker_transport_options = {
+            "data_folder_in": str(queue_dir),
+            "data_folder_out": str(queue_dir),
+            "processed_folder": str(done_dir),
+            "store_processed": False,
+            "polling_interval": 0.2,
+        }
+    return app
