@@ -1,1 +1,1 @@
-
+"""The `dicomai` command."""

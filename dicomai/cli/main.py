@@ -1,0 +1,67 @@
+"""The `dicomai` command group: global options, error handling, and the subcommands."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from sqlalchemy.exc import OperationalError
+
+from dicomai.config import Settings, load_settings
+from dicomai.errors import DicomaiError
+
+
+class Group(click.Group):
+    """Turns our errors into one line on stderr and a non-zero exit, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DicomaiError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except OperationalError as exc:
+            click.echo(f"error: database unavailable: {exc.orig or exc}".splitlines()[0], err=True)
+            sys.exit(3)
+
+
+class Context:
+    """What every subcommand gets: the settings, read once, and the file they came from."""
+
+    def __init__(self, config_file: Path | None) -> None:
+        self.config_file = config_file
+        self._settings: Settings | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load_settings(self.config_file)
+            from dicomai.logs import configure_logging
+
+            configure_logging(self._settings.log_level)
+        return self._settings
+
+
+@click.group(cls=Group)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path),
+    envvar="DICOMAI_CONFIG",
+    help="TOML configuration file (default: $DICOMAI_CONFIG).",
+)
+@click.version_option(package_name="dicomai")
+@click.pass_context
+def cli(ctx: click.Context, config_file: Path | None) -> None:
+    """dicomai: classify DICOM studies, explain with Grad-CAM, report back to the PACS."""
+    ctx.obj = Context(config_file)
+
+
+def main() -> None:
+    from dicomai.cli import admin, service
+
+    service.register(cli)
+    admin.register(cli)
+    cli(prog_name="dicomai")

@@ -1,0 +1,71 @@
+"""Long-running commands: `serve`, `worker`, `demo`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from sqlalchemy import select
+
+from dicomai.cli.main import Context
+
+
+@click.command()
+@click.pass_obj
+def serve(obj: Context) -> None:
+    """Run the DICOM listener, study assembly and (embedded mode) a worker."""
+    from dicomai.daemon import Daemon
+
+    Daemon(obj.settings, obj.config_file).run()
+
+
+@click.command()
+@click.option("--device", default=None, help="auto, cpu or cuda:N (default: [worker] device).")
+@click.pass_obj
+def worker(obj: Context, device: str | None) -> None:
+    """Run a standalone worker against the configured broker."""
+    from dicomai.inference.device import resolve_device
+    from workers.worker import run_worker
+
+    run_worker(obj.settings, resolve_device(device or obj.settings.worker.device))
+
+
+@click.command()
+@click.option(
+    "--model",
+    "model_dir",
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    default=Path("models/demo-chest-nodule"),
+    show_default=True,
+    help="Model package to register and activate if no model is active.",
+)
+@click.pass_obj
+def demo(obj: Context, model_dir: Path) -> None:
+    """Upgrade the database, activate the demo model if none is active, then serve."""
+    from dicomai.audit import os_user
+    from dicomai.daemon import Daemon
+    from dicomai.db.migrate import upgrade
+    from dicomai.db.models import ModelState, ModelVersion
+    from dicomai.db.session import make_engine, make_sessionmaker
+    from dicomai.rollout.registry import activate, find, register
+
+    settings = obj.settings
+    upgrade(settings.database_url)
+    sessions = make_sessionmaker(make_engine(settings.database_url))
+    with sessions() as session, session.begin():
+        active = session.scalar(select(ModelVersion).where(ModelVersion.state == ModelState.ACTIVE))
+        if active is None:
+            import tomllib
+
+            manifest = tomllib.loads((model_dir / "model.toml").read_text())
+            row = find(session, manifest["name"], manifest["version"])
+            if row is None:
+                row = register(session, model_dir, settings.registry_dir, os_user())
+            activate(session, row.name, row.version, os_user(), reason="demo")
+            click.echo(f"activated {row.label}")
+    Daemon(settings, obj.config_file).run()
+
+
+def register(group: click.Group) -> None:
+    for command in (serve, worker, demo):
+        group.add_command(command)

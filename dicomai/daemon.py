@@ -1,0 +1,100 @@
+"""The `serve` daemon: the DICOM listener, the assembly/reconcile loop and the embedded worker."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomai.config import Settings
+from dicomai.db.migrate import current_revision, head_revision
+from dicomai.db.session import make_engine, make_sessionmaker
+from dicomai.errors import ConfigError
+from dicomai.ingest.scp import build_ae, handlers
+from dicomai.ingest.spool import Spool
+from dicomai.jobs.assembler import complete_quiet_studies
+from dicomai.jobs.doorbell import Doorbell
+from dicomai.jobs.reconciler import Leases, ring_deliveries, ring_jobs
+
+log = logging.getLogger(__name__)
+
+
+class Daemon:
+    """Everything `dicomai serve` runs, started and stopped together."""
+
+    def __init__(self, settings: Settings, config_file: Path | None = None) -> None:
+        self.settings = settings
+        self.config_file = config_file
+        engine = make_engine(settings.database_url)
+        if current_revision(engine) != head_revision(settings.database_url):
+            raise ConfigError("the database schema is not current: run `dicomai db upgrade`")
+        self.sessions: sessionmaker[Session] = make_sessionmaker(engine)
+        self.spool = Spool(settings.spool_dir)
+        self.stopping = threading.Event()
+        self.server: ThreadedAssociationServer | None = None
+        self.worker: subprocess.Popen[bytes] | None = None
+
+    def run(self) -> None:
+        """Serve until SIGTERM or SIGINT."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stopping.set())
+        if self.settings.ingest.allow_any:
+            log.warning("ingest.allow_any is true: ANY sender may store studies (labs only)")
+        self.start()
+        try:
+            self.loop()
+        finally:
+            self.stop()
+
+    def start(self) -> None:
+        from workers.app import make_app
+        from workers.doorbell import CeleryDoorbell
+
+        self.doorbell: Doorbell = CeleryDoorbell(make_app(self.settings))
+        if self.settings.worker.embedded:
+            self.worker = self._start_worker()
+        ae = build_ae(self.settings)
+        ingest = self.settings.ingest
+        self.server = ae.start_server(
+            (ingest.host, ingest.port),
+            block=False,
+            evt_handlers=handlers(self.settings, self.spool, self.sessions),
+        )
+        log.info("listening as %s on %s:%d", ingest.ae_title, ingest.host, ingest.port)
+
+    def loop(self, period: float = 0.5) -> None:
+        leases = Leases()
+        while not self.stopping.wait(period):
+            try:
+                complete_quiet_studies(self.sessions, self.settings.ingest.study_quiet_seconds)
+                ring_jobs(self.sessions, self.doorbell, leases)
+                ring_deliveries(self.sessions, self.doorbell, leases)
+            except Exception as exc:  # the loop must outlive a database or broker outage
+                log.error("assembly loop: %s: %s", type(exc).__name__, exc)
+            if self.worker is not None and self.worker.poll() is not None:
+                log.error("embedded worker exited with %s; restarting", self.worker.returncode)
+                self.worker = self._start_worker()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+        if self.worker is not None and self.worker.poll() is None:
+            self.worker.terminate()
+            try:
+                self.worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.worker.kill()
+        log.info("stopped")
+
+    def _start_worker(self) -> subprocess.Popen[bytes]:
+        env = dict(os.environ)
+        if self.config_file is not None:
+            env["DICOMAI_CONFIG"] = str(self.config_file)
+        return subprocess.Popen([sys.executable, "-m", "dicomai", "worker"], env=env)

@@ -1,0 +1,66 @@
+"""Structured logging with the PHI filter: pydicom's and structlog's known leaks closed."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import warnings
+
+import structlog
+
+# pydicom 3.0.2 logs and warns invalid values verbatim ("Invalid value for VR DA: '1970-01-01'"),
+# so a value quoted in a message from these sources is replaced, whatever the field.
+_LEAKY_LOGGERS = ("pydicom", "py.warnings", "highdicom")
+_QUOTED = re.compile(r"""(['"]).*?\1""")
+
+
+class PHIFilter(logging.Filter):
+    """Redacts quoted values in messages from libraries known to echo dataset contents."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith(_LEAKY_LOGGERS):
+            message = record.getMessage()
+            record.msg = _QUOTED.sub("'<redacted>'", message)
+            record.args = None
+        return True
+
+
+def configure_logging(level: str = "INFO", json: bool = False) -> None:
+    """Route stdlib, structlog and warnings through one handler that filters PHI."""
+    renderer: structlog.types.Processor = (
+        structlog.processors.JSONRenderer()
+        if json
+        else structlog.dev.ConsoleRenderer(colors=False, exception_formatter=_plain_traceback)
+    )
+    shared: list[structlog.types.Processor] = [
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    if json:
+        # show_locals=False: a traceback's locals may hold a dataset or a patient name.
+        shared.append(structlog.processors.ExceptionRenderer(
+            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)))
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(PHIFilter())
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(foreign_pre_chain=shared, processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer])
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # pynetdicom at INFO logs every association in detail; its warnings are what an admin needs.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.captureWarnings(True)
+    warnings.simplefilter("default")
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        cache_logger_on_first_use=True,
+    )
+
+
+def _plain_traceback(sio: object, exc_info: object) -> None:
+    structlog.dev.plain_traceback(sio, exc_info)  # type: ignore[arg-type]

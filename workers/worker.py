@@ -1,0 +1,33 @@
+"""Running a Celery worker process bound to a dicomai JobRunner."""
+
+from __future__ import annotations
+
+from dicomai.config import Settings
+from dicomai.db.session import make_engine, make_sessionmaker
+from workers.app import DELIVERY_QUEUE, INFERENCE_QUEUE, make_app
+from workers.tasks import register_tasks
+
+
+def run_worker(settings: Settings, device: str, concurrency_label: str = "dicomai") -> None:
+    """Consume inference and delivery tasks until stopped; one task at a time (solo pool).
+
+    The solo pool keeps torch and CUDA in this process: nothing forks after the model loads.
+    """
+    from dicomai.jobs.runner import JobRunner
+
+    sessions = make_sessionmaker(make_engine(settings.database_url))
+    runner = JobRunner(settings, sessions, device=device)
+    app = make_app(settings)
+    register_tasks(app, runner)
+    app.worker_main(
+        [
+            "worker",
+            "--pool=solo",
+            f"--queues={INFERENCE_QUEUE},{DELIVERY_QUEUE}",
+            f"--hostname={concurrency_label}@%h",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            f"--loglevel={settings.log_level}",
+        ]
+    )
