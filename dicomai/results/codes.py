@@ -1,8 +1,11 @@
-"""Coded concepts, labels and equipment that the SR and SC builders share."""
+"""What the SR and SC builders share: coded concepts, labels, equipment, source headers."""
 
 from __future__ import annotations
 
+import copy
+
 import highdicom as hd
+from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
 from dicomai.inference.types import Code
@@ -22,6 +25,20 @@ COMMENT = hd.sr.CodedConcept("121106", "DCM", "Comment")
 
 MANUFACTURER = "dicomai"
 NOT_FOR_DIAGNOSIS = "not for primary diagnosis"
+
+# PS3.3 C.7.1.1 / C.7.2.1: Type 2 patient and study attributes that highdicom reads from the
+# reference instance without a default; a source may lack them, and outputs then carry them empty.
+_TYPE2_HEADER = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
 
 # PS3.5 Table 6.2-1: LO (Series Description, Manufacturer's Model Name) holds 64 characters.
 _LO_LIMIT = 64
@@ -92,3 +109,31 @@ def model_equipment(model: ModelIdentity) -> hd.ContributingEquipment:
         software_versions=model.version[:_LO_LIMIT],
         contribution_description=f"{model.architecture} classifier, AI generated result",
     )
+
+
+def source_header(dataset: Dataset) -> Dataset:
+    """Return a copy of a source's header for highdicom to copy patient and study from.
+
+    Pixel data is left out (it is large and not needed), every element is a deep copy
+    (highdicom adds the reference dataset's elements themselves to the new object), and the
+    Type 2 patient and study attributes highdicom reads unconditionally are added empty
+    where the source lacks them.
+
+    Parameters
+    ----------
+    dataset
+        A source instance.
+
+    Returns
+    -------
+    pydicom.Dataset
+        The header copy.
+    """
+    header = Dataset()
+    for element in dataset:
+        if element.tag.group != 0x7FE0:
+            header.add(copy.deepcopy(element))
+    for keyword in _TYPE2_HEADER:
+        if keyword not in header:
+            setattr(header, keyword, None)
+    return header

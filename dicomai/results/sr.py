@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import highdicom as hd
 from pydicom import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
@@ -14,20 +12,6 @@ from dicomai.results import codes
 from dicomai.results.context import ModelIdentity, ResultContext
 
 SR_SERIES_NUMBER = 9001
-
-# PS3.3 C.7.1.1 / C.7.2.1: Type 2 patient and study attributes highdicom reads from the first
-# evidence instance; a source may lack them, and the SR then carries them empty.
-_TYPE2_HEADER = (
-    "PatientID",
-    "PatientName",
-    "PatientBirthDate",
-    "PatientSex",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-)
 
 
 def build_sr(context: ResultContext) -> Dataset:
@@ -55,7 +39,7 @@ def build_sr(context: ResultContext) -> Dataset:
         If `context` holds no sources, or not one prediction per source.
     """
     _check_context(context)
-    headers = [_header(source.dataset) for source in context.sources]
+    headers = [codes.source_header(source.dataset) for source in context.sources]
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(context),
         procedure_reported=codes.IMAGING_PROCEDURE,
@@ -85,19 +69,6 @@ def _check_context(context: ResultContext) -> None:
         raise ValueError(
             f"{len(context.predictions)} predictions for {len(context.sources)} source images"
         )
-
-
-def _header(dataset: Dataset) -> Dataset:
-    """Copy of `dataset` without pixel data, with the Type 2 attributes highdicom requires."""
-    header = Dataset()
-    for element in dataset:
-        if element.tag.group != 0x7FE0:
-            # A deep copy, because highdicom adds the evidence's elements to the SR itself.
-            header.add(copy.deepcopy(element))
-    for keyword in _TYPE2_HEADER:
-        if keyword not in header:
-            setattr(header, keyword, None)
-    return header
 
 
 def _library_entry(header: Dataset) -> Dataset:
@@ -216,11 +187,14 @@ def _not_evaluated_group(
         source_images=[image],
     )
     # highdicom takes coded evaluations only; TID 1501 also allows a TEXT one, which says why.
-    group[0].ContentSequence.append(
+    # It goes before the source image reference, which highdicom appends last.
+    content = group[0].ContentSequence
+    content.insert(
+        len(content) - 1,
         hd.sr.TextContentItem(
             name=codes.COMMENT,
             value=prediction.reason or "not evaluated",
             relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-        )
+        ),
     )
     return group

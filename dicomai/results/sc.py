@@ -1,0 +1,295 @@
+"""A source image with the model's heat map blended over it, as an RGB Secondary Capture."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import cv2
+import highdicom as hd
+import numpy as np
+from pydicom import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+from dicomai.results import codes
+from dicomai.results.context import ResultContext
+
+SC_SERIES_NUMBER = 9002
+# Longest side of the overlay: at most 1024 keeps an object near 3 MB; at least 512 leaves the
+# caption, which spans the image width, large enough to read on a small source (a 64² MR).
+MAX_SIDE = 1024
+MIN_SIDE = 512
+# Opacity of the heat map where it is hottest; it falls with the heat, so the anatomy the
+# model did not look at stays as the source shows it.
+MAX_ALPHA = 0.5
+MAX_FONT_SCALE = 1.5
+DISCLAIMER = "AI generated - " + codes.NOT_FOR_DIAGNOSIS
+# PS3.16 CID 7202: why the SC references its source.
+_SOURCE_PURPOSE = hd.sr.CodedConcept("121322", "DCM", "Source image for image processing operation")
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+def build_sc(context: ResultContext, index: int) -> Dataset:
+    """Build the heat-map overlay of ``context.sources[index]`` as a Secondary Capture.
+
+    The pixels are the source's display image, scaled so that its longest side lies between
+    512 and 1024, with the heat map blended over it and a caption band below it that names
+    the finding, its probability and the model, and says it is not for primary diagnosis.
+
+    Parameters
+    ----------
+    context
+        Sources, predictions and model identity.
+    index
+        Which source to render; ``context.predictions[index]`` must carry a heat map.
+
+    Returns
+    -------
+    pydicom.Dataset
+        An RGB SC image (ImageType DERIVED\\SECONDARY, burned-in annotation) in a new series
+        of the source's study, in Explicit VR Little Endian, with UIDs derived from `context`.
+
+    Raises
+    ------
+    ValueError
+        If the prediction has no heat map (the image was not evaluated): callers build
+        overlays only for predictions with ``evaluated`` and a ``heatmap``.
+    """
+    source = context.sources[index]
+    lines = caption_lines(context, index)
+    pixels = render_overlay(source.display, _heatmap(context, index), lines)
+    header = codes.source_header(source.dataset)
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=header,
+        pixel_array=pixels,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        # highdicom takes single letters only; the real value is set by _describe_derivation.
+        patient_orientation=("L", "P"),
+        series_instance_uid=context.uid("sc-series"),
+        series_number=SC_SERIES_NUMBER,
+        sop_instance_uid=context.uid("sc", str(header.SOPInstanceUID)),
+        instance_number=index + 1,
+        manufacturer=codes.MANUFACTURER,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        contributing_equipment=[codes.model_equipment(context.model)],
+        series_description=codes.series_description(
+            "AI heat map", context.model, " - " + codes.NOT_FOR_DIAGNOSIS
+        ),
+        software_versions=context.model.software_version,
+    )
+    sc.copy_patient_and_study_information(header)
+    _describe_derivation(sc, header, lines[0])
+    return sc
+
+
+def caption_lines(context: ResultContext, index: int) -> tuple[str, str, str]:
+    """Return the caption of the overlay of ``context.sources[index]``.
+
+    Only the finding, the model and a disclaimer: nothing from the source's header, so no
+    patient data can be burned into the pixels.
+
+    Parameters
+    ----------
+    context
+        Sources, predictions and model identity.
+    index
+        Which source.
+
+    Returns
+    -------
+    tuple of str
+        "<finding>: <probability %>", "<model name> <version>" and the disclaimer.
+
+    Raises
+    ------
+    ValueError
+        If the prediction has no heat map or does not say which class it explains.
+    """
+    _heatmap(context, index)
+    prediction = context.predictions[index]
+    if prediction.explained is None:
+        raise ValueError(f"source image {index + 1} has a heat map but no explained class")
+    score = prediction.score(prediction.explained)
+    finding = f"{score.code.meaning}: {score.probability:.0%}"
+    return finding, codes.model_label(context.model), DISCLAIMER
+
+
+def render_overlay(display: np.ndarray, heatmap: np.ndarray, lines: Sequence[str]) -> np.ndarray:
+    """Compose the pixels of an overlay: the scaled display, the heat map, the caption below.
+
+    Parameters
+    ----------
+    display
+        uint8 grayscale source image (rows, columns) at the source resolution.
+    heatmap
+        float heat map in [0, 1] at the model's input resolution.
+    lines
+        Caption lines, see `caption_lines`.
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8 RGB (rows + caption height, columns, 3), where the display was scaled so that
+        its longest side lies between ``MIN_SIDE`` and ``MAX_SIDE``.
+    """
+    image = blend_heatmap(_fit_display(display), heatmap)
+    return np.vstack([image, render_caption(lines, image.shape[1])])
+
+
+def blend_heatmap(display: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
+    """Blend a heat map, coloured with the JET map, over a grayscale image.
+
+    Parameters
+    ----------
+    display
+        uint8 grayscale image (rows, columns).
+    heatmap
+        float heat map in [0, 1] of any size; it is resized to the size of `display`.
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8 RGB image (rows, columns, 3). Each pixel's heat-map opacity is
+        ``MAX_ALPHA * heat``, so cold regions keep their gray value.
+
+    Raises
+    ------
+    ValueError
+        If `display` is not a 2-D uint8 array or `heatmap` is not 2-D.
+    """
+    if display.ndim != 2 or display.dtype != np.uint8:
+        raise ValueError(f"display must be 2-D uint8, not {display.dtype} {display.shape}")
+    if heatmap.ndim != 2:
+        raise ValueError(f"heat map must be 2-D, not {heatmap.shape}")
+    rows, columns = display.shape
+    heat = cv2.resize(
+        np.nan_to_num(heatmap.astype(np.float32)), (columns, rows), interpolation=cv2.INTER_LINEAR
+    )
+    heat = np.clip(heat, 0.0, 1.0)
+    colours = cv2.applyColorMap(np.rint(heat * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    colours = cv2.cvtColor(colours, cv2.COLOR_BGR2RGB).astype(np.float32)
+    gray = cv2.cvtColor(display, cv2.COLOR_GRAY2RGB).astype(np.float32)
+    alpha = (MAX_ALPHA * heat)[..., np.newaxis]
+    return np.rint(alpha * colours + (1.0 - alpha) * gray).astype(np.uint8)
+
+
+def render_caption(lines: Sequence[str], width: int) -> np.ndarray:
+    """Render lines of white text on a black band of the given width.
+
+    The font scale is the largest (up to ``MAX_FONT_SCALE``) at which the longest line fits;
+    characters outside ASCII, which the Hershey fonts lack, are drawn as "?".
+
+    Parameters
+    ----------
+    lines
+        Text lines, top to bottom.
+    width
+        Band width in pixels, the width of the image the band goes under.
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8 RGB band (height, width, 3); its height follows from `width` and the lines.
+    """
+    texts = [line.encode("ascii", "replace").decode("ascii") for line in lines]
+    margin = max(4, width // 64)
+    thickness = 1 if width < 800 else 2
+    widest = max(cv2.getTextSize(text, _FONT, 1.0, thickness)[0][0] for text in texts)
+    scale = min(MAX_FONT_SCALE, (width - 2 * margin) / max(widest, 1))
+    (_, text_height), baseline = cv2.getTextSize("Ag", _FONT, scale, thickness)
+    pitch = text_height + baseline + margin // 2
+    band = np.zeros((2 * margin + pitch * len(texts), width, 3), dtype=np.uint8)
+    for number, text in enumerate(texts):
+        origin = (margin, margin + number * pitch + text_height)
+        cv2.putText(band, text, origin, _FONT, scale, (255, 255, 255), thickness, cv2.LINE_AA)
+    return band
+
+
+def _heatmap(context: ResultContext, index: int) -> np.ndarray:
+    prediction = context.predictions[index]
+    if not prediction.evaluated or prediction.heatmap is None:
+        raise ValueError(f"source image {index + 1} was not evaluated: no heat map to show")
+    return prediction.heatmap
+
+
+def _fitted_size(shape: tuple[int, ...]) -> tuple[int, int]:
+    rows, columns = shape[:2]
+    longest = max(rows, columns)
+    scale = min(max(1.0, MIN_SIDE / longest), MAX_SIDE / longest)
+    return max(1, round(rows * scale)), max(1, round(columns * scale))
+
+
+def _fit_display(display: np.ndarray) -> np.ndarray:
+    rows, columns = _fitted_size(display.shape)
+    if (rows, columns) == display.shape:
+        return display
+    shrink = rows < display.shape[0]
+    interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    return cv2.resize(display, (columns, rows), interpolation=interpolation)
+
+
+def _describe_derivation(sc: Dataset, source: Dataset, finding: str) -> None:
+    """Set what makes the SC a derived, annotated image of `source` (PS3.3 C.7.6.1, C.8.6)."""
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.BurnedInAnnotation = "YES"
+    # PS3.3 C.8.6.1: produced on a workstation, not digitized from an interface or film.
+    sc.ConversionType = "WSD"
+    sc.PatientOrientation = _patient_orientation(source)
+    _copy_body_part(sc, source)
+    sc.DerivationDescription = f"Grad-CAM heat map ({finding}) blended over the source image"
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = source.SOPClassUID
+    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    if int(source.get("NumberOfFrames", 1) or 1) > 1:
+        reference.ReferencedFrameNumber = 1
+    reference.PurposeOfReferenceCodeSequence = [_SOURCE_PURPOSE]
+    sc.SourceImageSequence = [reference]
+    # PS3.3 C.7.6.1.1.5: an image derived from a lossy compressed one stays marked lossy.
+    if source.get("LossyImageCompression") == "01":
+        sc.LossyImageCompression = "01"
+
+
+def _copy_body_part(sc: Dataset, source: Dataset) -> None:
+    """Body Part Examined and Laterality (General Series, PS3.3 C.7.3.1) as the source has them.
+
+    Laterality is Type 2C, required unless the body part is known to be unpaired: it is
+    taken from the source's series, else from its Image Laterality (DX, MG), else left empty
+    (unknown) when the body part is not known either.
+    """
+    for keyword in ("BodyPartExamined", "Laterality"):
+        if keyword in source:
+            sc[keyword] = copy.deepcopy(source[keyword])
+    image_laterality = source.get("ImageLaterality")
+    if "Laterality" not in sc and image_laterality in ("L", "R"):
+        sc.Laterality = image_laterality
+    elif "Laterality" not in sc and "BodyPartExamined" not in sc:
+        sc.Laterality = None
+
+
+def _patient_orientation(source: Dataset) -> list[str]:
+    """The source's Patient Orientation, else one derived from its Image Orientation.
+
+    Scaling keeps the directions of rows and columns; the SC's attribute is Type 2, so it is
+    empty when the source gives no way to know them.
+    """
+    value = source.get("PatientOrientation")
+    if value is not None and not isinstance(value, str) and len(value) == 2:
+        return [str(value[0]), str(value[1])]
+    cosines = source.get("ImageOrientationPatient")
+    if cosines is not None and len(cosines) == 6:
+        return [_direction(cosines[:3]), _direction(cosines[3:])]
+    return []
+
+
+def _direction(cosines: Sequence[float]) -> str:
+    """PS3.3 C.7.6.1.1.1: letters of the patient axes, most significant first."""
+    letters = (("L", "R"), ("P", "A"), ("H", "F"))  # +x, +y, +z of the LPS patient system
+    order = sorted(range(3), key=lambda axis: -abs(float(cosines[axis])))
+    # Components under 0.1 (oblique by less than ~6°) would only add noise to the label.
+    return "".join(
+        letters[axis][0 if float(cosines[axis]) > 0 else 1]
+        for axis in order
+        if abs(float(cosines[axis])) >= 0.1
+    )

@@ -1,0 +1,328 @@
+"""The SR and SC encoders: valid objects, stable UIDs, the right references, a safe caption."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import subprocess
+
+import cv2
+import numpy as np
+import pydicom
+import pytest
+from dciodvfy import dciodvfy
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+from dicomai.inference.types import ClassScore, Code, ImagePrediction
+from dicomai.results import sc as sc_module
+from dicomai.results.context import ModelIdentity, ResultContext, SourceImage
+from dicomai.results.sc import blend_heatmap, build_sc, caption_lines, render_caption
+from dicomai.results.sr import build_sr
+
+PATIENT_NAME = "Müller^Jürgen"
+PATIENT_ID = "PID-4711"
+STUDY_UID = "1.2.826.0.1.3680043.8.498.1"
+PNEUMOTHORAX = Code("36118008", "SCT", "Pneumothorax")
+NORMAL = Code("17621005", "SCT", "Normal")
+PROBABILITY = 0.8734
+# Heat-map peak at model input resolution (128²): upper right quarter.
+PEAK = (32, 96)
+MODEL = ModelIdentity(
+    name="chest-ptx", version="1.2.0", architecture="resnet50", weights_sha256="ab" * 32
+)
+
+
+def _synthetic_cr() -> Dataset:
+    """A 256² MONOCHROME2 CR image with a bright blob in the lower left (away from the peak)."""
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # CR Image Storage
+    ds.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.3"
+    ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.2"
+    ds.Modality = "CR"
+    ds.SeriesNumber = 3
+    ds.InstanceNumber = 1
+    ds.Rows = ds.Columns = 256
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    rows, columns = np.mgrid[:256, :256]
+    blob = 3000 * np.exp(-((rows - 200) ** 2 + (columns - 50) ** 2) / 400)
+    ds.PixelData = (200 + blob).astype(np.uint16).tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def _one_patient_study(datasets: list[Dataset]) -> None:
+    """Make the sample files one study of one patient with a non-ASCII name."""
+    first = datasets[0]
+    for ds in datasets:
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        ds.PatientName = PATIENT_NAME
+        ds.PatientID = PATIENT_ID
+        ds.StudyInstanceUID = STUDY_UID
+        for keyword in ("StudyDate", "StudyTime", "StudyID", "AccessionNumber"):
+            setattr(ds, keyword, first.get(keyword, ""))
+
+
+def _display(ds: Dataset) -> np.ndarray:
+    pixels = ds.pixel_array.astype(np.float32)
+    low, high = float(pixels.min()), float(pixels.max())
+    return np.rint((pixels - low) / max(high - low, 1.0) * 255).astype(np.uint8)
+
+
+def _heatmap() -> np.ndarray:
+    rows, columns = np.mgrid[:128, :128]
+    distance = (rows - PEAK[0]) ** 2 + (columns - PEAK[1]) ** 2
+    return np.exp(-distance / 60.0).astype(np.float32)
+
+
+def _evaluated(ds: Dataset, probability: float) -> ImagePrediction:
+    return ImagePrediction(
+        sop_instance_uid=ds.SOPInstanceUID,
+        evaluated=True,
+        scores=(
+            ClassScore("pneumothorax", PNEUMOTHORAX, probability, 0.5, True),
+            ClassScore("normal", NORMAL, 1 - probability, 0.5, False),
+        ),
+        predicted="pneumothorax" if probability >= 0.5 else "normal",
+        explained="pneumothorax",
+        heatmap=_heatmap(),
+    )
+
+
+@pytest.fixture
+def context() -> ResultContext:
+    """CT (positive), MR (not evaluated) and a synthetic CR (negative) of one study."""
+    ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    mr = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    cr = _synthetic_cr()
+    _one_patient_study([ct, mr, cr])
+    predictions = (
+        _evaluated(ct, PROBABILITY),
+        ImagePrediction(mr.SOPInstanceUID, evaluated=False, reason="modality MR not supported"),
+        _evaluated(cr, 0.1234),
+    )
+    return ResultContext(
+        sources=tuple(SourceImage(ds, _display(ds)) for ds in (ct, mr, cr)),
+        predictions=predictions,
+        model=MODEL,
+        input_digest="digest-1",
+    )
+
+
+def _saved(ds: Dataset, tmp_path, name: str):
+    path = tmp_path / name
+    ds.save_as(path, enforce_file_format=True)
+    ok, output = dciodvfy(path)
+    assert ok, f"dciodvfy reports errors in {name}:\n{output}"
+    return path
+
+
+def _dsrdump(path) -> str:
+    binary = shutil.which("dsrdump")
+    if binary is None:
+        pytest.fail("dsrdump not found: apt-get install -y dcmtk")
+    result = subprocess.run([binary, str(path)], capture_output=True, check=False)
+    assert result.returncode == 0, f"dsrdump cannot read the SR: {result.stderr!r}"
+    return result.stdout.decode("utf-8", "replace")
+
+
+def _referenced_uids(items) -> set[str]:
+    uids = set()
+    for item in items:
+        for reference in item.get("ReferencedSOPSequence", []):
+            uids.add(reference.ReferencedSOPInstanceUID)
+        uids |= _referenced_uids(item.get("ContentSequence", []))
+    return uids
+
+
+def test_sr_is_valid_and_dsrdump_shows_findings(context, tmp_path):
+    path = _saved(build_sr(context), tmp_path, "sr.dcm")
+
+    dump = _dsrdump(path)
+
+    assert "Pneumothorax" in dump
+    assert f'"{PROBABILITY}"' in dump, "the probability is not in the SR"
+    assert '(52101004,SCT,"Present")' in dump, "the positive CT finding is not Present"
+    assert '(272519000,SCT,"Absent")' in dump, "the negative CR finding is not Absent"
+    assert "chest-ptx" in dump and "architecture=resnet50" in dump
+
+
+def test_sr_says_which_image_was_not_evaluated_and_why(context, tmp_path):
+    dump = _dsrdump(_saved(build_sr(context), tmp_path, "sr.dcm"))
+
+    assert "image 2 not evaluated" in dump
+    assert '(373121007,SCT,"Not Evaluated")' in dump
+    assert '"modality MR not supported"' in dump
+
+
+def test_sr_references_every_source(context):
+    sr = build_sr(context)
+
+    source_uids = {s.dataset.SOPInstanceUID for s in context.sources}
+    evidence = {
+        instance.ReferencedSOPInstanceUID
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for instance in series.ReferencedSOPSequence
+    }
+    assert evidence == source_uids
+    assert _referenced_uids(sr.ContentSequence) == source_uids
+
+
+def test_sr_header_names_the_model_in_a_new_series(context):
+    sr = build_sr(context)
+
+    assert sr.Modality == "SR"
+    assert sr.StudyInstanceUID == STUDY_UID
+    assert sr.SeriesInstanceUID == context.uid("sr-series")
+    assert sr.SOPInstanceUID == context.uid("sr")
+    assert (sr.SeriesNumber, sr.InstanceNumber) == (9001, 1)
+    assert sr.Manufacturer == "dicomai"
+    assert sr.SeriesDescription == "AI findings (chest-ptx 1.2.0)"
+    assert sr.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+
+
+def test_uids_are_stable_and_follow_the_input(context):
+    changed = dataclasses.replace(context, input_digest="digest-2")
+
+    first, again, other = build_sr(context), build_sr(context), build_sr(changed)
+    assert (first.SOPInstanceUID, first.SeriesInstanceUID) == (
+        again.SOPInstanceUID,
+        again.SeriesInstanceUID,
+    )
+    assert first.SOPInstanceUID != other.SOPInstanceUID
+    assert first.SeriesInstanceUID != other.SeriesInstanceUID
+    assert build_sc(context, 0).SOPInstanceUID == build_sc(context, 0).SOPInstanceUID
+    assert build_sc(context, 0).SOPInstanceUID != build_sc(changed, 0).SOPInstanceUID
+    assert build_sc(context, 0).SOPInstanceUID != build_sc(context, 2).SOPInstanceUID
+
+
+@pytest.mark.parametrize("index", [0, 2])
+def test_sc_is_a_valid_derived_rgb_image(context, tmp_path, index):
+    path = _saved(build_sc(context, index), tmp_path, f"sc{index}.dcm")
+    sc = pydicom.dcmread(path)
+
+    source = context.sources[index].dataset
+    assert sc.PhotometricInterpretation == "RGB"
+    assert list(sc.ImageType[:2]) == ["DERIVED", "SECONDARY"]
+    assert sc.BurnedInAnnotation == "YES"
+    assert sc.StudyInstanceUID == STUDY_UID
+    assert sc.SeriesInstanceUID == context.uid("sc-series")
+    assert sc.SOPInstanceUID == context.uid("sc", source.SOPInstanceUID)
+    assert (sc.SeriesNumber, sc.InstanceNumber) == (9002, index + 1)
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert "not for primary diagnosis" in sc.SeriesDescription
+    assert len(sc.SeriesDescription) <= 64
+
+
+@pytest.mark.parametrize("index", [0, 2])
+def test_sc_is_the_image_with_a_caption_band_below(context, index):
+    sc = build_sc(context, index)
+
+    # Sources of 128² and 256² are scaled up to 512² so that the caption can be read.
+    band = render_caption(caption_lines(context, index), 512)
+    assert sc.pixel_array.shape == (512 + band.shape[0], 512, 3)
+    assert np.array_equal(sc.pixel_array[512:], band)
+
+
+def test_sc_hottest_region_is_at_the_heatmap_peak(context):
+    pixels = build_sc(context, 2).pixel_array[:512].astype(np.int32)
+
+    # JET is dark red at 1.0 and bright red just below: the red region is a disc around the
+    # peak, so compare its centre, not its reddest pixel.
+    redness = pixels[..., 0] - (pixels[..., 1] + pixels[..., 2]) // 2
+    rows, columns = np.nonzero(redness > 0.8 * redness.max())
+    centre = (rows.mean(), columns.mean())
+    expected = ((PEAK[0] + 0.5) * 4 - 0.5, (PEAK[1] + 0.5) * 4 - 0.5)  # 128² -> 512²
+    assert np.allclose(centre, expected, atol=4), (
+        f"red region centred at {centre}, heat-map peak at {expected}"
+    )
+
+
+def test_large_sources_are_scaled_down_to_1024(context):
+    source = context.sources[2]
+    large = np.zeros((2048, 1536), dtype=np.uint8)
+    sources = (*context.sources[:2], dataclasses.replace(source, display=large))
+
+    sc = build_sc(dataclasses.replace(context, sources=sources), 2)
+
+    band = render_caption(caption_lines(context, 2), 768)
+    assert (sc.Rows, sc.Columns) == (1024 + band.shape[0], 768)
+
+
+def test_caption_has_finding_model_and_warning_but_no_patient_data(context, monkeypatch):
+    drawn: list[str] = []
+    real_put_text = cv2.putText
+
+    def recording_put_text(image, text, *args, **kwargs):
+        drawn.append(text)
+        return real_put_text(image, text, *args, **kwargs)
+
+    monkeypatch.setattr(sc_module.cv2, "putText", recording_put_text)
+    build_sc(context, 0)
+
+    assert drawn == [
+        "Pneumothorax: 87%",
+        "chest-ptx 1.2.0",
+        "AI generated - not for primary diagnosis",
+    ]
+    for text in drawn:
+        for private in ("Müller", "Jürgen", "Muller", "Jurgen", PATIENT_ID):
+            assert private not in text, f"patient data {private!r} burned into the caption"
+
+
+def test_non_ascii_patient_name_is_copied_exactly(context, tmp_path):
+    for name, built in (("sr.dcm", build_sr(context)), ("sc.dcm", build_sc(context, 0))):
+        read = pydicom.dcmread(_saved(built, tmp_path, name))
+        assert read.SpecificCharacterSet == "ISO_IR 192", name
+        assert str(read.PatientName) == PATIENT_NAME, name
+        assert read.PatientID == PATIENT_ID, name
+
+
+def test_no_overlay_for_an_image_that_was_not_evaluated(context):
+    with pytest.raises(ValueError, match="not evaluated"):
+        build_sc(context, 1)
+
+
+def test_blend_keeps_cold_pixels_and_colours_hot_ones():
+    display = np.full((200, 300), 100, dtype=np.uint8)
+    heatmap = np.zeros((10, 10), dtype=np.float32)
+    heatmap[2, 7] = 1.0
+
+    blended = blend_heatmap(display, heatmap)
+
+    assert blended.shape == (200, 300, 3) and blended.dtype == np.uint8
+    assert (blended[190, 10] == 100).all(), "a cold pixel changed"
+    red, green, blue = blended[50, 225].astype(int)
+    assert red > green and red > blue, "the hottest pixel is not red"
+
+
+def test_sr_from_a_source_without_optional_header_data(context, tmp_path):
+    # The synthetic CR has no birth date, sex or referring physician (Type 2), and no
+    # ImagerPixelSpacing (Type 3 in CR) for the image library's descriptors.
+    order = (2, 0, 1)
+    reordered = dataclasses.replace(
+        context,
+        sources=tuple(context.sources[i] for i in order),
+        predictions=tuple(context.predictions[i] for i in order),
+    )
+
+    read = pydicom.dcmread(_saved(build_sr(reordered), tmp_path, "sr.dcm"))
+
+    assert read.PatientBirthDate == "" and read.PatientSex == ""
+    assert str(read.PatientName) == PATIENT_NAME
+
+
+def test_long_model_names_are_cut_but_the_warning_is_kept(context):
+    model = dataclasses.replace(MODEL, name="a-very-long-model-name-for-chest-radiographs-v2")
+    context = dataclasses.replace(context, model=model)
+
+    sr, sc = build_sr(context), build_sc(context, 0)
+
+    assert len(sr.SeriesDescription) <= 64 and sr.SeriesDescription.startswith("AI findings (")
+    assert len(sc.SeriesDescription) <= 64
+    assert sc.SeriesDescription.endswith(") - not for primary diagnosis")
