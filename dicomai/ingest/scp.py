@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomai.audit import Action, record
 from dicomai.config import Settings
 from dicomai.errors import InvalidInstance, StorageUnavailable
-from dicomai.ingest.access import AccessPolicy
+from dicomai.ingest.access import AccessPolicy, Decision
 from dicomai.ingest.header import encode_file_meta, read_header
 from dicomai.ingest.recorder import Received, is_known, record_instance
 from dicomai.ingest.spool import Spool
@@ -47,7 +47,7 @@ def handlers(
     policy = AccessPolicy(settings.ingest.peers, settings.ingest.allow_any)
     return [
         (evt.EVT_CONN_OPEN, on_connection_open),
-        (evt.EVT_REQUESTED, on_requested, [policy, sessions]),
+        (evt.EVT_REQUESTED, on_requested, [policy, settings.ingest.ae_title, sessions]),
         (evt.EVT_C_ECHO, on_echo),
         (evt.EVT_C_STORE, on_store, [spool, sessions]),
     ]
@@ -60,15 +60,21 @@ def on_connection_open(event: evt.Event) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def on_requested(event: evt.Event, policy: AccessPolicy, sessions: sessionmaker[Session]) -> None:
-    """Reject a caller that is not on the allow-list (PS3.8 9.3.4: calling AE not recognised)."""
+def on_requested(
+    event: evt.Event, policy: AccessPolicy, our_title: str, sessions: sessionmaker[Session]
+) -> None:
+    """Reject a caller not on the allow-list, or calling another AE (PS3.8 Table 9-21)."""
     requestor = event.assoc.requestor
     calling = requestor.primitive.calling_ae_title
+    called = requestor.primitive.called_ae_title.strip()
     decision = policy.check(calling, requestor.address)
+    diagnostic = 0x03  # calling AE title not recognised
+    if decision.allowed and called != our_title:
+        decision, diagnostic = Decision(False, "called AE title is not ours"), 0x07
     if decision.allowed:
         return
-    event.assoc.acse.send_reject(0x01, 0x01, 0x03)
     log.warning("association rejected: %s (%s from %s)", decision.reason, calling, requestor.address)
+    # Audited before the peer hears of it, so the row exists once the rejection is seen.
     try:
         with sessions() as session, session.begin():
             record(
@@ -81,6 +87,10 @@ def on_requested(event: evt.Event, policy: AccessPolicy, sessions: sessionmaker[
             )
     except Exception:  # the rejection stands even if the audit database is down
         log.exception("could not audit a rejected association")
+    event.assoc.acse.send_reject(0x01, 0x01, diagnostic)
+    # As pynetdicom's own rejections do: wait for the DUL to send the A-ASSOCIATE-RJ,
+    # otherwise the socket may close first and the peer sees an abort.
+    event.assoc.kill()
 
 
 def on_echo(event: evt.Event) -> int:

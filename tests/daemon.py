@@ -1,0 +1,89 @@
+"""Running dicomai itself in tests: the CLI as a subprocess and `dicomai serve` as a daemon."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from servers import echoscu, free_port, log_tail, spawn, stop_process, wait_for
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_config(path: Path, tables: dict[str, dict[str, Any]], arrays: dict[str, list[dict[str, Any]]]) -> Path:
+    """Write a TOML file from plain tables (`[name]`) and arrays of tables (`[[name]]`)."""
+    lines: list[str] = []
+    for name, table in tables.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
+    for name, items in arrays.items():
+        for item in items:
+            lines.append(f"[[{name}]]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in item.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def dicomai(config: Path, *args: str, check: bool = True, env: dict[str, str] | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the `dicomai` command with `config`; fail the test with its output if it fails."""
+    result = subprocess.run(
+        [sys.executable, "-m", "dicomai", "--config", str(config), *args],
+        capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        env={**os.environ, **(env or {})}, check=False,
+    )
+    if check and result.returncode != 0:
+        pytest.fail(f"dicomai {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}")
+    return result
+
+
+class Daemon:
+    """`dicomai serve` (or `dicomai worker`) as a child process, with its log in a file."""
+
+    def __init__(self, config: Path, log_path: Path, command: str = "serve") -> None:
+        self.config = config
+        self.log_path = log_path
+        self.command = command
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = spawn(
+            [sys.executable, "-m", "dicomai", "--config", str(self.config), self.command],
+            self.log_path,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+    def wait_listening(self, port: int, aet: str, aec: str, timeout: float = 90) -> None:
+        def answers() -> bool:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                pytest.fail(f"dicomai {self.command} exited {self.process.returncode}:\n"
+                            f"{log_tail(self.log_path)}")
+            return echoscu(port, aet=aet, aec=aec, timeout=10).returncode == 0
+
+        wait_for(answers, timeout, f"dicomai {self.command} answering C-ECHO on port {port}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+            self.process = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+__all__ = ["Daemon", "dicomai", "free_port", "write_config"]

@@ -1,0 +1,166 @@
+"""Ingest with real senders: dcmtk storescu and pynetdicom against `dicomai serve`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+import pytest
+from daemon import Daemon, dicomai, write_config
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
+from servers import free_port, sample_file, storescu, wait_for
+from sqlalchemy import create_engine, text
+
+AET = "DICOMAI"
+MODALITY = "MODALITY"
+
+# storescu proposes uncompressed syntaxes only unless told which compressed one to offer too.
+PROPOSE = {
+    "1.2.840.10008.1.2.5": "-xr",
+    "1.2.840.10008.1.2.4.50": "-xy",
+    "1.2.840.10008.1.2.4.51": "-xx",
+    "1.2.840.10008.1.2.4.70": "-xs",
+    "1.2.840.10008.1.2.4.80": "-xt",
+    "1.2.840.10008.1.2.4.81": "-xu",
+    "1.2.840.10008.1.2.4.90": "-xv",
+    "1.2.840.10008.1.2.4.91": "-xw",
+    "1.2.840.10008.1.2.1.99": "-xd",
+}
+
+
+@pytest.fixture(scope="module")
+def listener(tmp_path_factory: pytest.TempPathFactory):
+    """`dicomai serve` without models or worker: only the listener and study assembly."""
+    root = tmp_path_factory.mktemp("ingest")
+    port = free_port()
+    config = write_config(
+        root / "dicomai.toml",
+        {
+            "ingest": {"ae_title": AET, "host": "127.0.0.1", "port": port,
+                       "study_quiet_seconds": 0.5},
+            "storage": {"dir": str(root / "var")},
+            "worker": {"embedded": False},
+        },
+        {"ingest.peers": [
+            {"ae_title": MODALITY, "hosts": ["127.0.0.1"]},
+            {"ae_title": "FARAWAY", "hosts": ["192.0.2.0/24"]},
+        ]},
+    )
+    dicomai(config, "db", "upgrade")
+    daemon = Daemon(config, root / "serve.log")
+    daemon.start()
+    try:
+        daemon.wait_listening(port, MODALITY, AET)
+        daemon.port = port  # type: ignore[attr-defined]
+        daemon.root = root  # type: ignore[attr-defined]
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+def query(daemon: Daemon, sql: str, **params: object) -> list[tuple]:
+    engine = create_engine(f"sqlite:///{daemon.root / 'var' / 'dicomai.db'}")  # type: ignore[attr-defined]
+    try:
+        with engine.connect() as connection:
+            return [tuple(row) for row in connection.execute(text(sql), params)]
+    finally:
+        engine.dispose()
+
+
+def spool_files(daemon: Daemon) -> list[Path]:
+    return sorted((daemon.root / "var" / "spool").rglob("*"))  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "name", ["CT_small.dcm", "MR_small_RLE.dcm", "JPEG2000.dcm", "JPEG-lossy.dcm",
+             "examples_rgb_color.dcm"],
+)
+def test_storescu_instance_is_stored_as_received_and_recorded(listener: Daemon, name: str) -> None:
+    source = pydicom.dcmread(sample_file(name))
+    propose = PROPOSE.get(source.file_meta.TransferSyntaxUID, "-xe")
+    result = storescu(listener.port, [sample_file(name)], aet=MODALITY, aec=AET,  # type: ignore[attr-defined]
+                      extra_args=["-R", propose])
+    assert result.returncode == 0, result.stderr
+
+    rows = query(listener, "SELECT path, transfer_syntax_uid FROM instances "
+                 "WHERE sop_instance_uid = :uid", uid=source.SOPInstanceUID)
+    assert len(rows) == 1, f"{name}: expected one instance row, got {rows}"
+    stored = pydicom.dcmread(listener.root / "var" / "spool" / rows[0][0])  # type: ignore[attr-defined]
+    assert stored.file_meta.TransferSyntaxUID == source.file_meta.TransferSyntaxUID
+    assert stored.PixelData == source.PixelData, f"{name}: pixel data changed on the way in"
+    audit = query(listener, "SELECT actor FROM audit_events WHERE action = 'instance.stored' "
+                  "AND object_id = :uid", uid=source.SOPInstanceUID)
+    assert audit == [(MODALITY,)]
+
+
+def test_resent_instance_is_recorded_once(listener: Daemon) -> None:
+    path = sample_file("MR_small.dcm")
+    uid = pydicom.dcmread(path).SOPInstanceUID
+    for _ in range(2):
+        assert storescu(listener.port, [path], aet=MODALITY, aec=AET).returncode == 0  # type: ignore[attr-defined]
+    assert query(listener, "SELECT count(*) FROM instances WHERE sop_instance_uid = :u", u=uid) == [(1,)]
+
+
+def test_quiet_study_is_completed(listener: Daemon) -> None:
+    path = sample_file("CT_small.dcm")
+    study_uid = pydicom.dcmread(path).StudyInstanceUID
+    assert storescu(listener.port, [path], aet=MODALITY, aec=AET).returncode == 0  # type: ignore[attr-defined]
+    wait_for(
+        lambda: query(listener, "SELECT state FROM studies WHERE study_uid = :u", u=study_uid)
+        == [("complete",)],
+        30,
+        "study to complete after its quiet period",
+    )
+    assert query(listener, "SELECT count(*) FROM audit_events WHERE action = 'study.completed' "
+                 "AND study_uid = :u", u=study_uid)[0][0] >= 1
+
+
+@pytest.mark.parametrize(
+    ("calling", "called", "why"),
+    [("INTRUDER", AET, "calling AE title not in allow-list"),
+     ("FARAWAY", AET, "peer address not allowed for this AE title"),
+     (MODALITY, "SOMEONEELSE", "called AE title is not ours")],
+)
+def test_unknown_sender_is_rejected(listener: Daemon, calling: str, called: str, why: str) -> None:
+    before = len(spool_files(listener))
+    result = storescu(listener.port, [sample_file("CT_small.dcm")], aet=calling, aec=called)  # type: ignore[attr-defined]
+    assert result.returncode != 0
+    assert "Association Rejected" in result.stderr + result.stdout
+    assert len(spool_files(listener)) == before
+    rows = query(listener, "SELECT detail FROM audit_events WHERE action = 'association.rejected' "
+                 "AND actor = :a", a=calling)
+    assert rows and why in rows[-1][0]
+
+
+def _dataset_with(keyword: str, value: str) -> pydicom.Dataset:
+    ds = pydicom.dcmread(sample_file("CT_small.dcm"))
+    setattr(ds, keyword, value)
+    if keyword == "SOPInstanceUID":
+        ds.file_meta.MediaStorageSOPInstanceUID = value
+    return ds
+
+
+@pytest.mark.parametrize(
+    ("keyword", "bad_uid"),
+    [("SOPInstanceUID", "1..2"), ("SOPInstanceUID", "../../etc/passwd"),
+     ("SOPInstanceUID", "01.2.3"), ("StudyInstanceUID", "1." + "2" * 70),
+     ("StudyInstanceUID", "../.."), ("SeriesInstanceUID", "1.2.abc")],
+)
+def test_instance_with_invalid_uid_is_refused_and_audited(
+    listener: Daemon, keyword: str, bad_uid: str
+) -> None:
+    ae = AE(ae_title=MODALITY)
+    ae.add_requested_context(pydicom.uid.CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title=AET)  # type: ignore[attr-defined]
+    assert assoc.is_established
+    before = len(spool_files(listener))
+    rejected = query(listener, "SELECT count(*) FROM audit_events WHERE action = 'instance.rejected'")
+    try:
+        status = assoc.send_c_store(_dataset_with(keyword, bad_uid))
+    finally:
+        assoc.release()
+    assert status.Status == 0xC000, f"{keyword}={bad_uid!r} answered 0x{status.Status:04X}"
+    assert len(spool_files(listener)) == before, "a refused instance left a file in the spool"
+    after = query(listener, "SELECT count(*) FROM audit_events WHERE action = 'instance.rejected'")
+    assert after[0][0] == rejected[0][0] + 1
