@@ -24,7 +24,9 @@ def toml_value(value: Any) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def write_config(path: Path, tables: dict[str, dict[str, Any]], arrays: dict[str, list[dict[str, Any]]]) -> Path:
+def write_config(
+    path: Path, tables: dict[str, dict[str, Any]], arrays: dict[str, list[dict[str, Any]]]
+) -> Path:
     """Write a TOML file from plain tables (`[name]`) and arrays of tables (`[[name]]`)."""
     lines: list[str] = []
     for name, table in tables.items():
@@ -38,16 +40,27 @@ def write_config(path: Path, tables: dict[str, dict[str, Any]], arrays: dict[str
     return path
 
 
-def dicomai(config: Path, *args: str, check: bool = True, env: dict[str, str] | None = None,
-            timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def dicomai(
+    config: Path,
+    *args: str,
+    check: bool = True,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess[str]:
     """Run the `dicomai` command with `config`; fail the test with its output if it fails."""
     result = subprocess.run(
         [sys.executable, "-m", "dicomai", "--config", str(config), *args],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO,
-        env={**os.environ, **(env or {})}, check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        check=False,
     )
     if check and result.returncode != 0:
-        pytest.fail(f"dicomai {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}")
+        pytest.fail(
+            f"dicomai {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}"
+        )
     return result
 
 
@@ -71,8 +84,10 @@ class Daemon:
         def answers() -> bool:
             assert self.process is not None
             if self.process.poll() is not None:
-                pytest.fail(f"dicomai {self.command} exited {self.process.returncode}:\n"
-                            f"{log_tail(self.log_path)}")
+                pytest.fail(
+                    f"dicomai {self.command} exited {self.process.returncode}:\n"
+                    f"{log_tail(self.log_path)}"
+                )
             return echoscu(port, aet=aet, aec=aec, timeout=10).returncode == 0
 
         wait_for(answers, timeout, f"dicomai {self.command} answering C-ECHO on port {port}")

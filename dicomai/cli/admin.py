@@ -39,8 +39,13 @@ def db_upgrade(obj: Context) -> None:
     url = obj.settings.database_url
     upgrade(url)
     with admin_session(obj) as session:
-        record(session, Action.DB_UPGRADED, actor=os_user(), object_type="database",
-               object_id=head_revision(url))
+        record(
+            session,
+            Action.DB_UPGRADED,
+            actor=os_user(),
+            object_type="database",
+            object_id=head_revision(url),
+        )
     click.echo(f"database at revision {head_revision(url)}")
 
 
@@ -85,8 +90,10 @@ def models_list(obj: Context) -> None:
         rows = list_versions(session)
         _table(
             ["NAME", "VERSION", "ARCHITECTURE", "STATE", "REGISTERED"],
-            [[r.name, r.version, r.architecture, r.state.value, _when(r.registered_at)]
-             for r in rows],
+            [
+                [r.name, r.version, r.architecture, r.state.value, _when(r.registered_at)]
+                for r in rows
+            ],
         )
 
 
@@ -110,8 +117,18 @@ def jobs_list(obj: Context, state: str | None, limit: int) -> None:
         rows = session.scalars(query).all()
         _table(
             ["ID", "STATE", "STUDY", "MODEL", "ATTEMPTS", "CREATED", "ERROR"],
-            [[str(j.id), j.state.value, j.study.study_uid, j.model_version.label,
-              str(j.attempts), _when(j.created_at), j.error or ""] for j in rows],
+            [
+                [
+                    str(j.id),
+                    j.state.value,
+                    j.study.study_uid,
+                    j.model_version.label,
+                    str(j.attempts),
+                    _when(j.created_at),
+                    j.error or "",
+                ]
+                for j in rows
+            ],
         )
 
 
@@ -126,7 +143,9 @@ def audit() -> None:
 @click.option("--limit", default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.pass_obj
-def audit_list(obj: Context, action: str | None, study: str | None, limit: int, as_json: bool) -> None:
+def audit_list(
+    obj: Context, action: str | None, study: str | None, limit: int, as_json: bool
+) -> None:
     """List audit events, newest first."""
     from dicomai.db.models import AuditEvent
 
@@ -139,14 +158,28 @@ def audit_list(obj: Context, action: str | None, study: str | None, limit: int, 
         rows = session.scalars(query).all()
         if as_json:
             for e in rows:
-                click.echo(json.dumps({
-                    "id": e.id, "at": e.at.isoformat(), "actor": e.actor, "action": e.action,
-                    "object_type": e.object_type, "object_id": e.object_id,
-                    "study_uid": e.study_uid, "detail": e.detail}))
+                click.echo(
+                    json.dumps(
+                        {
+                            "id": e.id,
+                            "at": e.at.isoformat(),
+                            "actor": e.actor,
+                            "action": e.action,
+                            "object_type": e.object_type,
+                            "object_id": e.object_id,
+                            "study_uid": e.study_uid,
+                            "detail": e.detail,
+                        }
+                    )
+                )
             return
-        _table(["ID", "AT", "ACTOR", "ACTION", "OBJECT"],
-               [[str(e.id), _when(e.at), e.actor, e.action, f"{e.object_type}:{e.object_id}"]
-                for e in rows])
+        _table(
+            ["ID", "AT", "ACTOR", "ACTION", "OBJECT"],
+            [
+                [str(e.id), _when(e.at), e.actor, e.action, f"{e.object_type}:{e.object_id}"]
+                for e in rows
+            ],
+        )
 
 
 @click.command("train-demo")

@@ -1,10 +1,10 @@
-"""SQLAlchemy 2 ORM tables: studies, instances, models, jobs, predictions, outputs, deliveries, audit."""
+"""ORM tables: studies, instances, models, jobs, predictions, outputs, deliveries, audit."""
 
 from __future__ import annotations
 
 import enum
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -49,7 +49,7 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSON, datetime: UTCDateTime()}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, datetime: UTCDateTime()}
 
 
 def _enum(cls: type[enum.Enum]) -> Enum:

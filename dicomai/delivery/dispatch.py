@@ -65,9 +65,16 @@ def _record_success(sessions: sessionmaker[Session], delivery_id: int) -> None:
         delivery.attempts += 1
         delivery.delivered_at = utcnow()
         delivery.last_error = None
-        record(session, Action.DELIVERY_SENT, actor=DELIVERY, object_type="delivery",
-               object_id=delivery.id, study_uid=_study_uid(delivery),
-               destination=delivery.destination, sop_instance_uid=delivery.output.sop_instance_uid)
+        record(
+            session,
+            Action.DELIVERY_SENT,
+            actor=DELIVERY,
+            object_type="delivery",
+            object_id=delivery.id,
+            study_uid=_study_uid(delivery),
+            destination=delivery.destination,
+            sop_instance_uid=delivery.output.sop_instance_uid,
+        )
 
 
 def _record_failure(
@@ -85,9 +92,17 @@ def _record_failure(
             wait = backoff_seconds(delivery.attempts, settings.delivery)
             delivery.next_attempt_at = utcnow() + timedelta(seconds=wait)
             action = Action.DELIVERY_RETRY
-        record(session, action, actor=DELIVERY, object_type="delivery", object_id=delivery.id,
-               study_uid=_study_uid(delivery), destination=delivery.destination,
-               attempts=delivery.attempts, error=error)
+        record(
+            session,
+            action,
+            actor=DELIVERY,
+            object_type="delivery",
+            object_id=delivery.id,
+            study_uid=_study_uid(delivery),
+            destination=delivery.destination,
+            attempts=delivery.attempts,
+            error=error,
+        )
 
 
 def pending_for_job(sessions: sessionmaker[Session], job_id: int) -> list[int]:

@@ -33,7 +33,9 @@ def send_file(
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.requested_contexts = [build_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)]
-    assoc = ae.associate(host, port, ae_title=ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+    assoc = ae.associate(
+        host, port, ae_title=ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)]
+    )
     if not assoc.is_established:
         raise DeliveryError(f"association with {ae_title}@{host}:{port} not established")
     try:

@@ -61,9 +61,7 @@ def read_header(meta: bytes, dataset: bytes | memoryview) -> Header:
         The header cannot be parsed or a UID is missing or malformed.
     """
     try:
-        ds = dcmread(
-            BytesIO(meta + bytes(dataset)), stop_before_pixels=True, specific_tags=_TAGS
-        )
+        ds = dcmread(BytesIO(meta + bytes(dataset)), stop_before_pixels=True, specific_tags=_TAGS)
     except Exception as exc:  # pydicom raises many types for malformed data
         raise InvalidInstance(f"cannot parse dataset: {type(exc).__name__}") from None
     uids = {}

@@ -8,8 +8,8 @@ import socket
 from typing import Any
 
 from pydicom.dataset import FileMetaDataset
-from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, evt
-from pynetdicom.sop_class import Verification, _STORAGE_CLASSES
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.sop_class import _STORAGE_CLASSES, Verification
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai.audit import Action, record
@@ -73,7 +73,9 @@ def on_requested(
         decision, diagnostic = Decision(False, "called AE title is not ours"), 0x07
     if decision.allowed:
         return
-    log.warning("association rejected: %s (%s from %s)", decision.reason, calling, requestor.address)
+    log.warning(
+        "association rejected: %s (%s from %s)", decision.reason, calling, requestor.address
+    )
     # Audited before the peer hears of it, so the row exists once the rejection is seen.
     try:
         with sessions() as session, session.begin():

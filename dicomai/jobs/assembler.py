@@ -44,9 +44,7 @@ def complete_quiet_studies(sessions: sessionmaker[Session], quiet_seconds: float
 
 def _complete_study(sessions: sessionmaker[Session], study_id: int, cutoff: object) -> list[int]:
     with sessions() as session, session.begin():
-        study = session.scalar(
-            select(Study).where(Study.id == study_id).with_for_update()
-        )
+        study = session.scalar(select(Study).where(Study.id == study_id).with_for_update())
         # Re-checked under the lock: an instance may have arrived since the query.
         if study is None or study.state != StudyState.RECEIVING or study.last_received_at > cutoff:
             return []

@@ -1,4 +1,4 @@
-"""Keeping the broker in step with SQL: ring for new, stuck and abandoned jobs and due deliveries."""
+"""Keeping the broker in step with SQL: ring for new, stuck and abandoned jobs, due deliveries."""
 
 from __future__ import annotations
 
@@ -55,8 +55,14 @@ def _requeue(session: Session, job: Job, leases: Leases, now: object) -> bool:
     if job.state == JobState.RUNNING and job.attempts >= leases.max_attempts:
         job.state = JobState.FAILED
         job.error = f"abandoned after {job.attempts} attempts"
-        record(session, Action.JOB_FAILED, actor=RECONCILER, object_type="job",
-               object_id=job.id, reason=job.error)
+        record(
+            session,
+            Action.JOB_FAILED,
+            actor=RECONCILER,
+            object_type="job",
+            object_id=job.id,
+            reason=job.error,
+        )
         return False
     action = Action.JOB_ENQUEUED
     reason = "new" if job.enqueued_at is None else "re-enqueued"

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from io import BytesIO
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -102,8 +102,16 @@ class JobRunner:
             job.started_at = job.heartbeat_at = now
             model = job.model_version
             instances = [i for i in job.study.instances if applies(model.manifest, i)]
-            record(session, Action.JOB_STARTED, actor=WORKER, object_type="job", object_id=job.id,
-                   study_uid=job.study.study_uid, model=model.label, attempt=job.attempts)
+            record(
+                session,
+                Action.JOB_STARTED,
+                actor=WORKER,
+                object_type="job",
+                object_id=job.id,
+                study_uid=job.study.study_uid,
+                model=model.label,
+                attempt=job.attempts,
+            )
             return Claim(
                 job_id=job.id,
                 study_uid=job.study.study_uid,
@@ -192,13 +200,23 @@ class JobRunner:
             job.state = JobState.DONE
             job.finished_at = utcnow()
             job.error = None
-            record(session, Action.JOB_DONE, actor=WORKER, object_type="job", object_id=job.id,
-                   study_uid=claim.study_uid, images=len(predictions), outputs=len(outputs),
-                   shadow=claim.shadow)
+            record(
+                session,
+                Action.JOB_DONE,
+                actor=WORKER,
+                object_type="job",
+                object_id=job.id,
+                study_uid=claim.study_uid,
+                images=len(predictions),
+                outputs=len(outputs),
+                shadow=claim.shadow,
+            )
 
     def _fail(self, claim: Claim, exc: Exception) -> None:
         reason = str(exc) if isinstance(exc, DicomaiError) else type(exc).__name__
-        log.error("job %d failed: %s", claim.job_id, reason, exc_info=not isinstance(exc, DicomaiError))
+        log.error(
+            "job %d failed: %s", claim.job_id, reason, exc_info=not isinstance(exc, DicomaiError)
+        )
         permanent = isinstance(exc, ModelPackageError)
         with self.sessions() as session, session.begin():
             job = session.get_one(Job, claim.job_id)
@@ -206,8 +224,15 @@ class JobRunner:
             if permanent or job.attempts >= 3:
                 job.state = JobState.FAILED
                 job.finished_at = utcnow()
-                record(session, Action.JOB_FAILED, actor=WORKER, object_type="job",
-                       object_id=job.id, study_uid=claim.study_uid, reason=reason)
+                record(
+                    session,
+                    Action.JOB_FAILED,
+                    actor=WORKER,
+                    object_type="job",
+                    object_id=job.id,
+                    study_uid=claim.study_uid,
+                    reason=reason,
+                )
             else:
                 # Back to the queue; the reconciler rings it again after its lease.
                 job.state = JobState.QUEUED
@@ -256,8 +281,15 @@ def _upsert_output(session: Session, job: Job, output: Output) -> OutputObject:
         )
         session.add(row)
         session.flush()
-        record(session, Action.OUTPUT_CREATED, actor=WORKER, object_type="output",
-               object_id=uid, study_uid=job.study.study_uid, kind=output.kind)
+        record(
+            session,
+            Action.OUTPUT_CREATED,
+            actor=WORKER,
+            object_type="output",
+            object_id=uid,
+            study_uid=job.study.study_uid,
+            kind=output.kind,
+        )
     return row
 
 

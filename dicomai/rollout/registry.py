@@ -71,8 +71,14 @@ def register(session: Session, path: Path, registry_dir: Path, actor: str) -> Mo
     )
     session.add(row)
     session.flush()
-    record(session, Action.MODEL_REGISTERED, actor=actor, object_type="model",
-           object_id=row.label, source=str(path))
+    record(
+        session,
+        Action.MODEL_REGISTERED,
+        actor=actor,
+        object_type="model",
+        object_id=row.label,
+        source=str(path),
+    )
     return row
 
 
@@ -99,7 +105,9 @@ def get(session: Session, name: str, version: str) -> ModelVersion:
     return row
 
 
-def activate(session: Session, name: str, version: str, actor: str, reason: str = "") -> ModelVersion:
+def activate(
+    session: Session, name: str, version: str, actor: str, reason: str = ""
+) -> ModelVersion:
     """Make `name version` the active version; the previously active one is retired."""
     row = get(session, name, version)
     if row.state == ModelState.ACTIVE:
@@ -122,8 +130,16 @@ def _set_state(
     previous = row.state
     row.state = state
     row.state_changed_at = utcnow()
-    record(session, action, actor=actor, object_type="model", object_id=row.label,
-           previous=previous.value, state=state.value, reason=reason)
+    record(
+        session,
+        action,
+        actor=actor,
+        object_type="model",
+        object_id=row.label,
+        previous=previous.value,
+        state=state.value,
+        reason=reason,
+    )
 
 
 def list_versions(session: Session) -> list[ModelVersion]:

@@ -37,15 +37,21 @@ def listener(tmp_path_factory: pytest.TempPathFactory):
     config = write_config(
         root / "dicomai.toml",
         {
-            "ingest": {"ae_title": AET, "host": "127.0.0.1", "port": port,
-                       "study_quiet_seconds": 0.5},
+            "ingest": {
+                "ae_title": AET,
+                "host": "127.0.0.1",
+                "port": port,
+                "study_quiet_seconds": 0.5,
+            },
             "storage": {"dir": str(root / "var")},
             "worker": {"embedded": False},
         },
-        {"ingest.peers": [
-            {"ae_title": MODALITY, "hosts": ["127.0.0.1"]},
-            {"ae_title": "FARAWAY", "hosts": ["192.0.2.0/24"]},
-        ]},
+        {
+            "ingest.peers": [
+                {"ae_title": MODALITY, "hosts": ["127.0.0.1"]},
+                {"ae_title": "FARAWAY", "hosts": ["192.0.2.0/24"]},
+            ]
+        },
     )
     dicomai(config, "db", "upgrade")
     daemon = Daemon(config, root / "serve.log")
@@ -73,24 +79,41 @@ def spool_files(daemon: Daemon) -> list[Path]:
 
 
 @pytest.mark.parametrize(
-    "name", ["CT_small.dcm", "MR_small_RLE.dcm", "JPEG2000.dcm", "JPEG-lossy.dcm",
-             "examples_rgb_color.dcm"],
+    "name",
+    [
+        "CT_small.dcm",
+        "MR_small_RLE.dcm",
+        "JPEG2000.dcm",
+        "JPEG-lossy.dcm",
+        "examples_rgb_color.dcm",
+    ],
 )
 def test_storescu_instance_is_stored_as_received_and_recorded(listener: Daemon, name: str) -> None:
     source = pydicom.dcmread(sample_file(name))
     propose = PROPOSE.get(source.file_meta.TransferSyntaxUID, "-xe")
-    result = storescu(listener.port, [sample_file(name)], aet=MODALITY, aec=AET,  # type: ignore[attr-defined]
-                      extra_args=["-R", propose])
+    result = storescu(
+        listener.port,
+        [sample_file(name)],
+        aet=MODALITY,
+        aec=AET,  # type: ignore[attr-defined]
+        extra_args=["-R", propose],
+    )
     assert result.returncode == 0, result.stderr
 
-    rows = query(listener, "SELECT path, transfer_syntax_uid FROM instances "
-                 "WHERE sop_instance_uid = :uid", uid=source.SOPInstanceUID)
+    rows = query(
+        listener,
+        "SELECT path, transfer_syntax_uid FROM instances WHERE sop_instance_uid = :uid",
+        uid=source.SOPInstanceUID,
+    )
     assert len(rows) == 1, f"{name}: expected one instance row, got {rows}"
     stored = pydicom.dcmread(listener.root / "var" / "spool" / rows[0][0])  # type: ignore[attr-defined]
     assert stored.file_meta.TransferSyntaxUID == source.file_meta.TransferSyntaxUID
     assert stored.PixelData == source.PixelData, f"{name}: pixel data changed on the way in"
-    audit = query(listener, "SELECT actor FROM audit_events WHERE action = 'instance.stored' "
-                  "AND object_id = :uid", uid=source.SOPInstanceUID)
+    audit = query(
+        listener,
+        "SELECT actor FROM audit_events WHERE action = 'instance.stored' AND object_id = :uid",
+        uid=source.SOPInstanceUID,
+    )
     assert audit == [(MODALITY,)]
 
 
@@ -99,7 +122,9 @@ def test_resent_instance_is_recorded_once(listener: Daemon) -> None:
     uid = pydicom.dcmread(path).SOPInstanceUID
     for _ in range(2):
         assert storescu(listener.port, [path], aet=MODALITY, aec=AET).returncode == 0  # type: ignore[attr-defined]
-    assert query(listener, "SELECT count(*) FROM instances WHERE sop_instance_uid = :u", u=uid) == [(1,)]
+    assert query(listener, "SELECT count(*) FROM instances WHERE sop_instance_uid = :u", u=uid) == [
+        (1,)
+    ]
 
 
 def test_quiet_study_is_completed(listener: Daemon) -> None:
@@ -107,20 +132,30 @@ def test_quiet_study_is_completed(listener: Daemon) -> None:
     study_uid = pydicom.dcmread(path).StudyInstanceUID
     assert storescu(listener.port, [path], aet=MODALITY, aec=AET).returncode == 0  # type: ignore[attr-defined]
     wait_for(
-        lambda: query(listener, "SELECT state FROM studies WHERE study_uid = :u", u=study_uid)
-        == [("complete",)],
+        lambda: (
+            query(listener, "SELECT state FROM studies WHERE study_uid = :u", u=study_uid)
+            == [("complete",)]
+        ),
         30,
         "study to complete after its quiet period",
     )
-    assert query(listener, "SELECT count(*) FROM audit_events WHERE action = 'study.completed' "
-                 "AND study_uid = :u", u=study_uid)[0][0] >= 1
+    assert (
+        query(
+            listener,
+            "SELECT count(*) FROM audit_events WHERE action = 'study.completed' AND study_uid = :u",
+            u=study_uid,
+        )[0][0]
+        >= 1
+    )
 
 
 @pytest.mark.parametrize(
     ("calling", "called", "why"),
-    [("INTRUDER", AET, "calling AE title not in allow-list"),
-     ("FARAWAY", AET, "peer address not allowed for this AE title"),
-     (MODALITY, "SOMEONEELSE", "called AE title is not ours")],
+    [
+        ("INTRUDER", AET, "calling AE title not in allow-list"),
+        ("FARAWAY", AET, "peer address not allowed for this AE title"),
+        (MODALITY, "SOMEONEELSE", "called AE title is not ours"),
+    ],
 )
 def test_unknown_sender_is_rejected(listener: Daemon, calling: str, called: str, why: str) -> None:
     before = len(spool_files(listener))
@@ -128,8 +163,11 @@ def test_unknown_sender_is_rejected(listener: Daemon, calling: str, called: str,
     assert result.returncode != 0
     assert "Association Rejected" in result.stderr + result.stdout
     assert len(spool_files(listener)) == before
-    rows = query(listener, "SELECT detail FROM audit_events WHERE action = 'association.rejected' "
-                 "AND actor = :a", a=calling)
+    rows = query(
+        listener,
+        "SELECT detail FROM audit_events WHERE action = 'association.rejected' AND actor = :a",
+        a=calling,
+    )
     assert rows and why in rows[-1][0]
 
 
@@ -143,9 +181,14 @@ def _dataset_with(keyword: str, value: str) -> pydicom.Dataset:
 
 @pytest.mark.parametrize(
     ("keyword", "bad_uid"),
-    [("SOPInstanceUID", "1..2"), ("SOPInstanceUID", "../../etc/passwd"),
-     ("SOPInstanceUID", "01.2.3"), ("StudyInstanceUID", "1." + "2" * 70),
-     ("StudyInstanceUID", "../.."), ("SeriesInstanceUID", "1.2.abc")],
+    [
+        ("SOPInstanceUID", "1..2"),
+        ("SOPInstanceUID", "../../etc/passwd"),
+        ("SOPInstanceUID", "01.2.3"),
+        ("StudyInstanceUID", "1." + "2" * 70),
+        ("StudyInstanceUID", "../.."),
+        ("SeriesInstanceUID", "1.2.abc"),
+    ],
 )
 def test_instance_with_invalid_uid_is_refused_and_audited(
     listener: Daemon, keyword: str, bad_uid: str
@@ -155,7 +198,9 @@ def test_instance_with_invalid_uid_is_refused_and_audited(
     assoc = ae.associate("127.0.0.1", listener.port, ae_title=AET)  # type: ignore[attr-defined]
     assert assoc.is_established
     before = len(spool_files(listener))
-    rejected = query(listener, "SELECT count(*) FROM audit_events WHERE action = 'instance.rejected'")
+    rejected = query(
+        listener, "SELECT count(*) FROM audit_events WHERE action = 'instance.rejected'"
+    )
     try:
         status = assoc.send_c_store(_dataset_with(keyword, bad_uid))
     finally:
