@@ -1,0 +1,163 @@
+"""The input specification a model package declares for its images."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from enum import StrEnum
+from typing import Any, TypeVar
+
+from dicomai.errors import ModelPackageError
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+# A model input larger than this is a typo in model.toml, not a network anyone serves.
+MAX_INPUT_SIDE = 4096
+
+
+_E = TypeVar("_E", bound=StrEnum)
+
+
+class Equalization(StrEnum):
+    """Contrast equalisation applied before resizing."""
+
+    NONE = "none"
+    HIST = "hist"
+    CLAHE = "clahe"
+
+
+class FrameSelection(StrEnum):
+    """Which frames of a multi-frame instance a model evaluates."""
+
+    FIRST = "first"
+    ALL = "all"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How an image is turned into a model's input tensor.
+
+    Parameters
+    ----------
+    size : tuple of int
+        Output size as ``(rows, columns)``.
+    mean, std : tuple of float
+        Per-channel normalisation applied to values in [0, 1].
+    equalize : str
+        ``"none"``, ``"hist"`` (global histogram equalisation) or ``"clahe"``.
+    clahe_clip : float
+        CLAHE contrast limit; used only when ``equalize == "clahe"``.
+    frames : str
+        ``"first"`` or ``"all"`` frames of a multi-frame instance.
+
+    Raises
+    ------
+    dicomai.errors.ModelPackageError
+        If any value is out of range; the message names the field.
+    """
+
+    size: tuple[int, int] = (224, 224)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    equalize: Equalization = Equalization.NONE
+    clahe_clip: float = 2.0
+    frames: FrameSelection = FrameSelection.FIRST
+
+    def __post_init__(self) -> None:
+        # Frozen: normalise through object.__setattr__ so that lists and plain strings
+        # from a TOML file become the declared tuple and enum types.
+        object.__setattr__(self, "size", _size(self.size))
+        object.__setattr__(self, "mean", _triple("mean", self.mean, positive=False))
+        object.__setattr__(self, "std", _triple("std", self.std, positive=True))
+        object.__setattr__(self, "equalize", _choice("equalize", self.equalize, Equalization))
+        object.__setattr__(self, "clahe_clip", _positive("clahe_clip", self.clahe_clip))
+        object.__setattr__(self, "frames", _choice("frames", self.frames, FrameSelection))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> InputSpec:
+        """Build a spec from the ``[preprocessing]`` table of a model package.
+
+        Parameters
+        ----------
+        d : dict
+            Any subset of the field names; missing fields take their defaults.
+
+        Returns
+        -------
+        InputSpec
+            The validated specification.
+
+        Raises
+        ------
+        dicomai.errors.ModelPackageError
+            On an unknown key (a misspelt option must not be silently ignored) or a bad value.
+        """
+        if not isinstance(d, dict):
+            raise ModelPackageError("input spec: expected a table of options")
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ModelPackageError(f"input spec: unknown option(s) {', '.join(unknown)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the spec as plain TOML/JSON-friendly values (lists and strings).
+
+        Returns
+        -------
+        dict
+            A dictionary that :meth:`from_dict` turns back into an equal spec.
+        """
+        return {
+            "size": list(self.size),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "equalize": self.equalize.value,
+            "clahe_clip": self.clahe_clip,
+            "frames": self.frames.value,
+        }
+
+
+def _finite_number(value: object) -> float | None:
+    # bool is an int subclass; `true` in model.toml is never meant as a number.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _size(value: object) -> tuple[int, int]:
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        raise ModelPackageError("input spec: size must be two integers [rows, columns]")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ModelPackageError("input spec: size must be two integers [rows, columns]")
+    rows, cols = value
+    if not (0 < rows <= MAX_INPUT_SIDE and 0 < cols <= MAX_INPUT_SIDE):
+        raise ModelPackageError(f"input spec: size must be between 1 and {MAX_INPUT_SIDE}")
+    return (rows, cols)
+
+
+def _triple(name: str, value: object, *, positive: bool) -> tuple[float, float, float]:
+    if not isinstance(value, list | tuple) or len(value) != 3:
+        raise ModelPackageError(f"input spec: {name} must be three numbers (one per channel)")
+    numbers = [_finite_number(v) for v in value]
+    a, b, c = numbers
+    if a is None or b is None or c is None:
+        raise ModelPackageError(f"input spec: {name} must be three finite numbers")
+    if positive and min(a, b, c) <= 0:
+        raise ModelPackageError(f"input spec: {name} must be greater than zero")
+    return (a, b, c)
+
+
+def _positive(name: str, value: object) -> float:
+    number = _finite_number(value)
+    if number is None or number <= 0:
+        raise ModelPackageError(f"input spec: {name} must be a positive number")
+    return number
+
+
+def _choice(name: str, value: object, enum: type[_E]) -> _E:
+    allowed = [member.value for member in enum]
+    if not isinstance(value, str) or value not in allowed:
+        choices = ", ".join(f'"{choice}"' for choice in allowed)
+        raise ModelPackageError(f"input spec: {name} must be one of {choices}")
+    return enum(value)
