@@ -1,0 +1,146 @@
+"""Study assembly and the reconciler on a real database (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select, update
+
+from dicomai.db.migrate import upgrade
+from dicomai.db.models import AuditEvent, Job, JobState, ModelState, ModelVersion, Study, utcnow
+from dicomai.db.session import make_engine, make_sessionmaker
+from dicomai.ingest.header import Header
+from dicomai.ingest.recorder import Received, record_instance
+from dicomai.jobs.assembler import complete_quiet_studies
+from dicomai.jobs.reconciler import Leases, ring_jobs
+
+
+class RecordingDoorbell:
+    def __init__(self) -> None:
+        self.jobs: list[int] = []
+        self.deliveries: list[int] = []
+
+    def ring_job(self, job_id: int) -> None:
+        self.jobs.append(job_id)
+
+    def ring_delivery(self, delivery_id: int) -> None:
+        self.deliveries.append(delivery_id)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def sessions(request: pytest.FixtureRequest, tmp_path):
+    url = (
+        f"sqlite:///{tmp_path / 'db.sqlite'}"
+        if request.param == "sqlite"
+        else request.getfixturevalue("postgres_url")
+    )
+    upgrade(url)
+    engine = make_engine(url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+def receive(sessions, study: str, sop: str, modality: str = "DX", sha: str = "0") -> bool:
+    header = Header(
+        study_uid=study,
+        series_uid=study + ".1",
+        sop_instance_uid=sop,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+        modality=modality,
+        body_part=None,
+    )
+    return record_instance(
+        sessions, Received(header, "1.2.840.10008.1.2.1", f"{study}/{sop}.dcm", 10, sha, "MODALITY")
+    )
+
+
+def add_model(sessions, modalities: list[str], state: ModelState = ModelState.ACTIVE) -> int:
+    with sessions() as session, session.begin():
+        row = ModelVersion(
+            name="m",
+            version="1.0.0",
+            architecture="tinycnn",
+            state=state,
+            path="m/1.0.0",
+            weights_sha256="0" * 64,
+            manifest={"applies_to": {"modalities": modalities}},
+        )
+        session.add(row)
+        session.flush()
+        return row.id
+
+
+def age_studies(sessions, seconds: float) -> None:
+    with sessions() as session, session.begin():
+        session.execute(
+            update(Study).values(last_received_at=utcnow() - timedelta(seconds=seconds))
+        )
+
+
+def test_quiet_study_gets_one_job_per_applicable_model(sessions) -> None:
+    add_model(sessions, ["DX"])
+    assert receive(sessions, "1.2.3", "1.2.3.1")
+    assert receive(sessions, "1.2.3", "1.2.3.2")
+    assert receive(sessions, "1.2.4", "1.2.4.1", modality="CT")
+    assert complete_quiet_studies(sessions, 30) == [], "studies completed before their quiet period"
+
+    age_studies(sessions, 60)
+    jobs = complete_quiet_studies(sessions, 30)
+    assert len(jobs) == 1, "exactly the DX study should get a job"
+    assert complete_quiet_studies(sessions, 30) == []
+    with sessions() as session:
+        states = {
+            uid: state for uid, state in session.execute(select(Study.study_uid, Study.state))
+        }
+        assert {uid: s.value for uid, s in states.items()} == {
+            "1.2.3": "complete",
+            "1.2.4": "complete",
+        }
+        actions = session.scalars(select(AuditEvent.action)).all()
+        assert actions.count("study.completed") == 2
+        assert actions.count("job.created") == 1
+
+
+def test_resent_instance_is_recorded_once(sessions) -> None:
+    assert receive(sessions, "1.2.3", "1.2.3.1")
+    assert not receive(sessions, "1.2.3", "1.2.3.1")
+    with sessions() as session:
+        assert session.scalar(select(Study.instance_count)) == 1
+
+
+def test_late_instance_gives_a_new_job_for_the_new_input(sessions) -> None:
+    add_model(sessions, [])
+    receive(sessions, "1.2.3", "1.2.3.1")
+    age_studies(sessions, 60)
+    first = complete_quiet_studies(sessions, 30)
+    receive(sessions, "1.2.3", "1.2.3.2")
+    age_studies(sessions, 60)
+    second = complete_quiet_studies(sessions, 30)
+    assert len(first) == len(second) == 1 and first != second
+    with sessions() as session:
+        digests = session.scalars(select(Job.input_digest)).all()
+        assert len(set(digests)) == 2
+
+
+def test_reconciler_rings_new_jobs_once_and_abandoned_jobs_again(sessions) -> None:
+    add_model(sessions, [])
+    receive(sessions, "1.2.3", "1.2.3.1")
+    age_studies(sessions, 60)
+    (job_id,) = complete_quiet_studies(sessions, 30)
+    doorbell = RecordingDoorbell()
+    leases = Leases(queued_seconds=300, heartbeat_seconds=60)
+
+    assert ring_jobs(sessions, doorbell, leases) == 1
+    assert ring_jobs(sessions, doorbell, leases) == 0, "a rung job was rung again within its lease"
+
+    with sessions() as session, session.begin():
+        session.execute(
+            update(Job).values(
+                state=JobState.RUNNING, attempts=1, heartbeat_at=utcnow() - timedelta(seconds=120)
+            )
+        )
+    assert ring_jobs(sessions, doorbell, leases) == 1
+    assert doorbell.jobs == [job_id, job_id]
+    with sessions() as session:
+        assert session.get_one(Job, job_id).state == JobState.QUEUED

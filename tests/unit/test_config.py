@@ -1,0 +1,71 @@
+"""Settings precedence: defaults < TOML file < DICOMAI_* environment; bad values are one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dicomai.config import load_settings
+from dicomai.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "dicomai.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_file_or_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DICOMAI_CONFIG", raising=False)
+    settings = load_settings()
+    assert settings.ingest.ae_title == "DICOMAI"
+    assert settings.ingest.port == 11112
+    assert settings.ingest.allow_any is False
+    assert settings.database_url.startswith("sqlite:///")
+    assert settings.embedded_broker
+
+
+def test_file_overrides_defaults_and_environment_overrides_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = write(
+        tmp_path,
+        '[ingest]\nport = 4242\nae_title = "FROMFILE"\n'
+        '[[ingest.peers]]\nae_title = "CT1"\nhosts = ["10.0.0.0/8"]\n',
+    )
+    monkeypatch.setenv("DICOMAI_INGEST__PORT", "5555")
+    settings = load_settings(config)
+    assert settings.ingest.port == 5555
+    assert settings.ingest.ae_title == "FROMFILE"
+    assert settings.ingest.peers[0].hosts == ["10.0.0.0/8"]
+
+
+def test_config_file_named_by_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DICOMAI_CONFIG", str(write(tmp_path, "[storage]\ndir = '/srv/x'\n")))
+    assert load_settings().storage.dir == Path("/srv/x")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[ingest]\nport = 'many'\n", "ingest.port"),
+        ("[ingest]\nae_title = 'MUCH_TOO_LONG_AE_TITLE'\n", "ingest.ae_title"),
+        (
+            "[[destinations]]\nname = 'pacs'\nhost = 'x'\n",
+            "either ae_title, host and port, or path",
+        ),
+        ("[nonsense]\nx = 1\n", "nonsense"),
+        ("[ingest\nport = 1\n", "invalid config file"),
+    ],
+)
+def test_bad_configuration_is_one_clear_error(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings(write(tmp_path, text))
+    assert message in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_settings(tmp_path / "absent.toml")

@@ -1,0 +1,37 @@
+"""The spool writes durably under validated names and never leaves a partial file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dicomai.errors import InvalidInstance, StorageUnavailable
+from dicomai.ingest.spool import Spool
+
+
+def test_write_puts_all_chunks_under_the_final_name(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    relative = spool.relative_path("1.2.3", "1.2.3.4")
+    size = spool.write(relative, [b"abc", memoryview(b"defg")])
+    assert size == 7
+    assert (tmp_path / "1.2.3" / "1.2.3.4.dcm").read_bytes() == b"abcdefg"
+    assert [p.name for p in (tmp_path / "1.2.3").iterdir()] == ["1.2.3.4.dcm"]
+
+
+@pytest.mark.parametrize(("study", "sop"), [("..", "1.2"), ("1.2", "../../x"), ("1.2/3", "1.2")])
+def test_path_parts_come_from_valid_uids_only(tmp_path: Path, study: str, sop: str) -> None:
+    with pytest.raises(InvalidInstance):
+        Spool(tmp_path).relative_path(study, sop)
+
+
+def test_failed_write_leaves_no_partial_file(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+
+    def chunks():
+        yield b"first part"
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(StorageUnavailable, match="No space left"):
+        spool.write("1.2/1.2.3.dcm", chunks())
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
