@@ -1,4 +1,4 @@
-"""Settings precedence: defaults < TOML file < DICOMAI_* environment; bad values are one-line errors."""
+"""Settings: defaults < TOML file < DICOMAI_* environment; bad values give one-line errors."""
 
 from __future__ import annotations
 
