@@ -42,6 +42,11 @@ class IngestSettings(BaseModel):
         return value.strip()
 
 
+class MetricsSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 0
+
+
 class StorageSettings(BaseModel):
     dir: Path = Path("var")
 
@@ -98,6 +103,7 @@ class Settings(BaseSettings):
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     destinations: list[Destination] = Field(default_factory=list)
     uid_root: str = "2.25"
     log_level: str = "INFO"

@@ -10,6 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
+from prometheus_client import start_http_server
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -22,6 +23,7 @@ from dicomai.ingest.spool import Spool
 from dicomai.jobs.assembler import complete_quiet_studies
 from dicomai.jobs.doorbell import Doorbell
 from dicomai.jobs.reconciler import Leases, ring_deliveries, ring_jobs
+from dicomai.metrics import SPOOL_FREE_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,10 @@ class Daemon:
         self.doorbell: Doorbell = CeleryDoorbell(make_app(self.settings))
         if self.settings.worker.embedded:
             self.worker = self._start_worker()
+        metrics = self.settings.metrics
+        if metrics.port:
+            start_http_server(metrics.port, metrics.host)
+            log.info("metrics on http://%s:%d/metrics", metrics.host, metrics.port)
         ae = build_ae(self.settings)
         ingest = self.settings.ingest
         self.server = ae.start_server(
@@ -73,6 +79,7 @@ class Daemon:
         leases = Leases()
         while not self.stopping.wait(period):
             try:
+                SPOOL_FREE_BYTES.set(self.spool.free_bytes())
                 complete_quiet_studies(self.sessions, self.settings.ingest.study_quiet_seconds)
                 ring_jobs(self.sessions, self.doorbell, leases)
                 ring_deliveries(self.sessions, self.doorbell, leases)

@@ -19,6 +19,13 @@ from dicomai.ingest.access import AccessPolicy, Decision
 from dicomai.ingest.header import encode_file_meta, read_header
 from dicomai.ingest.recorder import Received, is_known, record_instance
 from dicomai.ingest.spool import Spool
+from dicomai.metrics import (
+    OPEN_ASSOCIATIONS,
+    REJECTED_ASSOCIATIONS,
+    STORE_SECONDS,
+    STORED_BYTES,
+    STORES,
+)
 from dicomai.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 log = logging.getLogger(__name__)
@@ -47,6 +54,7 @@ def handlers(
     policy = AccessPolicy(settings.ingest.peers, settings.ingest.allow_any)
     return [
         (evt.EVT_CONN_OPEN, on_connection_open),
+        (evt.EVT_CONN_CLOSE, on_connection_close),
         (evt.EVT_REQUESTED, on_requested, [policy, settings.ingest.ae_title, sessions]),
         (evt.EVT_C_ECHO, on_echo),
         (evt.EVT_C_STORE, on_store, [spool, sessions]),
@@ -54,10 +62,15 @@ def handlers(
 
 
 def on_connection_open(event: evt.Event) -> None:
+    OPEN_ASSOCIATIONS.inc()
     # FACTS.md: without TCP_NODELAY every DIMSE response waits ~40 ms for a delayed ACK.
     sock = event.assoc.dul.socket.socket
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def on_connection_close(event: evt.Event) -> None:
+    OPEN_ASSOCIATIONS.dec()
 
 
 def on_requested(
@@ -76,6 +89,7 @@ def on_requested(
     log.warning(
         "association rejected: %s (%s from %s)", decision.reason, calling, requestor.address
     )
+    REJECTED_ASSOCIATIONS.labels(reason=decision.reason).inc()
     # Audited before the peer hears of it, so the row exists once the rejection is seen.
     try:
         with sessions() as session, session.begin():
@@ -106,6 +120,15 @@ def on_store(event: evt.Event, spool: Spool, sessions: sessionmaker[Session]) ->
     0xC211 and log a traceback that may hold the dataset.
     """
     calling = event.assoc.requestor.ae_title
+    with STORE_SECONDS.time():
+        status = _answer_store(event, spool, sessions, calling)
+    STORES.labels(calling_ae=calling, status=f"0x{status:04X}").inc()
+    return status
+
+
+def _answer_store(
+    event: evt.Event, spool: Spool, sessions: sessionmaker[Session], calling: str
+) -> int:
     try:
         return _store(event, spool, sessions, calling)
     except InvalidInstance as exc:
@@ -131,6 +154,7 @@ def _store(event: evt.Event, spool: Spool, sessions: sessionmaker[Session], call
     if is_known(sessions, header.sop_instance_uid):
         return SUCCESS
     size = spool.write(relative, (meta, dataset))
+    STORED_BYTES.inc(size)
     digest = hashlib.sha256(meta)
     digest.update(dataset)
     received = Received(
