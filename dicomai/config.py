@@ -49,6 +49,7 @@ class MetricsSettings(BaseModel):
 
 class StorageSettings(BaseModel):
     dir: Path = Path("var")
+    min_free_mb: int = 1024
 
 
 class DatabaseSettings(BaseModel):

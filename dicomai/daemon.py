@@ -38,7 +38,7 @@ class Daemon:
         if current_revision(engine) != head_revision(settings.database_url):
             raise ConfigError("the database schema is not current: run `dicomai db upgrade`")
         self.sessions: sessionmaker[Session] = make_sessionmaker(engine)
-        self.spool = Spool(settings.spool_dir)
+        self.spool = Spool(settings.spool_dir, settings.storage.min_free_mb * 1024 * 1024)
         self.stopping = threading.Event()
         self.server: ThreadedAssociationServer | None = None
         self.worker: subprocess.Popen[bytes] | None = None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import re
 import sys
-import warnings
 
 import structlog
 
@@ -58,8 +57,8 @@ def configure_logging(level: str = "INFO", json: bool = False) -> None:
     root.setLevel(level.upper())
     # pynetdicom at INFO logs every association in detail; its warnings are what an admin needs.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.captureWarnings(True)
-    warnings.simplefilter("default")
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),

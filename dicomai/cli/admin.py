@@ -182,6 +182,20 @@ def audit_list(
         )
 
 
+@click.command()
+@click.pass_obj
+def health(obj: Context) -> None:
+    """Check database, broker, spool space and the DICOM listener; exit 1 if any fails."""
+    from dicomai.health import run_checks
+
+    results = run_checks(obj.settings)
+    _table(
+        ["CHECK", "OK", "DETAIL"], [[c.name, "ok" if c.ok else "FAIL", c.detail] for c in results]
+    )
+    if not all(c.ok for c in results):
+        raise SystemExit(1)
+
+
 @click.command("train-demo")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--seed", default=0, show_default=True)
@@ -204,5 +218,5 @@ def _table(header: list[str], rows: list[list[str]]) -> None:
 
 
 def register(group: click.Group) -> None:
-    for command in (db, models, jobs, audit, train_demo):
+    for command in (db, models, jobs, audit, health, train_demo):
         group.add_command(command)

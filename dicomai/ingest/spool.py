@@ -15,8 +15,9 @@ from dicomai.uids import is_valid_uid
 class Spool:
     """The folder that holds every received instance, one file per SOP Instance UID."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
         self.root = root
+        self.min_free_bytes = min_free_bytes
         self.root.mkdir(parents=True, exist_ok=True)
 
     def relative_path(self, study_uid: str, sop_instance_uid: str) -> str:
@@ -45,6 +46,8 @@ class Spool:
         StorageUnavailable
             The disk is full or not writable; no partial file is left behind.
         """
+        if self.min_free_bytes and self.free_bytes() < self.min_free_bytes:
+            raise StorageUnavailable("spool below its free-space watermark")
         final = self.root / relative
         tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:

@@ -1,0 +1,90 @@
+"""Health checks of a running installation: database, broker, spool space, DICOM listener."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from dicomai.config import Settings
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def check_database(settings: Settings) -> Check:
+    from dicomai.db.migrate import current_revision, head_revision
+    from dicomai.db.session import make_engine
+
+    engine = make_engine(settings.database_url)
+    try:
+        current, head = current_revision(engine), head_revision(settings.database_url)
+    finally:
+        engine.dispose()
+    if current != head:
+        return Check(
+            "database", False, f"schema {current}, newest {head}: run `dicomai db upgrade`"
+        )
+    return Check("database", True, f"schema {current}")
+
+
+def check_broker(settings: Settings) -> Check:
+    from workers.app import make_app
+
+    app = make_app(settings)
+    with app.connection_for_write() as connection:
+        connection.ensure_connection(max_retries=1, timeout=5)
+    return Check(
+        "broker", True, "embedded folder queue" if settings.embedded_broker else "reachable"
+    )
+
+
+def check_spool(settings: Settings) -> Check:
+    from dicomai.ingest.spool import Spool
+
+    free = Spool(settings.spool_dir).free_bytes()
+    floor = settings.storage.min_free_mb * 1024 * 1024
+    detail = f"{free // (1024 * 1024)} MiB free, watermark {settings.storage.min_free_mb} MiB"
+    return Check("spool", free >= floor, detail)
+
+
+def check_listener(settings: Settings) -> Check:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    host = "127.0.0.1" if settings.ingest.host in ("0.0.0.0", "") else settings.ingest.host
+    ae = AE(ae_title="DICOMAI_HEALTH")
+    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 5
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(host, settings.ingest.port, ae_title=settings.ingest.ae_title)
+    if assoc.is_established:
+        status = assoc.send_c_echo()
+        assoc.release()
+        return Check("listener", bool(status) and status.Status == 0, "C-ECHO answered")
+    if assoc.is_rejected:
+        # The listener answered: it refused our health AE title, as the allow-list should.
+        return Check("listener", True, "answering (health AE title not on the allow-list)")
+    return Check("listener", False, f"no answer on {host}:{settings.ingest.port}")
+
+
+CHECKS: tuple[Callable[[Settings], Check], ...] = (
+    check_database,
+    check_broker,
+    check_spool,
+    check_listener,
+)
+
+
+def run_checks(settings: Settings) -> list[Check]:
+    """Run every check; a check that raises is reported as failed with the error's type."""
+    results = []
+    for check in CHECKS:
+        name = check.__name__.removeprefix("check_")
+        try:
+            results.append(check(settings))
+        except Exception as exc:  # each check's failure is a result, not a crash
+            results.append(Check(name, False, f"{type(exc).__name__}: {exc}".splitlines()[0]))
+    return results
