@@ -53,7 +53,7 @@ def check_spool(settings: Settings) -> Check:
 
 def check_listener(settings: Settings) -> Check:
     from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
     host = "127.0.0.1" if settings.ingest.host in ("0.0.0.0", "") else settings.ingest.host
     ae = AE(ae_title="DICOMAI_HEALTH")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import socket
-from typing import Any
+from typing import Any, cast
 
 from pydicom.dataset import FileMetaDataset
+from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
-from pynetdicom.sop_class import _STORAGE_CLASSES, Verification
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.sop_class import _STORAGE_CLASSES, Verification  # type: ignore[attr-defined]
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai.audit import Action, record
@@ -26,6 +28,7 @@ from dicomai.metrics import (
     STORED_BYTES,
     STORES,
 )
+from dicomai.sockets import set_nodelay
 from dicomai.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 log = logging.getLogger(__name__)
@@ -63,10 +66,7 @@ def handlers(
 
 def on_connection_open(event: evt.Event) -> None:
     OPEN_ASSOCIATIONS.inc()
-    # FACTS.md: without TCP_NODELAY every DIMSE response waits ~40 ms for a delayed ACK.
-    sock = event.assoc.dul.socket.socket
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    set_nodelay(event)
 
 
 def on_connection_close(event: evt.Event) -> None:
@@ -78,8 +78,9 @@ def on_requested(
 ) -> None:
     """Reject a caller not on the allow-list, or calling another AE (PS3.8 Table 9-21)."""
     requestor = event.assoc.requestor
-    calling = requestor.primitive.calling_ae_title
-    called = requestor.primitive.called_ae_title.strip()
+    primitive = cast(A_ASSOCIATE, requestor.primitive)
+    calling = primitive.calling_ae_title
+    called = primitive.called_ae_title.strip()
     decision = policy.check(calling, requestor.address)
     diagnostic = 0x03  # calling AE title not recognised
     if decision.allowed and called != our_title:
@@ -132,7 +133,8 @@ def _answer_store(
     try:
         return _store(event, spool, sessions, calling)
     except InvalidInstance as exc:
-        _audit_rejection(sessions, calling, event.request.AffectedSOPInstanceUID, str(exc))
+        uid = cast(C_STORE, event.request).AffectedSOPInstanceUID
+        _audit_rejection(sessions, calling, uid, str(exc))
         log.warning("C-STORE refused from %s: %s", calling, exc)
         return CANNOT_UNDERSTAND
     except StorageUnavailable as exc:
@@ -144,7 +146,9 @@ def _answer_store(
 
 
 def _store(event: evt.Event, spool: Spool, sessions: sessionmaker[Session], calling: str) -> int:
-    request = event.request
+    request = cast(C_STORE, event.request)
+    if request.DataSet is None:
+        raise InvalidInstance("C-STORE request without a dataset")
     dataset = request.DataSet.getbuffer()
     meta = encode_file_meta(_file_meta(event))
     header = read_header(meta, dataset)
@@ -175,11 +179,12 @@ def _store(event: evt.Event, spool: Spool, sessions: sessionmaker[Session], call
 
 
 def _file_meta(event: evt.Event) -> FileMetaDataset:
+    request = cast(C_STORE, event.request)
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = event.request.AffectedSOPClassUID
-    meta.MediaStorageSOPInstanceUID = event.request.AffectedSOPInstanceUID
+    meta.MediaStorageSOPClassUID = UID(request.AffectedSOPClassUID or "")
+    meta.MediaStorageSOPInstanceUID = UID(request.AffectedSOPInstanceUID or "")
     meta.TransferSyntaxUID = event.context.transfer_syntax
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     meta.SourceApplicationEntityTitle = event.assoc.requestor.ae_title
     return meta

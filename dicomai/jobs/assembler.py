@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -42,7 +42,7 @@ def complete_quiet_studies(sessions: sessionmaker[Session], quiet_seconds: float
     return job_ids
 
 
-def _complete_study(sessions: sessionmaker[Session], study_id: int, cutoff: object) -> list[int]:
+def _complete_study(sessions: sessionmaker[Session], study_id: int, cutoff: datetime) -> list[int]:
     with sessions() as session, session.begin():
         study = session.scalar(select(Study).where(Study.id == study_id).with_for_update())
         # Re-checked under the lock: an instance may have arrived since the query.
