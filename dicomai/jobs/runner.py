@@ -247,11 +247,12 @@ def _encode_file(dataset: Dataset) -> bytes:
 
 def _store_predictions(session: Session, job: Job, predictions: list[ImagePrediction]) -> None:
     session.execute(delete(Prediction).where(Prediction.job_id == job.id))
-    ids = dict(
-        session.execute(
+    ids = {
+        uid: instance_id
+        for uid, instance_id in session.execute(
             select(Instance.sop_instance_uid, Instance.id).where(Instance.study_id == job.study_id)
-        ).tuples()
-    )
+        )
+    }
     for prediction in predictions:
         top = prediction.top_finding
         session.add(
