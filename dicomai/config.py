@@ -29,6 +29,8 @@ class IngestSettings(BaseModel):
     host: str = "0.0.0.0"
     port: int = 11112
     study_quiet_seconds: float = 30.0
+    complete_on_association_end: bool = False
+    study_max_wait_seconds: float = 3600.0
     allow_any: bool = False
     peers: list[Peer] = Field(default_factory=list)
     max_pdu: int = 131072

@@ -20,7 +20,7 @@ from dicomai.db.session import make_engine, make_sessionmaker
 from dicomai.errors import ConfigError
 from dicomai.ingest.scp import build_ae, handlers
 from dicomai.ingest.spool import Spool
-from dicomai.jobs.assembler import complete_quiet_studies
+from dicomai.jobs.assembler import CompletionPolicy, complete_studies
 from dicomai.jobs.doorbell import Doorbell
 from dicomai.jobs.reconciler import Leases, ring_deliveries, ring_jobs
 from dicomai.metrics import SPOOL_FREE_BYTES
@@ -38,6 +38,12 @@ class Daemon:
         if current_revision(engine) != head_revision(settings.database_url):
             raise ConfigError("the database schema is not current: run `dicomai db upgrade`")
         self.sessions: sessionmaker[Session] = make_sessionmaker(engine)
+        ingest = settings.ingest
+        self.completion = CompletionPolicy(
+            quiet_seconds=ingest.study_quiet_seconds,
+            on_association_end=ingest.complete_on_association_end,
+            max_wait_seconds=ingest.study_max_wait_seconds,
+        )
         self.spool = Spool(settings.spool_dir, settings.storage.min_free_mb * 1024 * 1024)
         self.stopping = threading.Event()
         self.server: ThreadedAssociationServer | None = None
@@ -80,7 +86,7 @@ class Daemon:
         while not self.stopping.wait(period):
             try:
                 SPOOL_FREE_BYTES.set(self.spool.free_bytes())
-                complete_quiet_studies(self.sessions, self.settings.ingest.study_quiet_seconds)
+                complete_studies(self.sessions, self.completion)
                 ring_jobs(self.sessions, self.doorbell, leases)
                 ring_deliveries(self.sessions, self.doorbell, leases)
             except Exception as exc:  # the loop must outlive a database or broker outage

@@ -22,10 +22,18 @@ def run_migrations_online() -> None:
     engine.dispose()
 
 
+def _render_item(kind: str, obj: object, autogen_context: object) -> str | bool:
+    # Our UTCDateTime is DateTime(timezone=True) in DDL; migrations must not import dicomai.
+    if kind == "type" and type(obj).__name__ == "UTCDateTime":
+        return "sa.DateTime(timezone=True)"
+    return False
+
+
 def _run(connection) -> None:  # type: ignore[no-untyped-def]
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
+        render_item=_render_item,
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
     )

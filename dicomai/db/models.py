@@ -99,6 +99,8 @@ class Study(Base):
     modality: Mapped[str | None] = mapped_column(String(16))
     calling_ae: Mapped[str | None] = mapped_column(String(16))
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    expected_instances: Mapped[int | None] = mapped_column(Integer)
+    association_ended_at: Mapped[datetime | None]
     first_received_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     completed_at: Mapped[datetime | None]

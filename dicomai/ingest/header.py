@@ -20,6 +20,7 @@ _TAGS = [
     "SOPClassUID",
     "Modality",
     "BodyPartExamined",
+    "NumberOfStudyRelatedInstances",
 ]
 
 PREAMBLE = b"\x00" * 128 + b"DICM"
@@ -35,6 +36,7 @@ class Header:
     sop_class_uid: str
     modality: str | None
     body_part: str | None
+    expected_instances: int | None = None
 
 
 def encode_file_meta(file_meta: FileMetaDataset) -> bytes:
@@ -77,7 +79,16 @@ def read_header(meta: bytes, dataset: bytes | memoryview) -> Header:
         sop_class_uid=uids["SOPClassUID"],
         modality=_short_text(ds.get("Modality"), 16),
         body_part=_short_text(ds.get("BodyPartExamined"), 64),
+        expected_instances=_count(ds.get("NumberOfStudyRelatedInstances")),
     )
+
+
+def _count(value: object) -> int | None:
+    try:
+        count = int(str(value))
+    except ValueError:
+        return None
+    return count if 0 < count < 1_000_000 else None
 
 
 def _short_text(value: object, limit: int) -> str | None:

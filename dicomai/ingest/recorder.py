@@ -34,6 +34,18 @@ def is_known(sessions: sessionmaker[Session], sop_instance_uid: str) -> bool:
         return found is not None
 
 
+def mark_association_ended(sessions: sessionmaker[Session], study_uids: set[str]) -> None:
+    """Record that the association which sent instances of these studies has ended."""
+    if not study_uids:
+        return
+    with sessions() as session, session.begin():
+        session.execute(
+            update(Study)
+            .where(Study.study_uid.in_(study_uids), Study.state == StudyState.RECEIVING)
+            .values(association_ended_at=utcnow())
+        )
+
+
 def record_instance(sessions: sessionmaker[Session], received: Received) -> bool:
     """Insert the instance row, update its study, audit; commit. Return False for a resend.
 
@@ -79,10 +91,13 @@ def _study_for_update(session: Session, received: Received) -> Study:
             modality=header.modality,
             calling_ae=received.calling_ae,
             instance_count=0,
+            expected_instances=header.expected_instances,
         )
         session.add(study)
         session.flush()
     # A late instance reopens a completed study: its new content gets a new job.
+    if header.expected_instances and not study.expected_instances:
+        study.expected_instances = header.expected_instances
     session.execute(
         update(Study)
         .where(Study.id == study.id)

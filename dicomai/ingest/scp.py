@@ -19,7 +19,7 @@ from dicomai.config import Settings
 from dicomai.errors import InvalidInstance, StorageUnavailable
 from dicomai.ingest.access import AccessPolicy, Decision
 from dicomai.ingest.header import encode_file_meta, read_header
-from dicomai.ingest.recorder import Received, is_known, record_instance
+from dicomai.ingest.recorder import Received, is_known, mark_association_ended, record_instance
 from dicomai.ingest.spool import Spool
 from dicomai.metrics import (
     OPEN_ASSOCIATIONS,
@@ -61,7 +61,18 @@ def handlers(
         (evt.EVT_REQUESTED, on_requested, [policy, settings.ingest.ae_title, sessions]),
         (evt.EVT_C_ECHO, on_echo),
         (evt.EVT_C_STORE, on_store, [spool, sessions]),
+        (evt.EVT_RELEASED, on_association_end, [sessions]),
+        (evt.EVT_ABORTED, on_association_end, [sessions]),
     ]
+
+
+def on_association_end(event: evt.Event, sessions: sessionmaker[Session]) -> None:
+    """Mark the studies this association stored into, for completion at association end."""
+    studies: set[str] = getattr(event.assoc, "dicomai_studies", set())
+    try:
+        mark_association_ended(sessions, studies)
+    except Exception as exc:  # the quiet period still completes these studies
+        log.error("could not record association end: %s", type(exc).__name__)
 
 
 def on_connection_open(event: evt.Event) -> None:
@@ -171,6 +182,8 @@ def _store(event: evt.Event, spool: Spool, sessions: sessionmaker[Session], call
     )
     try:
         record_instance(sessions, received)
+        # pynetdicom gives handlers no per-association state; the Association object is it.
+        event.assoc.__dict__.setdefault("dicomai_studies", set()).add(header.study_uid)
     except Exception as exc:
         # No row, no Success: the file must not outlive the failed commit.
         spool.remove(relative)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import select
@@ -27,26 +28,60 @@ def input_digest(instances: list[Instance]) -> str:
     return digest.hexdigest()
 
 
-def complete_quiet_studies(sessions: sessionmaker[Session], quiet_seconds: float) -> list[int]:
-    """Close studies quiet for `quiet_seconds` and create their jobs; return the new job ids."""
-    cutoff = utcnow() - timedelta(seconds=quiet_seconds)
+@dataclass(frozen=True)
+class CompletionPolicy:
+    """When a study is complete: whichever of these rules fires first.
+
+    quiet_seconds
+        No new instance for this long.
+    on_association_end
+        The association that sent its last instance has ended.
+    max_wait_seconds
+        This long since its first instance, however it keeps trickling.
+    Expected counts (Number of Study Related Instances, where the sender gives it) close a
+    study as soon as that many instances are stored.
+    """
+
+    quiet_seconds: float = 30.0
+    on_association_end: bool = False
+    max_wait_seconds: float = 3600.0
+
+    def is_complete(self, study: Study, now: datetime) -> bool:
+        if study.state != StudyState.RECEIVING:
+            return False
+        ended = study.association_ended_at
+        return (
+            study.last_received_at <= now - timedelta(seconds=self.quiet_seconds)
+            or (self.on_association_end and ended is not None and ended >= study.last_received_at)
+            or (bool(study.expected_instances) and study.instance_count >= study.expected_instances)
+            or study.first_received_at <= now - timedelta(seconds=self.max_wait_seconds)
+        )
+
+
+def complete_studies(sessions: sessionmaker[Session], policy: CompletionPolicy) -> list[int]:
+    """Close the studies `policy` calls complete and create their jobs; return the new job ids."""
+    now = utcnow()
     with sessions() as session:
-        study_ids = session.scalars(
-            select(Study.id).where(
-                Study.state == StudyState.RECEIVING, Study.last_received_at <= cutoff
-            )
-        ).all()
+        receiving = session.scalars(select(Study).where(Study.state == StudyState.RECEIVING))
+        study_ids = [study.id for study in receiving if policy.is_complete(study, now)]
     job_ids: list[int] = []
     for study_id in study_ids:
-        job_ids.extend(_complete_study(sessions, study_id, cutoff))
+        job_ids.extend(_complete_study(sessions, study_id, policy))
     return job_ids
 
 
-def _complete_study(sessions: sessionmaker[Session], study_id: int, cutoff: datetime) -> list[int]:
+def complete_quiet_studies(sessions: sessionmaker[Session], quiet_seconds: float) -> list[int]:
+    """Close studies quiet for `quiet_seconds` (the quiet rule alone)."""
+    return complete_studies(sessions, CompletionPolicy(quiet_seconds=quiet_seconds))
+
+
+def _complete_study(
+    sessions: sessionmaker[Session], study_id: int, policy: CompletionPolicy
+) -> list[int]:
     with sessions() as session, session.begin():
         study = session.scalar(select(Study).where(Study.id == study_id).with_for_update())
         # Re-checked under the lock: an instance may have arrived since the query.
-        if study is None or study.state != StudyState.RECEIVING or study.last_received_at > cutoff:
+        if study is None or not policy.is_complete(study, utcnow()):
             return []
         study.state = StudyState.COMPLETE
         study.completed_at = utcnow()

@@ -11,8 +11,8 @@ from dicomai.db.migrate import upgrade
 from dicomai.db.models import AuditEvent, Job, JobState, ModelState, ModelVersion, Study, utcnow
 from dicomai.db.session import make_engine, make_sessionmaker
 from dicomai.ingest.header import Header
-from dicomai.ingest.recorder import Received, record_instance
-from dicomai.jobs.assembler import complete_quiet_studies
+from dicomai.ingest.recorder import Received, mark_association_ended, record_instance
+from dicomai.jobs.assembler import CompletionPolicy, complete_quiet_studies, complete_studies
 from dicomai.jobs.reconciler import Leases, ring_jobs
 
 
@@ -144,3 +144,32 @@ def test_reconciler_rings_new_jobs_once_and_abandoned_jobs_again(sessions) -> No
     assert doorbell.jobs == [job_id, job_id]
     with sessions() as session:
         assert session.get_one(Job, job_id).state == JobState.QUEUED
+
+
+def test_expected_count_completes_a_study_before_its_quiet_period(sessions) -> None:
+    add_model(sessions, [])
+    header = Header("1.2.9", "1.2.9.1", "1.2.9.1.1", "1.2.840.10008.5.1.4.1.1.1.1", "DX", None, 2)
+    record_instance(sessions, Received(header, "1.2.840.10008.1.2.1", "x", 1, "0", "M"))
+    policy = CompletionPolicy(quiet_seconds=3600)
+    assert complete_studies(sessions, policy) == []
+    second = Header("1.2.9", "1.2.9.1", "1.2.9.1.2", header.sop_class_uid, "DX", None, 2)
+    record_instance(sessions, Received(second, "1.2.840.10008.1.2.1", "y", 1, "0", "M"))
+    assert len(complete_studies(sessions, policy)) == 1
+
+
+def test_association_end_completes_when_configured(sessions) -> None:
+    add_model(sessions, [])
+    receive(sessions, "1.2.3", "1.2.3.1")
+    mark_association_ended(sessions, {"1.2.3"})
+    assert complete_studies(sessions, CompletionPolicy(quiet_seconds=3600)) == []
+    policy = CompletionPolicy(quiet_seconds=3600, on_association_end=True)
+    assert len(complete_studies(sessions, policy)) == 1
+
+
+def test_trickling_study_is_closed_after_the_maximum_wait(sessions) -> None:
+    add_model(sessions, [])
+    receive(sessions, "1.2.3", "1.2.3.1")
+    with sessions() as session, session.begin():
+        session.execute(update(Study).values(first_received_at=utcnow() - timedelta(hours=2)))
+    policy = CompletionPolicy(quiet_seconds=3600, max_wait_seconds=3600)
+    assert len(complete_studies(sessions, policy)) == 1
