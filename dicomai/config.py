@@ -34,6 +34,7 @@ class IngestSettings(BaseModel):
     allow_any: bool = False
     peers: list[Peer] = Field(default_factory=list)
     max_pdu: int = 131072
+    max_dataset_mb: int = 2048
 
     @field_validator("ae_title")
     @classmethod

@@ -101,4 +101,56 @@ class Daemon:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
-__all__ = ["Daemon", "dicomai", "free_port", "write_config"]
+class Listener(Daemon):
+    """`dicomai serve` without models or worker: only the listener and study assembly."""
+
+    def __init__(self, root: Path, aet: str, peers: list[dict[str, Any]], **ingest: Any) -> None:
+        self.root = root
+        self.port = free_port()
+        self.aet = aet
+        self.peers = peers
+        config = write_config(
+            root / "dicomai.toml",
+            {
+                "ingest": {
+                    "ae_title": aet,
+                    "host": "127.0.0.1",
+                    "port": self.port,
+                    "study_quiet_seconds": 0.5,
+                    **ingest,
+                },
+                "storage": {"dir": str(root / "var"), "min_free_mb": 0},
+                "worker": {"embedded": False},
+            },
+            {"ingest.peers": peers},
+        )
+        super().__init__(config, root / "serve.log")
+
+    def __enter__(self) -> Listener:
+        dicomai(self.config, "db", "upgrade")
+        self.start()
+        try:
+            self.wait_listening(self.port, self.peers[0]["ae_title"], self.aet)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def query(self, sql: str, **params: object) -> list[tuple[Any, ...]]:
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(f"sqlite:///{self.root / 'var' / 'dicomai.db'}")
+        try:
+            with engine.connect() as connection:
+                return [tuple(row) for row in connection.execute(text(sql), params)]
+        finally:
+            engine.dispose()
+
+    def spool_files(self) -> list[Path]:
+        return sorted(p for p in (self.root / "var" / "spool").rglob("*") if p.is_file())
+
+
+__all__ = ["Daemon", "Listener", "dicomai", "free_port", "write_config"]

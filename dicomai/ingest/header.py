@@ -8,8 +8,10 @@ from io import BytesIO
 from pydicom import dcmread
 from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from dicomai.errors import InvalidInstance
+from dicomai.ingest.limits import inflate_bounded
 from dicomai.uids import is_valid_uid
 
 _TAGS = [
@@ -24,6 +26,9 @@ _TAGS = [
 ]
 
 PREAMBLE = b"\x00" * 128 + b"DICM"
+
+# Enough inflated bytes to reach Pixel Data in any ordinary header.
+_DEFLATE_HEAD = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -47,21 +52,32 @@ def encode_file_meta(file_meta: FileMetaDataset) -> bytes:
     return buffer.getvalue()
 
 
-def read_header(meta: bytes, dataset: bytes | memoryview) -> Header:
+def read_header(
+    file_meta: FileMetaDataset, meta: bytes, dataset: bytes | memoryview, max_inflated: int
+) -> Header:
     """Parse the identifying tags of an encoded instance.
 
     Parameters
     ----------
+    file_meta
+        The file meta group of the instance.
     meta
         Preamble, prefix and file meta group, as from `encode_file_meta`.
     dataset
         The dataset as received, in the transfer syntax the meta names.
+    max_inflated
+        A deflated dataset that inflates beyond this many bytes is refused.
 
     Raises
     ------
     InvalidInstance
         The header cannot be parsed or a UID is missing or malformed.
     """
+    if file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian:
+        dataset = inflate_bounded(dataset, _DEFLATE_HEAD, max_inflated)
+        explicit = FileMetaDataset(file_meta)
+        explicit.TransferSyntaxUID = ExplicitVRLittleEndian
+        meta = encode_file_meta(explicit)
     try:
         ds = dcmread(BytesIO(meta + bytes(dataset)), stop_before_pixels=True, specific_tags=_TAGS)
     except Exception as exc:  # pydicom raises many types for malformed data

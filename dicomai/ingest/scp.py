@@ -19,6 +19,7 @@ from dicomai.config import Settings
 from dicomai.errors import InvalidInstance, StorageUnavailable
 from dicomai.ingest.access import AccessPolicy, Decision
 from dicomai.ingest.header import encode_file_meta, read_header
+from dicomai.ingest.limits import Limits, bound_reads, reset_dataset_count
 from dicomai.ingest.recorder import Received, is_known, mark_association_ended, record_instance
 from dicomai.ingest.spool import Spool
 from dicomai.metrics import (
@@ -55,12 +56,13 @@ def handlers(
 ) -> list[tuple[Any, ...]]:
     """The event handlers of the listener, bound to their dependencies."""
     policy = AccessPolicy(settings.ingest.peers, settings.ingest.allow_any)
+    limits = Limits(settings.ingest.max_pdu, settings.ingest.max_dataset_mb << 20)
     return [
-        (evt.EVT_CONN_OPEN, on_connection_open),
+        (evt.EVT_CONN_OPEN, on_connection_open, [limits]),
         (evt.EVT_CONN_CLOSE, on_connection_close),
         (evt.EVT_REQUESTED, on_requested, [policy, settings.ingest.ae_title, sessions]),
         (evt.EVT_C_ECHO, on_echo),
-        (evt.EVT_C_STORE, on_store, [spool, sessions]),
+        (evt.EVT_C_STORE, on_store, [spool, sessions, limits]),
         (evt.EVT_RELEASED, on_association_end, [sessions]),
         (evt.EVT_ABORTED, on_association_end, [sessions]),
     ]
@@ -75,9 +77,10 @@ def on_association_end(event: evt.Event, sessions: sessionmaker[Session]) -> Non
         log.error("could not record association end: %s", type(exc).__name__)
 
 
-def on_connection_open(event: evt.Event) -> None:
+def on_connection_open(event: evt.Event, limits: Limits) -> None:
     OPEN_ASSOCIATIONS.inc()
     set_nodelay(event)
+    bound_reads(event, limits)
 
 
 def on_connection_close(event: evt.Event) -> None:
@@ -125,24 +128,27 @@ def on_echo(event: evt.Event) -> int:
     return SUCCESS
 
 
-def on_store(event: evt.Event, spool: Spool, sessions: sessionmaker[Session]) -> int:
+def on_store(
+    event: evt.Event, spool: Spool, sessions: sessionmaker[Session], limits: Limits
+) -> int:
     """Store one instance durably, then record it; answer Success only after both.
 
     Every failure is answered with a status, never an exception: pynetdicom would answer
     0xC211 and log a traceback that may hold the dataset.
     """
     calling = event.assoc.requestor.ae_title
+    reset_dataset_count(event)
     with STORE_SECONDS.time():
-        status = _answer_store(event, spool, sessions, calling)
+        status = _answer_store(event, spool, sessions, calling, limits)
     STORES.labels(calling_ae=calling, status=f"0x{status:04X}").inc()
     return status
 
 
 def _answer_store(
-    event: evt.Event, spool: Spool, sessions: sessionmaker[Session], calling: str
+    event: evt.Event, spool: Spool, sessions: sessionmaker[Session], calling: str, limits: Limits
 ) -> int:
     try:
-        return _store(event, spool, sessions, calling)
+        return _store(event, spool, sessions, calling, limits)
     except InvalidInstance as exc:
         uid = cast(C_STORE, event.request).AffectedSOPInstanceUID
         _audit_rejection(sessions, calling, uid, str(exc))
@@ -156,13 +162,16 @@ def _answer_store(
         return OUT_OF_RESOURCES
 
 
-def _store(event: evt.Event, spool: Spool, sessions: sessionmaker[Session], calling: str) -> int:
+def _store(
+    event: evt.Event, spool: Spool, sessions: sessionmaker[Session], calling: str, limits: Limits
+) -> int:
     request = cast(C_STORE, event.request)
     if request.DataSet is None:
         raise InvalidInstance("C-STORE request without a dataset")
     dataset = request.DataSet.getbuffer()
-    meta = encode_file_meta(_file_meta(event))
-    header = read_header(meta, dataset)
+    file_meta = _file_meta(event)
+    meta = encode_file_meta(file_meta)
+    header = read_header(file_meta, meta, dataset, limits.max_dataset_bytes)
     if header.sop_instance_uid != request.AffectedSOPInstanceUID:
         raise InvalidInstance("SOPInstanceUID differs from the C-STORE request")
     relative = spool.relative_path(header.study_uid, header.sop_instance_uid)

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from daemon import Daemon, dicomai, write_config
+from daemon import Listener
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
-from servers import free_port, sample_file, storescu, wait_for
-from sqlalchemy import create_engine, text
+from servers import sample_file, storescu, wait_for
 
 AET = "DICOMAI"
 MODALITY = "MODALITY"
@@ -31,51 +30,20 @@ PROPOSE = {
 
 @pytest.fixture(scope="module")
 def listener(tmp_path_factory: pytest.TempPathFactory):
-    """`dicomai serve` without models or worker: only the listener and study assembly."""
-    root = tmp_path_factory.mktemp("ingest")
-    port = free_port()
-    config = write_config(
-        root / "dicomai.toml",
-        {
-            "ingest": {
-                "ae_title": AET,
-                "host": "127.0.0.1",
-                "port": port,
-                "study_quiet_seconds": 0.5,
-            },
-            "storage": {"dir": str(root / "var")},
-            "worker": {"embedded": False},
-        },
-        {
-            "ingest.peers": [
-                {"ae_title": MODALITY, "hosts": ["127.0.0.1"]},
-                {"ae_title": "FARAWAY", "hosts": ["192.0.2.0/24"]},
-            ]
-        },
-    )
-    dicomai(config, "db", "upgrade")
-    daemon = Daemon(config, root / "serve.log")
-    daemon.start()
-    try:
-        daemon.wait_listening(port, MODALITY, AET)
-        daemon.port = port  # type: ignore[attr-defined]
-        daemon.root = root  # type: ignore[attr-defined]
+    peers = [
+        {"ae_title": MODALITY, "hosts": ["127.0.0.1"]},
+        {"ae_title": "FARAWAY", "hosts": ["192.0.2.0/24"]},
+    ]
+    with Listener(tmp_path_factory.mktemp("ingest"), AET, peers) as daemon:
         yield daemon
-    finally:
-        daemon.stop()
 
 
-def query(daemon: Daemon, sql: str, **params: object) -> list[tuple]:
-    engine = create_engine(f"sqlite:///{daemon.root / 'var' / 'dicomai.db'}")  # type: ignore[attr-defined]
-    try:
-        with engine.connect() as connection:
-            return [tuple(row) for row in connection.execute(text(sql), params)]
-    finally:
-        engine.dispose()
+def query(daemon: Listener, sql: str, **params: object) -> list[tuple]:
+    return daemon.query(sql, **params)
 
 
-def spool_files(daemon: Daemon) -> list[Path]:
-    return sorted((daemon.root / "var" / "spool").rglob("*"))  # type: ignore[attr-defined]
+def spool_files(daemon: Listener) -> list[Path]:
+    return daemon.spool_files()
 
 
 @pytest.mark.parametrize(
@@ -88,7 +56,9 @@ def spool_files(daemon: Daemon) -> list[Path]:
         "examples_rgb_color.dcm",
     ],
 )
-def test_storescu_instance_is_stored_as_received_and_recorded(listener: Daemon, name: str) -> None:
+def test_storescu_instance_is_stored_as_received_and_recorded(
+    listener: Listener, name: str
+) -> None:
     source = pydicom.dcmread(sample_file(name))
     propose = PROPOSE.get(source.file_meta.TransferSyntaxUID, "-xe")
     result = storescu(
@@ -117,7 +87,7 @@ def test_storescu_instance_is_stored_as_received_and_recorded(listener: Daemon, 
     assert audit == [(MODALITY,)]
 
 
-def test_resent_instance_is_recorded_once(listener: Daemon) -> None:
+def test_resent_instance_is_recorded_once(listener: Listener) -> None:
     path = sample_file("MR_small.dcm")
     uid = pydicom.dcmread(path).SOPInstanceUID
     for _ in range(2):
@@ -127,7 +97,7 @@ def test_resent_instance_is_recorded_once(listener: Daemon) -> None:
     ]
 
 
-def test_quiet_study_is_completed(listener: Daemon) -> None:
+def test_quiet_study_is_completed(listener: Listener) -> None:
     path = sample_file("CT_small.dcm")
     study_uid = pydicom.dcmread(path).StudyInstanceUID
     assert storescu(listener.port, [path], aet=MODALITY, aec=AET).returncode == 0  # type: ignore[attr-defined]
@@ -157,7 +127,9 @@ def test_quiet_study_is_completed(listener: Daemon) -> None:
         (MODALITY, "SOMEONEELSE", "called AE title is not ours"),
     ],
 )
-def test_unknown_sender_is_rejected(listener: Daemon, calling: str, called: str, why: str) -> None:
+def test_unknown_sender_is_rejected(
+    listener: Listener, calling: str, called: str, why: str
+) -> None:
     before = len(spool_files(listener))
     result = storescu(listener.port, [sample_file("CT_small.dcm")], aet=calling, aec=called)  # type: ignore[attr-defined]
     assert result.returncode != 0
@@ -191,7 +163,7 @@ def _dataset_with(keyword: str, value: str) -> pydicom.Dataset:
     ],
 )
 def test_instance_with_invalid_uid_is_refused_and_audited(
-    listener: Daemon, keyword: str, bad_uid: str
+    listener: Listener, keyword: str, bad_uid: str
 ) -> None:
     ae = AE(ae_title=MODALITY)
     ae.add_requested_context(pydicom.uid.CTImageStorage, ExplicitVRLittleEndian)

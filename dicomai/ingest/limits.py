@@ -1,0 +1,93 @@
+"""Bounds on what one peer may make the listener hold in memory: PDU, dataset, inflated size."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pynetdicom import evt
+
+from dicomai.errors import InvalidInstance
+
+# An A-ASSOCIATE-RQ with many presentation contexts exceeds a small negotiated PDU size.
+_MIN_PDU_ALLOWANCE = 1 << 20
+
+
+@dataclass(frozen=True)
+class Limits:
+    """max_pdu: the PDU size we negotiate; a declared length above it ends the connection."""
+
+    max_pdu: int
+    max_dataset_bytes: int
+
+    @property
+    def max_pdu_read(self) -> int:
+        return max(self.max_pdu, _MIN_PDU_ALLOWANCE)
+
+
+def bound_reads(event: evt.Event, limits: Limits) -> None:
+    """EVT_CONN_OPEN handler: wrap the socket's reads before the association reads anything.
+
+    pynetdicom reads a PDU of whatever length the peer declares, and gathers a dataset of any
+    size in memory. A PDU longer than we negotiated, or more bytes for one dataset than
+    `max_dataset_bytes`, closes the connection instead (the peer sees the transport close).
+    """
+    transport = event.assoc.dul.socket
+    if transport is None:
+        return
+    counter = event.assoc.__dict__.setdefault("dicomai_bytes", [0])
+    read: Callable[[int], bytearray] = transport.recv
+
+    def recv(nr_bytes: int) -> bytearray:
+        if nr_bytes > limits.max_pdu_read:
+            raise OSError(f"declared PDU length {nr_bytes} exceeds {limits.max_pdu_read}")
+        data = read(nr_bytes)
+        counter[0] += len(data)
+        if counter[0] > limits.max_dataset_bytes:
+            raise OSError(f"dataset exceeds {limits.max_dataset_bytes} bytes")
+        return data
+
+    transport.recv = recv  # type: ignore[method-assign]
+
+
+def reset_dataset_count(event: evt.Event) -> None:
+    """Start counting the next dataset's bytes (called when a C-STORE has been received)."""
+    counter = event.assoc.__dict__.get("dicomai_bytes")
+    if counter is not None:
+        counter[0] = 0
+
+
+def inflate_bounded(data: bytes | memoryview, keep: int, limit: int) -> bytes:
+    """Inflate a Deflated Explicit VR dataset (PS3.5 A.5) and return its first `keep` bytes.
+
+    The whole stream is inflated to measure it, but at most `keep` bytes are held.
+
+    Raises
+    ------
+    InvalidInstance
+        The stream is corrupt, or inflates to more than `limit` bytes (a deflate bomb).
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    head = bytearray()
+    total = 0
+    chunk = 1 << 20
+    pending = bytes(data)
+    try:
+        while pending:
+            out = inflater.decompress(pending, chunk)
+            pending = inflater.unconsumed_tail
+            total += len(out)
+            if total > limit:
+                raise InvalidInstance(f"deflated dataset inflates beyond {limit} bytes")
+            if len(head) < keep:
+                head += out[: keep - len(head)]
+            if not out and not pending:
+                break
+        tail = inflater.flush()
+        if total + len(tail) > limit:
+            raise InvalidInstance(f"deflated dataset inflates beyond {limit} bytes")
+        head += tail[: max(keep - len(head), 0)]
+    except zlib.error:
+        raise InvalidInstance("deflated dataset is corrupt") from None
+    return bytes(head)

@@ -1,0 +1,92 @@
+"""A hostile or broken peer cannot make the listener hold unbounded memory; others go on."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import numpy as np
+import pydicom
+import pytest
+from daemon import Listener
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+from pynetdicom import AE
+from servers import echoscu, sample_file, storescu
+
+AET = "DICOMAI"
+MODALITY = "MODALITY"
+LIMIT_MB = 8
+
+
+@pytest.fixture(scope="module")
+def listener(tmp_path_factory: pytest.TempPathFactory):
+    peers = [{"ae_title": MODALITY, "hosts": ["127.0.0.1"]}]
+    root = tmp_path_factory.mktemp("limits")
+    with Listener(root, AET, peers, max_dataset_mb=LIMIT_MB, max_pdu=16384) as daemon:
+        yield daemon
+
+
+def large_ct(megabytes: int, uid_suffix: str) -> pydicom.Dataset:
+    ds = pydicom.dcmread(sample_file("CT_small.dcm"))
+    side = int((megabytes * (1 << 20) / 2) ** 0.5)
+    ds.Rows = ds.Columns = side
+    ds.PixelData = np.zeros((side, side), dtype=np.uint16).tobytes()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"1.2.826.0.1.{uid_suffix}"
+    return ds
+
+
+def store(listener: Listener, ds: pydicom.Dataset, syntax: str) -> object:
+    ae = AE(ae_title=MODALITY)
+    ae.add_requested_context(ds.SOPClassUID, syntax)
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title=AET)
+    assert assoc.is_established
+    try:
+        return assoc.send_c_store(ds)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def test_deflate_bomb_is_refused_without_inflating_it_into_memory(listener: Listener) -> None:
+    bomb = large_ct(LIMIT_MB * 3, "7001")
+    status = store(listener, bomb, DeflatedExplicitVRLittleEndian)
+    assert status.Status == 0xC000
+    assert listener.spool_files() == []
+    reasons = listener.query(
+        "SELECT detail FROM audit_events WHERE action = 'instance.rejected' AND object_id = :u",
+        u=bomb.SOPInstanceUID,
+    )
+    assert reasons and "inflates beyond" in reasons[0][0]
+
+
+def test_small_deflated_instance_is_stored(listener: Listener) -> None:
+    ds = large_ct(1, "7002")
+    assert store(listener, ds, DeflatedExplicitVRLittleEndian).Status == 0x0000
+    rows = listener.query(
+        "SELECT transfer_syntax_uid FROM instances WHERE sop_instance_uid = :u", u=ds.SOPInstanceUID
+    )
+    assert rows == [(DeflatedExplicitVRLittleEndian,)]
+
+
+def test_dataset_over_the_limit_closes_the_connection_and_stores_nothing(
+    listener: Listener,
+) -> None:
+    before = listener.spool_files()
+    status = store(listener, large_ct(LIMIT_MB + 4, "7003"), ExplicitVRLittleEndian)
+    assert not status, "an over-size dataset must not get a response"
+    assert listener.spool_files() == before
+    assert storescu(listener.port, [sample_file("CT_small.dcm")], aet=MODALITY).returncode == 0
+
+
+def test_pdu_declaring_a_huge_length_is_cut_off(listener: Listener) -> None:
+    with socket.create_connection(("127.0.0.1", listener.port), timeout=10) as sock:
+        # A-ASSOCIATE-RQ (type 0x01) declaring 2 GiB; without a bound the listener would
+        # keep reading (and holding) whatever we send.
+        sock.sendall(struct.pack(">BBL", 0x01, 0x00, 0x7FFFFFFF))
+        try:
+            sock.sendall(b"\x00" * (4 << 20))
+            closed = sock.recv(1) == b""
+        except (ConnectionResetError, BrokenPipeError):
+            closed = True
+    assert closed, "the listener kept reading an over-long PDU"
+    assert echoscu(listener.port, aet=MODALITY, aec=AET).returncode == 0
