@@ -50,10 +50,11 @@ class CompletionPolicy:
         if study.state != StudyState.RECEIVING:
             return False
         ended = study.association_ended_at
+        expected = study.expected_instances or 0
         return (
             study.last_received_at <= now - timedelta(seconds=self.quiet_seconds)
             or (self.on_association_end and ended is not None and ended >= study.last_received_at)
-            or (bool(study.expected_instances) and study.instance_count >= study.expected_instances)
+            or 0 < expected <= study.instance_count
             or study.first_received_at <= now - timedelta(seconds=self.max_wait_seconds)
         )
 
