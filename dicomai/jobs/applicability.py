@@ -1,22 +1,14 @@
-"""Which instances a model applies to, from its manifest's `[applies_to]` (no torch needed)."""
+"""Which instances a model applies to, from the manifest stored with its version row."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from dicomai.db.models import Instance
+from dicomai.models.manifest import Manifest
 
 
 def applies(manifest: dict[str, Any], instance: Instance) -> bool:
-    """Whether a model with `manifest` applies to `instance` (an empty list matches anything)."""
-    rules = manifest.get("applies_to") or {}
-    checks = (
-        ("modalities", instance.modality),
-        ("body_parts", instance.body_part),
-        ("sop_classes", instance.sop_class_uid),
-    )
-    for key, value in checks:
-        allowed = [str(v).upper() for v in rules.get(key) or []]
-        if allowed and (value or "").upper() not in allowed:
-            return False
-    return True
+    """Whether a model with `manifest` applies to `instance` (see `AppliesTo.matches`)."""
+    scope = Manifest.from_dict(manifest).applies_to
+    return scope.matches(instance.modality, instance.body_part, instance.sop_class_uid)

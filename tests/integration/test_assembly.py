@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import tomllib
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select, update
@@ -14,6 +16,11 @@ from dicomai.ingest.header import Header
 from dicomai.ingest.recorder import Received, mark_association_ended, record_instance
 from dicomai.jobs.assembler import CompletionPolicy, complete_quiet_studies, complete_studies
 from dicomai.jobs.reconciler import Leases, ring_jobs
+
+
+DEMO_MANIFEST = tomllib.loads(
+    (Path(__file__).parents[2] / "models" / "demo-chest-nodule" / "model.toml").read_text()
+)
 
 
 class RecordingDoorbell:
@@ -64,7 +71,7 @@ def add_model(sessions, modalities: list[str], state: ModelState = ModelState.AC
             state=state,
             path="m/1.0.0",
             weights_sha256="0" * 64,
-            manifest={"applies_to": {"modalities": modalities}},
+            manifest={**DEMO_MANIFEST, "applies_to": {"modalities": modalities}},
         )
         session.add(row)
         session.flush()
