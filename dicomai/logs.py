@@ -58,6 +58,7 @@ def configure_logging(level: str = "INFO", json: bool = False) -> None:
     # pynetdicom at INFO logs every association in detail; its warnings are what an admin needs.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
     logging.captureWarnings(True)
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],

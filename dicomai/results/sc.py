@@ -11,6 +11,7 @@ import numpy as np
 from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
+from dicomai.inference.types import ImagePrediction
 from dicomai.results import codes
 from dicomai.results.context import ResultContext
 
@@ -211,7 +212,19 @@ def _heatmap(context: ResultContext, index: int) -> np.ndarray:
     prediction = context.predictions[index]
     if not prediction.evaluated or prediction.heatmap is None:
         raise ValueError(f"source image {index + 1} was not evaluated: no heat map to show")
-    return prediction.heatmap
+    return prediction.heatmap * _strength(prediction)
+
+
+def _strength(prediction: ImagePrediction) -> float:
+    """How strongly the heat map is drawn: full at or above the decision threshold.
+
+    Grad-CAM normalises every map to [0, 1], so a confident negative would otherwise show
+    a full-strength hot spot; below the threshold the map fades with the probability.
+    """
+    top = prediction.top_finding
+    if top is None or top.threshold <= 0:
+        return 1.0
+    return float(min(1.0, top.probability / top.threshold))
 
 
 def _fitted_size(shape: tuple[int, ...]) -> tuple[int, int]:

@@ -229,18 +229,28 @@ def test_sc_is_the_image_with_a_caption_band_below(context, index):
     assert np.array_equal(sc.pixel_array[512:], band)
 
 
+def _redness(pixels: np.ndarray) -> np.ndarray:
+    return pixels[..., 0] - (pixels[..., 1] + pixels[..., 2]) // 2
+
+
 def test_sc_hottest_region_is_at_the_heatmap_peak(context):
-    pixels = build_sc(context, 2).pixel_array[:512].astype(np.int32)
+    pixels = build_sc(context, 0).pixel_array[:512].astype(np.int32)
 
     # JET is dark red at 1.0 and bright red just below: the red region is a disc around the
     # peak, so compare its centre, not its reddest pixel.
-    redness = pixels[..., 0] - (pixels[..., 1] + pixels[..., 2]) // 2
+    redness = _redness(pixels)
     rows, columns = np.nonzero(redness > 0.8 * redness.max())
     centre = (rows.mean(), columns.mean())
     expected = ((PEAK[0] + 0.5) * 4 - 0.5, (PEAK[1] + 0.5) * 4 - 0.5)  # 128² -> 512²
     assert np.allclose(centre, expected, atol=4), (
         f"red region centred at {centre}, heat-map peak at {expected}"
     )
+
+
+def test_confident_negative_shows_a_faint_map_only(context):
+    positive = _redness(build_sc(context, 0).pixel_array[:512].astype(np.int32)).max()
+    negative = _redness(build_sc(context, 2).pixel_array[:512].astype(np.int32)).max()
+    assert negative < 0.25 * positive, "a confident negative is drawn as strongly as a finding"
 
 
 def test_large_sources_are_scaled_down_to_1024(context):
