@@ -27,14 +27,14 @@ def make_app(settings: Settings) -> Celery:
         accept_content=["json"],
     )
     if settings.embedded_broker:
-        queue_dir = settings.broker_dir / "queue"
-        done_dir = settings.broker_dir / "processed"
-        queue_dir.mkdir(parents=True, exist_ok=True)
-        done_dir.mkdir(parents=True, exist_ok=True)
+        folders = {name: settings.broker_dir / name for name in ("queue", "processed", "control")}
+        for folder in folders.values():
+            folder.mkdir(parents=True, exist_ok=True)
         app.conf.broker_transport_options = {
-            "data_folder_in": str(queue_dir),
-            "data_folder_out": str(queue_dir),
-            "processed_folder": str(done_dir),
+            "data_folder_in": str(folders["queue"]),
+            "data_folder_out": str(folders["queue"]),
+            "processed_folder": str(folders["processed"]),
+            "control_folder": str(folders["control"]),
             "store_processed": False,
             "polling_interval": 0.2,
         }
