@@ -1,0 +1,104 @@
+"""Grad-CAM family heat maps for a batch, computed by pytorch-grad-cam behind our interface."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus
+from pytorch_grad_cam.base_cam import BaseCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
+
+from dicomai.explain.target import find_target_layer
+
+METHODS: dict[str, type[BaseCAM]] = {
+    "gradcam": GradCAM,
+    "gradcam++": GradCAMPlusPlus,
+    "eigencam": EigenCAM,
+}
+
+
+def gradcam(
+    model: nn.Module,
+    batch: torch.Tensor,
+    class_indices: list[int],
+    method: str = "gradcam",
+    *,
+    target_layer: nn.Module | None = None,
+    frozen: bool = True,
+) -> np.ndarray:
+    """Explain one class per image with a class activation map.
+
+    Parameters
+    ----------
+    model
+        The classifier; it is run in eval mode and left in the mode it came in.
+    batch
+        Model inputs, (N, 3, H, W), on the model's device.
+    class_indices
+        For each image, the output index to explain (ignored by ``"eigencam"``).
+    method
+        ``"gradcam"``, ``"gradcam++"`` or ``"eigencam"``.
+    target_layer
+        The layer to explain; by default `find_target_layer` chooses it.
+    frozen
+        Stop the backward pass at the target layer by switching the other parameters'
+        gradients off (restored afterwards). Grad-CAM needs gradients of activations only,
+        so the map is the same as with a full backward, two to three times faster on a
+        ResNet-50 (224², 2 cores: 104-130 ms against 208-213 ms here, 72-85 against 215-227
+        in FACTS.md). False runs the full backward, for checking that claim.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 (N, H, W) in [0, 1] at the input resolution, each map scaled to its own maximum.
+
+    Raises
+    ------
+    ValueError
+        On an unknown method, or class indices that do not match the batch or the outputs.
+    """
+    cam_class = METHODS.get(method)
+    if cam_class is None:
+        raise ValueError(f"unknown CAM method {method!r} (known: {', '.join(METHODS)})")
+    if len(class_indices) != batch.shape[0]:
+        raise ValueError(f"{len(class_indices)} class indices for a batch of {batch.shape[0]}")
+    layer = target_layer if target_layer is not None else find_target_layer(model, batch)
+    with _explaining(model, layer if frozen else None):
+        cam = cam_class(model=model, target_layers=[layer])
+        try:
+            targets = [ClassifierOutputTarget(index) for index in class_indices]
+            maps = cam(input_tensor=batch, targets=targets)
+        except IndexError as error:
+            raise ValueError(
+                f"class indices {class_indices} outside the model's outputs"
+            ) from error
+        finally:
+            # Not `with cam:` - its __exit__ swallows IndexError and prints it.
+            cam.activations_and_grads.release()
+    return np.clip(np.asarray(maps, dtype=np.float32), 0.0, 1.0)
+
+
+@contextmanager
+def _explaining(model: nn.Module, trainable: nn.Module | None) -> Iterator[None]:
+    """Eval mode, gradients on, and only `trainable`'s parameters requiring grad (all if None)."""
+    was_training = model.training
+    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    keep = {id(p) for p in (trainable or model).parameters()}
+    if not keep:
+        # A target without parameters would leave its output without a graph to hook.
+        keep = {id(p) for p in model.parameters()}
+    try:
+        for parameter, _ in flags:
+            parameter.requires_grad_(id(parameter) in keep)
+        model.eval()
+        with torch.enable_grad():
+            yield
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+            parameter.grad = None
+        model.train(was_training)

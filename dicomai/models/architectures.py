@@ -1,0 +1,133 @@
+"""Network architectures, built from code by name (never unpickled from a package)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from itertools import pairwise
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision import models as tv
+
+from dicomai.errors import ModelPackageError
+
+Builder = Callable[..., nn.Module]
+
+
+class TinyCNN(nn.Module):
+    """A small CNN (~100 k parameters) for the demo model and the tests.
+
+    Four conv-BN-ReLU blocks (3→16→32→64→64 channels), the first three halving the resolution,
+    then a last conv block whose map Grad-CAM explains, global average pooling, dropout and a
+    linear classifier. Only three poolings, so that a 128² input leaves a 16² map: a coarser one
+    points Grad-CAM at the wrong lung too often for small lesions.
+    """
+
+    gradcam_target_layer = "head"
+
+    def __init__(self, num_classes: int, dropout: float = 0.2) -> None:
+        super().__init__()
+        widths = (3, 16, 32, 64, 64)
+        blocks: list[nn.Module] = []
+        for index, (cin, cout) in enumerate(pairwise(widths)):
+            blocks.append(_conv_block(cin, cout))
+            if index < 3:
+                blocks.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*blocks)
+        self.head = _conv_block(64, 64)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.head(self.features(x))
+        return self.classifier(self.dropout(torch.flatten(self.pool(x), 1)))
+
+
+def _conv_block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+def _tinycnn(num_classes: int, dropout: float = 0.2) -> nn.Module:
+    return TinyCNN(num_classes, dropout=dropout)
+
+
+def _resnet(factory: Callable[..., tv.ResNet]) -> Builder:
+    def build_resnet(num_classes: int, dropout: float = 0.0) -> nn.Module:
+        model = factory(weights=None)
+        head: nn.Module = nn.Linear(model.fc.in_features, num_classes)
+        model.fc = nn.Sequential(nn.Dropout(dropout), head) if dropout else head
+        # The last residual block's output: the map the Grad-CAM paper explains for ResNets.
+        model.gradcam_target_layer = "layer4"
+        return model
+
+    return build_resnet
+
+
+def _densenet121(num_classes: int, dropout: float = 0.0) -> nn.Module:
+    model = tv.densenet121(weights=None)
+    head: nn.Module = nn.Linear(model.classifier.in_features, num_classes)
+    model.classifier = nn.Sequential(nn.Dropout(dropout), head) if dropout else head
+    model.gradcam_target_layer = "features"
+    return model
+
+
+def _efficientnet_b0(num_classes: int, dropout: float = 0.2) -> nn.Module:
+    model = tv.efficientnet_b0(weights=None, dropout=dropout)
+    last = model.classifier[-1]
+    assert isinstance(last, nn.Linear)
+    model.classifier[-1] = nn.Linear(last.in_features, num_classes)
+    # Its last Conv2d by module order sits in a squeeze-excitation on a 1x1 map; name the
+    # final 1x1 projection block, whose output is the 7x7 map.
+    model.gradcam_target_layer = "features"
+    return model
+
+
+ARCHITECTURES: dict[str, Builder] = {
+    "tinycnn": _tinycnn,
+    "resnet18": _resnet(tv.resnet18),
+    "resnet34": _resnet(tv.resnet34),
+    "resnet50": _resnet(tv.resnet50),
+    "densenet121": _densenet121,
+    "efficientnet_b0": _efficientnet_b0,
+}
+
+
+def build(name: str, num_classes: int, **options: Any) -> nn.Module:
+    """Build an untrained network by its registered name.
+
+    Parameters
+    ----------
+    name
+        A key of `ARCHITECTURES`, e.g. ``"resnet50"``.
+    num_classes
+        Number of outputs of the classification head.
+    **options
+        Architecture options from the manifest's ``[options]`` table, e.g. ``dropout``.
+
+    Returns
+    -------
+    torch.nn.Module
+        The network with random weights, in training mode; it may carry a
+        ``gradcam_target_layer`` attribute naming the submodule Grad-CAM should explain.
+
+    Raises
+    ------
+    ModelPackageError
+        If the name is unknown, `num_classes` < 1 or an option is not accepted.
+    """
+    builder = ARCHITECTURES.get(name)
+    if builder is None:
+        known = ", ".join(sorted(ARCHITECTURES))
+        raise ModelPackageError(f"architecture: unknown name {name!r} (known: {known})")
+    if num_classes < 1:
+        raise ModelPackageError(f"classes: {name} needs at least one class, got {num_classes}")
+    try:
+        return builder(num_classes, **options)
+    except TypeError as error:
+        raise ModelPackageError(f"options: not accepted by {name}: {error}") from error

@@ -1,0 +1,224 @@
+"""Model packages on disk: weights checked against the manifest, network built and loaded."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from dicomai.errors import ModelPackageError
+from dicomai.explain.gradcam import gradcam
+from dicomai.models.architectures import build
+from dicomai.models.manifest import (
+    MANIFEST_NAME,
+    AppliesTo,
+    ClassSpec,
+    Manifest,
+    read_manifest,
+)
+
+__all__ = [
+    "AppliesTo",
+    "ClassSpec",
+    "LoadedModel",
+    "Manifest",
+    "load_model",
+    "read_manifest",
+    "smoke_test",
+    "verify_weights",
+    "write_package",
+]
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A package's manifest and its network, weights loaded, in eval mode on the CPU."""
+
+    manifest: Manifest
+    module: nn.Module
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.manifest.classes)
+
+
+def verify_weights(folder: Path, manifest: Manifest) -> None:
+    """Check that the weights file's SHA-256 is the one the manifest records.
+
+    Parameters
+    ----------
+    folder
+        The package folder.
+    manifest
+        Its manifest.
+
+    Raises
+    ------
+    ModelPackageError
+        If the file is missing or its digest differs.
+    """
+    _read_verified(Path(folder), manifest)
+
+
+def _read_verified(folder: Path, manifest: Manifest) -> bytes:
+    # One read serves both the digest and the load, so the bytes checked are the bytes used.
+    path = folder / manifest.weights_file
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ModelPackageError(f"weights_file: cannot read {path}: {error.strerror}") from error
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != manifest.weights_sha256:
+        raise ModelPackageError(
+            f"weights SHA-256 mismatch: {manifest.weights_file} is {actual[:16]}…, "
+            f"model.toml records {manifest.weights_sha256[:16]}…"
+        )
+    return data
+
+
+def load_model(folder: Path) -> LoadedModel:
+    """Read, verify and load a model package.
+
+    The network is built from code by the manifest's architecture name; the weights file only
+    supplies tensors (safetensors, or a state_dict read with ``weights_only=True``).
+
+    Parameters
+    ----------
+    folder
+        The package folder.
+
+    Returns
+    -------
+    LoadedModel
+        The manifest and the network in eval mode, on the CPU.
+
+    Raises
+    ------
+    ModelPackageError
+        On any problem with the manifest, the weights' digest or their fit to the network.
+    """
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    data = _read_verified(folder, manifest)
+    module = build(manifest.architecture, len(manifest.classes), **manifest.options)
+    state = _decode_state(data, manifest.weights_file)
+    _check_fit(module, state, manifest.architecture)
+    module.load_state_dict(state, strict=True)
+    module.eval()
+    return LoadedModel(manifest=manifest, module=module)
+
+
+def _decode_state(data: bytes, name: str) -> dict[str, torch.Tensor]:
+    try:
+        if name.endswith(".safetensors"):
+            state = load_safetensors(data)
+        else:
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, ValueError, EOFError) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ModelPackageError(f"weights_file: {name} is unreadable: {message}") from error
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise ModelPackageError(f"weights_file: {name} is not a state_dict of named tensors")
+    return state
+
+
+def _check_fit(module: nn.Module, state: dict[str, torch.Tensor], architecture: str) -> None:
+    """Say in one line why `state` does not fit (load_state_dict's message spans many lines)."""
+    expected = module.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in expected]
+    problems += [
+        f"{k} has shape {tuple(state[k].shape)}, not {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ModelPackageError(
+            f"weights do not fit {architecture}: {'; '.join(problems[:3])}{more}"
+        )
+
+
+def write_package(
+    folder: Path, manifest: Manifest, state_dict: dict[str, torch.Tensor]
+) -> Manifest:
+    """Write a package: the weights as safetensors, their SHA-256 and the manifest.
+
+    Parameters
+    ----------
+    folder
+        Destination folder, created if missing; an existing package there is replaced.
+    manifest
+        The manifest; its `weights_file` and `weights_sha256` are filled in here.
+    state_dict
+        The network's tensors (``module.state_dict()``).
+
+    Returns
+    -------
+    Manifest
+        The manifest as written.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    data = save_safetensors(tensors, metadata={"format": "pt"})
+    written = replace(
+        manifest,
+        weights_file="weights.safetensors",
+        weights_sha256=hashlib.sha256(data).hexdigest(),
+    )
+    _write_atomically(folder / written.weights_file, data)
+    _write_atomically(folder / MANIFEST_NAME, written.to_toml().encode("utf-8"))
+    return written
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+
+
+def smoke_test(loaded: LoadedModel) -> None:
+    """Run one synthetic image through the network and its Grad-CAM.
+
+    Parameters
+    ----------
+    loaded
+        A loaded package.
+
+    Raises
+    ------
+    ModelPackageError
+        If the output is not finite of shape (1, number of classes), or Grad-CAM fails.
+    """
+    rows, cols = loaded.manifest.input.size
+    generator = torch.Generator().manual_seed(0)
+    device = next(loaded.module.parameters()).device
+    batch = torch.randn(1, 3, rows, cols, generator=generator).to(device)
+    with torch.inference_mode():
+        logits = loaded.module(batch)
+    expected = (1, loaded.num_classes)
+    if tuple(logits.shape) != expected:
+        raise ModelPackageError(f"smoke test: output shape {tuple(logits.shape)}, not {expected}")
+    if not torch.isfinite(logits).all():
+        raise ModelPackageError("smoke test: the network's output is not finite")
+    try:
+        heatmap = gradcam(loaded.module, batch, [0])
+    except (RuntimeError, ValueError) as error:
+        raise ModelPackageError(f"smoke test: Grad-CAM failed: {error}") from error
+    if heatmap.shape != (1, rows, cols) or not np.isfinite(heatmap).all():
+        raise ModelPackageError(f"smoke test: Grad-CAM map of shape {heatmap.shape} or not finite")

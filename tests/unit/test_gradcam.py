@@ -1,0 +1,87 @@
+"""Grad-CAM: maps at input size in [0, 1], the frozen-parameter shortcut, target layers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dicomai.explain import METHODS, find_target_layer, gradcam
+from dicomai.models.architectures import build
+
+
+@pytest.fixture(scope="module")
+def batch() -> torch.Tensor:
+    return torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+def seeded(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return build(name, 3).eval()
+
+
+# densenet121 applies an in-place ReLU to its target layer's output: the case most likely
+# to make the two backward passes disagree.
+@pytest.mark.parametrize("name", ["tinycnn", "resnet18", "densenet121"])
+def test_frozen_parameters_give_the_full_backward_map(name: str, batch: torch.Tensor) -> None:
+    model = seeded(name)
+    frozen = gradcam(model, batch, [0, 1, 2], frozen=True)
+    full = gradcam(model, batch, [0, 1, 2], frozen=False)
+    assert frozen.max() > 0.5, "the maps are empty, so the comparison proves nothing"
+    np.testing.assert_allclose(frozen, full, atol=1e-5)
+
+
+def test_maps_are_float32_at_input_size_in_unit_range(batch: torch.Tensor) -> None:
+    for method in METHODS:
+        maps = gradcam(seeded("tinycnn"), batch[:, :, :, :48], [0, 1, 2], method=method)
+        assert maps.shape == (3, 64, 48), method
+        assert maps.dtype == np.float32
+        assert maps.min() >= 0.0 and maps.max() <= 1.0
+
+
+def test_flags_mode_and_gradients_are_restored(batch: torch.Tensor) -> None:
+    model = seeded("tinycnn").train()
+    model.features[0][0].weight.requires_grad_(False)
+    before = [p.requires_grad for p in model.parameters()]
+    gradcam(model, batch, [0, 0, 0])
+    assert [p.requires_grad for p in model.parameters()] == before
+    assert model.training
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_bad_requests_are_value_errors(batch: torch.Tensor) -> None:
+    model = seeded("tinycnn")
+    with pytest.raises(ValueError, match="outside the model's outputs"):
+        gradcam(model, batch, [0, 1, 7])
+    with pytest.raises(ValueError, match="2 class indices for a batch of 3"):
+        gradcam(model, batch, [0, 1])
+    with pytest.raises(ValueError, match="unknown CAM method"):
+        gradcam(model, batch, [0, 1, 2], method="scorecam")
+
+
+class SqueezeAtTheEnd(nn.Module):
+    """A network whose last Conv2d (in module order) works on a 1x1 map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Conv2d(3, 8, 3, padding=1)
+        self.squeeze = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(8, 8, 1))
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = torch.relu(self.body(x))
+        features = features * torch.sigmoid(self.squeeze(features))
+        return self.fc(features.mean(dim=(2, 3)))
+
+
+def test_target_layer_is_declared_or_the_last_spatial_convolution(batch: torch.Tensor) -> None:
+    tiny = seeded("tinycnn")
+    assert find_target_layer(tiny) is tiny.head
+    resnet = seeded("resnet18")
+    assert find_target_layer(resnet) is resnet.layer4
+    model = SqueezeAtTheEnd().eval()
+    assert find_target_layer(model) is model.squeeze[1]
+    assert find_target_layer(model, batch) is model.body
+    maps = gradcam(model, batch, [0, 1, 0])
+    assert maps.shape == (3, 64, 64)

@@ -1,0 +1,135 @@
+"""Running packages: calibrated scores, heat maps, batching, and the committed demo model."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dicomai.imaging.preprocess import to_model_input
+from dicomai.imaging.spec import InputSpec
+from dicomai.inference.runner import Classifier
+from dicomai.inference.types import Code
+from dicomai.models.architectures import build
+from dicomai.models.package import (
+    ClassSpec,
+    LoadedModel,
+    Manifest,
+    load_model,
+    smoke_test,
+    verify_weights,
+    write_package,
+)
+from dicomai.training.synthetic import synthesize
+
+DEMO = Path(__file__).resolve().parents[2] / "models" / "demo-chest-nodule"
+SPEC = InputSpec(size=(40, 48))
+CLASSES = (
+    ClassSpec("normal", Code("17621005", "SCT", "Normal"), 0.5, False),
+    ClassSpec("nodule", Code("27925004", "SCT", "Nodule"), 0.5, True),
+    ClassSpec("mass", Code("4147007", "SCT", "Mass"), 0.3, True),
+)
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    folder = tmp_path_factory.mktemp("package")
+    torch.manual_seed(0)
+    manifest = Manifest(
+        name="three",
+        version="0.1.0",
+        architecture="tinycnn",
+        classes=CLASSES,
+        input=SPEC,
+        temperature=2.0,
+    )
+    write_package(folder, manifest, build("tinycnn", 3).state_dict())
+    return load_model(folder)
+
+
+def inputs(n: int, spec: InputSpec, seed: int = 0) -> list[tuple[str, np.ndarray]]:
+    images = synthesize(n, size=64, seed=seed).images
+    return [(f"1.2.3.{i}", to_model_input(image, spec)) for i, image in enumerate(images)]
+
+
+def test_scores_are_tempered_softmax_summing_to_one(loaded: LoadedModel) -> None:
+    batch = inputs(3, SPEC)
+    predictions = Classifier(loaded).predict(batch)
+    with torch.inference_mode():
+        logits = loaded.module(torch.from_numpy(np.stack([x for _, x in batch]))).double()
+    expected = torch.softmax(logits / 2.0, dim=1).numpy()
+    for prediction, row, (uid, _) in zip(predictions, expected, batch, strict=True):
+        assert prediction.sop_instance_uid == uid and prediction.evaluated
+        probabilities = [score.probability for score in prediction.scores]
+        assert sum(probabilities) == pytest.approx(1.0)
+        np.testing.assert_allclose(probabilities, row, rtol=1e-5)
+        assert prediction.predicted == CLASSES[int(np.argmax(row))].name
+        assert prediction.score("mass").threshold == 0.3
+        assert prediction.score("mass").code == CLASSES[2].code
+
+
+def test_the_most_probable_finding_is_explained_at_input_size(loaded: LoadedModel) -> None:
+    for prediction in Classifier(loaded).predict(inputs(4, SPEC)):
+        top = prediction.top_finding
+        assert top is not None and prediction.explained == top.name
+        assert prediction.heatmap is not None
+        assert prediction.heatmap.shape == SPEC.size and prediction.heatmap.dtype == np.float32
+        assert 0.0 <= prediction.heatmap.min() <= prediction.heatmap.max() <= 1.0
+
+
+def test_small_batches_give_the_same_results(loaded: LoadedModel) -> None:
+    batch = inputs(5, SPEC)
+    whole = Classifier(loaded, batch_size=16).predict(batch)
+    pieces = Classifier(loaded, batch_size=2).predict(batch)
+    for a, b in zip(whole, pieces, strict=True):
+        assert a.explained == b.explained
+        np.testing.assert_allclose(
+            [s.probability for s in a.scores], [s.probability for s in b.scores], rtol=1e-5
+        )
+        np.testing.assert_allclose(a.heatmap, b.heatmap, atol=1e-4)
+
+
+def test_a_model_without_findings_gives_no_heat_map(loaded: LoadedModel) -> None:
+    quiet = tuple(dataclasses.replace(spec, is_finding=False) for spec in CLASSES)
+    manifest = dataclasses.replace(loaded.manifest, classes=quiet)
+    (prediction,) = Classifier(LoadedModel(manifest, loaded.module)).predict(inputs(1, SPEC))
+    assert prediction.explained is None and prediction.heatmap is None
+    assert prediction.predicted in {spec.name for spec in CLASSES}
+
+
+def test_wrong_input_size_and_empty_input(loaded: LoadedModel) -> None:
+    classifier = Classifier(loaded)
+    assert classifier.predict([]) == []
+    with pytest.raises(ValueError, match=r"1.2.3.0: input of shape \(3, 64, 64\)"):
+        classifier.predict(inputs(1, InputSpec(size=(64, 64))))
+
+
+def test_committed_demo_package_loads_and_finds_fresh_nodules() -> None:
+    demo = load_model(DEMO)
+    verify_weights(DEMO, demo.manifest)
+    smoke_test(demo)
+    manifest = demo.manifest
+    assert manifest.name == "demo-chest-nodule" and "not for diagnosis" in manifest.description
+    assert manifest.applies_to.matches("DX", "CHEST", "1.2.840.10008.5.1.4.1.1.1.1")
+    assert not manifest.applies_to.matches("CT", "CHEST", "1.2.840.10008.5.1.4.1.1.2")
+    # A seed the package never saw: neither its training (0) nor its test set (1).
+    fresh = synthesize(200, size=manifest.input.size[0], seed=2024)
+    batch = [
+        (str(i), to_model_input(image, manifest.input)) for i, image in enumerate(fresh.images)
+    ]
+    predictions = Classifier(demo).predict(batch)
+    flagged = np.array([p.score("nodule").positive for p in predictions])
+    accuracy = float((flagged == (fresh.labels == 1)).mean())
+    assert accuracy >= 0.90, f"demo accuracy {accuracy:.3f} on fresh synthetic images"
+    assert all(p.explained == "nodule" and p.heatmap is not None for p in predictions)
+    # Pointing game with its usual tolerance, 15 pixels at 224² (Zhang et al., ECCV 2016), scaled.
+    margin = 15.0 * manifest.input.size[0] / 224
+    hits = []
+    for prediction, centre, radius in zip(predictions, fresh.centres, fresh.radii, strict=True):
+        if not np.isnan(centre).any():
+            peak = np.unravel_index(np.argmax(prediction.heatmap), manifest.input.size)
+            hits.append(np.hypot(peak[0] - centre[0], peak[1] - centre[1]) <= radius + margin)
+    assert np.mean(hits) >= 0.80, f"demo pointing game {np.mean(hits):.2f} on {len(hits)} images"
