@@ -18,6 +18,8 @@ class Action(enum.StrEnum):
     INSTANCE_STORED = "instance.stored"
     INSTANCE_DUPLICATE = "instance.duplicate"
     INSTANCE_REJECTED = "instance.rejected"
+    INSTANCE_RESEND_KEPT = "instance.resend_kept"
+    INSTANCE_REPLACED = "instance.replaced"
     STUDY_COMPLETED = "study.completed"
     JOB_CREATED = "job.created"
     JOB_ENQUEUED = "job.enqueued"

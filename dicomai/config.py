@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -35,6 +35,8 @@ class IngestSettings(BaseModel):
     peers: list[Peer] = Field(default_factory=list)
     max_pdu: int = 131072
     max_dataset_mb: int = 2048
+    max_associations: int = 16
+    resend_policy: Literal["keep", "replace"] = "keep"
 
     @field_validator("ae_title")
     @classmethod

@@ -106,6 +106,7 @@ class Listener(Daemon):
 
     def __init__(self, root: Path, aet: str, peers: list[dict[str, Any]], **ingest: Any) -> None:
         self.root = root
+        root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.aet = aet
         self.peers = peers

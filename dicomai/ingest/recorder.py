@@ -25,13 +25,46 @@ class Received:
     calling_ae: str
 
 
+def known_digest(sessions: sessionmaker[Session], sop_instance_uid: str) -> str | None:
+    """The content digest of the recorded instance with this UID, or None if there is none."""
+    with sessions() as session:
+        return session.scalar(
+            select(Instance.sha256).where(Instance.sop_instance_uid == sop_instance_uid)
+        )
+
+
 def is_known(sessions: sessionmaker[Session], sop_instance_uid: str) -> bool:
     """Whether an instance with this SOP Instance UID is already recorded."""
-    with sessions() as session:
-        found = session.scalar(
-            select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)
+    return known_digest(sessions, sop_instance_uid) is not None
+
+
+def replace_instance(sessions: sessionmaker[Session], received: Received) -> None:
+    """Record new content for a known instance and reopen its study, with an audit row."""
+    header = received.header
+    with sessions() as session, session.begin():
+        instance = session.scalars(
+            select(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid)
+        ).one()
+        previous = instance.sha256
+        instance.sha256 = received.sha256
+        instance.size = received.size
+        instance.transfer_syntax_uid = received.transfer_syntax_uid
+        instance.received_at = utcnow()
+        session.execute(
+            update(Study)
+            .where(Study.id == instance.study_id)
+            .values(last_received_at=utcnow(), state=StudyState.RECEIVING)
         )
-        return found is not None
+        record(
+            session,
+            Action.INSTANCE_REPLACED,
+            actor=received.calling_ae,
+            object_type="instance",
+            object_id=header.sop_instance_uid,
+            study_uid=header.study_uid,
+            previous_sha256=previous,
+            sha256=received.sha256,
+        )
 
 
 def mark_association_ended(sessions: sessionmaker[Session], study_uids: set[str]) -> None:

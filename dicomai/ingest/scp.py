@@ -1,43 +1,26 @@
-"""The DICOM listener: association control, C-ECHO and C-STORE, bound to spool and database."""
+"""The DICOM listener: the AE, association control and C-ECHO; C-STORE lives in store.py."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from typing import Any, cast
 
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
-from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import _STORAGE_CLASSES, Verification  # type: ignore[attr-defined]
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai.audit import Action, record
 from dicomai.config import Settings
-from dicomai.errors import InvalidInstance, StorageUnavailable
 from dicomai.ingest.access import AccessPolicy, Decision
-from dicomai.ingest.header import encode_file_meta, read_header
-from dicomai.ingest.limits import Limits, bound_reads, reset_dataset_count
-from dicomai.ingest.recorder import Received, is_known, mark_association_ended, record_instance
+from dicomai.ingest.limits import Limits, bound_reads
+from dicomai.ingest.recorder import mark_association_ended
 from dicomai.ingest.spool import Spool
-from dicomai.metrics import (
-    OPEN_ASSOCIATIONS,
-    REJECTED_ASSOCIATIONS,
-    STORE_SECONDS,
-    STORED_BYTES,
-    STORES,
-)
+from dicomai.ingest.store import Storer
+from dicomai.metrics import OPEN_ASSOCIATIONS, REJECTED_ASSOCIATIONS
 from dicomai.sockets import set_nodelay
-from dicomai.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 log = logging.getLogger(__name__)
-
-# PS3.4 Table B.2-1 and PS3.7 Annex C status codes.
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-CANNOT_UNDERSTAND = 0xC000
 
 
 def build_ae(settings: Settings) -> AE:
@@ -45,6 +28,8 @@ def build_ae(settings: Settings) -> AE:
     ae = AE(ae_title=settings.ingest.ae_title)
     ae.maximum_pdu_size = settings.ingest.max_pdu
     ae.require_called_aet = True
+    # Beyond this pynetdicom answers A-ASSOCIATE-RJ transient, local limit exceeded (PS3.8 9.3.4).
+    ae.maximum_associations = settings.ingest.max_associations
     ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
     for uid in _STORAGE_CLASSES.values():
         ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
@@ -62,7 +47,7 @@ def handlers(
         (evt.EVT_CONN_CLOSE, on_connection_close),
         (evt.EVT_REQUESTED, on_requested, [policy, settings.ingest.ae_title, sessions]),
         (evt.EVT_C_ECHO, on_echo),
-        (evt.EVT_C_STORE, on_store, [spool, sessions, limits]),
+        (evt.EVT_C_STORE, Storer(spool, sessions, limits, settings.ingest.resend_policy)),
         (evt.EVT_RELEASED, on_association_end, [sessions]),
         (evt.EVT_ABORTED, on_association_end, [sessions]),
     ]
@@ -125,105 +110,4 @@ def on_requested(
 
 
 def on_echo(event: evt.Event) -> int:
-    return SUCCESS
-
-
-def on_store(
-    event: evt.Event, spool: Spool, sessions: sessionmaker[Session], limits: Limits
-) -> int:
-    """Store one instance durably, then record it; answer Success only after both.
-
-    Every failure is answered with a status, never an exception: pynetdicom would answer
-    0xC211 and log a traceback that may hold the dataset.
-    """
-    calling = event.assoc.requestor.ae_title
-    reset_dataset_count(event)
-    with STORE_SECONDS.time():
-        status = _answer_store(event, spool, sessions, calling, limits)
-    STORES.labels(calling_ae=calling, status=f"0x{status:04X}").inc()
-    return status
-
-
-def _answer_store(
-    event: evt.Event, spool: Spool, sessions: sessionmaker[Session], calling: str, limits: Limits
-) -> int:
-    try:
-        return _store(event, spool, sessions, calling, limits)
-    except InvalidInstance as exc:
-        uid = cast(C_STORE, event.request).AffectedSOPInstanceUID
-        _audit_rejection(sessions, calling, uid, str(exc))
-        log.warning("C-STORE refused from %s: %s", calling, exc)
-        return CANNOT_UNDERSTAND
-    except StorageUnavailable as exc:
-        log.error("C-STORE from %s not stored: %s", calling, exc)
-        return OUT_OF_RESOURCES
-    except Exception as exc:
-        log.error("C-STORE from %s failed: %s", calling, type(exc).__name__)
-        return OUT_OF_RESOURCES
-
-
-def _store(
-    event: evt.Event, spool: Spool, sessions: sessionmaker[Session], calling: str, limits: Limits
-) -> int:
-    request = cast(C_STORE, event.request)
-    if request.DataSet is None:
-        raise InvalidInstance("C-STORE request without a dataset")
-    dataset = request.DataSet.getbuffer()
-    file_meta = _file_meta(event)
-    meta = encode_file_meta(file_meta)
-    header = read_header(file_meta, meta, dataset, limits.max_dataset_bytes)
-    if header.sop_instance_uid != request.AffectedSOPInstanceUID:
-        raise InvalidInstance("SOPInstanceUID differs from the C-STORE request")
-    relative = spool.relative_path(header.study_uid, header.sop_instance_uid)
-    if is_known(sessions, header.sop_instance_uid):
-        return SUCCESS
-    size = spool.write(relative, (meta, dataset))
-    STORED_BYTES.inc(size)
-    digest = hashlib.sha256(meta)
-    digest.update(dataset)
-    received = Received(
-        header=header,
-        transfer_syntax_uid=str(event.context.transfer_syntax),
-        path=relative,
-        size=size,
-        sha256=digest.hexdigest(),
-        calling_ae=calling,
-    )
-    try:
-        record_instance(sessions, received)
-        # pynetdicom gives handlers no per-association state; the Association object is it.
-        event.assoc.__dict__.setdefault("dicomai_studies", set()).add(header.study_uid)
-    except Exception as exc:
-        # No row, no Success: the file must not outlive the failed commit.
-        spool.remove(relative)
-        raise StorageUnavailable(f"database: {type(exc).__name__}") from None
-    return SUCCESS
-
-
-def _file_meta(event: evt.Event) -> FileMetaDataset:
-    request = cast(C_STORE, event.request)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UID(request.AffectedSOPClassUID or "")
-    meta.MediaStorageSOPInstanceUID = UID(request.AffectedSOPInstanceUID or "")
-    meta.TransferSyntaxUID = event.context.transfer_syntax
-    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    meta.SourceApplicationEntityTitle = event.assoc.requestor.ae_title
-    return meta
-
-
-def _audit_rejection(
-    sessions: sessionmaker[Session], calling: str, sop_instance_uid: object, reason: str
-) -> None:
-    try:
-        with sessions() as session, session.begin():
-            record(
-                session,
-                Action.INSTANCE_REJECTED,
-                actor=calling,
-                object_type="instance",
-                object_id=str(sop_instance_uid or "")[:128],
-                reason=reason,
-            )
-    except Exception:
-        log.exception("could not audit a rejected instance")
+    return 0x0000

@@ -17,7 +17,6 @@ from dicomai.ingest.recorder import Received, mark_association_ended, record_ins
 from dicomai.jobs.assembler import CompletionPolicy, complete_quiet_studies, complete_studies
 from dicomai.jobs.reconciler import Leases, ring_jobs
 
-
 DEMO_MANIFEST = tomllib.loads(
     (Path(__file__).parents[2] / "models" / "demo-chest-nodule" / "model.toml").read_text()
 )

@@ -181,3 +181,74 @@ def test_instance_with_invalid_uid_is_refused_and_audited(
     assert len(spool_files(listener)) == before, "a refused instance left a file in the spool"
     after = query(listener, "SELECT count(*) FROM audit_events WHERE action = 'instance.rejected'")
     assert after[0][0] == rejected[0][0] + 1
+
+
+def _changed_copy(tmp_path: Path, name: str = "CT_small.dcm") -> tuple[Path, pydicom.Dataset]:
+    ds = pydicom.dcmread(sample_file(name))
+    ds.SeriesDescription = "changed on resend"
+    path = tmp_path / "changed.dcm"
+    ds.save_as(path)
+    return path, ds
+
+
+def test_resend_with_different_content_keeps_the_first_by_default(
+    listener: Listener, tmp_path: Path
+) -> None:
+    original = sample_file("CT_small.dcm")
+    assert storescu(listener.port, [original], aet=MODALITY, aec=AET).returncode == 0
+    changed, ds = _changed_copy(tmp_path)
+    assert storescu(listener.port, [changed], aet=MODALITY, aec=AET).returncode == 0
+
+    (path,) = query(
+        listener, "SELECT path FROM instances WHERE sop_instance_uid = :u", u=ds.SOPInstanceUID
+    )[0]
+    stored = pydicom.dcmread(listener.root / "var" / "spool" / path)
+    assert stored.get("SeriesDescription") != "changed on resend"
+    kept = query(
+        listener,
+        "SELECT count(*) FROM audit_events WHERE action = "
+        "'instance.resend_kept' AND object_id = :u",
+        u=ds.SOPInstanceUID,
+    )
+    assert kept[0][0] >= 1
+
+
+def test_resend_policy_replace_stores_the_new_content_and_reopens_the_study(
+    tmp_path: Path,
+) -> None:
+    peers = [{"ae_title": MODALITY, "hosts": ["127.0.0.1"]}]
+    with Listener(tmp_path / "replace", AET, peers, resend_policy="replace") as daemon:
+        assert storescu(daemon.port, [sample_file("CT_small.dcm")], aet=MODALITY).returncode == 0
+        changed, _ = _changed_copy(tmp_path)
+        assert storescu(daemon.port, [changed], aet=MODALITY).returncode == 0
+        (path,) = daemon.query("SELECT path FROM instances")[0]
+        stored = pydicom.dcmread(daemon.root / "var" / "spool" / path)
+        assert stored.SeriesDescription == "changed on resend"
+        assert daemon.query("SELECT count(*) FROM instances") == [(1,)]
+        assert daemon.query(
+            "SELECT count(*) FROM audit_events WHERE action = 'instance.replaced'"
+        ) == [(1,)]
+
+
+def test_associations_beyond_the_limit_are_refused_until_one_ends(tmp_path: Path) -> None:
+    peers = [{"ae_title": MODALITY, "hosts": ["127.0.0.1"]}]
+    with Listener(tmp_path / "busy", AET, peers, max_associations=2) as daemon:
+        ae = AE(ae_title=MODALITY)
+        ae.add_requested_context("1.2.840.10008.1.1")  # Verification
+        held = [ae.associate("127.0.0.1", daemon.port, ae_title=AET) for _ in range(2)]
+        assert all(a.is_established for a in held)
+        refused = ae.associate("127.0.0.1", daemon.port, ae_title=AET)
+        assert refused.is_rejected, "a third association was accepted over the limit of 2"
+        held.pop().release()
+        wait_for(lambda: _echo_ok(ae, daemon.port), 30, "an association once another has ended")
+        for assoc in held:
+            assoc.release()
+
+
+def _echo_ok(ae: AE, port: int) -> bool:
+    assoc = ae.associate("127.0.0.1", port, ae_title=AET)
+    if not assoc.is_established:
+        return False
+    status = assoc.send_c_echo()
+    assoc.release()
+    return bool(status) and status.Status == 0

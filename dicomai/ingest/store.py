@@ -1,0 +1,150 @@
+"""C-STORE: the received instance made durable and recorded before Success is answered."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Any, cast
+
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import UID
+from pynetdicom import evt
+from pynetdicom.dimse_primitives import C_STORE
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomai.audit import Action, record
+from dicomai.errors import InvalidInstance, StorageUnavailable
+from dicomai.ingest.header import Header, encode_file_meta, read_header
+from dicomai.ingest.limits import Limits, reset_dataset_count
+from dicomai.ingest.recorder import Received, known_digest, record_instance, replace_instance
+from dicomai.ingest.spool import Spool
+from dicomai.metrics import STORE_SECONDS, STORED_BYTES, STORES
+from dicomai.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+
+log = logging.getLogger(__name__)
+
+# PS3.4 Table B.2-1 and PS3.7 Annex C status codes.
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+
+RESEND_POLICIES = ("keep", "replace")
+
+
+@dataclass
+class Storer:
+    """The C-STORE handler, bound to the spool, the database and the listener's limits.
+
+    resend_policy
+        What a resend of a known SOP Instance UID with *different* content does:
+        ``keep`` the first (the default: never discard what a job may have used) or
+        ``replace`` it (the study is reopened and gets a new job). Either is audited;
+        an identical resend is accepted and recorded once (DESIGN.md rule 3).
+    """
+
+    spool: Spool
+    sessions: sessionmaker[Session]
+    limits: Limits
+    resend_policy: str = "keep"
+
+    def __call__(self, event: evt.Event) -> int:
+        """Answer one C-STORE; never raises (pynetdicom would log the dataset with 0xC211)."""
+        calling = event.assoc.requestor.ae_title
+        reset_dataset_count(event)
+        with STORE_SECONDS.time():
+            status = self._answer(event, calling)
+        STORES.labels(calling_ae=calling, status=f"0x{status:04X}").inc()
+        return status
+
+    def _answer(self, event: evt.Event, calling: str) -> int:
+        try:
+            return self._store(event, calling)
+        except InvalidInstance as exc:
+            uid = cast(C_STORE, event.request).AffectedSOPInstanceUID
+            self._audit(Action.INSTANCE_REJECTED, calling, str(uid or "")[:128], reason=str(exc))
+            log.warning("C-STORE refused from %s: %s", calling, exc)
+            return CANNOT_UNDERSTAND
+        except StorageUnavailable as exc:
+            log.error("C-STORE from %s not stored: %s", calling, exc)
+            return OUT_OF_RESOURCES
+        except Exception as exc:
+            log.error("C-STORE from %s failed: %s", calling, type(exc).__name__)
+            return OUT_OF_RESOURCES
+
+    def _store(self, event: evt.Event, calling: str) -> int:
+        request = cast(C_STORE, event.request)
+        if request.DataSet is None:
+            raise InvalidInstance("C-STORE request without a dataset")
+        dataset = request.DataSet.getbuffer()
+        file_meta = _file_meta(event)
+        meta = encode_file_meta(file_meta)
+        header = read_header(file_meta, meta, dataset, self.limits.max_dataset_bytes)
+        if header.sop_instance_uid != request.AffectedSOPInstanceUID:
+            raise InvalidInstance("SOPInstanceUID differs from the C-STORE request")
+        relative = self.spool.relative_path(header.study_uid, header.sop_instance_uid)
+        # The content digest leaves out the file meta, which names the sender.
+        digest = hashlib.sha256(dataset).hexdigest()
+        known = known_digest(self.sessions, header.sop_instance_uid)
+        if known is not None and (known == digest or self.resend_policy == "keep"):
+            self._audit_resend(header, calling, same=known == digest)
+            return SUCCESS
+        received = Received(
+            header=header,
+            transfer_syntax_uid=str(event.context.transfer_syntax),
+            path=relative,
+            size=len(meta) + len(dataset),
+            sha256=digest,
+            calling_ae=calling,
+        )
+        self._write(relative, meta, dataset)
+        self._record(received, replace=known is not None)
+        # pynetdicom gives handlers no per-association state; the Association object is it.
+        event.assoc.__dict__.setdefault("dicomai_studies", set()).add(header.study_uid)
+        return SUCCESS
+
+    def _write(self, relative: str, meta: bytes, dataset: memoryview) -> None:
+        size = self.spool.write(relative, (meta, dataset))
+        STORED_BYTES.inc(size)
+
+    def _record(self, received: Received, replace: bool) -> None:
+        try:
+            if replace:
+                replace_instance(self.sessions, received)
+            else:
+                record_instance(self.sessions, received)
+        except Exception as exc:
+            if not replace:
+                # No row, no Success: the file must not outlive the failed commit.
+                self.spool.remove(received.path)
+            raise StorageUnavailable(f"database: {type(exc).__name__}") from None
+
+    def _audit_resend(self, header: Header, calling: str, same: bool) -> None:
+        action = Action.INSTANCE_DUPLICATE if same else Action.INSTANCE_RESEND_KEPT
+        self._audit(action, calling, header.sop_instance_uid, study_uid=header.study_uid)
+
+    def _audit(self, action: Action, calling: str, object_id: str, **detail: Any) -> None:
+        try:
+            with self.sessions() as session, session.begin():
+                record(
+                    session,
+                    action,
+                    actor=calling,
+                    object_type="instance",
+                    object_id=object_id,
+                    **detail,
+                )
+        except Exception:
+            log.exception("could not audit %s", action.value)
+
+
+def _file_meta(event: evt.Event) -> FileMetaDataset:
+    request = cast(C_STORE, event.request)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(request.AffectedSOPClassUID or "")
+    meta.MediaStorageSOPInstanceUID = UID(request.AffectedSOPInstanceUID or "")
+    meta.TransferSyntaxUID = event.context.transfer_syntax
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    meta.SourceApplicationEntityTitle = event.assoc.requestor.ae_title
+    return meta
