@@ -24,6 +24,15 @@ class Peer(BaseModel):
     hosts: list[str] = Field(default_factory=list)
 
 
+class TlsSettings(BaseModel):
+    """DICOM TLS: a server certificate and key; optionally client certificates checked by a CA."""
+
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+    require_client_cert: bool = False
+
+
 class IngestSettings(BaseModel):
     ae_title: str = "DICOMAI"
     host: str = "0.0.0.0"
@@ -37,6 +46,7 @@ class IngestSettings(BaseModel):
     max_dataset_mb: int = 2048
     max_associations: int = 16
     resend_policy: Literal["keep", "replace"] = "keep"
+    tls: TlsSettings = Field(default_factory=TlsSettings)
 
     @field_validator("ae_title")
     @classmethod

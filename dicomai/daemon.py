@@ -20,6 +20,7 @@ from dicomai.db.session import make_engine, make_sessionmaker
 from dicomai.errors import ConfigError
 from dicomai.ingest.scp import build_ae, handlers
 from dicomai.ingest.spool import Spool
+from dicomai.ingest.tls import server_context
 from dicomai.jobs.assembler import CompletionPolicy, complete_studies
 from dicomai.jobs.doorbell import Doorbell
 from dicomai.jobs.reconciler import Leases, ring_deliveries, ring_jobs
@@ -77,9 +78,16 @@ class Daemon:
         self.server = ae.start_server(
             (ingest.host, ingest.port),
             block=False,
+            ssl_context=server_context(ingest.tls),
             evt_handlers=handlers(self.settings, self.spool, self.sessions),
         )
-        log.info("listening as %s on %s:%d", ingest.ae_title, ingest.host, ingest.port)
+        log.info(
+            "listening as %s on %s:%d%s",
+            ingest.ae_title,
+            ingest.host,
+            ingest.port,
+            " (TLS)" if ingest.tls.cert else "",
+        )
 
     def loop(self, period: float = 0.5) -> None:
         leases = Leases()

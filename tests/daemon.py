@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,8 @@ def toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, list):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
@@ -128,17 +132,25 @@ class Listener(Daemon):
         super().__init__(config, root / "serve.log")
 
     def __enter__(self) -> Listener:
+        self._context = self.started()
+        return self._context.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._context.__exit__(*exc)
+
+    @contextmanager
+    def started(self, ready: Callable[[], bool] | None = None) -> Iterator[Listener]:
+        """Upgrade the database, start serving, and wait until `ready` (default: C-ECHO)."""
         dicomai(self.config, "db", "upgrade")
         self.start()
         try:
-            self.wait_listening(self.port, self.peers[0]["ae_title"], self.aet)
-        except BaseException:
+            if ready is None:
+                self.wait_listening(self.port, self.peers[0]["ae_title"], self.aet)
+            else:
+                wait_for(ready, 90, "the listener to accept a store", details=self.log)
+            yield self
+        finally:
             self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def query(self, sql: str, **params: object) -> list[tuple[Any, ...]]:
         from sqlalchemy import create_engine, text

@@ -1,0 +1,41 @@
+"""DICOM TLS for the listener (PS3.15 Annex B.9, the BCP 195 profile)."""
+
+from __future__ import annotations
+
+import ssl
+
+from dicomai.config import TlsSettings
+from dicomai.errors import ConfigError
+
+# BCP 195 (RFC 9325) recommended suites: forward secrecy and AEAD only.
+BCP195_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20"
+
+
+def server_context(tls: TlsSettings) -> ssl.SSLContext | None:
+    """The listener's TLS context, or None when no certificate is configured.
+
+    Raises
+    ------
+    ConfigError
+        A certificate, key or CA file cannot be read or does not match.
+    """
+    if tls.cert is None:
+        return None
+    if tls.key is None:
+        raise ConfigError("ingest.tls.key is required with ingest.tls.cert")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(BCP195_CIPHERS)
+    try:
+        context.load_cert_chain(tls.cert, tls.key)
+        if tls.ca is not None:
+            context.load_verify_locations(cafile=tls.ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"ingest.tls: cannot load certificate material: {exc}") from None
+    if tls.require_client_cert and tls.ca is None:
+        raise ConfigError("ingest.tls.require_client_cert needs ingest.tls.ca")
+    if tls.ca is not None:
+        context.verify_mode = (
+            ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
+        )
+    return context

@@ -1,0 +1,136 @@
+"""DICOM TLS: dcmtk storescu +tls against `dicomai serve`, with a test CA made by the fixture."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from daemon import Listener
+from servers import require_program, sample_file, storescu
+
+AET = "DICOMAI"
+MODALITY = "MODALITY"
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    binary = require_program("openssl", "openssl")
+    result = subprocess.run([binary, *args], cwd=cwd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        pytest.fail(f"openssl {' '.join(args)} failed: {result.stderr}")
+
+
+def make_ca(folder: Path, name: str) -> None:
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        f"/CN={name}",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.crt",
+        cwd=folder,
+    )
+
+
+def make_cert(folder: Path, name: str, ca: str) -> None:
+    (folder / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        f"/CN={name}",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.csr",
+        cwd=folder,
+    )
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        f"{ca}.crt",
+        "-CAkey",
+        f"{ca}.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        f"{name}.ext",
+        "-out",
+        f"{name}.crt",
+        cwd=folder,
+    )
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A test CA with server and client certificates, and a rogue CA with its own client."""
+    folder = tmp_path_factory.mktemp("pki")
+    make_ca(folder, "ca")
+    make_ca(folder, "rogue-ca")
+    make_cert(folder, "server", "ca")
+    make_cert(folder, "client", "ca")
+    make_cert(folder, "rogue", "rogue-ca")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tls_listener(tmp_path_factory: pytest.TempPathFactory, pki: Path):
+    peers = [{"ae_title": MODALITY, "hosts": ["127.0.0.1"]}]
+    root = tmp_path_factory.mktemp("tls")
+    tls = {
+        "cert": str(pki / "server.crt"),
+        "key": str(pki / "server.key"),
+        "ca": str(pki / "ca.crt"),
+        "require_client_cert": True,
+    }
+    daemon = Listener(root, AET, peers, tls=tls)
+    with daemon.started(ready=lambda: tls_store(daemon, pki, "client").returncode == 0):
+        yield daemon
+
+
+def tls_store(daemon: Listener, pki: Path, client: str | None) -> subprocess.CompletedProcess:
+    args = ["+tls", str(pki / f"{client}.key"), str(pki / f"{client}.crt")] if client else ["+tla"]
+    return storescu(
+        daemon.port,
+        [sample_file("CT_small.dcm")],
+        aet=MODALITY,
+        aec=AET,
+        extra_args=[*args, "+cf", str(pki / "ca.crt")],
+        timeout=60,
+    )
+
+
+def test_store_over_tls_with_a_client_certificate(tls_listener: Listener, pki: Path) -> None:
+    result = tls_store(tls_listener, pki, "client")
+    assert result.returncode == 0, result.stderr
+    assert tls_listener.query("SELECT count(*) FROM instances") == [(1,)]
+
+
+def test_client_without_certificate_is_refused(tls_listener: Listener, pki: Path) -> None:
+    assert tls_store(tls_listener, pki, None).returncode != 0
+
+
+def test_client_certificate_from_another_ca_is_refused(tls_listener: Listener, pki: Path) -> None:
+    assert tls_store(tls_listener, pki, "rogue").returncode != 0
+
+
+def test_plain_tcp_sender_gets_nothing_stored(tls_listener: Listener) -> None:
+    before = tls_listener.spool_files()
+    result = storescu(
+        tls_listener.port, [sample_file("MR_small.dcm")], aet=MODALITY, aec=AET, timeout=60
+    )
+    assert result.returncode != 0
+    assert tls_listener.spool_files() == before
