@@ -8,6 +8,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydicom import Dataset
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -140,23 +141,31 @@ class JobRunner:
         spec = classifier.loaded.manifest.input
         sources: list[SourceImage] = []
         inputs: list[tuple[str, Any]] = []
-        skipped: dict[str, str] = {}
+        reasons: dict[str, str] = {}
         for sop_uid, path in claim.instances:
             try:
                 dataset = read_instance(self.spool.path(path))
+            except NotEvaluable as exc:
+                reasons[sop_uid] = str(exc)  # unreadable: no SR reference is possible
+                continue
+            try:
                 display, tensor = prepare(dataset, spec)
             except NotEvaluable as exc:
-                skipped[sop_uid] = str(exc)
-                continue
+                reasons[sop_uid] = str(exc)
+                display, tensor = _NO_DISPLAY, None
             sources.append(SourceImage(dataset=dataset, display=display))
-            inputs.append((sop_uid, tensor))
-        predictions = classifier.predict(inputs) if inputs else []
-        not_evaluated = [
-            ImagePrediction(sop_instance_uid=uid, evaluated=False, reason=reason)
-            for uid, reason in skipped.items()
+            if tensor is not None:
+                inputs.append((sop_uid, tensor))
+        evaluated = {p.sop_instance_uid: p for p in classifier.predict(inputs)} if inputs else {}
+        predictions = [
+            evaluated.get(uid)
+            or ImagePrediction(sop_instance_uid=uid, evaluated=False, reason=reasons[uid])
+            for uid, _ in claim.instances
         ]
-        outputs = self._encode(claim, classifier, sources, predictions) if sources else []
-        return predictions + not_evaluated, outputs
+        readable = {_uid(source) for source in sources}
+        in_sr = [p for p in predictions if p.sop_instance_uid in readable]
+        outputs = self._encode(claim, classifier, sources, in_sr) if sources else []
+        return predictions, outputs
 
     def _encode(
         self,
@@ -179,7 +188,11 @@ class JobRunner:
             uid_root=self.settings.uid_root,
         )
         datasets = [("sr", build_sr(context))]
-        datasets += [("sc", build_sc(context, i)) for i in range(len(sources))]
+        datasets += [
+            ("sc", build_sc(context, i))
+            for i, prediction in enumerate(predictions)
+            if prediction.evaluated and prediction.heatmap is not None
+        ]
         outputs = []
         for kind, dataset in datasets:
             relative = self.outputs.relative_path(claim.study_uid, str(dataset.SOPInstanceUID))
@@ -237,6 +250,14 @@ class JobRunner:
                 # Back to the queue; the reconciler rings it again after its lease.
                 job.state = JobState.QUEUED
                 job.enqueued_at = utcnow()
+
+
+# An image the model could not use still has its place in the SR; it gets no overlay.
+_NO_DISPLAY = np.zeros((1, 1), dtype=np.uint8)
+
+
+def _uid(source: SourceImage) -> str:
+    return str(source.dataset.SOPInstanceUID)
 
 
 def _encode_file(dataset: Dataset) -> bytes:

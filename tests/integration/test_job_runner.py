@@ -1,0 +1,138 @@
+"""A job run in-process: images the model cannot use are reported, outputs are idempotent."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pydicom
+import pytest
+from daemon import REPO
+from servers import dciodvfy
+from sqlalchemy import select, update
+
+from dicomai.audit import os_user
+from dicomai.config import load_settings
+from dicomai.db.migrate import upgrade
+from dicomai.db.models import Delivery, Job, JobState, OutputObject, Prediction
+from dicomai.db.session import make_engine, make_sessionmaker
+from dicomai.ingest.header import Header
+from dicomai.ingest.recorder import Received, record_instance
+from dicomai.ingest.spool import Spool
+from dicomai.jobs.assembler import complete_quiet_studies
+from dicomai.jobs.runner import JobRunner
+from dicomai.rollout.registry import activate, register
+from dicomai.training.synthetic import write_dicom_images
+
+DX = "1.2.840.10008.5.1.4.1.1.1.1"
+
+
+@pytest.fixture
+def world(tmp_path: Path):
+    settings = load_settings(
+        None,
+        storage={"dir": tmp_path / "var"},
+        destinations=[{"name": "folder", "path": tmp_path / "delivered"}],
+    )
+    upgrade(settings.database_url)
+    sessions = make_sessionmaker(make_engine(settings.database_url))
+    with sessions() as session, session.begin():
+        register(session, REPO / "models" / "demo-chest-nodule", settings.registry_dir, os_user())
+        activate(session, "demo-chest-nodule", "1.0.0", os_user())
+    return settings, sessions, tmp_path
+
+
+def ingest(settings, sessions, ds: pydicom.Dataset, tmp_path: Path) -> None:
+    path = tmp_path / "in.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    spool = Spool(settings.spool_dir)
+    relative = spool.relative_path(ds.StudyInstanceUID, ds.SOPInstanceUID)
+    data = path.read_bytes()
+    spool.write(relative, [data])
+    header = Header(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, DX, "DX", None)
+    record_instance(
+        sessions,
+        Received(
+            header,
+            str(ds.file_meta.TransferSyntaxUID),
+            relative,
+            len(data),
+            hashlib.sha256(data).hexdigest(),
+            "TEST",
+        ),
+    )
+
+
+def study_with_broken_images(tmp_path: Path) -> list[pydicom.Dataset]:
+    written = write_dicom_images(tmp_path / "synthetic", 6, seed=3, size=256)
+    good = next(w for w in written if w.label == 1)
+    others = [pydicom.dcmread(w.path) for w in written if w is not good][:2]
+    short, huge = others
+    short.PixelData = short.PixelData[:100]
+    huge.Rows = 60000
+    for ds in (short, huge):
+        ds.StudyInstanceUID = good.study_uid
+    return [pydicom.dcmread(good.path), short, huge]
+
+
+def sr_texts(item: pydicom.Dataset) -> list[str]:
+    """Every text value and code meaning in an SR content tree."""
+    found = [str(item.get("TextValue", ""))]
+    for code in item.get("ConceptCodeSequence", []):
+        found.append(str(code.CodeMeaning))
+    for child in item.get("ContentSequence", []):
+        found += sr_texts(child)
+    return [f for f in found if f]
+
+
+def test_job_reports_unusable_images_and_reruns_without_duplicates(world) -> None:
+    settings, sessions, tmp_path = world
+    datasets = study_with_broken_images(tmp_path)
+    for ds in datasets:
+        ingest(settings, sessions, ds, tmp_path)
+    (job_id,) = complete_quiet_studies(sessions, 0)
+    runner = JobRunner(settings, sessions, device="cpu")
+    runner.run_job(job_id)
+
+    with sessions() as session:
+        job = session.get_one(Job, job_id)
+        assert job.state == JobState.DONE, job.error
+        rows = session.scalars(select(Prediction).where(Prediction.job_id == job_id)).all()
+        evaluated = [p for p in rows if p.evaluated]
+        skipped = [p for p in rows if not p.evaluated]
+        assert len(evaluated) == 1 and evaluated[0].positive, "the nodule image was missed"
+        assert len(skipped) == 2 and all(p.reason for p in skipped)
+        outputs = session.scalars(select(OutputObject).order_by(OutputObject.id)).all()
+        assert sorted(o.kind for o in outputs) == ["sc", "sr"]
+        first_uids = [o.sop_instance_uid for o in outputs]
+        assert session.scalars(select(Delivery.state)).all() == ["sent", "sent"]
+
+    delivered = sorted((tmp_path / "delivered").iterdir())
+    assert len(delivered) == 2
+    for path in delivered:
+        verdict = dciodvfy(path)
+        assert verdict.ok, verdict.output
+    sr = next(pydicom.dcmread(p) for p in delivered if pydicom.dcmread(p).Modality == "SR")
+    texts = " | ".join(sr_texts(sr)).lower()
+    assert "not evaluated" in texts and "pixel" in texts, texts
+
+    with sessions() as session, session.begin():
+        session.execute(update(Job).values(state=JobState.QUEUED))
+    runner.run_job(job_id)
+    with sessions() as session:
+        outputs = session.scalars(select(OutputObject).order_by(OutputObject.id)).all()
+        assert [o.sop_instance_uid for o in outputs] == first_uids, "a re-run made new objects"
+        assert len(session.scalars(select(Delivery)).all()) == 2
+        assert len(session.scalars(select(Prediction)).all()) == 3
+
+
+def test_a_finished_job_is_not_run_twice(world) -> None:
+    settings, sessions, tmp_path = world
+    ds = study_with_broken_images(tmp_path)[0]
+    ingest(settings, sessions, ds, tmp_path)
+    (job_id,) = complete_quiet_studies(sessions, 0)
+    runner = JobRunner(settings, sessions, device="cpu")
+    runner.run_job(job_id)
+    runner.run_job(job_id)
+    with sessions() as session:
+        assert session.get_one(Job, job_id).attempts == 1
