@@ -45,6 +45,7 @@ class IngestSettings(BaseModel):
     max_pdu: int = 131072
     max_dataset_mb: int = 2048
     max_associations: int = 16
+    listener_processes: int = 1
     resend_policy: Literal["keep", "replace"] = "keep"
     tls: TlsSettings = Field(default_factory=TlsSettings)
 

@@ -11,7 +11,6 @@ import threading
 from pathlib import Path
 
 from prometheus_client import start_http_server
-from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai.config import Settings
@@ -19,6 +18,7 @@ from dicomai.db.migrate import current_revision, head_revision
 from dicomai.db.session import make_engine, make_sessionmaker
 from dicomai.errors import ConfigError
 from dicomai.ingest.scp import build_ae, handlers
+from dicomai.ingest.server import SharedPortServer, serve_in_thread
 from dicomai.ingest.spool import Spool
 from dicomai.ingest.tls import server_context
 from dicomai.jobs.assembler import CompletionPolicy, complete_studies
@@ -30,11 +30,19 @@ log = logging.getLogger(__name__)
 
 
 class Daemon:
-    """Everything `dicomai serve` runs, started and stopped together."""
+    """Everything `dicomai serve` runs, started and stopped together.
 
-    def __init__(self, settings: Settings, config_file: Path | None = None) -> None:
+    The main process listens, completes studies and rings workers; it also keeps its children
+    running: the embedded worker and, with `listener_processes > 1`, more listener processes
+    sharing the port (`listener_only`), which run nothing but the listener.
+    """
+
+    def __init__(
+        self, settings: Settings, config_file: Path | None = None, listener_only: bool = False
+    ) -> None:
         self.settings = settings
         self.config_file = config_file
+        self.listener_only = listener_only
         engine = make_engine(settings.database_url)
         if current_revision(engine) != head_revision(settings.database_url):
             raise ConfigError("the database schema is not current: run `dicomai db upgrade`")
@@ -46,48 +54,58 @@ class Daemon:
             max_wait_seconds=ingest.study_max_wait_seconds,
         )
         self.spool = Spool(settings.spool_dir, settings.storage.min_free_mb * 1024 * 1024)
+        self.ssl_context = server_context(ingest.tls)
         self.stopping = threading.Event()
-        self.server: ThreadedAssociationServer | None = None
-        self.worker: subprocess.Popen[bytes] | None = None
+        self.server: SharedPortServer | None = None
+        self.children: dict[str, subprocess.Popen[bytes]] = {}
 
     def run(self) -> None:
         """Serve until SIGTERM or SIGINT."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
-        if self.settings.ingest.allow_any:
+        if self.settings.ingest.allow_any and not self.listener_only:
             log.warning("ingest.allow_any is true: ANY sender may store studies (labs only)")
         self.start()
         try:
-            self.loop()
+            if self.listener_only:
+                self.stopping.wait()
+            else:
+                self.loop()
         finally:
             self.stop()
 
     def start(self) -> None:
-        from workers.app import make_app
-        from workers.doorbell import CeleryDoorbell
-
-        self.doorbell: Doorbell = CeleryDoorbell(make_app(self.settings))
-        if self.settings.worker.embedded:
-            self.worker = self._start_worker()
-        metrics = self.settings.metrics
-        if metrics.port:
-            start_http_server(metrics.port, metrics.host)
-            log.info("metrics on http://%s:%d/metrics", metrics.host, metrics.port)
-        ae = build_ae(self.settings)
+        if not self.listener_only:
+            self._start_services()
         ingest = self.settings.ingest
-        self.server = ae.start_server(
+        self.server = serve_in_thread(
+            build_ae(self.settings),
             (ingest.host, ingest.port),
-            block=False,
-            ssl_context=server_context(ingest.tls),
-            evt_handlers=handlers(self.settings, self.spool, self.sessions),
+            self.ssl_context,
+            handlers(self.settings, self.spool, self.sessions),
         )
         log.info(
             "listening as %s on %s:%d%s",
             ingest.ae_title,
             ingest.host,
             ingest.port,
-            " (TLS)" if ingest.tls.cert else "",
+            " (TLS)" if self.ssl_context else "",
         )
+
+    def _start_services(self) -> None:
+        from workers.app import make_app
+        from workers.doorbell import CeleryDoorbell
+
+        self.doorbell: Doorbell = CeleryDoorbell(make_app(self.settings))
+        wanted = [f"listener-{n}" for n in range(1, self.settings.ingest.listener_processes)]
+        if self.settings.worker.embedded:
+            wanted.append("worker")
+        for name in wanted:
+            self.children[name] = self._spawn(name)
+        metrics = self.settings.metrics
+        if metrics.port:
+            start_http_server(metrics.port, metrics.host)
+            log.info("metrics on http://%s:%d/metrics", metrics.host, metrics.port)
 
     def loop(self, period: float = 0.5) -> None:
         leases = Leases()
@@ -99,23 +117,27 @@ class Daemon:
                 ring_deliveries(self.sessions, self.doorbell, leases)
             except Exception as exc:  # the loop must outlive a database or broker outage
                 log.error("assembly loop: %s: %s", type(exc).__name__, exc)
-            if self.worker is not None and self.worker.poll() is not None:
-                log.error("embedded worker exited with %s; restarting", self.worker.returncode)
-                self.worker = self._start_worker()
+            for name, child in list(self.children.items()):
+                if child.poll() is not None:
+                    log.error("%s exited with %s; restarting", name, child.returncode)
+                    self.children[name] = self._spawn(name)
 
     def stop(self) -> None:
         if self.server is not None:
             self.server.shutdown()
-        if self.worker is not None and self.worker.poll() is None:
-            self.worker.terminate()
+        for child in self.children.values():
+            if child.poll() is None:
+                child.terminate()
+        for child in self.children.values():
             try:
-                self.worker.wait(timeout=30)
+                child.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                self.worker.kill()
+                child.kill()
         log.info("stopped")
 
-    def _start_worker(self) -> subprocess.Popen[bytes]:
+    def _spawn(self, name: str) -> subprocess.Popen[bytes]:
         env = dict(os.environ)
         if self.config_file is not None:
             env["DICOMAI_CONFIG"] = str(self.config_file)
-        return subprocess.Popen([sys.executable, "-m", "dicomai", "worker"], env=env)
+        command = ["worker"] if name == "worker" else ["serve", "--listener-only"]
+        return subprocess.Popen([sys.executable, "-m", "dicomai", *command], env=env)

@@ -11,12 +11,13 @@ from dicomai.cli.main import Context
 
 
 @click.command()
+@click.option("--listener-only", is_flag=True, hidden=True, help="Run only the DICOM listener.")
 @click.pass_obj
-def serve(obj: Context) -> None:
+def serve(obj: Context, listener_only: bool) -> None:
     """Run the DICOM listener, study assembly and (embedded mode) a worker."""
     from dicomai.daemon import Daemon
 
-    Daemon(obj.settings, obj.config_file).run()
+    Daemon(obj.settings, obj.config_file, listener_only=listener_only).run()
 
 
 @click.command()

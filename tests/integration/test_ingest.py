@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pydicom
@@ -252,3 +254,33 @@ def _echo_ok(ae: AE, port: int) -> bool:
     status = assoc.send_c_echo()
     assoc.release()
     return bool(status) and status.Status == 0
+
+
+def test_several_listener_processes_share_the_port(tmp_path: Path) -> None:
+    peers = [{"ae_title": MODALITY, "hosts": ["127.0.0.1"]}]
+    files = []
+    for number in range(6):
+        ds = pydicom.dcmread(sample_file("CT_small.dcm"))
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"1.2.826.0.1.77.{number}"
+        files.append(tmp_path / f"{number}.dcm")
+        ds.save_as(files[-1])
+    with Listener(tmp_path / "multi", AET, peers, listener_processes=2) as daemon:
+        wait_for(lambda: daemon.log().count("listening as") == 2, 60, "a second listener")
+        senders = [
+            subprocess.Popen(
+                [
+                    "storescu",
+                    "-aet",
+                    MODALITY,
+                    "-aec",
+                    AET,
+                    "127.0.0.1",
+                    str(daemon.port),
+                    *map(str, files[i::3]),
+                ],
+                env={**os.environ, "TCP_NODELAY": "1"},
+            )
+            for i in range(3)
+        ]
+        assert [s.wait(timeout=120) for s in senders] == [0, 0, 0]
+        assert daemon.query("SELECT count(*) FROM instances") == [(6,)]
