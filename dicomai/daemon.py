@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -123,8 +124,14 @@ class Daemon:
                     self.children[name] = self._spawn(name)
 
     def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
+        try:
+            if self.server is not None:
+                self.server.shutdown()
+        finally:
+            self._stop_children()
+        log.info("stopped")
+
+    def _stop_children(self) -> None:
         for child in self.children.values():
             if child.poll() is None:
                 child.terminate()
@@ -133,11 +140,17 @@ class Daemon:
                 child.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 child.kill()
-        log.info("stopped")
 
     def _spawn(self, name: str) -> subprocess.Popen[bytes]:
         env = dict(os.environ)
         if self.config_file is not None:
             env["DICOMAI_CONFIG"] = str(self.config_file)
         command = ["worker"] if name == "worker" else ["serve", "--listener-only"]
-        return subprocess.Popen([sys.executable, "-m", "dicomai", *command], env=env)
+        return subprocess.Popen(
+            [sys.executable, "-m", "dicomai", *command], env=env, preexec_fn=_die_with_parent
+        )
+
+
+def _die_with_parent() -> None:
+    # Linux prctl(PR_SET_PDEATHSIG, SIGTERM): a child outlives no SIGKILLed serve process.
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)

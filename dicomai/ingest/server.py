@@ -35,4 +35,6 @@ def serve_in_thread(
         server_class=SharedPortServer,
     )
     threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True).start()
+    # As AE.start_server does: server.shutdown() removes itself from this list.
+    ae._servers.append(server)
     return server
