@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from io import BytesIO
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
@@ -26,6 +26,8 @@ _TAGS = [
 ]
 
 PREAMBLE = b"\x00" * 128 + b"DICM"
+_REQUIRED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+_HEAD = 64 << 10
 
 # Enough inflated bytes to reach Pixel Data in any ordinary header.
 _DEFLATE_HEAD = 16 << 20
@@ -78,12 +80,9 @@ def read_header(
         explicit = FileMetaDataset(file_meta)
         explicit.TransferSyntaxUID = ExplicitVRLittleEndian
         meta = encode_file_meta(explicit)
-    try:
-        ds = dcmread(BytesIO(meta + bytes(dataset)), stop_before_pixels=True, specific_tags=_TAGS)
-    except Exception as exc:  # pydicom raises many types for malformed data
-        raise InvalidInstance(f"cannot parse dataset: {type(exc).__name__}") from None
+    ds = _parse(meta, dataset)
     uids = {}
-    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+    for keyword in _REQUIRED:
         value = str(ds.get(keyword, "") or "")
         if not is_valid_uid(value):
             raise InvalidInstance(f"{keyword} missing or not a valid UID")
@@ -97,6 +96,28 @@ def read_header(
         body_part=_short_text(ds.get("BodyPartExamined"), 64),
         expected_instances=_count(ds.get("NumberOfStudyRelatedInstances")),
     )
+
+
+def _parse(meta: bytes, dataset: bytes | memoryview) -> Dataset:
+    """The identifying tags, read from the first bytes when they hold them all.
+
+    Copying and walking a whole 8 MB radiograph to find six tags before its pixel data
+    costs more than the rest of the header; a prefix that ends mid-element raises, and one
+    that happens to end on an element boundary lacks a UID: both fall back to the whole.
+    """
+    if len(dataset) > _HEAD:
+        try:
+            ds = dcmread(
+                BytesIO(meta + bytes(dataset[:_HEAD])), stop_before_pixels=True, specific_tags=_TAGS
+            )
+            if all(ds.get(k) for k in _REQUIRED):
+                return ds
+        except Exception:  # a prefix may end anywhere: try the whole dataset
+            pass
+    try:
+        return dcmread(BytesIO(meta + bytes(dataset)), stop_before_pixels=True, specific_tags=_TAGS)
+    except Exception as exc:  # pydicom raises many types for malformed data
+        raise InvalidInstance(f"cannot parse dataset: {type(exc).__name__}") from None
 
 
 def _count(value: object) -> int | None:

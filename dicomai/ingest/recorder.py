@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -80,25 +83,27 @@ def mark_association_ended(sessions: sessionmaker[Session], study_uids: set[str]
 
 
 def record_instance(sessions: sessionmaker[Session], received: Received) -> bool:
-    """Insert the instance row, update its study, audit; commit. Return False for a resend.
+    """Insert the instance row, upsert its study, audit; commit. Return False for a resend.
 
-    A concurrent resend of the same SOP Instance UID loses the unique constraint and is
-    treated as a resend (DESIGN.md rule 3: recorded once); a concurrent first instance of
-    the same study loses the study's unique constraint and is retried once.
+    The study is upserted in one statement and the rest are plain inserts: this runs once
+    per C-STORE, before Success is answered. A concurrent resend of the same SOP Instance
+    UID loses the unique constraint and is treated as a resend (DESIGN.md rule 3).
     """
-    for attempt in range(2):
-        try:
-            with sessions() as session, session.begin():
-                study = _study_for_update(session, received)
-                session.add(_instance_row(study, received))
-                _audit_stored(session, received)
-            return True
-        except IntegrityError:
-            if is_known(sessions, received.header.sop_instance_uid):
-                return False
-            if attempt:
-                raise
-    raise AssertionError("unreachable")
+    try:
+        with sessions() as session, session.begin():
+            add_instance(session, received)
+        return True
+    except IntegrityError:
+        if is_known(sessions, received.header.sop_instance_uid):
+            return False
+        raise
+
+
+def add_instance(session: Session, received: Received) -> None:
+    """The statements that record one instance, in the caller's transaction."""
+    study_id = _upsert_study(session, received)
+    session.execute(insert(Instance).values(**_instance_values(study_id, received)))
+    _audit_stored(session, received)
 
 
 def _audit_stored(session: Session, received: Received) -> None:
@@ -115,38 +120,43 @@ def _audit_stored(session: Session, received: Received) -> None:
     )
 
 
-def _study_for_update(session: Session, received: Received) -> Study:
+def _upsert_study(session: Session, received: Received) -> int:
     header = received.header
-    study = session.scalar(select(Study).where(Study.study_uid == header.study_uid))
-    if study is None:
-        study = Study(
-            study_uid=header.study_uid,
-            modality=header.modality,
-            calling_ae=received.calling_ae,
-            instance_count=0,
-            expected_instances=header.expected_instances,
-        )
-        session.add(study)
-        session.flush()
-    # A late instance reopens a completed study: its new content gets a new job.
-    if header.expected_instances and not study.expected_instances:
-        study.expected_instances = header.expected_instances
-    session.execute(
-        update(Study)
-        .where(Study.id == study.id)
-        .values(
-            instance_count=Study.instance_count + 1,
-            last_received_at=utcnow(),
-            state=StudyState.RECEIVING,
-        )
+    now = utcnow()
+    upsert = _dialect_insert(session)(Study).values(
+        study_uid=header.study_uid,
+        state=StudyState.RECEIVING,
+        modality=header.modality,
+        calling_ae=received.calling_ae,
+        instance_count=1,
+        expected_instances=header.expected_instances,
+        first_received_at=now,
+        last_received_at=now,
     )
-    return study
+    # A late instance reopens a completed study: its new content gets a new job.
+    upsert = upsert.on_conflict_do_update(
+        index_elements=[Study.study_uid],
+        set_={
+            "instance_count": Study.instance_count + 1,
+            "last_received_at": now,
+            "state": StudyState.RECEIVING,
+            "expected_instances": func.coalesce(
+                Study.expected_instances, upsert.excluded.expected_instances
+            ),
+        },
+    )
+    return int(session.execute(upsert.returning(Study.id)).scalar_one())
 
 
-def _instance_row(study: Study, received: Received) -> Instance:
+def _dialect_insert(session: Session) -> Any:
+    dialect = session.get_bind().dialect.name
+    return postgresql_insert if dialect == "postgresql" else sqlite_insert
+
+
+def _instance_values(study_id: int, received: Received) -> dict[str, Any]:
     header = received.header
-    return Instance(
-        study_id=study.id,
+    return dict(
+        study_id=study_id,
         sop_instance_uid=header.sop_instance_uid,
         sop_class_uid=header.sop_class_uid,
         series_uid=header.series_uid,
@@ -157,4 +167,5 @@ def _instance_row(study: Study, received: Received) -> Instance:
         size=received.size,
         sha256=received.sha256,
         calling_ae=received.calling_ae,
+        received_at=utcnow(),
     )

@@ -15,9 +15,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai.audit import Action, record
 from dicomai.errors import InvalidInstance, StorageUnavailable
+from dicomai.ingest.committer import GroupCommitter
 from dicomai.ingest.header import Header, encode_file_meta, read_header
 from dicomai.ingest.limits import Limits, reset_dataset_count
-from dicomai.ingest.recorder import Received, known_digest, record_instance, replace_instance
+from dicomai.ingest.recorder import Received, known_digest, replace_instance
 from dicomai.ingest.spool import Spool
 from dicomai.metrics import STORE_SECONDS, STORED_BYTES, STORES
 from dicomai.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
@@ -47,6 +48,11 @@ class Storer:
     sessions: sessionmaker[Session]
     limits: Limits
     resend_policy: str = "keep"
+    committer: GroupCommitter | None = None
+
+    def __post_init__(self) -> None:
+        if self.committer is None:
+            self.committer = GroupCommitter(self.sessions)
 
     def __call__(self, event: evt.Event) -> int:
         """Answer one C-STORE; never raises (pynetdicom would log the dataset with 0xC211)."""
@@ -112,7 +118,8 @@ class Storer:
             if replace:
                 replace_instance(self.sessions, received)
             else:
-                record_instance(self.sessions, received)
+                assert self.committer is not None
+                self.committer.record(received)
         except Exception as exc:
             if not replace:
                 # No row, no Success: the file must not outlive the failed commit.
