@@ -36,7 +36,9 @@ class ImagePrediction:
     """What the model said about one source image.
 
     `heatmap` is float32 in [0, 1] at the model's input resolution (rows, columns), for the
-    `explained` class; None when the image was not evaluated.
+    `explained` class; None when the image was not evaluated. `extra_maps` holds further
+    per-pixel outputs of a multi-task model at the same resolution, by name (a "segmentation"
+    entry is the lesion probability in [0, 1]); None for a classifier.
     """
 
     sop_instance_uid: str
@@ -46,6 +48,7 @@ class ImagePrediction:
     explained: str | None = None
     heatmap: np.ndarray | None = None
     reason: str | None = None
+    extra_maps: dict[str, np.ndarray] | None = None
 
     def score(self, name: str) -> ClassScore:
         for score in self.scores:
