@@ -64,9 +64,21 @@ def send(port: int, aec: str, files: list[Path], senders: int) -> float:
     start = time.perf_counter()
     processes = [
         subprocess.Popen(
-            ["storescu", "-aet", "BENCH", "-aec", aec, "-pdu", str(PDU), "127.0.0.1", str(port),
-             *map(str, share)],
-            env={**os.environ, **NODELAY}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            [
+                "storescu",
+                "-aet",
+                "BENCH",
+                "-aec",
+                aec,
+                "-pdu",
+                str(PDU),
+                "127.0.0.1",
+                str(port),
+                *map(str, share),
+            ],
+            env={**os.environ, **NODELAY},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         for share in shares
     ]
@@ -82,8 +94,11 @@ def storescp(tmp: Path) -> Iterator[tuple[int, str]]:
     port = free_port()
     out = tmp / "storescp"
     out.mkdir()
-    process = spawn(["storescp", "--fork", "-pdu", str(PDU), "-od", str(out), str(port)],
-                    tmp / "storescp.log", NODELAY)
+    process = spawn(
+        ["storescp", "--fork", "-pdu", str(PDU), "-od", str(out), str(port)],
+        tmp / "storescp.log",
+        NODELAY,
+    )
     wait_for(lambda: _echo(port, "ANY-SCP"), 30, "storescp")
     try:
         yield port, "ANY-SCP"
@@ -118,15 +133,21 @@ def dicomai(tmp: Path, processes: int) -> Iterator[tuple[int, str]]:
 
 
 def _echo(port: int, aec: str) -> bool:
-    result = subprocess.run(["echoscu", "-aec", aec, "127.0.0.1", str(port)],
-                            capture_output=True, env={**os.environ, **NODELAY}, check=False)
+    result = subprocess.run(
+        ["echoscu", "-aec", aec, "127.0.0.1", str(port)],
+        capture_output=True,
+        env={**os.environ, **NODELAY},
+        check=False,
+    )
     return result.returncode == 0
 
 
 def measure(receiver: Callable[[Path], object], files: list[Path], senders: int) -> float:
-    with tempfile.TemporaryDirectory(dir=REPO / "var") as tmp:
-        with receiver(Path(tmp)) as (port, aec):  # type: ignore[attr-defined]
-            seconds = send(port, aec, files, senders)
+    with (
+        tempfile.TemporaryDirectory(dir=REPO / "var") as tmp,
+        receiver(Path(tmp)) as (port, aec),  # type: ignore[attr-defined]
+    ):
+        seconds = send(port, aec, files, senders)
     return len(files) / seconds
 
 
@@ -135,8 +156,12 @@ def main() -> None:
     parser.add_argument("--ct", type=int, default=500)
     parser.add_argument("--dx", type=int, default=50)
     parser.add_argument("--senders", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--listener-processes", type=int, default=0,
-                        help="dicomai listener processes (default: one per sender)")
+    parser.add_argument(
+        "--listener-processes",
+        type=int,
+        default=0,
+        help="dicomai listener processes (default: one per sender, at most one per core)",
+    )
     args = parser.parse_args()
     (REPO / "var").mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=REPO / "var") as corpus_dir:
@@ -145,19 +170,24 @@ def main() -> None:
             f"{args.ct} CT 512²": write_corpus(corpus, "CT", args.ct, 512, 100),
             f"{args.dx} DX 2048²": write_corpus(corpus, "DX", args.dx, 2048, 10),
         }
-        print(f"{'corpus':<14} {'senders':>7} {'storescp':>9} {'orthanc':>8} {'dicomai':>8}"
-              f" {'×storescp':>9} {'×orthanc':>8}")
+        print(
+            f"{'corpus':<14} {'senders':>7} {'storescp':>9} {'orthanc':>8} {'dicomai':>8}"
+            f" {'×storescp':>9} {'×orthanc':>8}"
+        )
         for name, files in corpora.items():
             for senders in args.senders:
-                processes = args.listener_processes or senders
+                processes = args.listener_processes or min(senders, os.cpu_count() or 1)
                 rates = {
                     "storescp": measure(storescp, files, senders),
                     "orthanc": measure(orthanc, files, senders),
-                    "dicomai": measure(lambda tmp: dicomai(tmp, processes), files, senders),
+                    "dicomai": measure(lambda tmp, p=processes: dicomai(tmp, p), files, senders),
                 }
-                print(f"{name:<14} {senders:>7} {rates['storescp']:>9.1f} {rates['orthanc']:>8.1f}"
-                      f" {rates['dicomai']:>8.1f} {rates['dicomai'] / rates['storescp']:>9.2f}"
-                      f" {rates['dicomai'] / rates['orthanc']:>8.2f}", flush=True)
+                print(
+                    f"{name:<14} {senders:>7} {rates['storescp']:>9.1f} {rates['orthanc']:>8.1f}"
+                    f" {rates['dicomai']:>8.1f} {rates['dicomai'] / rates['storescp']:>9.2f}"
+                    f" {rates['dicomai'] / rates['orthanc']:>8.2f}",
+                    flush=True,
+                )
         shutil.rmtree(corpus, ignore_errors=True)
 
 
