@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import highdicom as hd
 from pydicom import Dataset
@@ -22,6 +23,12 @@ NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
 EVALUATION = hd.sr.CodedConcept("386053000", "SCT", "Evaluation procedure")
 NOT_EVALUATED = hd.sr.CodedConcept("373121007", "SCT", "Not Evaluated")
 COMMENT = hd.sr.CodedConcept("121106", "DCM", "Comment")
+# The spread of the calibrated probability (e.g. its standard deviation over stochastic passes).
+UNCERTAINTY = hd.sr.CodedConcept("371884006", "SCT", "+/-, range of measurement uncertainty")
+# PS3.16 CID 7162 (Algorithm Family): what kind of algorithm made a segment or map.
+ARTIFICIAL_INTELLIGENCE = hd.sr.CodedConcept("123110", "DCM", "Artificial Intelligence")
+# PS3.16 CID 7150: the category of a segment or map that outlines a finding.
+ABNORMAL_STRUCTURE = hd.sr.CodedConcept("49755003", "SCT", "Morphologically Abnormal Structure")
 
 MANUFACTURER = "dicomai"
 NOT_FOR_DIAGNOSIS = "not for primary diagnosis"
@@ -89,26 +96,33 @@ def series_description(prefix: str, model: ModelIdentity, suffix: str = "") -> s
     return f"{prefix} ({label}){suffix}"
 
 
-def model_equipment(model: ModelIdentity) -> hd.ContributingEquipment:
+def model_equipment(model: ModelIdentity, device_uid: str) -> hd.ContributingEquipment:
     """Describe the model as processing equipment (PS3.3 C.12.1.1.5, Contributing Equipment).
+
+    IHE AI Results names the algorithm here: manufacturer, model name, software version and
+    a Device UID that is new whenever the model (its weights) changes.
 
     Parameters
     ----------
     model
         The model that produced the result.
+    device_uid
+        The model's Device UID, see `ResultContext.device_uid`.
 
     Returns
     -------
     highdicom.ContributingEquipment
         An item for the Contributing Equipment Sequence.
     """
-    return hd.ContributingEquipment(
+    equipment = hd.ContributingEquipment(
         manufacturer=model.manufacturer[:_LO_LIMIT],
         purpose_of_reference=codes.DCM.ProcessingEquipment,
         manufacturer_model_name=model.name[:_LO_LIMIT],
         software_versions=model.version[:_LO_LIMIT],
         contribution_description=f"{model.architecture} classifier, AI generated result",
     )
+    equipment.DeviceUID = device_uid
+    return equipment
 
 
 def source_header(dataset: Dataset) -> Dataset:
@@ -137,3 +151,47 @@ def source_header(dataset: Dataset) -> Dataset:
         if keyword not in header:
             setattr(header, keyword, None)
     return header
+
+
+def copy_body_part(derived: Dataset, source: Dataset) -> None:
+    """Body Part Examined and Laterality (General Series, PS3.3 C.7.3.1) as the source has them.
+
+    Laterality is Type 2C, required unless the body part is known to be unpaired: it is
+    taken from the source's series, else from its Image Laterality (DX, MG), else left empty
+    (unknown) when the body part is not known either.
+    """
+    for keyword in ("BodyPartExamined", "Laterality"):
+        if keyword in source:
+            derived[keyword] = copy.deepcopy(source[keyword])
+    image_laterality = source.get("ImageLaterality")
+    if "Laterality" not in derived and image_laterality in ("L", "R"):
+        derived.Laterality = image_laterality
+    elif "Laterality" not in derived and "BodyPartExamined" not in derived:
+        derived.Laterality = None
+
+
+def patient_orientation(source: Dataset) -> list[str]:
+    """The source's Patient Orientation, else one derived from its Image Orientation.
+
+    Scaling keeps the directions of rows and columns; the derived image's attribute is Type 2
+    (2C), so it is empty when the source gives no way to know them.
+    """
+    value = source.get("PatientOrientation")
+    if value is not None and not isinstance(value, str) and len(value) == 2:
+        return [str(value[0]), str(value[1])]
+    cosines = source.get("ImageOrientationPatient")
+    if cosines is not None and len(cosines) == 6:
+        return [_direction(cosines[:3]), _direction(cosines[3:])]
+    return []
+
+
+def _direction(cosines: Sequence[float]) -> str:
+    """PS3.3 C.7.6.1.1.1: letters of the patient axes, most significant first."""
+    letters = (("L", "R"), ("P", "A"), ("H", "F"))  # +x, +y, +z of the LPS patient system
+    order = sorted(range(3), key=lambda axis: -abs(float(cosines[axis])))
+    # Components under 0.1 (oblique by less than ~6°) would only add noise to the label.
+    return "".join(
+        letters[axis][0 if float(cosines[axis]) > 0 else 1]
+        for axis in order
+        if abs(float(cosines[axis])) >= 0.1
+    )

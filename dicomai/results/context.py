@@ -37,13 +37,18 @@ class ModelIdentity:
 
 @dataclass(frozen=True)
 class ResultContext:
-    """Everything an output builder needs; `predictions[i]` belongs to `sources[i]`."""
+    """Everything an output builder needs; `predictions[i]` belongs to `sources[i]`.
+
+    `predecessor` is the (study, series, SOP instance) UID of the SR that an earlier job of
+    the same model made for the study before more images arrived; the new SR names it.
+    """
 
     sources: tuple[SourceImage, ...]
     predictions: tuple[ImagePrediction, ...]
     model: ModelIdentity
     input_digest: str
     uid_root: str = "2.25"
+    predecessor: tuple[str, str, str] | None = None
 
     @property
     def study_uid(self) -> str:
@@ -58,5 +63,16 @@ class ResultContext:
             self.model.version,
             kind,
             source_uid,
+            root=self.uid_root,
+        )
+
+    @property
+    def device_uid(self) -> str:
+        """The model as a device (Device UID): the same for every study, new with new weights."""
+        return derive_uid(
+            "device",
+            self.model.name,
+            self.model.version,
+            self.model.weights_sha256,
             root=self.uid_root,
         )

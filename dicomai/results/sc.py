@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import cv2
@@ -74,7 +73,7 @@ def build_sc(context: ResultContext, index: int) -> Dataset:
         instance_number=index + 1,
         manufacturer=codes.MANUFACTURER,
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        contributing_equipment=[codes.model_equipment(context.model)],
+        contributing_equipment=[codes.model_equipment(context.model, context.device_uid)],
         series_description=codes.series_description(
             "AI heat map", context.model, " - " + codes.NOT_FOR_DIAGNOSIS
         ),
@@ -212,10 +211,10 @@ def _heatmap(context: ResultContext, index: int) -> np.ndarray:
     prediction = context.predictions[index]
     if not prediction.evaluated or prediction.heatmap is None:
         raise ValueError(f"source image {index + 1} was not evaluated: no heat map to show")
-    return prediction.heatmap * _strength(prediction)
+    return prediction.heatmap * heat_strength(prediction)
 
 
-def _strength(prediction: ImagePrediction) -> float:
+def heat_strength(prediction: ImagePrediction) -> float:
     """How strongly the heat map is drawn: full at or above the decision threshold.
 
     Grad-CAM normalises every map to [0, 1], so a confident negative would otherwise show
@@ -249,8 +248,8 @@ def _describe_derivation(sc: Dataset, source: Dataset, finding: str) -> None:
     sc.BurnedInAnnotation = "YES"
     # PS3.3 C.8.6.1: produced on a workstation, not digitized from an interface or film.
     sc.ConversionType = "WSD"
-    sc.PatientOrientation = _patient_orientation(source)
-    _copy_body_part(sc, source)
+    sc.PatientOrientation = codes.patient_orientation(source)
+    codes.copy_body_part(sc, source)
     sc.DerivationDescription = f"Grad-CAM heat map ({finding}) blended over the source image"
     reference = Dataset()
     reference.ReferencedSOPClassUID = source.SOPClassUID
@@ -262,47 +261,3 @@ def _describe_derivation(sc: Dataset, source: Dataset, finding: str) -> None:
     # PS3.3 C.7.6.1.1.5: an image derived from a lossy compressed one stays marked lossy.
     if source.get("LossyImageCompression") == "01":
         sc.LossyImageCompression = "01"
-
-
-def _copy_body_part(sc: Dataset, source: Dataset) -> None:
-    """Body Part Examined and Laterality (General Series, PS3.3 C.7.3.1) as the source has them.
-
-    Laterality is Type 2C, required unless the body part is known to be unpaired: it is
-    taken from the source's series, else from its Image Laterality (DX, MG), else left empty
-    (unknown) when the body part is not known either.
-    """
-    for keyword in ("BodyPartExamined", "Laterality"):
-        if keyword in source:
-            sc[keyword] = copy.deepcopy(source[keyword])
-    image_laterality = source.get("ImageLaterality")
-    if "Laterality" not in sc and image_laterality in ("L", "R"):
-        sc.Laterality = image_laterality
-    elif "Laterality" not in sc and "BodyPartExamined" not in sc:
-        sc.Laterality = None
-
-
-def _patient_orientation(source: Dataset) -> list[str]:
-    """The source's Patient Orientation, else one derived from its Image Orientation.
-
-    Scaling keeps the directions of rows and columns; the SC's attribute is Type 2, so it is
-    empty when the source gives no way to know them.
-    """
-    value = source.get("PatientOrientation")
-    if value is not None and not isinstance(value, str) and len(value) == 2:
-        return [str(value[0]), str(value[1])]
-    cosines = source.get("ImageOrientationPatient")
-    if cosines is not None and len(cosines) == 6:
-        return [_direction(cosines[:3]), _direction(cosines[3:])]
-    return []
-
-
-def _direction(cosines: Sequence[float]) -> str:
-    """PS3.3 C.7.6.1.1.1: letters of the patient axes, most significant first."""
-    letters = (("L", "R"), ("P", "A"), ("H", "F"))  # +x, +y, +z of the LPS patient system
-    order = sorted(range(3), key=lambda axis: -abs(float(cosines[axis])))
-    # Components under 0.1 (oblique by less than ~6°) would only add noise to the label.
-    return "".join(
-        letters[axis][0 if float(cosines[axis]) > 0 else 1]
-        for axis in order
-        if abs(float(cosines[axis])) >= 0.1
-    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import highdicom as hd
+import numpy as np
 from pydicom import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
 from pydicom.uid import ExplicitVRLittleEndian
@@ -10,8 +11,10 @@ from pydicom.uid import ExplicitVRLittleEndian
 from dicomai.inference.types import ClassScore, ImagePrediction
 from dicomai.results import codes
 from dicomai.results.context import ModelIdentity, ResultContext
+from dicomai.results.hotspot import hot_spot_outline
 
 SR_SERIES_NUMBER = 9001
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 
 
 def build_sr(context: ResultContext) -> Dataset:
@@ -19,8 +22,12 @@ def build_sr(context: ResultContext) -> Dataset:
 
     The content is a TID 1500 Measurement Report observed by the model as a device: an image
     library of every source, and per source image and model class one measurement group with
-    the class as finding, its calibrated probability and, for finding classes, Present or
-    Absent. A source that was not evaluated gets one group saying so and why.
+    a tracking identifier and UID, the class as finding, its calibrated probability (and its
+    uncertainty where the prediction has one) and, for finding classes, Present or Absent.
+    The group of a positive finding that the heat map explains is a planar ROI (TID 1410)
+    whose region outlines the heat map's hot spot on the source image. A source that was not
+    evaluated gets one group saying so and why. When ``context.predecessor`` is set, the SR
+    names that earlier SR in its Predecessor Documents Sequence.
 
     Parameters
     ----------
@@ -57,9 +64,22 @@ def build_sr(context: ResultContext) -> Dataset:
         is_complete=True,
         series_description=codes.series_description("AI findings", context.model),
         software_versions=context.model.software_version,
-        contributing_equipment=[codes.model_equipment(context.model)],
+        contributing_equipment=[codes.model_equipment(context.model, context.device_uid)],
+        previous_versions=_predecessors(context),
         transfer_syntax_uid=ExplicitVRLittleEndian,
     )
+
+
+def _predecessors(context: ResultContext) -> list[Dataset] | None:
+    """The earlier SR of this study and model, as highdicom reads a previous version."""
+    if context.predecessor is None:
+        return None
+    previous = Dataset()
+    previous.StudyInstanceUID, previous.SeriesInstanceUID, previous.SOPInstanceUID = (
+        context.predecessor
+    )
+    previous.SOPClassUID = COMPREHENSIVE_3D_SR
+    return [previous]
 
 
 def _check_context(context: ResultContext) -> None:
@@ -90,7 +110,7 @@ def _library_entry(header: Dataset) -> Dataset:
 
 def _observation_context(context: ResultContext) -> hd.sr.ObservationContext:
     device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=context.uid("device"),
+        uid=context.device_uid,
         name=context.model.name,
         manufacturer_name=context.model.manufacturer,
         model_name=codes.model_label(context.model),
@@ -112,10 +132,14 @@ def _algorithm(model: ModelIdentity) -> hd.sr.AlgorithmIdentification:
     )
 
 
-def _measurement_groups(
-    context: ResultContext,
-) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
-    groups = []
+Group = (
+    hd.sr.MeasurementsAndQualitativeEvaluations
+    | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+)
+
+
+def _measurement_groups(context: ResultContext) -> list[Group]:
+    groups: list[Group] = []
     for index, (source, prediction) in enumerate(
         zip(context.sources, context.predictions, strict=True)
     ):
@@ -124,7 +148,7 @@ def _measurement_groups(
             groups.append(_not_evaluated_group(context, index, prediction, image))
             continue
         for score in prediction.scores:
-            groups.append(_finding_group(context, index, score, image))
+            groups.append(_finding_group(context, index, prediction, score, image))
     return groups
 
 
@@ -141,30 +165,80 @@ def _source_reference(dataset: Dataset) -> hd.sr.SourceImageForMeasurementGroup:
 def _finding_group(
     context: ResultContext,
     index: int,
+    prediction: ImagePrediction,
     score: ClassScore,
     image: hd.sr.SourceImageForMeasurementGroup,
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+) -> Group:
     sop_uid = image.referenced_sop_instance_uid
-    probability = hd.sr.Measurement(
-        name=codes.PROBABILITY,
-        # Four decimals: more than calibration supports, and a DS of at most 16 characters.
-        value=round(float(score.probability), 4),
-        unit=codes.NO_UNITS,
-    )
     evaluations = None
     if score.is_finding:
         present = codes.PRESENT if score.positive else codes.ABSENT
         evaluations = [hd.sr.QualitativeEvaluation(codes.coded(score.code), present)]
+    tracking = hd.sr.TrackingIdentifier(
+        uid=context.uid("tracking", f"{sop_uid}:{score.name}"),
+        identifier=f"finding {score.name} image {index + 1}",
+    )
+    heatmap = prediction.heatmap
+    if score.positive and prediction.explained == score.name and heatmap is not None:
+        return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking,
+            referenced_region=_hot_spot_region(context.sources[index].dataset, heatmap),
+            finding_type=codes.coded(score.code),
+            algorithm_id=_algorithm(context.model),
+            measurements=_measurements(prediction, score),
+            qualitative_evaluations=evaluations,
+        )
     return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=context.uid("tracking", f"{sop_uid}:{score.name}"),
-            identifier=f"finding {score.name} image {index + 1}",
-        ),
+        tracking_identifier=tracking,
         finding_type=codes.coded(score.code),
         algorithm_id=_algorithm(context.model),
-        measurements=[probability],
+        measurements=_measurements(prediction, score),
         qualitative_evaluations=evaluations,
         source_images=[image],
+    )
+
+
+def _measurements(prediction: ImagePrediction, score: ClassScore) -> list[hd.sr.Measurement]:
+    # Four decimals: more than calibration supports, and a DS of at most 16 characters.
+    measurements = [
+        hd.sr.Measurement(
+            name=codes.PROBABILITY, value=round(float(score.probability), 4), unit=codes.NO_UNITS
+        )
+    ]
+    uncertainty = _uncertainty(prediction, score)
+    if uncertainty is not None:
+        measurements.append(
+            hd.sr.Measurement(name=codes.UNCERTAINTY, value=uncertainty, unit=codes.NO_UNITS)
+        )
+    return measurements
+
+
+def _uncertainty(prediction: ImagePrediction, score: ClassScore) -> float | None:
+    """The spread of `score`'s probability: the class's own, else the image's for its top finding.
+
+    Inference may or may not estimate one (it is optional on both values), so it is read
+    where present and the measurement is left out where it is not.
+    """
+    value = getattr(score, "uncertainty", None)
+    top = prediction.top_finding
+    if value is None and top is not None and top.name == score.name:
+        value = getattr(prediction, "uncertainty", None)
+    if value is None or not np.isfinite(value):
+        return None
+    return round(float(value), 4)
+
+
+def _hot_spot_region(dataset: Dataset, heatmap: np.ndarray) -> hd.sr.ImageRegion:
+    """The heat map's hot spot as a closed POLYLINE on the source image (TID 1410)."""
+    frames = [1] if int(dataset.get("NumberOfFrames", 1) or 1) > 1 else None
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=hot_spot_outline(heatmap, int(dataset.Rows), int(dataset.Columns)),
+        source_image=hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=dataset.SOPClassUID,
+            referenced_sop_instance_uid=dataset.SOPInstanceUID,
+            referenced_frame_numbers=frames,
+        ),
     )
 
 
