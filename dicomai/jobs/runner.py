@@ -14,15 +14,17 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai.audit import Action, record
-from dicomai.config import Settings
+from dicomai.config import Destination, Settings
 from dicomai.db.models import (
     Delivery,
     Instance,
     Job,
     JobState,
     ModelState,
+    ModelVersion,
     OutputObject,
     Prediction,
+    Study,
     utcnow,
 )
 from dicomai.delivery.dispatch import attempt_delivery, pending_for_job
@@ -35,7 +37,9 @@ from dicomai.ingest.spool import Spool
 from dicomai.jobs.applicability import applies
 from dicomai.models.package import load_model
 from dicomai.results.context import ModelIdentity, ResultContext, SourceImage
+from dicomai.results.pmap import build_heatmap_pmap, supports_pmap
 from dicomai.results.sc import build_sc
+from dicomai.results.seg import build_seg, has_mask
 from dicomai.results.sr import build_sr
 
 log = logging.getLogger(__name__)
@@ -186,19 +190,43 @@ class JobRunner:
             ),
             input_digest=claim.input_digest,
             uid_root=self.settings.uid_root,
+            predecessor=self._predecessor(claim, manifest.name),
         )
         datasets = [("sr", build_sr(context))]
-        datasets += [
-            ("sc", build_sc(context, i))
-            for i, prediction in enumerate(predictions)
-            if prediction.evaluated and prediction.heatmap is not None
-        ]
+        for i, prediction in enumerate(predictions):
+            if prediction.evaluated and prediction.heatmap is not None:
+                datasets.append(("sc", build_sc(context, i)))
+            if has_mask(context, i):
+                datasets.append(("seg", build_seg(context, i)))
+            if supports_pmap(context, i):
+                datasets.append(("pmap", build_heatmap_pmap(context, i)))
         outputs = []
         for kind, dataset in datasets:
             relative = self.outputs.relative_path(claim.study_uid, str(dataset.SOPInstanceUID))
             self.outputs.write(relative, [_encode_file(dataset)])
             outputs.append(Output(kind=kind, dataset=dataset, path=relative))
         return outputs
+
+    def _predecessor(self, claim: Claim, model_name: str) -> tuple[str, str, str] | None:
+        """The (study, series, SOP) UIDs of the SR that the latest earlier job of the same
+        model name made for the study, before more images arrived; None for the first."""
+        with self.sessions() as session:
+            row = session.execute(
+                select(OutputObject.series_uid, OutputObject.sop_instance_uid)
+                .join(Job, OutputObject.job_id == Job.id)
+                .join(ModelVersion, Job.model_version_id == ModelVersion.id)
+                .join(Study, Job.study_id == Study.id)
+                .where(
+                    Study.study_uid == claim.study_uid,
+                    ModelVersion.name == model_name,
+                    OutputObject.kind == "sr",
+                    # Earlier jobs only, so that a re-run of this job names the same one.
+                    Job.id < claim.job_id,
+                )
+                .order_by(Job.id.desc(), OutputObject.id.desc())
+                .limit(1)
+            ).first()
+        return None if row is None else (claim.study_uid, row.series_uid, row.sop_instance_uid)
 
     def _finish(
         self, claim: Claim, predictions: list[ImagePrediction], outputs: list[Output]
@@ -209,7 +237,7 @@ class JobRunner:
             for output in outputs:
                 row = _upsert_output(session, job, output)
                 if not claim.shadow:
-                    _add_deliveries(session, row, [d.name for d in self.settings.destinations])
+                    _add_deliveries(session, row, self.settings.destinations)
             job.state = JobState.DONE
             job.finished_at = utcnow()
             job.error = None
@@ -315,10 +343,13 @@ def _upsert_output(session: Session, job: Job, output: Output) -> OutputObject:
     return row
 
 
-def _add_deliveries(session: Session, output: OutputObject, destinations: list[str]) -> None:
+def _add_deliveries(
+    session: Session, output: OutputObject, destinations: list[Destination]
+) -> None:
+    """Queue `output` for each destination that takes its kind and does not have it yet."""
     existing = set(
         session.scalars(select(Delivery.destination).where(Delivery.output_id == output.id))
     )
-    for name in destinations:
-        if name not in existing:
-            session.add(Delivery(output_id=output.id, destination=name))
+    for destination in destinations:
+        if destination.name not in existing and output.kind in destination.kinds:
+            session.add(Delivery(output_id=output.id, destination=destination.name))
