@@ -1,14 +1,31 @@
-"""Recording audit events, in the caller's transaction."""
+"""Recording audit events, in the caller's transaction, as a tamper-evident hash chain.
+
+Each row carries the hash of the row before it (`prev_hash`) and its own `hash`, the SHA-256
+of a canonical JSON of its fields and `prev_hash`. Editing or deleting a row breaks the chain
+at the row after it; `verify_chain` names the first row that does not fit. (Removing the newest
+rows is not detectable from the table alone: compare the head hash with one kept elsewhere.)
+"""
 
 from __future__ import annotations
 
 import enum
 import getpass
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC
 from typing import Any
 
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from dicomai.db.models import AuditEvent
+from dicomai.db.models import AuditEvent, utcnow
+
+GENESIS = "0" * 64
+# pg_advisory_xact_lock key of the audit chain ("dicomai" in ASCII, big-endian).
+_CHAIN_LOCK = 0x6469636F6D6169
+_HEAD = "dicomai.audit.head"
 
 
 class Action(enum.StrEnum):
@@ -26,14 +43,34 @@ class Action(enum.StrEnum):
     JOB_STARTED = "job.started"
     JOB_DONE = "job.done"
     JOB_FAILED = "job.failed"
+    JOB_RETRIED = "job.retried"
+    JOB_CANCELLED = "job.cancelled"
     OUTPUT_CREATED = "output.created"
     DELIVERY_SENT = "delivery.sent"
     DELIVERY_RETRY = "delivery.retry"
     DELIVERY_FAILED = "delivery.failed"
+    DELIVERY_RETRIED = "delivery.retried"
     MODEL_REGISTERED = "model.registered"
+    MODEL_SHADOWED = "model.shadowed"
+    MODEL_CANARIED = "model.canaried"
     MODEL_ACTIVATED = "model.activated"
+    MODEL_ROLLED_BACK = "model.rolled_back"
     MODEL_RETIRED = "model.retired"
+    MODEL_GATE_OVERRIDDEN = "model.gate_overridden"
+    MODEL_EVALUATED = "model.evaluated"
     DB_UPGRADED = "db.upgraded"
+
+
+@dataclass(frozen=True)
+class Operator:
+    """Who asked for an admin action, with the command line they typed and why."""
+
+    user: str
+    command: str = ""
+    reason: str = ""
+
+    def detail(self) -> dict[str, str]:
+        return {"command": self.command, "reason": self.reason}
 
 
 def os_user() -> str:
@@ -56,15 +93,105 @@ def record(
 ) -> AuditEvent:
     """Add an audit row to `session`; it commits or rolls back with the change it records.
 
-    `detail` must not hold patient data: UIDs, counts, states and reasons only.
+    `detail` must not hold patient data: UIDs, counts, states and reasons only. The row is
+    chained to the newest row (see the module docstring); the chain head is read once per
+    transaction, under a lock that other writers of audit rows wait for until this commits.
     """
     event = AuditEvent(
+        at=utcnow(),
         actor=actor[:64],
         action=action.value,
         object_type=object_type,
         object_id=None if object_id is None else str(object_id),
         study_uid=study_uid,
-        detail=detail,
+        detail=json.loads(json.dumps(detail)),
     )
-    session.add(event)
+    session.connection()  # begins the transaction, so that it can key the cached head
+    transaction = session.get_transaction()
+    head = session.info.get(_HEAD)
+    if head is not None and head[0] is transaction:
+        event.prev_hash = head[1]
+        session.add(event)
+    else:
+        _lock_chain(session)
+        # Flushed before the head is read: on SQLite the insert takes the write lock, so no
+        # other writer can append between reading the head and committing this row.
+        session.add(event)
+        session.flush([event])
+        event.prev_hash = (
+            session.scalar(
+                select(AuditEvent.hash)
+                .where(AuditEvent.id < event.id)
+                .order_by(AuditEvent.id.desc())
+                .limit(1)
+            )
+            or GENESIS
+        )
+    event.hash = event_hash(event)
+    session.info[_HEAD] = (transaction, event.hash)
     return event
+
+
+def _lock_chain(session: Session) -> None:
+    # PostgreSQL: held until commit or rollback, so appends are serialised across processes
+    # and their ids follow the chain. SQLite serialises writers itself.
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CHAIN_LOCK})
+
+
+def canonical(event: AuditEvent) -> bytes:
+    """The bytes an audit row's hash covers: its fields and `prev_hash`, as sorted JSON."""
+    at = event.at.astimezone(UTC) if event.at.tzinfo else event.at.replace(tzinfo=UTC)
+    fields = {
+        "at": at.isoformat(),
+        "actor": event.actor,
+        "action": event.action,
+        "object_type": event.object_type,
+        "object_id": event.object_id,
+        "study_uid": event.study_uid,
+        "detail": event.detail,
+        "prev_hash": event.prev_hash,
+    }
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def event_hash(event: AuditEvent) -> str:
+    return hashlib.sha256(canonical(event)).hexdigest()
+
+
+@dataclass(frozen=True)
+class ChainReport:
+    """What `verify_chain` found: rows checked, unchained rows from before 0003, first break."""
+
+    checked: int
+    unchained: int
+    broken_id: int | None = None
+    problem: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.broken_id is None
+
+
+def verify_chain(events: Iterable[AuditEvent]) -> ChainReport:
+    """Check `events`, in id order, against their hashes and each other.
+
+    Rows without a hash are accepted only before the first chained row (written before the
+    migration that added the chain).
+    """
+    checked = unchained = 0
+    previous: str | None = None
+    for event in events:
+        if event.hash is None and previous is None:
+            unchained += 1
+            continue
+        checked += 1
+        expected_prev = previous or GENESIS
+        if event.hash is None:
+            return ChainReport(checked, unchained, event.id, "has no hash")
+        if event.prev_hash != expected_prev:
+            return ChainReport(checked, unchained, event.id, "does not follow the row before it")
+        if event_hash(event) != event.hash:
+            return ChainReport(checked, unchained, event.id, "content does not match its hash")
+        previous = event.hash
+    return ChainReport(checked, unchained)

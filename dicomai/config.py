@@ -88,6 +88,12 @@ class DeliverySettings(BaseModel):
     timeout_seconds: float = 30.0
 
 
+class RolloutSettings(BaseModel):
+    """The evaluation gate of `dicomai models activate` (see dicomai.rollout.gate)."""
+
+    gate_tolerance: float = Field(default=0.02, ge=0.0, le=1.0)
+
+
 class Destination(BaseModel):
     """Where results go: a C-STORE SCP (ae_title/host/port) or a folder (path)."""
 
@@ -125,6 +131,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    rollout: RolloutSettings = Field(default_factory=RolloutSettings)
     destinations: list[Destination] = Field(default_factory=list)
     uid_root: str = "2.25"
     log_level: str = "INFO"

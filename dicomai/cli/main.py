@@ -60,8 +60,18 @@ def cli(ctx: click.Context, config_file: Path | None) -> None:
 
 
 def main() -> None:
-    from dicomai.cli import admin, service
+    from dicomai.cli import (
+        audit,
+        db,
+        deliveries,
+        health,
+        jobs,
+        models,
+        service,
+        studies,
+        training,
+    )
 
-    service.register(cli)
-    admin.register(cli)
+    for module in (service, db, models, jobs, studies, deliveries, audit, health, training):
+        module.register(cli)
     cli(prog_name="dicomai")

@@ -43,12 +43,13 @@ def worker(obj: Context, device: str | None) -> None:
 @click.pass_obj
 def demo(obj: Context, model_dir: Path) -> None:
     """Upgrade the database, activate the demo model if none is active, then serve."""
-    from dicomai.audit import os_user
+    from dicomai.audit import Operator, os_user
     from dicomai.daemon import Daemon
     from dicomai.db.migrate import upgrade
     from dicomai.db.models import ModelState, ModelVersion
     from dicomai.db.session import make_engine, make_sessionmaker
-    from dicomai.rollout.registry import activate, find, register
+    from dicomai.rollout.deployment import activate
+    from dicomai.rollout.registry import find, register
 
     settings = obj.settings
     upgrade(settings.database_url)
@@ -59,10 +60,11 @@ def demo(obj: Context, model_dir: Path) -> None:
             import tomllib
 
             manifest = tomllib.loads((model_dir / "model.toml").read_text())
+            operator = Operator(os_user(), "dicomai demo", "demo model, none was active")
             row = find(session, manifest["name"], manifest["version"])
             if row is None:
-                row = register(session, model_dir, settings.registry_dir, os_user())
-            activate(session, row.name, row.version, os_user(), reason="demo")
+                row = register(session, model_dir, settings.registry_dir, operator)
+            activate(session, row.name, row.version, operator)
             click.echo(f"activated {row.label}")
     Daemon(settings, obj.config_file).run()
 

@@ -82,6 +82,7 @@ class JobState(enum.StrEnum):
     DONE = "done"
     FAILED = "failed"
     NOT_APPLICABLE = "not_applicable"
+    CANCELLED = "cancelled"
 
 
 class DeliveryState(enum.StrEnum):
@@ -120,6 +121,8 @@ class Instance(Base):
     transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
     modality: Mapped[str | None] = mapped_column(String(16))
     body_part: Mapped[str | None] = mapped_column(String(64))
+    view_position: Mapped[str | None] = mapped_column(String(16))
+    series_description: Mapped[str | None] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(String(512))
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
@@ -142,6 +145,8 @@ class ModelVersion(Base):
     path: Mapped[str] = mapped_column(String(512))
     weights_sha256: Mapped[str] = mapped_column(String(64))
     manifest: Mapped[dict[str, Any]]
+    evaluation: Mapped[dict[str, Any] | None]
+    previous_active_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
     registered_at: Mapped[datetime] = mapped_column(default=utcnow)
     state_changed_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -235,3 +240,6 @@ class AuditEvent(Base):
     object_id: Mapped[str | None] = mapped_column(String(128))
     study_uid: Mapped[str | None] = mapped_column(String(64), index=True)
     detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # The hash chain (dicomai.audit): NULL only on rows written before migration 0003.
+    prev_hash: Mapped[str | None] = mapped_column(String(64))
+    hash: Mapped[str | None] = mapped_column(String(64), index=True, unique=True)

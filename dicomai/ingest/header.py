@@ -22,6 +22,8 @@ _TAGS = [
     "SOPClassUID",
     "Modality",
     "BodyPartExamined",
+    "SeriesDescription",
+    "ViewPosition",
     "NumberOfStudyRelatedInstances",
 ]
 
@@ -44,6 +46,8 @@ class Header:
     modality: str | None
     body_part: str | None
     expected_instances: int | None = None
+    view_position: str | None = None
+    series_description: str | None = None
 
 
 def encode_file_meta(file_meta: FileMetaDataset) -> bytes:
@@ -95,6 +99,8 @@ def read_header(
         modality=_short_text(ds.get("Modality"), 16),
         body_part=_short_text(ds.get("BodyPartExamined"), 64),
         expected_instances=_count(ds.get("NumberOfStudyRelatedInstances")),
+        view_position=_short_text(ds.get("ViewPosition"), 16),
+        series_description=_short_text(ds.get("SeriesDescription"), 64),
     )
 
 

@@ -163,6 +163,8 @@ def _instance_values(study_id: int, received: Received) -> dict[str, Any]:
         transfer_syntax_uid=received.transfer_syntax_uid,
         modality=header.modality,
         body_part=header.body_part,
+        view_position=header.view_position,
+        series_description=header.series_description,
         path=received.path,
         size=received.size,
         sha256=received.sha256,

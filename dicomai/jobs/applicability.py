@@ -11,4 +11,10 @@ from dicomai.models.manifest import Manifest
 def applies(manifest: dict[str, Any], instance: Instance) -> bool:
     """Whether a model with `manifest` applies to `instance` (see `AppliesTo.matches`)."""
     scope = Manifest.from_dict(manifest).applies_to
-    return scope.matches(instance.modality, instance.body_part, instance.sop_class_uid)
+    return scope.matches(
+        instance.modality,
+        instance.body_part,
+        instance.sop_class_uid,
+        instance.view_position,
+        instance.series_description,
+    )

@@ -41,11 +41,12 @@ from dicomai.results.pmap import build_heatmap_pmap, supports_pmap
 from dicomai.results.sc import build_sc
 from dicomai.results.seg import build_seg, has_mask
 from dicomai.results.sr import build_sr
+from dicomai.rollout.canary import canary_selects
 
 log = logging.getLogger(__name__)
 
 WORKER = "worker"
-FINAL_STATES = (JobState.DONE, JobState.FAILED, JobState.NOT_APPLICABLE)
+FINAL_STATES = (JobState.DONE, JobState.FAILED, JobState.NOT_APPLICABLE, JobState.CANCELLED)
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class Claim:
     model_version_id: int
     model_path: str
     shadow: bool
+    canary_percent: float | None  # set when the version is a canary
     instances: tuple[tuple[str, str], ...]  # (sop_instance_uid, spool path)
 
 
@@ -124,6 +126,7 @@ class JobRunner:
                 model_version_id=model.id,
                 model_path=model.path,
                 shadow=model.state == ModelState.SHADOW,
+                canary_percent=model.canary_percent if model.state == ModelState.CANARY else None,
                 instances=tuple(
                     (i.sop_instance_uid, i.path)
                     for i in sorted(instances, key=lambda i: i.sop_instance_uid)
@@ -231,12 +234,16 @@ class JobRunner:
     def _finish(
         self, claim: Claim, predictions: list[ImagePrediction], outputs: list[Output]
     ) -> None:
+        # A canary sends only for the studies it selects; for the others it is a shadow.
+        sends = not claim.shadow and (
+            claim.canary_percent is None or canary_selects(claim.study_uid, claim.canary_percent)
+        )
         with self.sessions() as session, session.begin():
             job = session.get_one(Job, claim.job_id)
             _store_predictions(session, job, predictions)
             for output in outputs:
                 row = _upsert_output(session, job, output)
-                if not claim.shadow:
+                if sends:
                     _add_deliveries(session, row, self.settings.destinations)
             job.state = JobState.DONE
             job.finished_at = utcnow()
@@ -251,6 +258,7 @@ class JobRunner:
                 images=len(predictions),
                 outputs=len(outputs),
                 shadow=claim.shadow,
+                sent=sends,
             )
 
     def _fail(self, claim: Claim, exc: Exception) -> None:

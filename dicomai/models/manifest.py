@@ -42,25 +42,40 @@ class ClassSpec:
 
 @dataclass(frozen=True)
 class AppliesTo:
-    """Which images a model is for; an empty tuple accepts any value."""
+    """Which images a model is for; an empty tuple or pattern accepts any value.
+
+    `series_description` is a regular expression searched in Series Description (0008,103E),
+    ignoring case; `view_positions` are View Position (0018,5101) values such as ``PA``.
+    """
 
     modalities: tuple[str, ...] = ()
     body_parts: tuple[str, ...] = ()
     sop_classes: tuple[str, ...] = ()
+    view_positions: tuple[str, ...] = ()
+    series_description: str = ""
 
     def matches(
-        self, modality: str | None, body_part: str | None, sop_class_uid: str | None
+        self,
+        modality: str | None,
+        body_part: str | None,
+        sop_class_uid: str | None,
+        view_position: str | None = None,
+        series_description: str | None = None,
     ) -> bool:
         """Whether an image with these attributes is in scope (compared case-insensitively)."""
         checks = (
             (self.modalities, modality),
             (self.body_parts, body_part),
             (self.sop_classes, sop_class_uid),
+            (self.view_positions, view_position),
         )
         for allowed, value in checks:
             if allowed and (value or "").strip().upper() not in {a.upper() for a in allowed}:
                 return False
-        return True
+        pattern = self.series_description
+        return (
+            not pattern or re.search(pattern, series_description or "", re.IGNORECASE) is not None
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -156,6 +171,8 @@ class Manifest:
                 "modalities": list(self.applies_to.modalities),
                 "body_parts": list(self.applies_to.body_parts),
                 "sop_classes": list(self.applies_to.sop_classes),
+                "view_positions": list(self.applies_to.view_positions),
+                "series_description": self.applies_to.series_description,
             },
             "training": self.training,
             "metrics": self.metrics,
@@ -303,12 +320,19 @@ def _temperature(data: dict[str, Any]) -> float:
 def _applies_to(table: dict[str, Any]) -> AppliesTo:
     _reject_unknown(table, {f.name for f in fields(AppliesTo)}, "applies_to.")
     lists = {}
-    for key in ("modalities", "body_parts", "sop_classes"):
+    for key in ("modalities", "body_parts", "sop_classes", "view_positions"):
         value = table.get(key, [])
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             raise ModelPackageError(f"applies_to.{key}: must be an array of non-empty strings")
         lists[key] = tuple(value)
-    return AppliesTo(**lists)
+    pattern = _text(table, "series_description", "applies_to.", required=False)
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        raise ModelPackageError(
+            f"applies_to.series_description: not a regular expression: {error}"
+        ) from None
+    return AppliesTo(**lists, series_description=pattern)
 
 
 def _toml_table(table: dict[str, Any], path: tuple[str, ...], inline: bool = False) -> list[str]:

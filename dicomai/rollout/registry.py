@@ -9,13 +9,14 @@ import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dicomai.audit import Action, record
-from dicomai.db.models import ModelState, ModelVersion, utcnow
-from dicomai.errors import InvalidTransition, ModelPackageError, NotFound
+from dicomai.audit import Action, Operator, record
+from dicomai.db.models import ModelVersion
+from dicomai.errors import ModelPackageError, NotFound
 
 
 @contextmanager
@@ -50,7 +51,7 @@ def check_package(folder: Path) -> dict[str, object]:
         return tomllib.load(handle)
 
 
-def register(session: Session, path: Path, registry_dir: Path, actor: str) -> ModelVersion:
+def register(session: Session, path: Path, registry_dir: Path, operator: Operator) -> ModelVersion:
     """Check the package at `path`, copy it into the registry and record it as registered."""
     with package_folder(path) as folder:
         manifest = check_package(folder)
@@ -74,10 +75,12 @@ def register(session: Session, path: Path, registry_dir: Path, actor: str) -> Mo
     record(
         session,
         Action.MODEL_REGISTERED,
-        actor=actor,
+        actor=operator.user,
         object_type="model",
         object_id=row.label,
         source=str(path),
+        weights_sha256=row.weights_sha256,
+        **operator.detail(),
     )
     return row
 
@@ -93,53 +96,40 @@ def _copy_atomically(folder: Path, target: Path) -> None:
 
 
 def find(session: Session, name: str, version: str) -> ModelVersion | None:
+    """The registered version `name version`, or None."""
     return session.scalar(
         select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version)
     )
 
 
 def get(session: Session, name: str, version: str) -> ModelVersion:
+    """The registered version `name version`; raise NotFound if there is none."""
     row = find(session, name, version)
     if row is None:
         raise NotFound(f"model {name} {version} is not registered")
     return row
 
 
-def activate(
-    session: Session, name: str, version: str, actor: str, reason: str = ""
+def record_evaluation(
+    session: Session, name: str, version: str, evaluation: dict[str, Any], operator: Operator
 ) -> ModelVersion:
-    """Make `name version` the active version; the previously active one is retired."""
+    """Keep the site's evaluation of `name version` on its reference set, for the gate.
+
+    The package stays immutable; the evaluation is the site's finding about it and may be
+    replaced by a newer one (each is audited).
+    """
     row = get(session, name, version)
-    if row.state == ModelState.ACTIVE:
-        return row
-    if row.state == ModelState.RETIRED:
-        raise InvalidTransition(f"{row.label} is retired; register a new version instead")
-    for other in session.scalars(
-        select(ModelVersion).where(
-            ModelVersion.name == name, ModelVersion.state == ModelState.ACTIVE
-        )
-    ):
-        _set_state(session, other, ModelState.RETIRED, Action.MODEL_RETIRED, actor, reason)
-    _set_state(session, row, ModelState.ACTIVE, Action.MODEL_ACTIVATED, actor, reason)
-    return row
-
-
-def _set_state(
-    session: Session, row: ModelVersion, state: ModelState, action: Action, actor: str, reason: str
-) -> None:
-    previous = row.state
-    row.state = state
-    row.state_changed_at = utcnow()
+    row.evaluation = evaluation
     record(
         session,
-        action,
-        actor=actor,
+        Action.MODEL_EVALUATED,
+        actor=operator.user,
         object_type="model",
         object_id=row.label,
-        previous=previous.value,
-        state=state.value,
-        reason=reason,
+        evaluation=evaluation,
+        **operator.detail(),
     )
+    return row
 
 
 def list_versions(session: Session) -> list[ModelVersion]:

@@ -21,7 +21,9 @@ from dicomai.ingest.recorder import Received, record_instance
 from dicomai.ingest.spool import Spool
 from dicomai.jobs.assembler import complete_quiet_studies
 from dicomai.jobs.runner import JobRunner
-from dicomai.rollout.registry import activate, register
+from dicomai.audit import Operator
+from dicomai.rollout.deployment import activate
+from dicomai.rollout.registry import register
 from dicomai.training.synthetic import write_dicom_images
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -37,8 +39,9 @@ def world(tmp_path: Path):
     upgrade(settings.database_url)
     sessions = make_sessionmaker(make_engine(settings.database_url))
     with sessions() as session, session.begin():
-        register(session, REPO / "models" / "demo-chest-nodule", settings.registry_dir, os_user())
-        activate(session, "demo-chest-nodule", "1.0.0", os_user())
+        operator = Operator(os_user(), "test")
+        register(session, REPO / "models" / "demo-chest-nodule", settings.registry_dir, operator)
+        activate(session, "demo-chest-nodule", "1.0.0", operator)
     return settings, sessions, tmp_path
 
 

@@ -1,0 +1,183 @@
+"""Deployment states of model versions: registered → shadow → canary → active → retired.
+
+Every change is checked against `ALLOWED`, locks the versions of that model name, and writes
+an audit row with the operator, the command and the reason in the same transaction.
+
+`rollback NAME` makes the version that was active before the current one active again and
+retires the current one. Retired is final otherwise: a retired version comes back only by
+rollback, so a version pulled for a fault is not switched on again by a slip of the keyboard.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from dicomai.audit import Action, Operator, record
+from dicomai.db.models import ModelState, ModelVersion, utcnow
+from dicomai.errors import DicomaiError, InvalidTransition
+from dicomai.rollout.gate import GateDecision, decide
+from dicomai.rollout.registry import get
+
+R, S, C, A = ModelState.REGISTERED, ModelState.SHADOW, ModelState.CANARY, ModelState.ACTIVE
+
+# target state -> the states a version may reach it from
+ALLOWED: dict[ModelState, frozenset[ModelState]] = {
+    ModelState.SHADOW: frozenset({R, C}),
+    ModelState.CANARY: frozenset({R, S, C}),
+    ModelState.ACTIVE: frozenset({R, S, C}),
+    ModelState.RETIRED: frozenset({R, S, C, A}),
+}
+
+
+def shadow(session: Session, name: str, version: str, operator: Operator) -> ModelVersion:
+    """Run `name version` on new studies beside the active version, storing and never sending."""
+    row = _checked(session, name, version, ModelState.SHADOW)
+    _set_state(session, row, ModelState.SHADOW, Action.MODEL_SHADOWED, operator)
+    return row
+
+
+def canary(
+    session: Session, name: str, version: str, percent: float, operator: Operator
+) -> ModelVersion:
+    """Run `name version` on new studies and send its results for `percent` % of them."""
+    if not 0 < percent <= 100:
+        raise DicomaiError(f"--percent must be in (0, 100], got {percent:g}")
+    row = _checked(session, name, version, ModelState.CANARY)
+    other = _in_state(session, name, ModelState.CANARY)
+    if other is not None and other.id != row.id:
+        raise InvalidTransition(f"{other.label} is already the canary of {name}; retire it first")
+    _set_state(session, row, ModelState.CANARY, Action.MODEL_CANARIED, operator, percent)
+    return row
+
+
+def activate(
+    session: Session,
+    name: str,
+    version: str,
+    operator: Operator,
+    *,
+    tolerance: float = 0.02,
+    force: bool = False,
+) -> ModelVersion:
+    """Make `name version` the active version; the one active before it is retired.
+
+    Raises
+    ------
+    InvalidTransition
+        The version cannot become active from its state, or the evaluation gate refuses it
+        and `force` is not given (see `dicomai.rollout.gate`).
+    """
+    row = _checked(session, name, version, ModelState.ACTIVE)
+    current = _in_state(session, name, ModelState.ACTIVE)
+    decision = decide(row, current, tolerance)
+    if not decision.passed:
+        _override(session, row, decision, operator, force)
+    if current is not None:
+        _set_state(session, current, ModelState.RETIRED, Action.MODEL_RETIRED, operator)
+    row.previous_active_id = current.id if current is not None else None
+    _set_state(session, row, ModelState.ACTIVE, Action.MODEL_ACTIVATED, operator, gate=decision)
+    return row
+
+
+def rollback(session: Session, name: str, operator: Operator) -> tuple[ModelVersion, ModelVersion]:
+    """Make the previously active version of `name` active again; return it and the retired one."""
+    _lock(session, name)
+    current = _in_state(session, name, ModelState.ACTIVE)
+    if current is None:
+        raise InvalidTransition(f"{name} has no active version to roll back")
+    previous = (
+        session.get(ModelVersion, current.previous_active_id)
+        if current.previous_active_id is not None
+        else None
+    )
+    if previous is None:
+        raise InvalidTransition(f"{current.label} has no earlier active version to roll back to")
+    _set_state(session, current, ModelState.RETIRED, Action.MODEL_RETIRED, operator)
+    _set_state(session, previous, ModelState.ACTIVE, Action.MODEL_ROLLED_BACK, operator)
+    return previous, current
+
+
+def retire(session: Session, name: str, version: str, operator: Operator) -> ModelVersion:
+    """Stop running `name version` on new studies, for good (except by rollback)."""
+    row = _checked(session, name, version, ModelState.RETIRED)
+    _set_state(session, row, ModelState.RETIRED, Action.MODEL_RETIRED, operator)
+    return row
+
+
+def _checked(session: Session, name: str, version: str, target: ModelState) -> ModelVersion:
+    _lock(session, name)
+    row = get(session, name, version)
+    if row.state not in ALLOWED[target]:
+        if row.state == target:
+            raise InvalidTransition(f"{row.label} is already {target.value}")
+        retired = row.state == ModelState.RETIRED
+        hint = "; only rollback brings a retired version back" if retired else ""
+        raise InvalidTransition(
+            f"{row.label} is {row.state.value}; it cannot become {target.value}{hint}"
+        )
+    return row
+
+
+def _lock(session: Session, name: str) -> None:
+    # Two admins changing the same model at once must not leave two active versions.
+    session.scalars(
+        select(ModelVersion.id).where(ModelVersion.name == name).with_for_update()
+    ).all()
+
+
+def _in_state(session: Session, name: str, state: ModelState) -> ModelVersion | None:
+    return session.scalars(
+        select(ModelVersion)
+        .where(ModelVersion.name == name, ModelVersion.state == state)
+        .order_by(ModelVersion.state_changed_at.desc())
+    ).first()
+
+
+def _override(
+    session: Session, row: ModelVersion, decision: GateDecision, operator: Operator, force: bool
+) -> None:
+    if not force:
+        raise InvalidTransition(f"{decision.message}; use --force --reason '...' to override")
+    if not operator.reason.strip():
+        raise DicomaiError("--force needs a --reason, recorded in the audit trail")
+    record(
+        session,
+        Action.MODEL_GATE_OVERRIDDEN,
+        actor=operator.user,
+        object_type="model",
+        object_id=row.label,
+        gate=decision.detail(),
+        **operator.detail(),
+    )
+
+
+def _set_state(
+    session: Session,
+    row: ModelVersion,
+    state: ModelState,
+    action: Action,
+    operator: Operator,
+    percent: float | None = None,
+    gate: GateDecision | None = None,
+) -> None:
+    previous = row.state
+    row.state = state
+    row.canary_percent = percent if state == ModelState.CANARY else None
+    row.state_changed_at = utcnow()
+    extra: dict[str, Any] = {"gate": gate.detail()} if gate is not None else {}
+    if percent is not None:
+        extra["percent"] = percent
+    record(
+        session,
+        action,
+        actor=operator.user,
+        object_type="model",
+        object_id=row.label,
+        previous=previous.value,
+        state=state.value,
+        **extra,
+        **operator.detail(),
+    )

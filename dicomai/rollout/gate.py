@@ -1,0 +1,121 @@
+"""The evaluation gate: a version is activated only if it is not worse than the active one.
+
+The rule. Metrics are compared where both versions have them: the site's own evaluation on its
+reference set when both versions have one registered (`dicomai models evaluation`), otherwise
+the `[metrics]` the packages carry. Compared are the numeric metrics whose name ends in one of
+`HIGHER_IS_BETTER` (`test_accuracy`, `val_auc`, `sensitivity`, ...). The candidate passes if
+none of them is lower than the active version's by more than the tolerance (`[rollout]
+gate_tolerance`, default 0.02). With no metric in common it does not pass: nothing shows it is
+not worse. With no active version there is nothing to compare and it passes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dicomai.db.models import ModelVersion
+from dicomai.errors import DicomaiError
+
+HIGHER_IS_BETTER = ("auc", "accuracy", "sensitivity", "specificity", "precision", "f1")
+
+
+@dataclass(frozen=True)
+class MetricComparison:
+    """One metric of the candidate beside the active version's."""
+
+    name: str
+    candidate: float
+    active: float
+    ok: bool
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """Whether the candidate may be activated, on which evidence, and why not."""
+
+    passed: bool
+    source: str
+    comparisons: tuple[MetricComparison, ...]
+    message: str
+
+    def detail(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "message": self.message,
+            "metrics": {c.name: [c.candidate, c.active] for c in self.comparisons},
+        }
+
+
+def gate_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The metrics the gate compares: finite numbers named like ``*_auc``, ``accuracy``, ...."""
+    return {
+        key: float(value)
+        for key, value in metrics.items()
+        if isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and key.rsplit("_", 1)[-1] in HIGHER_IS_BETTER
+    }
+
+
+def evaluation_metrics(evaluation: dict[str, Any] | None) -> dict[str, Any]:
+    """The metrics of a registered evaluation: its ``metrics`` table, or its top level."""
+    if not evaluation:
+        return {}
+    inner = evaluation.get("metrics")
+    return inner if isinstance(inner, dict) else evaluation
+
+
+def decide(candidate: ModelVersion, active: ModelVersion | None, tolerance: float) -> GateDecision:
+    """Apply the gate rule (module docstring) to `candidate` against `active`."""
+    if active is None:
+        return GateDecision(True, "none", (), "no active version to compare with")
+    if candidate.evaluation and active.evaluation:
+        source = "site evaluation"
+        mine = gate_metrics(evaluation_metrics(candidate.evaluation))
+        theirs = gate_metrics(evaluation_metrics(active.evaluation))
+    else:
+        source = "package metrics"
+        mine = gate_metrics(candidate.manifest.get("metrics", {}))
+        theirs = gate_metrics(active.manifest.get("metrics", {}))
+    comparisons = tuple(
+        MetricComparison(key, mine[key], theirs[key], mine[key] >= theirs[key] - tolerance)
+        for key in sorted(set(mine) & set(theirs))
+    )
+    if not comparisons:
+        message = f"{candidate.label} has no {source} in common with the active {active.label}"
+        return GateDecision(False, source, (), message)
+    worse = [c for c in comparisons if not c.ok]
+    if worse:
+        listed = ", ".join(f"{c.name} {c.candidate:.4g} < {c.active:.4g}" for c in worse)
+        message = (
+            f"{candidate.label} is worse than the active {active.label} beyond the "
+            f"tolerance {tolerance:g} ({source}: {listed})"
+        )
+        return GateDecision(False, source, comparisons, message)
+    return GateDecision(True, source, comparisons, f"not worse than {active.label} ({source})")
+
+
+def read_evaluation(path: Path) -> dict[str, Any]:
+    """Read an evaluation JSON file: an object with gate metrics, or with a ``metrics`` object.
+
+    Raises
+    ------
+    DicomaiError
+        The file is unreadable, not a JSON object, or holds no metric the gate compares.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise DicomaiError(f"{path}: not a readable JSON file: {error}") from None
+    if not isinstance(data, dict):
+        raise DicomaiError(f"{path}: must hold a JSON object")
+    if not gate_metrics(evaluation_metrics(data)):
+        raise DicomaiError(
+            f"{path}: no metric named like *_{'/'.join(HIGHER_IS_BETTER)} with a finite value"
+        )
+    return data
