@@ -96,6 +96,11 @@ def _evaluated(ds: Dataset, probability: float) -> ImagePrediction:
 @pytest.fixture
 def context() -> ResultContext:
     """CT (positive), MR (not evaluated) and a synthetic CR (negative) of one study."""
+    return make_context()
+
+
+def make_context() -> ResultContext:
+    """The `context` fixture's value, for the other results tests to build on."""
     ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     mr = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
     cr = _synthetic_cr()
