@@ -103,9 +103,8 @@ class Destination(BaseModel):
     port: int | None = None
     path: Path | None = None
     # Which output kinds it receives; a PACS whose viewer cannot show SEG or PMAP leaves them out.
-    kinds: list[Literal["sr", "sc", "seg", "pmap"]] = Field(
-        default_factory=lambda: ["sr", "sc", "seg", "pmap"]
-    )
+    # (pydantic copies a mutable default for each instance.)
+    kinds: list[Literal["sr", "sc", "seg", "pmap"]] = ["sr", "sc", "seg", "pmap"]
 
     @model_validator(mode="after")
     def _one_kind(self) -> Destination:
