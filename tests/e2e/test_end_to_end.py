@@ -116,8 +116,9 @@ def test_study_comes_back_as_sr_and_overlays(stack: dict, orthanc: OrthancServer
     assert sent.returncode == 0, sent.stderr
     sent_at = time.monotonic()
 
-    # DX study: two models apply, each gives 1 SR + 2 SC; CT study: demo-any only, 1 SR + 1 SC.
-    expected = 2 * (1 + 2) + (1 + 1)
+    # DX study: two models apply, each gives 1 SR + 2 SC; CT study: demo-any only, 1 SR + 1 SC
+    # + 1 Parametric Map of the heat map (the CT lies in a patient frame of reference).
+    expected = 2 * (1 + 2) + (1 + 1 + 1)
     wait_for(
         lambda: orthanc.count_instances() >= expected,
         240,
@@ -130,7 +131,7 @@ def test_study_comes_back_as_sr_and_overlays(stack: dict, orthanc: OrthancServer
     )
     assert orthanc.count_instances() == expected
 
-    modalities = []
+    modalities, classes = [], []
     for orthanc_id in orthanc.instances():
         data = orthanc.instance_file(orthanc_id)
         path = stack["tmp"] / f"{orthanc_id}.dcm"
@@ -139,10 +140,12 @@ def test_study_comes_back_as_sr_and_overlays(stack: dict, orthanc: OrthancServer
         assert verdict.ok, f"dciodvfy rejects an output:\n{verdict.output}"
         ds = pydicom.dcmread(path)
         modalities.append(ds.Modality)
-        if ds.Modality == "OT" or ds.SOPClassUID.name.startswith("Secondary"):
+        classes.append(ds.SOPClassUID.name)
+        if ds.SOPClassUID.name.startswith("Secondary"):
             assert ds.PhotometricInterpretation == "RGB"
             assert ds.ImageType[0] == "DERIVED"
     assert modalities.count("SR") == 3
+    assert classes.count("Parametric Map Storage") == 1
 
     db = stack["db"]
     assert query(db, "SELECT count(*) FROM studies WHERE state = 'complete'") == [(2,)]
