@@ -1,0 +1,72 @@
+"""Day-to-day operations from the CLI: jobs, studies, deliveries and the audit trail."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from rollout_site import DEMO, NAME, Site
+from sqlalchemy import update
+
+from dicomai.db.models import Delivery, DeliveryState, Job, JobState
+
+
+@pytest.fixture
+def site(tmp_path):
+    site = Site(tmp_path)
+    site.register(DEMO)
+    site.cli("models", "activate", NAME, "1.0.0", "--reason", "first model")
+    yield site
+    site.close()
+
+
+def test_jobs_studies_deliveries_and_audit(site: Site) -> None:
+    first, second = site.ingest_studies(2)
+    done_id, failed_id = site.run_jobs()
+    with site.sessions() as session, session.begin():
+        session.execute(
+            update(Job).where(Job.id == failed_id).values(state=JobState.FAILED, error="boom")
+        )
+        session.execute(update(Delivery).values(state=DeliveryState.FAILED, last_error="refused"))
+
+    listed = [json.loads(line) for line in site.cli("jobs", "list", "--json").stdout.splitlines()]
+    assert {j["id"]: j["state"] for j in listed} == {done_id: "done", failed_id: "failed"}
+    assert "failed" in site.cli("jobs", "list", "--state", "failed").stdout
+
+    site.cli("jobs", "retry", str(failed_id), "--reason", "transient GPU error")
+    with site.sessions() as session:
+        assert session.get_one(Job, failed_id).state == JobState.QUEUED
+    site.cli("jobs", "cancel", str(failed_id), "--reason", "study sent by mistake")
+    refused = site.cli("jobs", "cancel", str(failed_id), check=False)
+    assert refused.returncode == 2 and "only queued jobs" in refused.stderr
+    assert site.cli("jobs", "show", "999", check=False).stderr.strip() == (
+        "error: job 999 does not exist"
+    )
+
+    shown = site.cli("studies", "show", first).stdout
+    assert "jobs:" in shown and f"{NAME} 1.0.0" in shown and "instance.stored" in shown, shown
+
+    deliveries = site.cli("deliveries", "list", "--state", "failed", "--json").stdout.splitlines()
+    assert deliveries, "no failed delivery listed"
+    delivery_id = json.loads(deliveries[0])["id"]
+    site.cli("deliveries", "retry", str(delivery_id), "--reason", "PACS is back")
+    with site.sessions() as session:
+        assert session.get_one(Delivery, delivery_id).state == DeliveryState.PENDING
+
+    admin = site.cli("audit", "list", "--since", "1h", "--actor", _user(), "--json").stdout
+    actions = [json.loads(line)["action"] for line in admin.splitlines()]
+    assert actions == ["delivery.retried", "job.cancelled", "job.retried", "model.activated"]
+    reasons = [json.loads(line)["detail"]["reason"] for line in admin.splitlines()]
+    assert reasons[0] == "PACS is back"
+    for_study = site.cli("audit", "list", "--study", second, "--action", "job.retried").stdout
+    assert "job.retried" in for_study and "transient GPU error" in for_study
+    future = site.cli("audit", "list", "--since", "2999-01-01", "--json").stdout
+    assert future == ""
+    assert site.cli("audit", "list", "--since", "yesterday", check=False).returncode == 2
+    assert "audit chain intact" in site.cli("audit", "verify").stdout
+
+
+def _user() -> str:
+    from dicomai.audit import os_user
+
+    return os_user()

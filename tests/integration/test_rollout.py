@@ -1,0 +1,187 @@
+"""Rolling a model out and back through the CLI, with jobs run as a worker runs them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from rollout_site import DEMO, NAME, Site, package
+from sqlalchemy import select
+
+from dicomai.db.models import Instance, JobState, ModelState, ModelVersion, Prediction
+from dicomai.jobs.applicability import applies
+from dicomai.rollout.canary import canary_selects
+
+
+@pytest.fixture
+def site(tmp_path):
+    site = Site(tmp_path)
+    site.register(DEMO)
+    site.cli("models", "activate", NAME, "1.0.0", "--reason", "first model")
+    yield site
+    site.close()
+
+
+def one_line_error(result, *words: str) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, f"exit {result.returncode}: {result.stderr}"
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+def delivered(site: Site, version: str) -> set[str]:
+    """Study UIDs for which `version` created deliveries."""
+    return {j.study.study_uid for j in site.jobs(version) for o in j.outputs if o.deliveries}
+
+
+def test_corrupted_weights_are_refused_at_register_and_fail_the_job_at_load(tmp_path) -> None:
+    site = Site(tmp_path)
+    bad = package(tmp_path, "1.0.1")
+    weights = bad / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    one_line_error(site.cli("models", "register", str(bad), check=False), "SHA-256 mismatch")
+    assert "1.0.1" not in site.cli("models", "list").stdout
+
+    site.register(DEMO)
+    site.cli("models", "activate", NAME, "1.0.0")
+    copy = site.settings.registry_dir / NAME / "1.0.0" / "weights.safetensors"
+    copy.write_bytes(copy.read_bytes()[:-1] + b"\x00")
+    site.ingest_studies(1)
+    (job_id,) = site.run_jobs()
+    (job,) = site.jobs("1.0.0")
+    assert job.state == JobState.FAILED and "SHA-256 mismatch" in (job.error or ""), job.error
+    shown = site.cli("jobs", "show", str(job_id)).stdout
+    assert "failed" in shown and "SHA-256 mismatch" in shown, shown
+    site.close()
+
+
+def test_shadow_stores_predictions_sends_nothing_and_compares(site: Site, tmp_path) -> None:
+    site.register(package(tmp_path, "1.1.0"))
+    site.cli("models", "shadow", NAME, "1.1.0", "--reason", "try on live studies")
+    studies = site.ingest_studies(4)
+    site.run_jobs()
+
+    shadow_jobs = site.jobs("1.1.0")
+    assert [j.state for j in shadow_jobs] == [JobState.DONE] * 4
+    assert all(j.outputs for j in shadow_jobs), "shadow results were not stored"
+    assert delivered(site, "1.1.0") == set(), "a shadow version sent results"
+    assert delivered(site, "1.0.0") == set(studies)
+    with site.sessions() as session:
+        shadow_predictions = session.scalars(
+            select(Prediction).where(Prediction.job_id.in_([j.id for j in shadow_jobs]))
+        ).all()
+        assert len(shadow_predictions) == 4
+    sent = sorted(p.name for p in site.delivered.iterdir())
+    active_outputs = {o.sop_instance_uid for j in site.jobs("1.0.0") for o in j.outputs}
+    assert {name.removesuffix(".dcm") for name in sent} <= active_outputs | set(sent)
+    assert len(sent) == len(active_outputs)
+
+    compared = site.cli("models", "compare", NAME, "1.0.0", "1.1.0").stdout
+    assert "shared images:" in compared and " 4" in compared.splitlines()[0], compared
+    assert "100%" in compared, compared  # same weights: the same calls
+
+
+def test_canary_sends_for_the_studies_its_percentage_selects(site: Site, tmp_path) -> None:
+    site.register(package(tmp_path, "1.2.0"))
+    site.cli("models", "canary", NAME, "1.2.0", "--percent", "50", "--reason", "half")
+    assert "canary (50 %)" in site.cli("models", "list").stdout
+    studies = site.ingest_studies(8)
+    site.run_jobs()
+
+    expected = {uid for uid in studies if canary_selects(uid, 50)}
+    assert 0 < len(expected) < len(studies), "pick a seed with studies on both sides"
+    assert delivered(site, "1.2.0") == expected
+    assert all(j.outputs for j in site.jobs("1.2.0")), "unselected canary results not stored"
+    assert delivered(site, "1.0.0") == set(studies)
+
+
+def test_rollback_restores_the_previous_version_for_the_next_job(site: Site, tmp_path) -> None:
+    site.register(package(tmp_path, "2.0.0"))
+    site.cli("models", "activate", NAME, "2.0.0", "--reason", "better")
+    site.ingest_studies(1, seed=1)
+    site.run_jobs()
+    assert [j.state for j in site.jobs("2.0.0")] == [JobState.DONE]
+
+    out = site.cli("models", "rollback", NAME, "--reason", "radiologists complained").stdout
+    assert "1.0.0 is active again" in out and "2.0.0 is retired" in out, out
+    site.ingest_studies(1, seed=2)
+    site.run_jobs()  # the same runner: no worker restart
+    assert len(site.jobs("2.0.0")) == 1, "the rolled-back version ran again"
+    assert len(site.jobs("1.0.0")) == 1 and site.jobs("1.0.0")[0].state == JobState.DONE
+    with site.sessions() as session:
+        states = dict(session.execute(select(ModelVersion.version, ModelVersion.state)).all())
+    assert states == {"1.0.0": ModelState.ACTIVE, "2.0.0": ModelState.RETIRED}
+    rows = site.cli("audit", "list", "--action", "model.rolled_back", "--json").stdout
+    event = json.loads(rows.splitlines()[0])
+    assert event["detail"]["reason"] == "radiologists complained"
+    assert "rollback" in event["detail"]["command"] and event["actor"]
+    one_line_error(
+        site.cli("models", "activate", NAME, "2.0.0", check=False), "retired", "rollback"
+    )
+
+
+def test_the_gate_refuses_a_worse_version_unless_forced_with_a_reason(site: Site, tmp_path) -> None:
+    site.register(package(tmp_path, "3.0.0", test_accuracy=0.9))
+    message = one_line_error(
+        site.cli("models", "activate", NAME, "3.0.0", check=False), "worse", "test_accuracy"
+    )
+    assert "--force" in message
+    one_line_error(site.cli("models", "activate", NAME, "3.0.0", "--force", check=False), "reason")
+    assert "1.0.0" in site.cli("models", "show", NAME).stdout.splitlines()[0]
+
+    reason = "site evaluation is better"
+    site.cli("models", "activate", NAME, "3.0.0", "--force", "--reason", reason)
+    rows = site.cli("audit", "list", "--action", "model.gate_overridden", "--json").stdout
+    event = json.loads(rows.splitlines()[0])
+    assert event["detail"]["reason"] == reason
+    assert event["detail"]["gate"]["metrics"]["test_accuracy"] == [0.9, 0.9975]
+    shown = site.cli("models", "show", NAME).stdout
+    assert "active" in shown and "3.0.0" in shown and "model.gate_overridden" in shown
+
+
+def test_a_site_evaluation_decides_the_gate_when_both_versions_have_one(site, tmp_path) -> None:
+    site.register(package(tmp_path, "3.1.0"))
+    for version, auc in (("1.0.0", 0.91), ("3.1.0", 0.85)):
+        path = tmp_path / f"eval-{version}.json"
+        path.write_text(json.dumps({"reference_set": "site-2026", "metrics": {"auc": auc}}))
+        site.cli("models", "evaluation", NAME, version, str(path))
+    one_line_error(site.cli("models", "activate", NAME, "3.1.0", check=False), "site evaluation")
+
+
+def test_invalid_transitions_are_one_line_errors(site: Site, tmp_path) -> None:
+    one_line_error(site.cli("models", "rollback", NAME, check=False), "no earlier active")
+    one_line_error(site.cli("models", "activate", NAME, "1.0.0", check=False), "already active")
+    one_line_error(site.cli("models", "shadow", NAME, "1.0.0", check=False), "active")
+    one_line_error(site.cli("models", "shadow", NAME, "9.9.9", check=False), "not registered")
+    site.register(package(tmp_path, "1.3.0"))
+    one_line_error(
+        site.cli("models", "canary", NAME, "1.3.0", "--percent", "0", check=False), "percent"
+    )
+    site.cli("models", "retire", NAME, "1.3.0", "--reason", "not needed")
+    one_line_error(site.cli("models", "shadow", NAME, "1.3.0", check=False), "retired")
+
+
+def test_view_position_and_series_description_route_images() -> None:
+    manifest = json.loads(json.dumps(_demo_manifest()))
+    manifest["applies_to"]["view_positions"] = ["PA"]
+    manifest["applies_to"]["series_description"] = r"chest\s+pa"
+
+    def image(view: str, description: str) -> Instance:
+        return Instance(
+            modality="DX", sop_class_uid="1.2", view_position=view, series_description=description
+        )
+
+    pa, lateral, other = image("PA", "CHEST  PA"), image("LL", "Chest PA"), image("PA", "Abdomen")
+    assert applies(manifest, pa)
+    assert not applies(manifest, lateral)
+    assert not applies(manifest, other)
+
+
+def _demo_manifest() -> dict:
+    import tomllib
+
+    return tomllib.loads((DEMO / "model.toml").read_text())
