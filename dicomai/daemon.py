@@ -108,7 +108,7 @@ class Daemon:
             start_http_server(metrics.port, metrics.host)
             log.info("metrics on http://%s:%d/metrics", metrics.host, metrics.port)
 
-    def loop(self, period: float = 0.5) -> None:
+    def loop(self, period: float = 0.2) -> None:
         leases = Leases()
         while not self.stopping.wait(period):
             try:

@@ -36,6 +36,6 @@ def make_app(settings: Settings) -> Celery:
             "processed_folder": str(folders["processed"]),
             "control_folder": str(folders["control"]),
             "store_processed": False,
-            "polling_interval": 0.2,
+            "polling_interval": 0.1,
         }
     return app

@@ -14,7 +14,7 @@ from dicomai.config import Destination, Settings
 from dicomai.db.models import Delivery, DeliveryState, OutputObject, utcnow
 from dicomai.delivery.folder import copy_file
 from dicomai.delivery.policy import backoff_seconds, gives_up
-from dicomai.delivery.scu import send_file
+from dicomai.delivery.scu import send_files
 from dicomai.errors import DeliveryError
 
 log = logging.getLogger(__name__)
@@ -22,40 +22,61 @@ log = logging.getLogger(__name__)
 DELIVERY = "delivery"
 
 
-def send_to(destination: Destination, path: Path, settings: Settings) -> None:
-    """Send one file to one destination (raises DeliveryError)."""
+def send_to(destination: Destination, paths: list[Path], settings: Settings) -> list[str | None]:
+    """Send files to one destination; return each file's error, or None once it is stored."""
     if destination.path is not None:
-        copy_file(path, destination.path)
-        return
+        return [_copy(path, destination.path) for path in paths]
     assert destination.ae_title and destination.host and destination.port
-    send_file(
-        path,
+    outcomes = send_files(
+        paths,
         ae_title=destination.ae_title,
         host=destination.host,
         port=destination.port,
         calling_ae=settings.ingest.ae_title,
         timeout=settings.delivery.timeout_seconds,
     )
+    return [None if error is None else str(error) for error in outcomes]
+
+
+def _copy(path: Path, folder: Path) -> str | None:
+    try:
+        copy_file(path, folder)
+    except DeliveryError as exc:
+        return str(exc)
+    return None
 
 
 def attempt_delivery(sessions: sessionmaker[Session], settings: Settings, delivery_id: int) -> bool:
     """Try delivery `delivery_id` once if it is still pending; return whether it is sent."""
+    return attempt_deliveries(sessions, settings, [delivery_id]) == 1
+
+
+def attempt_deliveries(
+    sessions: sessionmaker[Session], settings: Settings, delivery_ids: list[int]
+) -> int:
+    """Try the pending ones of `delivery_ids`, one association per destination; count sent."""
+    by_destination: dict[str, list[tuple[int, Path]]] = {}
     with sessions() as session:
-        delivery = session.get(Delivery, delivery_id)
-        if delivery is None or delivery.state != DeliveryState.PENDING:
-            return delivery is not None and delivery.state == DeliveryState.SENT
-        path = settings.outputs_dir / delivery.output.path
-        name = delivery.destination
-    destination = next((d for d in settings.destinations if d.name == name), None)
-    try:
+        for delivery in session.scalars(select(Delivery).where(Delivery.id.in_(delivery_ids))):
+            if delivery.state == DeliveryState.PENDING:
+                path = settings.outputs_dir / delivery.output.path
+                by_destination.setdefault(delivery.destination, []).append((delivery.id, path))
+    sent = 0
+    for name, items in by_destination.items():
+        destination = next((d for d in settings.destinations if d.name == name), None)
         if destination is None:
-            raise DeliveryError(f"destination {name!r} is no longer configured")
-        send_to(destination, path, settings)
-    except DeliveryError as exc:
-        _record_failure(sessions, settings, delivery_id, str(exc))
-        return False
-    _record_success(sessions, delivery_id)
-    return True
+            errors: list[str | None] = [f"destination {name!r} is no longer configured"] * len(
+                items
+            )
+        else:
+            errors = send_to(destination, [path for _, path in items], settings)
+        for (delivery_id, _), error in zip(items, errors, strict=True):
+            if error is None:
+                _record_success(sessions, delivery_id)
+                sent += 1
+            else:
+                _record_failure(sessions, settings, delivery_id, error)
+    return sent
 
 
 def _record_success(sessions: sessionmaker[Session], delivery_id: int) -> None:

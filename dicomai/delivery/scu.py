@@ -1,4 +1,4 @@
-"""C-STORE SCU: send one stored output object to a PACS."""
+"""C-STORE SCU: send stored output objects to a PACS over one association."""
 
 from __future__ import annotations
 
@@ -12,32 +12,38 @@ from dicomai.errors import DeliveryError
 from dicomai.sockets import set_nodelay
 
 
-def send_file(
-    path: Path, *, ae_title: str, host: str, port: int, calling_ae: str, timeout: float
-) -> None:
-    """Send the DICOM file at `path` with C-STORE; return only when the peer answered Success.
+def send_files(
+    paths: list[Path], *, ae_title: str, host: str, port: int, calling_ae: str, timeout: float
+) -> list[DeliveryError | None]:
+    """Send DICOM files over one association; return each file's outcome (None: stored).
 
-    Raises
-    ------
-    DeliveryError
-        No association, a failure status, or no answer within `timeout`.
+    One association for all of a job's objects: opening one per object cost more than the
+    objects themselves (a 100-image study has 100 overlays).
     """
-    ds = dcmread(path)
+    datasets = [dcmread(path) for path in paths]
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.requested_contexts = [build_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)]
+    pairs = {(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in datasets}
+    ae.requested_contexts = [build_context(sop, syntax) for sop, syntax in sorted(pairs)]
+    where = f"{ae_title}@{host}:{port}"
     assoc = ae.associate(
         host, port, ae_title=ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)]
     )
     if not assoc.is_established:
-        raise DeliveryError(f"association with {ae_title}@{host}:{port} not established")
+        error = DeliveryError(f"association with {where} not established")
+        return [error for _ in paths]
     try:
-        status = assoc.send_c_store(ds)
+        return [_outcome(assoc.send_c_store(ds), where) for ds in datasets]
     finally:
-        assoc.release()
+        if assoc.is_established:
+            assoc.release()
+
+
+def _outcome(status: object, where: str) -> DeliveryError | None:
     code = getattr(status, "Status", None)
     if code is None:
-        raise DeliveryError(f"no C-STORE response from {ae_title}@{host}:{port}")
+        return DeliveryError(f"no C-STORE response from {where}")
     # PS3.4 B.2.3: 0xB000, 0xB007, 0xB006 are warnings; the object is stored.
     if code not in (0x0000, 0xB000, 0xB006, 0xB007):
-        raise DeliveryError(f"{ae_title}@{host}:{port} answered status 0x{code:04X}")
+        return DeliveryError(f"{where} answered status 0x{code:04X}")
+    return None

@@ -27,7 +27,7 @@ from dicomai.db.models import (
     Study,
     utcnow,
 )
-from dicomai.delivery.dispatch import attempt_delivery, pending_for_job
+from dicomai.delivery.dispatch import attempt_deliveries, attempt_delivery, pending_for_job
 from dicomai.errors import DicomaiError, ModelPackageError, NotEvaluable
 from dicomai.imaging.decode import read_instance
 from dicomai.imaging.preprocess import prepare
@@ -92,8 +92,7 @@ class JobRunner:
         except Exception as exc:
             self._fail(claim, exc)
             return
-        for delivery_id in pending_for_job(self.sessions, job_id):
-            attempt_delivery(self.sessions, self.settings, delivery_id)
+        attempt_deliveries(self.sessions, self.settings, pending_for_job(self.sessions, job_id))
 
     def deliver(self, delivery_id: int) -> None:
         attempt_delivery(self.sessions, self.settings, delivery_id)

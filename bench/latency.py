@@ -1,0 +1,139 @@
+"""End-to-end latency: last image of a study sent -> its SR in Orthanc, minus the quiet period.
+
+Runs `dicomai serve` (embedded broker, SQLite, the demo model, quiet period 1 s) with Orthanc as
+the destination, sends studies one after another with dcmtk storescu, and prints p50 and p95 of
+(SR indexed in Orthanc - last C-STORE answered - quiet period) for 1-image and 100-image studies,
+next to the model's own time for the same images measured in this run.
+
+    .venv/bin/python bench/latency.py [--studies 10] [--big-studies 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pydicom
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from daemon import Daemon, dicomai, write_config  # noqa: E402
+from servers import OrthancServer, free_port, wait_for  # noqa: E402
+
+from dicomai.training.synthetic import write_dicom_images  # noqa: E402
+
+QUIET = 1.0
+
+
+def study_files(folder: Path, images: int, seed: int) -> tuple[str, list[Path]]:
+    written = write_dicom_images(folder, images, seed=seed, size=512)
+    study = written[0].study_uid
+    for item in written[1:]:
+        ds = pydicom.dcmread(item.path)
+        ds.StudyInstanceUID = study
+        ds.save_as(item.path)
+    return study, [w.path for w in written]
+
+
+def sr_arrived(orthanc: OrthancServer, study: str) -> bool:
+    found = orthanc.post_json(
+        "/tools/find",
+        f'{{"Level": "Instance", "Query": {{"StudyInstanceUID": "{study}", "Modality": "SR"}}}}',
+    )
+    return bool(found)
+
+
+def run(orthanc: OrthancServer, port: int, folder: Path, images: int, count: int) -> list[float]:
+    latencies = []
+    for n in range(count):
+        study, files = study_files(folder / f"{images}-{n}", images, seed=1000 * images + n)
+        subprocess.run(
+            ["storescu", "-aec", "DICOMAI", "127.0.0.1", str(port), *map(str, files)],
+            check=True,
+            capture_output=True,
+            env={**os.environ, "TCP_NODELAY": "1"},
+        )
+        sent = time.perf_counter()
+        wait_for(lambda s=study: sr_arrived(orthanc, s), 300, f"SR of study {n}")
+        latencies.append(time.perf_counter() - sent - QUIET)
+    return latencies
+
+
+def model_seconds(images: int) -> float:
+    from dicomai.imaging.preprocess import prepare
+    from dicomai.inference.runner import Classifier
+    from dicomai.models.package import load_model
+
+    classifier = Classifier(load_model(REPO / "models" / "demo-chest-nodule"))
+    with tempfile.TemporaryDirectory() as tmp:
+        _, files = study_files(Path(tmp), images, seed=7)
+        inputs = [
+            (str(i), prepare(pydicom.dcmread(f), classifier.loaded.manifest.input)[1])
+            for i, f in enumerate(files)
+        ]
+        start = time.perf_counter()
+        classifier.predict(inputs)
+        return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--studies", type=int, default=10)
+    parser.add_argument("--big-studies", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp_name, OrthancServer(Path(tmp_name) / "pacs") as pacs:
+        tmp = Path(tmp_name)
+        port = free_port()
+        config = write_config(
+            tmp / "dicomai.toml",
+            {
+                "ingest": {
+                    "port": port,
+                    "host": "127.0.0.1",
+                    "study_quiet_seconds": QUIET,
+                    "allow_any": True,
+                },
+                "storage": {"dir": str(tmp / "var"), "min_free_mb": 0},
+                "worker": {"device": "cpu"},
+            },
+            {
+                "destinations": [
+                    {
+                        "name": "pacs",
+                        "ae_title": pacs.aet,
+                        "host": "127.0.0.1",
+                        "port": pacs.dicom_port,
+                    }
+                ]
+            },
+        )
+        dicomai(config, "db", "upgrade")
+        dicomai(config, "models", "register", str(REPO / "models" / "demo-chest-nodule"))
+        dicomai(config, "models", "activate", "demo-chest-nodule", "1.0.0")
+        daemon = Daemon(config, tmp / "serve.log")
+        daemon.start()
+        try:
+            daemon.wait_listening(port, "ANY", "DICOMAI")
+            run(pacs, port, tmp, 1, 1)  # warm-up: the worker loads the model on its first job
+            for images, count in ((1, args.studies), (100, args.big_studies)):
+                latencies = sorted(run(pacs, port, tmp, images, count))
+                p95 = latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))]
+                print(
+                    f"{images:>3}-image studies (n={count}): overhead beyond the quiet period "
+                    f"p50 {statistics.median(latencies):.2f} s, p95 {p95:.2f} s; model alone "
+                    f"{model_seconds(images):.2f} s",
+                    flush=True,
+                )
+        finally:
+            daemon.stop()
+
+
+if __name__ == "__main__":
+    main()
