@@ -109,7 +109,7 @@ class Daemon:
             log.info("metrics on http://%s:%d/metrics", metrics.host, metrics.port)
 
     def loop(self, period: float = 0.2) -> None:
-        leases = Leases()
+        leases = Leases.from_settings(self.settings.worker)
         while not self.stopping.wait(period):
             try:
                 SPOOL_FREE_BYTES.set(self.spool.free_bytes())

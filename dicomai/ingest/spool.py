@@ -18,7 +18,9 @@ class Spool:
     def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
         self.root = root
         self.min_free_bytes = min_free_bytes
-        self.root.mkdir(parents=True, exist_ok=True)
+        # Patient data: readable by the service user only (files 0600, folders 0700).
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.root.chmod(0o700)
 
     def relative_path(self, study_uid: str, sop_instance_uid: str) -> str:
         """The file name of an instance; only validated UIDs ever become path parts.
@@ -52,7 +54,7 @@ class Spool:
         tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
             created = not final.parent.exists()
-            final.parent.mkdir(parents=True, exist_ok=True)
+            final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             if created:
                 _fsync_dir(final.parent.parent)
             size = _write_fsynced(tmp, chunks)

@@ -10,6 +10,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai.audit import Action, record
+from dicomai.config import WorkerSettings
 from dicomai.db.models import Delivery, DeliveryState, Job, JobState, utcnow
 from dicomai.jobs.doorbell import Doorbell
 
@@ -26,6 +27,15 @@ class Leases:
     heartbeat_seconds: float = 600.0
     delivery_seconds: float = 120.0
     max_attempts: int = 3
+
+    @classmethod
+    def from_settings(cls, worker: WorkerSettings) -> Leases:
+        """The leases of `[worker]` (heartbeat, queued and delivery lease seconds)."""
+        return cls(
+            queued_seconds=worker.queued_lease_seconds,
+            heartbeat_seconds=worker.heartbeat_lease_seconds,
+            delivery_seconds=worker.delivery_lease_seconds,
+        )
 
 
 def ring_jobs(sessions: sessionmaker[Session], doorbell: Doorbell, leases: Leases) -> int:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -10,7 +13,7 @@ from typing import Any
 
 import numpy as np
 from pydicom import Dataset
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai.audit import Action, record
@@ -87,7 +90,8 @@ class JobRunner:
         if claim is None:
             return
         try:
-            predictions, outputs = self._process(claim)
+            with self._heartbeat(job_id):
+                predictions, outputs = self._process(claim)
             self._finish(claim, predictions, outputs)
         except Exception as exc:
             self._fail(claim, exc)
@@ -131,6 +135,35 @@ class JobRunner:
                     for i in sorted(instances, key=lambda i: i.sop_instance_uid)
                 ),
             )
+
+    @contextmanager
+    def _heartbeat(self, job_id: int) -> Iterator[None]:
+        """Refresh the job's heartbeat while it runs, so a long job is not taken for abandoned.
+
+        Four beats per lease: a beat delayed by a busy database still lands inside the lease.
+        """
+        interval = self.settings.worker.heartbeat_lease_seconds / 4
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(interval):
+                try:
+                    with self.sessions() as session, session.begin():
+                        session.execute(
+                            update(Job)
+                            .where(Job.id == job_id, Job.state == JobState.RUNNING)
+                            .values(heartbeat_at=utcnow())
+                        )
+                except Exception as exc:  # a missed beat only risks a harmless re-run
+                    log.warning("job %d heartbeat: %s", job_id, type(exc).__name__)
+
+        thread = threading.Thread(target=beat, name=f"heartbeat-{job_id}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
     def _classifier(self, claim: Claim) -> Classifier:
         classifier = self._classifiers.get(claim.model_version_id)
