@@ -149,7 +149,7 @@ def make_stack(
         dicomai(config, "models", "register", str(package))
         name = "demo-chest-nodule" if package == DEMO else package.name
         dicomai(config, "models", "activate", name, "1.0.0")
-    return Stack(root, config, port, db_url, storage)
+    return Stack(root, config, port, db_url, Path(sections["storage"]["dir"]))
 
 
 @contextmanager
