@@ -113,17 +113,31 @@ def _parse(meta: bytes, dataset: bytes | memoryview) -> Dataset:
     """
     if len(dataset) > _HEAD:
         try:
-            ds = dcmread(
-                BytesIO(meta + bytes(dataset[:_HEAD])), stop_before_pixels=True, specific_tags=_TAGS
+            ds = _converted(
+                dcmread(
+                    BytesIO(meta + bytes(dataset[:_HEAD])),
+                    stop_before_pixels=True,
+                    specific_tags=_TAGS,
+                )
             )
             if all(ds.get(k) for k in _REQUIRED):
                 return ds
         except Exception:  # a prefix may end anywhere: try the whole dataset
             pass
     try:
-        return dcmread(BytesIO(meta + bytes(dataset)), stop_before_pixels=True, specific_tags=_TAGS)
+        return _converted(
+            dcmread(BytesIO(meta + bytes(dataset)), stop_before_pixels=True, specific_tags=_TAGS)
+        )
     except Exception as exc:  # pydicom raises many types for malformed data
         raise InvalidInstance(f"cannot parse dataset: {type(exc).__name__}") from None
+
+
+def _converted(ds: Dataset) -> Dataset:
+    """`ds` with every element decoded now: pydicom decodes lazily, so a corrupt value (an
+    unknown VR, say) would otherwise raise later, outside the parse's error handling."""
+    for _ in ds:
+        pass
+    return ds
 
 
 def _count(value: object) -> int | None:
