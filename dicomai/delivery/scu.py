@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
 
 from dicomai.errors import DeliveryError
@@ -33,10 +34,19 @@ def send_files(
         error = DeliveryError(f"association with {where} not established")
         return [error for _ in paths]
     try:
-        return [_outcome(assoc.send_c_store(ds), where) for ds in datasets]
+        return [_send_one(assoc, ds, where) for ds in datasets]
     finally:
         if assoc.is_established:
             assoc.release()
+
+
+def _send_one(assoc: Association, ds: Dataset, where: str) -> DeliveryError | None:
+    try:
+        status = assoc.send_c_store(ds)
+    except ValueError:
+        # pynetdicom raises when the peer accepted no context for this SOP class and syntax.
+        return DeliveryError(f"{where} accepted no presentation context for {ds.SOPClassUID.name}")
+    return _outcome(status, where)
 
 
 def _outcome(status: object, where: str) -> DeliveryError | None:

@@ -1,0 +1,73 @@
+"""Delivery to a PACS: one association for many objects, each object's own outcome."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE, evt
+from servers import free_port, sample_file
+
+from dicomai.config import DeliverySettings
+from dicomai.delivery.policy import backoff_seconds, gives_up
+from dicomai.delivery.scu import send_files
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+@pytest.fixture
+def ct_only_pacs():
+    """A PACS (pynetdicom SCP) that takes CT images only and counts what it stored."""
+    received: list[str] = []
+
+    def on_store(event: evt.Event) -> int:
+        received.append(event.request.AffectedSOPInstanceUID)
+        return 0x0000
+
+    ae = AE(ae_title="PACS")
+    ae.add_supported_context(CT, [ExplicitVRLittleEndian, "1.2.840.10008.1.2"])
+    port = free_port()
+    server = ae.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    yield port, received
+    server.shutdown()
+
+
+def test_each_object_gets_its_outcome_over_one_association(ct_only_pacs, tmp_path: Path) -> None:
+    port, received = ct_only_pacs
+    ct = tmp_path / "ct.dcm"
+    pydicom.dcmread(sample_file("CT_small.dcm")).save_as(ct, enforce_file_format=True)
+    mr = tmp_path / "mr.dcm"
+    pydicom.dcmread(sample_file("MR_small.dcm")).save_as(mr, enforce_file_format=True)
+
+    outcomes = send_files(
+        [ct, mr], ae_title="PACS", host="127.0.0.1", port=port, calling_ae="DICOMAI", timeout=10
+    )
+
+    assert outcomes[0] is None
+    assert outcomes[1] is not None and "no presentation context" in str(outcomes[1])
+    assert received == [pydicom.dcmread(ct).SOPInstanceUID]
+
+
+def test_unreachable_pacs_fails_every_object(tmp_path: Path) -> None:
+    ct = tmp_path / "ct.dcm"
+    pydicom.dcmread(sample_file("CT_small.dcm")).save_as(ct, enforce_file_format=True)
+    outcomes = send_files(
+        [ct, ct],
+        ae_title="PACS",
+        host="127.0.0.1",
+        port=free_port(),
+        calling_ae="DICOMAI",
+        timeout=5,
+    )
+    assert all(o is not None and "not established" in str(o) for o in outcomes)
+
+
+def test_backoff_doubles_up_to_its_ceiling_and_gives_up_after_max_attempts() -> None:
+    settings = DeliverySettings(max_attempts=5, backoff_initial_seconds=5, backoff_max_seconds=30)
+    assert [backoff_seconds(n, settings) for n in range(1, 6)] == [5, 10, 20, 30, 30]
+    assert not gives_up(4, settings)
+    assert gives_up(5, settings)
