@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -68,7 +69,7 @@ def gradcam(
         raise ValueError(f"{len(class_indices)} class indices for a batch of {batch.shape[0]}")
     layer = target_layer if target_layer is not None else find_target_layer(model, batch)
     with _explaining(model, layer if frozen else None):
-        cam = cam_class(model=model, target_layers=[layer])
+        cam = cam_class(model=model, target_layers=[layer], reshape_transform=token_grid)
         try:
             targets = [ClassifierOutputTarget(index) for index in class_indices]
             maps = cam(input_tensor=batch, targets=targets)
@@ -79,7 +80,36 @@ def gradcam(
         finally:
             # Not `with cam:` - its __exit__ swallows IndexError and prints it.
             cam.activations_and_grads.release()
-    return np.clip(np.asarray(maps, dtype=np.float32), 0.0, 1.0)
+    return _scaled_to_peak(np.asarray(maps, dtype=np.float32))
+
+
+def _scaled_to_peak(maps: np.ndarray) -> np.ndarray:
+    """Each map divided by its own maximum; pytorch-grad-cam's 1e-7 guard leaves maps of
+    weak activations (an untrained EfficientNet-B7's 2x2 map) peaking far below one."""
+    maps = np.clip(maps, 0.0, None)
+    peaks = maps.reshape(len(maps), -1).max(axis=1)
+    scale = np.where(peaks > 0, 1.0 / np.where(peaks > 0, peaks, 1.0), 1.0).astype(np.float32)
+    return np.clip(maps * scale[:, None, None], 0.0, 1.0)
+
+
+def token_grid(activations: torch.Tensor) -> torch.Tensor:
+    """A target layer's output as a (N, C, rows, cols) map: token sequences become their grid.
+
+    A convolutional map passes unchanged. A Vision Transformer's (N, 1 + rows·cols, C) token
+    sequence loses its class token and is laid out on the square patch grid (14x14 at 224²
+    for 16-pixel patches), so the Grad-CAM family weighs patches as it weighs pixels.
+    """
+    if activations.dim() != 3:
+        return activations
+    count = activations.shape[1]
+    side = math.isqrt(count - 1)
+    if side * side == count - 1:
+        activations = activations[:, 1:]
+    else:
+        side = math.isqrt(count)
+        if side * side != count:
+            raise ValueError(f"{count} tokens do not form a square grid, with or without one")
+    return activations.reshape(len(activations), side, side, -1).permute(0, 3, 1, 2)
 
 
 @contextmanager

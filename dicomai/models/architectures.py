@@ -8,9 +8,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision import models as tv
 
 from dicomai.errors import ModelPackageError
+from dicomai.models.hybrid import HybridResNetDenseNet
+from dicomai.models.multitask import ResNetMultiTask
+from dicomai.models.torchvision_zoo import ZOO
+from dicomai.models.transformer import DenseNetTransformer
 
 Builder = Callable[..., nn.Module]
 
@@ -57,44 +60,12 @@ def _tinycnn(num_classes: int, dropout: float = 0.2) -> nn.Module:
     return TinyCNN(num_classes, dropout=dropout)
 
 
-def _resnet(factory: Callable[..., tv.ResNet]) -> Builder:
-    def build_resnet(num_classes: int, dropout: float = 0.0) -> nn.Module:
-        model = factory(weights=None)
-        head: nn.Module = nn.Linear(model.fc.in_features, num_classes)
-        model.fc = nn.Sequential(nn.Dropout(dropout), head) if dropout else head
-        # The last residual block's output: the map the Grad-CAM paper explains for ResNets.
-        model.gradcam_target_layer = "layer4"
-        return model
-
-    return build_resnet
-
-
-def _densenet121(num_classes: int, dropout: float = 0.0) -> nn.Module:
-    model = tv.densenet121(weights=None)
-    head: nn.Module = nn.Linear(model.classifier.in_features, num_classes)
-    model.classifier = nn.Sequential(nn.Dropout(dropout), head) if dropout else head
-    model.gradcam_target_layer = "features"
-    return model
-
-
-def _efficientnet_b0(num_classes: int, dropout: float = 0.2) -> nn.Module:
-    model = tv.efficientnet_b0(weights=None, dropout=dropout)
-    last = model.classifier[-1]
-    assert isinstance(last, nn.Linear)
-    model.classifier[-1] = nn.Linear(last.in_features, num_classes)
-    # Its last Conv2d by module order sits in a squeeze-excitation on a 1x1 map; name the
-    # final 1x1 projection block, whose output is the 7x7 map.
-    model.gradcam_target_layer = "features"
-    return model
-
-
 ARCHITECTURES: dict[str, Builder] = {
     "tinycnn": _tinycnn,
-    "resnet18": _resnet(tv.resnet18),
-    "resnet34": _resnet(tv.resnet34),
-    "resnet50": _resnet(tv.resnet50),
-    "densenet121": _densenet121,
-    "efficientnet_b0": _efficientnet_b0,
+    **ZOO,
+    "hybrid_resnet50_densenet121": HybridResNetDenseNet,
+    "densenet121_transformer": DenseNetTransformer,
+    "resnet50_multitask": ResNetMultiTask,
 }
 
 

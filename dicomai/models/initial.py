@@ -1,0 +1,100 @@
+"""Initial weights from a local file: torchvision ImageNet state_dicts and CheXNet checkpoints."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from dicomai.errors import ModelPackageError
+
+# Classification heads of torchvision's networks (ResNet, DenseNet/EfficientNet, ViT), and
+# CheXNet's: trained for other classes, so never copied into our heads.
+_HEAD_PREFIXES = ("fc.", "classifier.", "heads.")
+# CheXNet (arnoweng/CheXNet) saved a DataParallel-wrapped model with torchvision < 0.3's
+# layer names: "module.densenet121.features.denseblock1.denselayer1.norm.1.weight".
+_CHEXNET_PREFIX = "module.densenet121."
+_OLD_DENSE_LAYER_NAME = re.compile(r"\.(norm|relu|conv)\.(\d)\.")
+
+
+def chexnet_key(key: str) -> str:
+    """A CheXNet checkpoint key under torchvision's DenseNet-121 names."""
+    key = key.removeprefix(_CHEXNET_PREFIX)
+    return _OLD_DENSE_LAYER_NAME.sub(r".\1\2.", key)
+
+
+def load_initial_weights(
+    model: nn.Module, path: Path, kind: Literal["torchvision", "chexnet"] = "torchvision"
+) -> list[str]:
+    """Copy pretrained backbone tensors from a local file into `model`, heads excepted.
+
+    A key is looked up in `model` as it is, then under each of the model's top-level children
+    (``resnet.``, ``densenet.``, ``encoder.``…), so a ResNet-50 or DenseNet-121 file initialises
+    the matching backbone of a composite network. Nothing is downloaded.
+
+    Parameters
+    ----------
+    model
+        The network, e.g. from `dicomai.models.architectures.build`.
+    path
+        A state_dict saved by ``torch.save`` (read with ``weights_only=True``) or safetensors;
+        a CheXNet checkpoint may hold it under ``"state_dict"``.
+    kind
+        ``"torchvision"`` for torchvision's names, ``"chexnet"`` for a CheXNet DenseNet-121.
+
+    Returns
+    -------
+    list[str]
+        The names in `model` that were loaded.
+
+    Raises
+    ------
+    ModelPackageError
+        If the file is missing or unreadable, or none of its tensors fits the model.
+    """
+    state = _read_state(Path(path))
+    if kind == "chexnet":
+        state = {chexnet_key(key): value for key, value in state.items()}
+    elif kind != "torchvision":
+        raise ModelPackageError(f"initial weights: unknown kind {kind!r} (torchvision, chexnet)")
+    own = model.state_dict()
+    prefixes = ["", *(f"{name}." for name, _ in model.named_children())]
+    updates: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.startswith(_HEAD_PREFIXES):
+            continue
+        for prefix in prefixes:
+            target = prefix + key
+            if target in own and own[target].shape == value.shape:
+                updates[target] = value
+    if not updates:
+        raise ModelPackageError(
+            f"initial weights: no tensor of {path} fits {type(model).__name__} (kind {kind})"
+        )
+    model.load_state_dict(updates, strict=False)
+    return sorted(updates)
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise ModelPackageError(f"initial weights: {path} not found")
+    try:
+        if path.suffix == ".safetensors":
+            data: object = load_file(path)
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, ValueError, EOFError, OSError) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ModelPackageError(f"initial weights: {path} is unreadable: {message}") from error
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()
+    ):
+        raise ModelPackageError(f"initial weights: {path} is not a state_dict of named tensors")
+    return data

@@ -1,0 +1,101 @@
+"""ResNet-50 with CBAM, classifying an image and segmenting its lesion through an FPN decoder."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from dicomai.models.backbones import resnet_backbone, resnet_stage_widths
+from dicomai.models.cbam import CBAM
+
+
+class ResNetMultiTask(nn.Module):
+    """The multi-task model of the model documents.
+
+    A ResNet-50 encoder with a CBAM after each of its four stages. Classification: global
+    average pooling → Linear(2048, 1024) → ReLU → Dropout → Linear(1024, C). Segmentation: an
+    FPN decoder (1x1 lateral convolutions on the four stages, top-down upsampling and
+    addition, a 3x3 smoothing convolution) upsampled to the input size and a 1x1 convolution
+    giving one lesion logit per pixel.
+
+    `forward` returns the class logits only, so the network classifies and is explained like
+    any other; `forward_multitask` returns logits and mask logits, `extra_maps` the mask as
+    probabilities. Grad-CAM explains the attention-weighted last stage (``attention.3``).
+
+    Parameters
+    ----------
+    num_classes
+        Outputs of the classification head.
+    dropout
+        Dropout of the classification head.
+    fpn_channels
+        Width of the decoder (256; 32 with `tiny`).
+    tiny
+        The small ResNet of `dicomai.models.backbones`, for tests and demos.
+    """
+
+    gradcam_target_layer = "attention.3"
+
+    def __init__(
+        self,
+        num_classes: int,
+        dropout: float = 0.5,
+        fpn_channels: int | None = None,
+        tiny: bool = False,
+    ) -> None:
+        super().__init__()
+        self.encoder = resnet_backbone(tiny)
+        self.encoder.fc = nn.Identity()
+        widths = resnet_stage_widths(self.encoder)
+        self.attention = nn.ModuleList(CBAM(width) for width in widths)
+        hidden = 128 if tiny else 1024
+        self.classifier = nn.Sequential(
+            nn.Linear(widths[-1], hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
+        )
+        channels = fpn_channels or (32 if tiny else 256)
+        self.lateral = nn.ModuleList(nn.Conv2d(w, channels, kernel_size=1) for w in widths)
+        self.smooth = nn.Sequential(
+            nn.Conv2d(channels, channels, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+        )
+        self.mask_head = nn.Conv2d(channels, 1, kernel_size=1)
+
+    def _stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        encoder = self.encoder
+        x = encoder.maxpool(encoder.relu(encoder.bn1(encoder.conv1(x))))
+        stages = []
+        for stage, attention in zip(
+            (encoder.layer1, encoder.layer2, encoder.layer3, encoder.layer4),
+            self.attention,
+            strict=True,
+        ):
+            x = attention(stage(x))
+            stages.append(x)
+        return stages
+
+    def _classify(self, last: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(last, 1), 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._classify(self._stages(x)[-1])
+
+    def forward_multitask(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class logits (N, C) and lesion mask logits (N, 1, H, W) at the input size."""
+        stages = self._stages(x)
+        merged = self.lateral[-1](stages[-1])
+        for stage, lateral in zip(reversed(stages[:-1]), list(self.lateral)[-2::-1], strict=True):
+            merged = lateral(stage) + F.interpolate(merged, size=stage.shape[-2:], mode="nearest")
+        decoded = F.interpolate(
+            self.smooth(merged), size=x.shape[-2:], mode="bilinear", align_corners=False
+        )
+        return self._classify(stages[-1]), self.mask_head(decoded)
+
+    def extra_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"segmentation": lesion probability (N, H, W) in [0, 1]}``."""
+        _, mask_logits = self.forward_multitask(x)
+        return {"segmentation": torch.sigmoid(mask_logits[:, 0])}

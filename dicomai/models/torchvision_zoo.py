@@ -1,0 +1,103 @@
+"""The torchvision classifiers (ResNet, DenseNet, EfficientNet, ViT) with our head and CAM layer.
+
+Each builder takes ``num_classes`` and ``dropout`` (a Dropout before the new linear head, the
+one MC dropout samples), builds the network with random weights (``weights=None``: nothing is
+downloaded) and names the layer Grad-CAM explains in ``gradcam_target_layer``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+from torchvision import models as tv
+
+Builder = Callable[..., nn.Module]
+
+
+def _head(in_features: int, num_classes: int, dropout: float) -> nn.Module:
+    head = nn.Linear(in_features, num_classes)
+    return nn.Sequential(nn.Dropout(dropout), head) if dropout else head
+
+
+def resnet(factory: Callable[..., tv.ResNet]) -> Builder:
+    """A builder for a torchvision ResNet; its CAM layer is ``layer4``, the last residual stage."""
+
+    def build_resnet(num_classes: int, dropout: float = 0.0) -> nn.Module:
+        model = factory(weights=None)
+        model.fc = _head(model.fc.in_features, num_classes, dropout)
+        model.gradcam_target_layer = "layer4"
+        return model
+
+    return build_resnet
+
+
+def densenet(factory: Callable[..., tv.DenseNet]) -> Builder:
+    """A builder for a torchvision DenseNet; its CAM layer is ``features`` (ends in norm5)."""
+
+    def build_densenet(num_classes: int, dropout: float = 0.0) -> nn.Module:
+        model = factory(weights=None)
+        model.classifier = _head(model.classifier.in_features, num_classes, dropout)
+        model.gradcam_target_layer = "features"
+        return model
+
+    return build_densenet
+
+
+def efficientnet(factory: Callable[..., tv.EfficientNet], default_dropout: float) -> Builder:
+    """A builder for a torchvision EfficientNet, dropout defaulting to the paper's for its size."""
+
+    def build_efficientnet(num_classes: int, dropout: float = default_dropout) -> nn.Module:
+        model = factory(weights=None, dropout=dropout)
+        last = model.classifier[-1]
+        assert isinstance(last, nn.Linear)
+        model.classifier[-1] = nn.Linear(last.in_features, num_classes)
+        # Its last Conv2d by module order sits in a squeeze-excitation on a 1x1 map; the whole
+        # feature stack ends in the 1x1 projection block whose output is the 7x7 map.
+        model.gradcam_target_layer = "features"
+        return model
+
+    return build_efficientnet
+
+
+def vit(factory: Callable[..., tv.VisionTransformer]) -> Builder:
+    """A builder for a torchvision ViT; Grad-CAM explains the last block's first LayerNorm.
+
+    Its output is the token sequence, (N, 1 + 14², C) at 224²; `dicomai.explain.gradcam`
+    drops the class token and reshapes the rest to the 14x14 patch grid. ``image_size`` must
+    be a multiple of 16 and is fixed at build time (224 by default).
+    """
+
+    def build_vit(num_classes: int, dropout: float = 0.0, image_size: int = 224) -> nn.Module:
+        options: dict[str, Any] = {"image_size": image_size}
+        model = factory(weights=None, **options)
+        head = model.heads.head
+        assert isinstance(head, nn.Linear)
+        model.heads.head = _head(head.in_features, num_classes, dropout)
+        last = len(model.encoder.layers) - 1
+        model.gradcam_target_layer = f"encoder.layers.encoder_layer_{last}.ln_1"
+        return model
+
+    return build_vit
+
+
+# EfficientNet's own dropout before the head grows with its scale (Tan & Le, 2019; torchvision).
+_EFFICIENTNET_DROPOUT = (0.2, 0.2, 0.3, 0.3, 0.4, 0.4, 0.5, 0.5)
+
+ZOO: dict[str, Builder] = {
+    "resnet18": resnet(tv.resnet18),
+    "resnet34": resnet(tv.resnet34),
+    "resnet50": resnet(tv.resnet50),
+    "resnet101": resnet(tv.resnet101),
+    "resnet152": resnet(tv.resnet152),
+    "densenet121": densenet(tv.densenet121),
+    "densenet169": densenet(tv.densenet169),
+    "densenet201": densenet(tv.densenet201),
+    **{
+        f"efficientnet_b{i}": efficientnet(getattr(tv, f"efficientnet_b{i}"), p)
+        for i, p in enumerate(_EFFICIENTNET_DROPOUT)
+    },
+    "vit_b_16": vit(tv.vit_b_16),
+    "vit_l_16": vit(tv.vit_l_16),
+}
