@@ -1,15 +1,26 @@
-"""Running a loaded model package on preprocessed images: calibrated scores and heat maps."""
+"""Running a loaded model package on preprocessed images: calibrated scores, uncertainty, maps."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
+from dicomai.errors import ModelPackageError
 from dicomai.explain.gradcam import gradcam
-from dicomai.inference.types import ClassScore, ImagePrediction
+from dicomai.inference.types import ClassScore, ImagePrediction, UncertaintyEstimate
+from dicomai.inference.uncertainty import (
+    Summary,
+    dropout_layers,
+    ensemble_probabilities,
+    mc_dropout_probabilities,
+    summarize,
+    tempered_probabilities,
+)
 from dicomai.models.package import LoadedModel
 
 
@@ -34,6 +45,11 @@ class Classifier:
         Most images per forward pass; bounds memory on large studies.
     cam_method
         The Grad-CAM family method (see `dicomai.explain.gradcam.METHODS`).
+
+    Raises
+    ------
+    ModelPackageError
+        If the package asks for MC dropout of a network without dropout.
     """
 
     def __init__(
@@ -47,7 +63,6 @@ class Classifier:
         self.device = torch.device(device)
         self.batch_size = max(1, batch_size)
         self.cam_method = cam_method
-        self.module = loaded.module.to(self.device).eval()
         self._memory_format = torch.contiguous_format
         if self.device.type == "cpu":
             # One intra-op thread per core this process may run on (its affinity, which a
@@ -56,9 +71,20 @@ class Classifier:
             # channels_last: resnet50 batch 8 514 ms vs 608-725 ms, densenet121 364 vs
             # 480-505 ms on 2 cores (FACTS.md).
             self._memory_format = torch.channels_last
-            self.module = self.module.to(memory_format=torch.channels_last)
+        members = loaded.members or (loaded.module,)
+        self.members = [self._placed(member) for member in members]
+        self.module = self.members[0]
         manifest = loaded.manifest
+        self._uncertainty = manifest.uncertainty
+        if self._uncertainty.method == "mc_dropout" and not dropout_layers(self.module):
+            raise ModelPackageError(
+                f"uncertainty.method: mc_dropout needs dropout, and {manifest.architecture} "
+                f"with options {manifest.options} has none"
+            )
         self._findings = [i for i, spec in enumerate(manifest.classes) if spec.is_finding]
+
+    def _placed(self, module: nn.Module) -> nn.Module:
+        return module.to(self.device).to(memory_format=self._memory_format).eval()
 
     def predict(self, inputs: Sequence[tuple[str, np.ndarray]]) -> list[ImagePrediction]:
         """Classify images and explain each one's most probable finding.
@@ -73,8 +99,11 @@ class Classifier:
         -------
         list[ImagePrediction]
             One per input, in order: a score per class (softmax of logits divided by the
-            manifest's temperature), the most probable class, and a Grad-CAM heat map
-            (float32 (H, W) in [0, 1]) of the most probable finding class.
+            manifest's temperature; with an uncertainty method, the mean over its passes and
+            each score's spread), the most probable class, a Grad-CAM heat map (float32
+            (H, W) in [0, 1]) of the most probable finding class (an ensemble's members'
+            maps averaged), and the network's extra maps (a multi-task model's segmentation,
+            a transformer's attention) where it has them.
         """
         predictions: list[ImagePrediction] = []
         for start in range(0, len(inputs), self.batch_size):
@@ -88,32 +117,114 @@ class Classifier:
                 raise ValueError(f"{uid}: input of shape {image.shape}, expected {(3, rows, cols)}")
         batch = torch.from_numpy(np.stack([image for _, image in inputs])).float()
         batch = batch.to(self.device).contiguous(memory_format=self._memory_format)
-        probabilities = self.probabilities(batch)
-        explained = self._explained_classes(probabilities)
+        summary = self._summary(batch)
+        explained = self._explained_classes(summary.mean)
         heatmaps: np.ndarray | list[None] = [None] * len(inputs)
         if explained:
-            heatmaps = gradcam(self.module, batch, explained, method=self.cam_method)
-        classes = self.loaded.manifest.classes
+            heatmaps = self._heatmaps(batch, explained)
+        extra = self._extra_maps(batch)
         return [
-            ImagePrediction(
-                sop_instance_uid=uid,
-                evaluated=True,
-                scores=tuple(
-                    ClassScore(spec.name, spec.code, float(p), spec.threshold, spec.is_finding)
-                    for spec, p in zip(classes, row, strict=True)
-                ),
-                predicted=classes[int(np.argmax(row))].name,
-                explained=classes[explained[i]].name if explained else None,
-                heatmap=heatmaps[i],
+            self._prediction(
+                uid,
+                summary,
+                i,
+                explained[i] if explained else None,
+                heatmaps[i],
+                {name: maps[i] for name, maps in extra.items()} or None,
             )
-            for i, ((uid, _), row) in enumerate(zip(inputs, probabilities, strict=True))
+            for i, (uid, _) in enumerate(inputs)
         ]
 
+    def _prediction(
+        self,
+        uid: str,
+        summary: Summary,
+        i: int,
+        explained: int | None,
+        heatmap: np.ndarray | None,
+        extra_maps: dict[str, np.ndarray] | None,
+    ) -> ImagePrediction:
+        classes = self.loaded.manifest.classes
+        row = summary.mean[i]
+        spread = summary.std[i] if self._samples > 1 else [None] * len(classes)
+        scores = tuple(
+            ClassScore(
+                spec.name,
+                spec.code,
+                float(p),
+                spec.threshold,
+                spec.is_finding,
+                None if sd is None else float(sd),
+            )
+            for spec, p, sd in zip(classes, row, spread, strict=True)
+        )
+        prediction = ImagePrediction(
+            sop_instance_uid=uid,
+            evaluated=True,
+            scores=scores,
+            predicted=classes[int(np.argmax(row))].name,
+            explained=classes[explained].name if explained is not None else None,
+            heatmap=heatmap,
+            extra_maps=extra_maps,
+        )
+        if self._samples == 1:
+            return prediction
+        top = prediction.top_finding or prediction.score(str(prediction.predicted))
+        estimate = UncertaintyEstimate(
+            method=self._uncertainty.method,
+            samples=self._samples,
+            entropy=float(summary.entropy[i]),
+            mutual_information=float(summary.mutual_information[i]),
+        )
+        return dataclasses.replace(
+            prediction, uncertainty=top.uncertainty, uncertainty_estimate=estimate
+        )
+
+    @property
+    def _samples(self) -> int:
+        method = self._uncertainty.method
+        if method == "mc_dropout":
+            return self._uncertainty.passes
+        return len(self.members) if method == "ensemble" else 1
+
+    def _summary(self, batch: torch.Tensor) -> Summary:
+        temperature = self.loaded.manifest.temperature
+        method = self._uncertainty.method
+        if method == "mc_dropout":
+            samples = mc_dropout_probabilities(
+                self.module, batch, self._uncertainty.passes, temperature, self._uncertainty.seed
+            )
+        elif method == "ensemble":
+            samples = ensemble_probabilities(self.members, batch, temperature)
+        else:
+            samples = self.probabilities(batch)[None]
+        return summarize(samples)
+
     def probabilities(self, batch: torch.Tensor) -> np.ndarray:
-        """Calibrated class probabilities, float64 (N, classes), for a batch on the device."""
+        """Calibrated class probabilities of one deterministic pass, float64 (N, classes)."""
         with torch.inference_mode():
-            logits = self.module(batch).double()
-        return torch.softmax(logits / self.loaded.manifest.temperature, dim=1).cpu().numpy()
+            logits = self.module(batch)
+        return tempered_probabilities(logits, self.loaded.manifest.temperature)
+
+    def _heatmaps(self, batch: torch.Tensor, explained: list[int]) -> np.ndarray:
+        """Grad-CAM of each image's explained class; an ensemble's maps averaged, rescaled."""
+        networks = self.members if self._uncertainty.method == "ensemble" else [self.module]
+        maps = np.mean(
+            [gradcam(net, batch, explained, method=self.cam_method) for net in networks], axis=0
+        )
+        if len(networks) > 1:
+            peaks = maps.reshape(len(maps), -1).max(axis=1)
+            maps = maps / np.where(peaks > 0, peaks, 1.0)[:, None, None]
+        return maps.astype(np.float32)
+
+    def _extra_maps(self, batch: torch.Tensor) -> dict[str, np.ndarray]:
+        """The network's own per-pixel outputs (``extra_maps(x)``), float32 (N, H, W) each."""
+        produce = getattr(self.module, "extra_maps", None)
+        if produce is None:
+            return {}
+        with torch.inference_mode():
+            maps = produce(batch)
+        return {name: m.float().cpu().numpy().astype(np.float32) for name, m in maps.items()}
 
     def _explained_classes(self, probabilities: np.ndarray) -> list[int]:
         """Per image, the finding class with the highest probability; none without findings."""

@@ -25,10 +25,26 @@ class ClassScore:
     probability: float
     threshold: float
     is_finding: bool
+    uncertainty: float | None = None
 
     @property
     def positive(self) -> bool:
         return self.is_finding and self.probability >= self.threshold
+
+
+@dataclass(frozen=True)
+class UncertaintyEstimate:
+    """How unsure the model was about one image, from several stochastic or member passes.
+
+    `entropy` is the predictive entropy of the mean probabilities (nats): total uncertainty;
+    `mutual_information` the part due to disagreement between passes (epistemic), the mean
+    of the passes' own entropies subtracted from it.
+    """
+
+    method: str
+    samples: int
+    entropy: float
+    mutual_information: float
 
 
 @dataclass(frozen=True)
@@ -38,7 +54,11 @@ class ImagePrediction:
     `heatmap` is float32 in [0, 1] at the model's input resolution (rows, columns), for the
     `explained` class; None when the image was not evaluated. `extra_maps` holds further
     per-pixel outputs of a multi-task model at the same resolution, by name (a "segmentation"
-    entry is the lesion probability in [0, 1]); None for a classifier.
+    entry is the lesion probability in [0, 1], an "attention" entry a transformer's class-token
+    attention scaled to [0, 1]); None for a classifier. With an uncertainty method in the
+    package, each score's `uncertainty` is the standard deviation of its probability over the
+    passes, `uncertainty` here that of the top finding (else of the predicted class), and
+    `uncertainty_estimate` the image's entropies; all None without one.
     """
 
     sop_instance_uid: str
@@ -49,6 +69,8 @@ class ImagePrediction:
     heatmap: np.ndarray | None = None
     reason: str | None = None
     extra_maps: dict[str, np.ndarray] | None = None
+    uncertainty: float | None = None
+    uncertainty_estimate: UncertaintyEstimate | None = None
 
     def score(self, name: str) -> ClassScore:
         for score in self.scores:

@@ -351,6 +351,7 @@ def _store_predictions(session: Session, job: Job, predictions: list[ImagePredic
                 label=top.name if top else prediction.predicted,
                 probability=top.probability if top else None,
                 positive=top.positive if top else None,
+                uncertainty=prediction.uncertainty,
                 evaluated=prediction.evaluated,
                 reason=prediction.reason,
             )

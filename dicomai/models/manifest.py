@@ -78,6 +78,31 @@ class AppliesTo:
         )
 
 
+UNCERTAINTY_METHODS = ("none", "mc_dropout", "ensemble")
+
+
+@dataclass(frozen=True)
+class UncertaintySpec:
+    """How inference estimates its uncertainty (``[uncertainty]`` in model.toml).
+
+    ``"mc_dropout"`` runs `passes` forward passes with dropout on (BatchNorm in eval), seeded
+    with `seed` so a re-run gives the same numbers; ``"ensemble"`` averages the members listed
+    under ``[ensemble]``; ``"none"`` runs the network once.
+    """
+
+    method: str = "none"
+    passes: int = 20
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EnsembleMember:
+    """A further member of a deep ensemble: its weights file in the package and their SHA-256."""
+
+    file: str
+    sha256: str
+
+
 @dataclass(frozen=True, kw_only=True)
 class Manifest:
     """The contents of a package's model.toml.
@@ -99,6 +124,9 @@ class Manifest:
     applies_to: AppliesTo = field(default_factory=AppliesTo)
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    uncertainty: UncertaintySpec = field(default_factory=UncertaintySpec)
+    # A deep ensemble's members after the first, which is `weights_file` itself.
+    ensemble: tuple[EnsembleMember, ...] = ()
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -153,6 +181,7 @@ class Manifest:
             applies_to=_applies_to(_table(data, "applies_to")),
             training=_table(data, "training"),
             metrics=_table(data, "metrics"),
+            **_uncertainty_and_ensemble(data),
         )
 
     def to_toml(self) -> str:
@@ -176,7 +205,17 @@ class Manifest:
             },
             "training": self.training,
             "metrics": self.metrics,
+            "uncertainty": {
+                "method": self.uncertainty.method,
+                "passes": self.uncertainty.passes,
+                "seed": self.uncertainty.seed,
+            },
         }
+        if self.ensemble:
+            top["ensemble"] = {
+                "members": [member.file for member in self.ensemble],
+                "sha256": [member.sha256 for member in self.ensemble],
+            }
         lines = _toml_table(top, ())
         for spec in self.classes:
             code = {
@@ -295,12 +334,12 @@ def _class(entry: Any, index: int) -> ClassSpec:
     )
 
 
-def _weights_file(data: dict[str, Any]) -> str:
+def _weights_file(data: dict[str, Any], where: str = "weights_file") -> str:
     value = _text(data, "weights_file", required=False) or "weights.safetensors"
     # Only a bare file name: a manifest must not point outside its own folder.
     if Path(value).name != value or value.startswith(".") or not value.endswith(WEIGHTS_SUFFIXES):
         raise ModelPackageError(
-            f"weights_file: {value!r} must be a file name ending in .safetensors or .pt"
+            f"{where}: {value!r} must be a file name ending in .safetensors or .pt"
         )
     return value
 
@@ -333,6 +372,44 @@ def _applies_to(table: dict[str, Any]) -> AppliesTo:
             f"applies_to.series_description: not a regular expression: {error}"
         ) from None
     return AppliesTo(**lists, series_description=pattern)
+
+
+def _uncertainty_and_ensemble(data: dict[str, Any]) -> dict[str, Any]:
+    table = _table(data, "uncertainty")
+    _reject_unknown(table, {f.name for f in fields(UncertaintySpec)}, "uncertainty.")
+    method = table.get("method", "none")
+    if method not in UNCERTAINTY_METHODS:
+        raise ModelPackageError(
+            f"uncertainty.method: {method!r} is not one of {', '.join(UNCERTAINTY_METHODS)}"
+        )
+    numbers = {}
+    for key, default, least in (("passes", 20, 2), ("seed", 0, 0)):
+        value = table.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ModelPackageError(f"uncertainty.{key}: must be an integer >= {least}")
+        numbers[key] = value
+    members = _ensemble(_table(data, "ensemble"))
+    if (method == "ensemble") != bool(members):
+        raise ModelPackageError(
+            'ensemble.members: an ensemble needs uncertainty.method = "ensemble" and at least '
+            "one member besides weights_file"
+        )
+    return {"uncertainty": UncertaintySpec(method, **numbers), "ensemble": members}
+
+
+def _ensemble(table: dict[str, Any]) -> tuple[EnsembleMember, ...]:
+    _reject_unknown(table, {"members", "sha256"}, "ensemble.")
+    files, digests = table.get("members", []), table.get("sha256", [])
+    if not isinstance(files, list) or not isinstance(digests, list) or len(files) != len(digests):
+        raise ModelPackageError("ensemble: members and sha256 must be arrays of equal length")
+    members = []
+    for index, (name, digest) in enumerate(zip(files, digests, strict=True)):
+        where = f"ensemble.members[{index}]"
+        file = _weights_file({"weights_file": name}, where)
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            raise ModelPackageError(f"ensemble.sha256[{index}]: must be 64 lowercase hex digits")
+        members.append(EnsembleMember(file, digest))
+    return tuple(members)
 
 
 def _toml_table(table: dict[str, Any], path: tuple[str, ...], inline: bool = False) -> list[str]:

@@ -22,7 +22,9 @@ from dicomai.models.manifest import (
     MANIFEST_NAME,
     AppliesTo,
     ClassSpec,
+    EnsembleMember,
     Manifest,
+    UncertaintySpec,
     read_manifest,
 )
 
@@ -31,20 +33,26 @@ __all__ = [
     "ClassSpec",
     "LoadedModel",
     "Manifest",
+    "UncertaintySpec",
     "load_model",
     "read_manifest",
     "smoke_test",
     "verify_weights",
+    "write_ensemble_package",
     "write_package",
 ]
 
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A package's manifest and its network, weights loaded, in eval mode on the CPU."""
+    """A package's manifest and its network, weights loaded, in eval mode on the CPU.
+
+    `members` holds every network of a deep ensemble, `module` first; it is empty otherwise.
+    """
 
     manifest: Manifest
     module: nn.Module
+    members: tuple[nn.Module, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -67,20 +75,26 @@ def verify_weights(folder: Path, manifest: Manifest) -> None:
         If the file is missing or its digest differs.
     """
     _read_verified(Path(folder), manifest)
+    for member in manifest.ensemble:
+        _read_verified(Path(folder), member)
 
 
-def _read_verified(folder: Path, manifest: Manifest) -> bytes:
+def _read_verified(folder: Path, weights: Manifest | EnsembleMember) -> bytes:
     # One read serves both the digest and the load, so the bytes checked are the bytes used.
-    path = folder / manifest.weights_file
+    if isinstance(weights, Manifest):
+        name, expected = weights.weights_file, weights.weights_sha256
+    else:
+        name, expected = weights.file, weights.sha256
+    path = folder / name
     try:
         data = path.read_bytes()
     except OSError as error:
         raise ModelPackageError(f"weights_file: cannot read {path}: {error.strerror}") from error
     actual = hashlib.sha256(data).hexdigest()
-    if actual != manifest.weights_sha256:
+    if actual != expected:
         raise ModelPackageError(
-            f"weights SHA-256 mismatch: {manifest.weights_file} is {actual[:16]}…, "
-            f"model.toml records {manifest.weights_sha256[:16]}…"
+            f"weights SHA-256 mismatch: {name} is {actual[:16]}…, "
+            f"model.toml records {expected[:16]}…"
         )
     return data
 
@@ -108,13 +122,23 @@ def load_model(folder: Path) -> LoadedModel:
     """
     folder = Path(folder)
     manifest = read_manifest(folder)
-    data = _read_verified(folder, manifest)
+    module = _load_network(folder, manifest, manifest)
+    members = tuple(_load_network(folder, manifest, member) for member in manifest.ensemble)
+    return LoadedModel(
+        manifest=manifest, module=module, members=(module, *members) if members else ()
+    )
+
+
+def _load_network(
+    folder: Path, manifest: Manifest, weights: Manifest | EnsembleMember
+) -> nn.Module:
+    data = _read_verified(folder, weights)
+    name = weights.weights_file if isinstance(weights, Manifest) else weights.file
     module = build(manifest.architecture, len(manifest.classes), **manifest.options)
-    state = _decode_state(data, manifest.weights_file)
+    state = _decode_state(data, name)
     _check_fit(module, state, manifest.architecture)
     module.load_state_dict(state, strict=True)
-    module.eval()
-    return LoadedModel(manifest=manifest, module=module)
+    return module.eval()
 
 
 def _decode_state(data: bytes, name: str) -> dict[str, torch.Tensor]:
@@ -171,8 +195,7 @@ def write_package(
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    data = save_safetensors(tensors, metadata={"format": "pt"})
+    data = _encode_state(state_dict)
     written = replace(
         manifest,
         weights_file="weights.safetensors",
@@ -181,6 +204,46 @@ def write_package(
     _write_atomically(folder / written.weights_file, data)
     _write_atomically(folder / MANIFEST_NAME, written.to_toml().encode("utf-8"))
     return written
+
+
+def write_ensemble_package(
+    folder: Path, manifest: Manifest, state_dicts: list[dict[str, torch.Tensor]]
+) -> Manifest:
+    """Write a deep ensemble: the first member as the package's weights, the others beside it.
+
+    Parameters
+    ----------
+    folder
+        Destination folder, created if missing.
+    manifest
+        The manifest; its weights, ``[ensemble]`` and ``[uncertainty] method`` are filled in.
+    state_dicts
+        Two or more members' tensors, all of the manifest's architecture.
+
+    Returns
+    -------
+    Manifest
+        The manifest as written.
+    """
+    if len(state_dicts) < 2:
+        raise ValueError(f"an ensemble needs two or more members, got {len(state_dicts)}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    members = []
+    for index, state in enumerate(state_dicts[1:], start=1):
+        data = _encode_state(state)
+        name = f"member{index}.safetensors"
+        _write_atomically(folder / name, data)
+        members.append(EnsembleMember(name, hashlib.sha256(data).hexdigest()))
+    spec = replace(manifest.uncertainty, method="ensemble")
+    return write_package(
+        folder, replace(manifest, ensemble=tuple(members), uncertainty=spec), state_dicts[0]
+    )
+
+
+def _encode_state(state_dict: dict[str, torch.Tensor]) -> bytes:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    return save_safetensors(tensors, metadata={"format": "pt"})
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -20,7 +20,6 @@ from test_results import (
     make_context,
 )
 
-from dicomai.inference.types import ImagePrediction
 from dicomai.results.context import ResultContext
 from dicomai.results.hotspot import hot_spot_outline
 from dicomai.results.sr import build_sr
@@ -33,13 +32,6 @@ PREDECESSOR = (STUDY_UID, "1.2.826.0.1.3680043.8.498.90", "1.2.826.0.1.3680043.8
 def context() -> ResultContext:
     """CT (positive), MR (not evaluated) and a synthetic CR (negative) of one study."""
     return make_context()
-
-
-@dataclasses.dataclass(frozen=True)
-class UncertainPrediction(ImagePrediction):
-    """A prediction whose inference also estimated the spread of the top finding."""
-
-    uncertainty: float | None = None
 
 
 def _groups(sr: pydicom.Dataset) -> list[pydicom.Dataset]:
@@ -126,10 +118,8 @@ def test_negative_and_non_finding_groups_have_no_region(context):
 
 def test_uncertainty_is_a_measurement_only_when_inference_gave_one(context, tmp_path):
     ct_prediction = context.predictions[0]
-    uncertain = UncertainPrediction(
-        **{f.name: getattr(ct_prediction, f.name) for f in dataclasses.fields(ImagePrediction)},
-        uncertainty=0.0421,
-    )
+    # ImagePrediction.uncertainty: the spread inference estimated for the top finding.
+    uncertain = dataclasses.replace(ct_prediction, uncertainty=0.0421)
     changed = dataclasses.replace(context, predictions=(uncertain, *context.predictions[1:]))
     sr = build_sr(changed)
     _saved(sr, tmp_path, "sr.dcm")

@@ -1,0 +1,184 @@
+"""Calibration and uncertainty: temperature scaling, MC dropout, deep ensembles, their summary.
+
+Temperature scaling (Guo et al., 2017) is fitted at training time on the validation set
+(`fit_temperature`, kept with the trainer that fits it) and applied to every pass here. MC
+dropout (Gal & Ghahramani, 2016) and deep ensembles (Lakshminarayanan et al., 2017) both give
+several probability vectors per image; `summarize` turns them into the mean probability,
+its per-class standard deviation, the predictive entropy and the mutual information.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from dicomai.training.trainer import fit_temperature
+
+__all__ = [
+    "Summary",
+    "dropout_layers",
+    "ensemble_probabilities",
+    "expected_calibration_error",
+    "fit_temperature",
+    "mc_dropout_probabilities",
+    "summarize",
+    "tempered_probabilities",
+]
+
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Several passes over N images summarised; arrays float64.
+
+    Attributes
+    ----------
+    mean
+        (N, C) mean probabilities: the prediction.
+    std
+        (N, C) standard deviation of each probability over the passes (variance = std²).
+    entropy
+        (N,) entropy of `mean` in nats: total predictive uncertainty.
+    mutual_information
+        (N,) `entropy` minus the passes' mean entropy: their disagreement (epistemic).
+    """
+
+    mean: np.ndarray
+    std: np.ndarray
+    entropy: np.ndarray
+    mutual_information: np.ndarray
+
+
+def tempered_probabilities(logits: torch.Tensor, temperature: float) -> np.ndarray:
+    """softmax(logits / T) as float64 numpy, (N, C)."""
+    return torch.softmax(logits.double() / temperature, dim=1).cpu().numpy()
+
+
+def dropout_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's dropout modules that drop something (p > 0)."""
+    return [m for m in model.modules() if isinstance(m, _DROPOUT) and float(m.p) > 0.0]
+
+
+@contextmanager
+def _dropout_on(model: nn.Module) -> Iterator[None]:
+    """Eval mode (BatchNorm uses its running statistics) with the dropout layers sampling."""
+    was_training = model.training
+    model.eval()
+    for layer in dropout_layers(model):
+        layer.train()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def mc_dropout_probabilities(
+    model: nn.Module, batch: torch.Tensor, passes: int, temperature: float = 1.0, seed: int = 0
+) -> np.ndarray:
+    """Probabilities of `passes` stochastic forward passes with dropout on.
+
+    The random generator is seeded with `seed` inside a forked state, so the same batch
+    gives the same numbers again and the caller's random state is left untouched.
+
+    Parameters
+    ----------
+    model
+        A network with at least one dropout layer (see `dropout_layers`).
+    batch
+        Inputs (N, 3, H, W) on the model's device.
+    passes
+        Number of passes, at least 1.
+    temperature
+        The package's calibration temperature, applied to every pass.
+    seed
+        Seed of the dropout masks.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 (passes, N, C).
+
+    Raises
+    ------
+    ValueError
+        If the network has no dropout layer with p > 0: its passes would all agree.
+    """
+    if not dropout_layers(model):
+        raise ValueError(f"MC dropout needs a dropout layer; {type(model).__name__} has none")
+    devices = [batch.device] if batch.device.type == "cuda" else []
+    samples = []
+    with torch.random.fork_rng(devices=devices), _dropout_on(model), torch.inference_mode():
+        torch.manual_seed(seed)
+        for _ in range(max(1, passes)):
+            samples.append(tempered_probabilities(model(batch), temperature))
+    return np.stack(samples)
+
+
+def ensemble_probabilities(
+    members: Sequence[nn.Module], batch: torch.Tensor, temperature: float = 1.0
+) -> np.ndarray:
+    """Each member's tempered probabilities, float64 (members, N, C), members in eval mode."""
+    samples = []
+    with torch.inference_mode():
+        for member in members:
+            member.eval()
+            samples.append(tempered_probabilities(member(batch), temperature))
+    return np.stack(samples)
+
+
+def summarize(samples: np.ndarray) -> Summary:
+    """Mean, per-class spread, predictive entropy and mutual information of (S, N, C) samples."""
+    mean = samples.mean(axis=0)
+    entropy = _entropy(mean)
+    expected = _entropy(samples).mean(axis=0)
+    return Summary(
+        mean=mean,
+        std=samples.std(axis=0),
+        entropy=entropy,
+        mutual_information=np.clip(entropy - expected, 0.0, None),
+    )
+
+
+def _entropy(probabilities: np.ndarray) -> np.ndarray:
+    p = np.clip(probabilities, 1e-12, 1.0)
+    return -(p * np.log(p)).sum(axis=-1)
+
+
+def expected_calibration_error(
+    probabilities: np.ndarray, targets: np.ndarray, bins: int = 15
+) -> float:
+    """ECE of the top-class confidence: the bin-weighted |accuracy - confidence| (Guo et al.).
+
+    Parameters
+    ----------
+    probabilities
+        (N, C) predicted probabilities.
+    targets
+        (N,) true classes.
+    bins
+        Equal-width confidence bins over (0, 1].
+
+    Returns
+    -------
+    float
+        The ECE in [0, 1]; 0.0 for no images.
+    """
+    if len(probabilities) == 0:
+        return 0.0
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == np.asarray(targets)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
+    error = 0.0
+    for index in range(bins):
+        members = which == index
+        if members.any():
+            gap = abs(correct[members].mean() - confidence[members].mean())
+            error += members.mean() * gap
+    return float(error)
