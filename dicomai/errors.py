@@ -37,3 +37,7 @@ class NotFound(DicomaiError):
 
 class InvalidTransition(DicomaiError):
     """A state change that the state machine does not allow."""
+
+
+class DatasetError(DicomaiError):
+    """A training or evaluation data set is laid out wrongly or names files that do not exist."""

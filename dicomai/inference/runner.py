@@ -204,7 +204,8 @@ class Classifier:
         """Calibrated class probabilities of one deterministic pass, float64 (N, classes)."""
         with torch.inference_mode():
             logits = self.module(batch)
-        return tempered_probabilities(logits, self.loaded.manifest.temperature)
+        manifest = self.loaded.manifest
+        return tempered_probabilities(logits, manifest.temperature, manifest.multi_label)
 
     def _heatmaps(self, batch: torch.Tensor, explained: list[int]) -> np.ndarray:
         """Grad-CAM of each image's explained class; an ensemble's maps averaged, rescaled."""

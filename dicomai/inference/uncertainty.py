@@ -55,9 +55,14 @@ class Summary:
     mutual_information: np.ndarray
 
 
-def tempered_probabilities(logits: torch.Tensor, temperature: float) -> np.ndarray:
-    """softmax(logits / T) as float64 numpy, (N, C)."""
-    return torch.softmax(logits.double() / temperature, dim=1).cpu().numpy()
+def tempered_probabilities(
+    logits: torch.Tensor, temperature: float, multi_label: bool = False
+) -> np.ndarray:
+    """softmax(logits / T), or sigmoid(logits / T) per class if `multi_label`, float64 (N, C)."""
+    scaled = logits.double() / temperature
+    if multi_label:
+        return torch.sigmoid(scaled).cpu().numpy()
+    return torch.softmax(scaled, dim=1).cpu().numpy()
 
 
 def dropout_layers(model: nn.Module) -> list[nn.Module]:

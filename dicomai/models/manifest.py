@@ -109,6 +109,8 @@ class Manifest:
 
     `weights_sha256` is empty only on a manifest built in code and not yet written by
     `dicomai.models.package.write_package`; every manifest read from disk carries it.
+    `multi_label` models score each class on its own (a sigmoid per output, any number of
+    findings at once); the others share one softmax over their classes.
     """
 
     name: str
@@ -127,6 +129,7 @@ class Manifest:
     uncertainty: UncertaintySpec = field(default_factory=UncertaintySpec)
     # A deep ensemble's members after the first, which is `weights_file` itself.
     ensemble: tuple[EnsembleMember, ...] = ()
+    multi_label: bool = False
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -181,6 +184,7 @@ class Manifest:
             applies_to=_applies_to(_table(data, "applies_to")),
             training=_table(data, "training"),
             metrics=_table(data, "metrics"),
+            multi_label=_flag(data, "multi_label"),
             **_uncertainty_and_ensemble(data),
         )
 
@@ -194,6 +198,8 @@ class Manifest:
             "weights_file": self.weights_file,
             "weights_sha256": self.weights_sha256,
             "temperature": self.temperature,
+            # Written only when set, so that every single-label package keeps its exact bytes.
+            **({"multi_label": True} if self.multi_label else {}),
             "options": self.options,
             "input": self.input.to_dict(),
             "applies_to": {
@@ -289,6 +295,13 @@ def _number(data: dict[str, Any], key: str, default: float, where: str = "") -> 
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ModelPackageError(f"{where}{key}: must be a finite number, got {value!r}")
     return float(value)
+
+
+def _flag(data: dict[str, Any], key: str) -> bool:
+    value = data.get(key, False)
+    if not isinstance(value, bool):
+        raise ModelPackageError(f"{key}: must be true or false")
+    return value
 
 
 def _table(data: dict[str, Any], key: str) -> dict[str, Any]:

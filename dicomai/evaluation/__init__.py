@@ -1,0 +1,1 @@
+"""Evaluating model packages on labelled images: metrics, plots and reports."""

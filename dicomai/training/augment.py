@@ -1,0 +1,86 @@
+"""Training-time augmentation of radiographs: mild geometry and exposure changes, nothing more.
+
+Radiology findings live in shape, size, density and side. The changes here stay within what a
+re-positioned patient or a different exposure would give: rotations of a few degrees, a few per
+cent of scale and shift, brightness and contrast jitter. Left-right flips are off by default
+(the heart's side is anatomy, and dextrocardia is a finding); random erasing is off by default
+(a small lesion can be erased with its label kept). No elastic warps, blur or colour changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """How much each transform may change an image; zeros turn a transform off."""
+
+    rotation_degrees: float = 7.0
+    scale: float = 0.05
+    shift: float = 0.04
+    hflip: bool = False
+    brightness: float = 0.1
+    contrast: float = 0.1
+    erase_probability: float = 0.0
+    erase_area: tuple[float, float] = (0.01, 0.04)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    def apply(self, image01: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Transform a float32 (rows, cols) image in [0, 1]; the result stays in [0, 1]."""
+        image = self._geometry(image01, rng)
+        if self.hflip and rng.random() < 0.5:
+            image = image[:, ::-1]
+        image = self._exposure(image, rng)
+        if self.erase_probability and rng.random() < self.erase_probability:
+            image = self._erase(image, rng)
+        return np.ascontiguousarray(image, dtype=np.float32)
+
+    def _geometry(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if not (self.rotation_degrees or self.scale or self.shift):
+            return image
+        rows, cols = image.shape
+        angle = rng.uniform(-self.rotation_degrees, self.rotation_degrees)
+        scale = 1.0 + rng.uniform(-self.scale, self.scale)
+        matrix = cv2.getRotationMatrix2D((cols / 2.0, rows / 2.0), angle, scale)
+        matrix[:, 2] = matrix[:, 2] + rng.uniform(-self.shift, self.shift, 2) * (cols, rows)
+        # Outside the image is air, as a collimated radiograph's border is: fill with black.
+        return cv2.warpAffine(
+            image,
+            matrix,
+            (cols, rows),
+            flags=cv2.INTER_LINEAR,
+            borderMode=cv2.BORDER_CONSTANT,
+            borderValue=0.0,
+        )
+
+    def _exposure(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if not (self.brightness or self.contrast):
+            return image
+        mean = float(image.mean())
+        contrast = 1.0 + rng.uniform(-self.contrast, self.contrast)
+        brightness = rng.uniform(-self.brightness, self.brightness)
+        return np.clip((image - mean) * contrast + mean + brightness, 0.0, 1.0)
+
+    def _erase(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        rows, cols = image.shape
+        area = rng.uniform(*self.erase_area) * rows * cols
+        aspect = np.exp(rng.uniform(np.log(0.5), np.log(2.0)))
+        height = min(rows, max(1, round(np.sqrt(area * aspect))))
+        width = min(cols, max(1, round(np.sqrt(area / aspect))))
+        top = int(rng.integers(0, rows - height + 1))
+        left = int(rng.integers(0, cols - width + 1))
+        erased = image.copy()
+        erased[top : top + height, left : left + width] = float(image.mean())
+        return erased
+
+
+NO_AUGMENTATION = Augmentation(
+    rotation_degrees=0.0, scale=0.0, shift=0.0, hflip=False, brightness=0.0, contrast=0.0
+)

@@ -1,0 +1,374 @@
+"""Training and evaluation data on disk: image folders or DICOM with a labels CSV, checked up front.
+
+Two layouts are read:
+
+- image folders: ``DIR/train/<class>/<image>``, optional ``DIR/val/`` and ``DIR/test/`` with the
+  same class folders; images are PNG, JPEG or DICOM (``.png``, ``.jpg``, ``.jpeg``, ``.dcm``,
+  ``.dicom``);
+- a folder of images (any depth) and a labels CSV: ``file,label`` (one label per image, binary or
+  multi-class) or ChestX-ray14's ``Image Index,Finding Labels`` with ``|``-separated labels
+  (multi-label; ``No Finding`` is the empty set). An optional ``split`` column (``train``, ``val``,
+  ``test``) assigns images to sets.
+
+Every problem (no class folder, a class without images, a CSV naming a file that is not there)
+is a `DatasetError` with a one-line message, raised before any training starts.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from dicomai.errors import DatasetError, NotEvaluable
+from dicomai.imaging.preprocess import render
+from dicomai.training.trainer import stratified_split
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+SPLITS = ("train", "val", "test")
+# ChestX-ray14 (Wang et al., CVPR 2017) writes the empty label set as this pseudo-label.
+NO_FINDING = "no finding"
+_FILE_COLUMNS = ("image index", "file", "filename", "path", "image", "image_path")
+_LABEL_COLUMNS = ("finding labels", "label", "labels", "class", "target")
+
+
+class Task(StrEnum):
+    """What the network predicts: one of two classes, one of many, or any subset of classes."""
+
+    BINARY = "binary"
+    MULTICLASS = "multiclass"
+    MULTILABEL = "multilabel"
+
+
+@dataclass(frozen=True)
+class LabelledImages:
+    """Image files and their targets: int64 (N,) class indices, or float32 (N, C) multi-hot."""
+
+    paths: tuple[Path, ...]
+    targets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, indices: np.ndarray) -> LabelledImages:
+        return LabelledImages(tuple(self.paths[i] for i in indices), self.targets[indices])
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The classes, the task and the training, validation and (optional) test sets."""
+
+    classes: tuple[str, ...]
+    task: Task
+    train: LabelledImages
+    val: LabelledImages
+    test: LabelledImages | None = None
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """Counts per set and class, for the manifest's training table and the report."""
+        sets = {"train": self.train, "val": self.val}
+        if self.test is not None:
+            sets["test"] = self.test
+        summary: dict[str, Any] = {"task": self.task.value, **self.notes}
+        for name, images in sets.items():
+            summary[f"n_{name}"] = len(images)
+            summary[f"{name}_per_class"] = class_counts(images, self.classes, self.task)
+        return summary
+
+
+def class_counts(images: LabelledImages, classes: tuple[str, ...], task: Task) -> dict[str, int]:
+    """Images per class (a multi-label image counts once for each of its labels)."""
+    if task is Task.MULTILABEL:
+        totals = images.targets.sum(axis=0) if len(images) else np.zeros(len(classes))
+        return {name: int(totals[i]) for i, name in enumerate(classes)}
+    counts = np.bincount(images.targets, minlength=len(classes)) if len(images) else None
+    return {name: int(counts[i]) if counts is not None else 0 for i, name in enumerate(classes)}
+
+
+def load_training_data(
+    root: Path, labels_csv: Path | None = None, val_fraction: float = 0.2, seed: int = 0
+) -> TrainingData:
+    """Find the images and labels under `root` and split off validation where none is given.
+
+    Parameters
+    ----------
+    root
+        The data folder.
+    labels_csv
+        A labels CSV; without it `root` must hold the image-folder layout.
+    val_fraction
+        Fraction of each class held out for validation when there is no ``val/`` (or no
+        ``val`` rows in the CSV's ``split`` column).
+    seed
+        Seed of that split.
+
+    Returns
+    -------
+    TrainingData
+        The sets, each non-empty but the optional test set.
+
+    Raises
+    ------
+    DatasetError
+        A one-line message naming what is wrong with the layout or the CSV.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: not a folder")
+    data = _from_folders(root) if labels_csv is None else _from_csv(root, Path(labels_csv))
+    if data.get("val") is None:
+        train, val = _hold_out(data["train"], data["task"], val_fraction, seed)
+        note = f"stratified {round(val_fraction * 100)} % of the training images, seed {seed}"
+    else:
+        train, val, note = data["train"], data["val"], "given"
+    if len(train) == 0 or len(val) == 0:
+        raise DatasetError(f"{root}: too few images to train and validate ({len(data['train'])})")
+    return TrainingData(
+        classes=data["classes"],
+        task=data["task"],
+        train=train,
+        val=val,
+        test=data.get("test"),
+        notes={"source": data["source"], "validation": note},
+    )
+
+
+def load_evaluation_data(
+    root: Path, classes: tuple[str, ...], labels_csv: Path | None = None, split: str = "test"
+) -> LabelledImages:
+    """The labelled images a model package is evaluated on, its class order imposed.
+
+    With image folders, `root` is either a layout with a `split` folder (``test/`` by default)
+    or holds the class folders itself. With a CSV, rows of the ``split`` column equal to `split`
+    are used if the column exists, else every row.
+
+    Raises
+    ------
+    DatasetError
+        On a layout problem, or a class the package does not know.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: not a folder")
+    if labels_csv is not None:
+        rows = _read_csv(Path(labels_csv))
+        if any(row.split for row in rows):
+            rows = [row for row in rows if row.split == split]
+        if not rows:
+            raise DatasetError(f"{labels_csv}: no rows for the {split!r} set")
+        multilabel = _is_multilabel(rows)
+        return _labelled(root, rows, classes, multilabel, labels_csv)
+    folder = root / split if (root / split).is_dir() else root
+    return _class_folders(folder, classes)
+
+
+def read_image01(path: Path) -> np.ndarray:
+    """An image file as float32 (rows, cols) in [0, 1], brighter = denser, as inference renders it.
+
+    DICOM goes through `dicomai.imaging.preprocess.render` (modality and VOI LUTs, MONOCHROME1);
+    PNG and JPEG (8 or 16 bits, grey or colour) become their luminance.
+
+    Raises
+    ------
+    DatasetError
+        If the file cannot be read or decoded.
+    """
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        try:
+            return render(pydicom.dcmread(path))
+        except (OSError, InvalidDicomError, NotEvaluable, AttributeError) as error:
+            raise DatasetError(f"{path}: unreadable DICOM image: {error}") from error
+    pixels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if pixels is None:
+        raise DatasetError(f"{path}: unreadable image")
+    if pixels.ndim == 3:
+        pixels = cv2.cvtColor(pixels[..., :3], cv2.COLOR_BGR2GRAY)
+    maximum = 65535.0 if pixels.dtype == np.uint16 else 255.0 if pixels.dtype == np.uint8 else 1.0
+    return np.clip(pixels.astype(np.float32) / maximum, 0.0, 1.0)
+
+
+def _from_folders(root: Path) -> dict[str, Any]:
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        raise DatasetError(
+            f"{root}: no train/ folder (expected train/<class>/<image>, or give --labels CSV)"
+        )
+    classes = tuple(sorted(p.name for p in train_dir.iterdir() if p.is_dir()))
+    if len(classes) < 2:
+        raise DatasetError(f"{train_dir}: needs at least two class folders, found {len(classes)}")
+    data: dict[str, Any] = {
+        "classes": classes,
+        "task": Task.BINARY if len(classes) == 2 else Task.MULTICLASS,
+        "source": "image folders",
+    }
+    for split in SPLITS:
+        if (root / split).is_dir():
+            data[split] = _class_folders(root / split, classes, require_all=split == "train")
+    return data
+
+
+def _class_folders(
+    folder: Path, classes: tuple[str, ...], require_all: bool = False
+) -> LabelledImages:
+    found = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    unknown = [name for name in found if name not in classes]
+    if unknown:
+        raise DatasetError(f"{folder / unknown[0]}: class not in {', '.join(classes)}")
+    paths: list[Path] = []
+    targets: list[int] = []
+    for index, name in enumerate(classes):
+        files = _images_in(folder / name) if (folder / name).is_dir() else []
+        if require_all and not files:
+            raise DatasetError(f"{folder / name}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        paths += files
+        targets += [index] * len(files)
+    if not paths:
+        raise DatasetError(f"{folder}: no images in class folders {', '.join(classes)}")
+    return LabelledImages(tuple(paths), np.asarray(targets, dtype=np.int64))
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+
+
+@dataclass(frozen=True)
+class _Row:
+    file: str
+    labels: tuple[str, ...]
+    split: str
+
+
+def _read_csv(path: Path) -> list[_Row]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            header = [name.strip().lower() for name in next(reader, [])]
+            table = [row for row in reader if any(cell.strip() for cell in row)]
+    except OSError as error:
+        raise DatasetError(f"{path}: cannot read: {error.strerror}") from error
+    file_col = _column(header, _FILE_COLUMNS, path, "file")
+    label_col = _column(header, _LABEL_COLUMNS, path, "label")
+    split_col = header.index("split") if "split" in header else None
+    rows = []
+    for number, row in enumerate(table, start=2):
+        if len(row) <= max(file_col, label_col):
+            raise DatasetError(f"{path}:{number}: expected at least {len(header)} columns")
+        labels = tuple(v.strip() for v in row[label_col].split("|") if v.strip())
+        labels = tuple(v for v in labels if v.lower() != NO_FINDING)
+        split = row[split_col].strip().lower() if split_col is not None else ""
+        if split and split not in SPLITS:
+            raise DatasetError(f"{path}:{number}: split {split!r} is not train, val or test")
+        rows.append(_Row(row[file_col].strip(), labels, split))
+    if not rows:
+        raise DatasetError(f"{path}: no rows")
+    return rows
+
+
+def _column(header: list[str], names: tuple[str, ...], path: Path, what: str) -> int:
+    for name in names:
+        if name in header:
+            return header.index(name)
+    raise DatasetError(f"{path}: no {what} column (one of: {', '.join(names)})")
+
+
+def _is_multilabel(rows: list[_Row]) -> bool:
+    return any(len(row.labels) != 1 for row in rows)
+
+
+def _from_csv(root: Path, labels_csv: Path) -> dict[str, Any]:
+    rows = _read_csv(labels_csv)
+    multilabel = _is_multilabel(rows)
+    classes = tuple(sorted({label for row in rows for label in row.labels}))
+    minimum = 1 if multilabel else 2
+    if len(classes) < minimum:
+        raise DatasetError(f"{labels_csv}: needs at least {minimum} classes, found {len(classes)}")
+    data: dict[str, Any] = {
+        "classes": classes,
+        "task": Task.MULTILABEL
+        if multilabel
+        else (Task.BINARY if len(classes) == 2 else Task.MULTICLASS),
+        "source": f"labels CSV {labels_csv.name}",
+    }
+    has_split = any(row.split for row in rows)
+    for split in SPLITS:
+        chosen = [row for row in rows if (row.split or "train") == split] if has_split else rows
+        if chosen and (has_split or split == "train"):
+            data[split] = _labelled(root, chosen, classes, multilabel, labels_csv)
+    if "train" not in data:
+        raise DatasetError(f"{labels_csv}: no training rows")
+    return data
+
+
+def _labelled(
+    root: Path, rows: list[_Row], classes: tuple[str, ...], multilabel: bool, source: Path
+) -> LabelledImages:
+    paths = _resolve(root, [row.file for row in rows], source)
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = sorted({label for row in rows for label in row.labels if label not in index})
+    if unknown:
+        raise DatasetError(f"{source}: label {unknown[0]!r} is not one of {', '.join(classes)}")
+    if multilabel:
+        targets = np.zeros((len(rows), len(classes)), dtype=np.float32)
+        for i, row in enumerate(rows):
+            targets[i, [index[label] for label in row.labels]] = 1.0
+    else:
+        targets = np.asarray([index[row.labels[0]] for row in rows], dtype=np.int64)
+    return LabelledImages(tuple(paths), targets)
+
+
+def _resolve(root: Path, names: list[str], source: Path) -> list[Path]:
+    """Each CSV file name as a path under `root`: as written, or found by its name at any depth."""
+    by_name: dict[str, Path] | None = None
+    paths = []
+    missing = []
+    for name in names:
+        direct = root / name
+        if direct.is_file():
+            paths.append(direct)
+            continue
+        if by_name is None:
+            # ChestX-ray14 ships its images in images_001/images/ ... images_012/images/.
+            by_name = {p.name: p for p in root.rglob("*") if p.is_file()}
+        found = by_name.get(Path(name).name)
+        if found is None:
+            missing.append(name)
+        else:
+            paths.append(found)
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise DatasetError(f"{source}: {missing[0]!r}{more} not found under {root}")
+    return paths
+
+
+def _hold_out(
+    images: LabelledImages, task: Task, fraction: float, seed: int
+) -> tuple[LabelledImages, LabelledImages]:
+    if not 0.0 < fraction < 1.0:
+        raise DatasetError(f"validation fraction must be in (0, 1), got {fraction}")
+    split = stratified_split(_strata(images, task), fraction, seed)
+    return images.subset(split.train), images.subset(split.val)
+
+
+def _strata(images: LabelledImages, task: Task) -> np.ndarray:
+    """A class index per image to stratify on; a multi-label image by its rarest label."""
+    if task is not Task.MULTILABEL:
+        return images.targets
+    targets = images.targets
+    frequency = targets.sum(axis=0)
+    # Rarest label first, so that rare findings reach the validation set; -1 for no finding.
+    rarity = np.where(targets > 0, frequency[None, :], np.inf)
+    strata = np.where(targets.any(axis=1), rarity.argmin(axis=1), -1)
+    counts = Counter(strata.tolist())
+    return np.asarray([s if counts[s] > 1 else -1 for s in strata.tolist()], dtype=np.int64)

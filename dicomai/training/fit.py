@@ -1,0 +1,345 @@
+"""The training loop: phases of a strategy, AMP on CUDA, clipping, early stopping, checkpoints.
+
+Every epoch reseeds torch from (seed, epoch), shuffles with a generator seeded the same way and
+augments each image from (seed, epoch, index); with the checkpoint holding the weights and the
+optimiser and schedule states, a run resumed after epoch k trains epochs k+1... exactly as an
+uninterrupted run does (bit for bit on the CPU; CUDA kernels may differ in the last bits).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from dicomai.errors import DatasetError
+from dicomai.evaluation.metrics import compute_metrics
+from dicomai.training.batches import ImageDataset
+from dicomai.training.checkpoints import BEST, LAST, load_checkpoint, save_checkpoint
+from dicomai.training.datasets import Task
+from dicomai.training.objectives import Objective
+from dicomai.training.schedules import warmup_cosine
+from dicomai.training.strategies import Phase, phase_index, set_trainable
+
+Log = Callable[[str], None]
+MONITORS = {"loss": "val_loss", "accuracy": "val_accuracy", "auc": "val_auc", "f1": "val_f1"}
+OPTIMIZERS = ("adamw", "adam")
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """Optimisation settings of a run; a resumed run must be given the same."""
+
+    epochs: int = 20
+    batch_size: int = 32
+    optimizer: str = "adamw"
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    grad_clip: float = 1.0
+    monitor: str = "auc"
+    patience: int = 0
+    seed: int = 0
+    amp: bool = True
+    num_workers: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class FitResult:
+    """Per-epoch history, the epoch whose weights the model holds, and why it stopped."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0
+    stopped_early: bool = False
+    seconds: float = 0.0
+
+
+@dataclass
+class _Progress:
+    """What the checkpoint carries besides the tensors."""
+
+    epoch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_value: float | None = None
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    stopped: bool = False
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: the first CUDA GPU if there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def fit(
+    model: nn.Module,
+    train: ImageDataset,
+    val: ImageDataset,
+    objective: Objective,
+    phases: list[Phase],
+    settings: FitSettings,
+    *,
+    task: Task,
+    classes: tuple[str, ...],
+    checkpoint_dir: Path,
+    device: torch.device,
+    fingerprint: dict[str, Any],
+    resume: bool = False,
+    log: Log = print,
+) -> FitResult:
+    """Train `model` in place through `phases`; leave it holding the best validation epoch.
+
+    Parameters
+    ----------
+    model
+        The network (moved to `device`).
+    train, val
+        Training (augmented) and validation images.
+    objective
+        The loss.
+    phases
+        From `dicomai.training.strategies.plan`.
+    settings
+        Optimisation settings.
+    task, classes
+        What is predicted, for the validation metrics.
+    checkpoint_dir
+        Receives ``last.pt`` after every epoch and ``best.pt`` at every improvement.
+    device
+        Where to train; CUDA adds AMP (if ``settings.amp``) and channels_last.
+    fingerprint
+        Everything that must match for `resume` to continue this run (settings, data, model).
+    resume
+        Continue from ``checkpoint_dir/last.pt``.
+    log
+        Receives one line per epoch.
+
+    Raises
+    ------
+    DatasetError
+        On `resume` without a matching checkpoint, or an unknown optimiser or monitor.
+    """
+    started = time.perf_counter()
+    _check(settings)
+    model.to(device).to(memory_format=torch.channels_last)
+    objective.to(device)
+    progress, saved = _Progress(), None
+    if resume:
+        saved = load_checkpoint(checkpoint_dir)
+        if saved["fingerprint"] != fingerprint:
+            raise DatasetError(f"{checkpoint_dir / LAST}: written by a run with other settings")
+        model.load_state_dict(saved["model"])
+        progress = _Progress(**saved["progress"])
+        log(f"resuming after epoch {progress.epoch}")
+    use_amp = settings.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    steps = len(_loader(train, settings, 0))
+    current, optimizer, schedule = -1, None, None
+    for epoch in range(progress.epoch, settings.epochs):
+        if progress.stopped:
+            break
+        index = phase_index(phases, epoch)
+        if index != current:
+            optimizer, schedule = _optimiser(phases[index], settings, steps)
+            if saved is not None and saved["phase"] == index:
+                optimizer.load_state_dict(saved["optimizer"])
+                schedule.load_state_dict(saved["schedule"])
+                scaler.load_state_dict(saved["scaler"])
+            current = index
+        assert optimizer is not None and schedule is not None
+        torch.manual_seed(_epoch_seed(settings.seed, epoch))
+        train.set_epoch(epoch)
+        model.train()
+        set_trainable(model, phases[index])
+        loss = _train_epoch(
+            model, _loader(train, settings, epoch), objective, optimizer, schedule, scaler,
+            settings, device, f"epoch {epoch + 1}/{settings.epochs}",
+        )  # fmt: skip
+        row = {"epoch": epoch + 1, "phase": index + 1, "lr": float(schedule.get_last_lr()[0])}
+        row |= {"train_loss": loss, **validate(model, val, objective, task, classes, device)}
+        _record(progress, row, settings, model, checkpoint_dir)
+        save_checkpoint(
+            checkpoint_dir,
+            LAST,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "scaler": scaler.state_dict(),
+                "phase": index,
+                "progress": asdict(progress),
+                "fingerprint": fingerprint,
+            },
+        )
+        log(_epoch_line(row, settings))
+    best = load_checkpoint(checkpoint_dir, BEST)
+    model.load_state_dict(best["model"])
+    return FitResult(
+        history=progress.history,
+        best_epoch=progress.best_epoch,
+        stopped_early=progress.stopped,
+        seconds=round(time.perf_counter() - started, 1),
+    )
+
+
+def _check(settings: FitSettings) -> None:
+    if settings.optimizer not in OPTIMIZERS:
+        raise DatasetError(f"optimizer {settings.optimizer!r}: use {' or '.join(OPTIMIZERS)}")
+    if settings.monitor not in MONITORS:
+        raise DatasetError(f"monitor {settings.monitor!r}: use one of {', '.join(MONITORS)}")
+    if settings.epochs < 1 or settings.batch_size < 1:
+        raise DatasetError("epochs and batch size must be at least 1")
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 100_003 + epoch
+
+
+def _loader(dataset: ImageDataset, settings: FitSettings, epoch: int) -> DataLoader[Any]:
+    generator = torch.Generator().manual_seed(_epoch_seed(settings.seed, epoch))
+    return DataLoader(
+        dataset,
+        batch_size=settings.batch_size,
+        shuffle=True,
+        generator=generator,
+        num_workers=settings.num_workers,
+        # A last batch of one image breaks BatchNorm's training statistics.
+        drop_last=len(dataset) % settings.batch_size == 1,
+    )
+
+
+def _optimiser(
+    phase: Phase, settings: FitSettings, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    groups = [{"params": list(params), "lr": lr} for params, lr in phase.groups]
+    kind = torch.optim.AdamW if settings.optimizer == "adamw" else torch.optim.Adam
+    optimizer = kind(groups, weight_decay=settings.weight_decay)
+    schedule = warmup_cosine(
+        optimizer,
+        total_steps=phase.epochs * steps_per_epoch,
+        warmup_steps=round(settings.warmup_epochs * steps_per_epoch),
+    )
+    return optimizer, schedule
+
+
+def _train_epoch(
+    model: nn.Module,
+    loader: DataLoader[Any],
+    objective: Objective,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LambdaLR,
+    scaler: torch.amp.GradScaler,
+    settings: FitSettings,
+    device: torch.device,
+    label: str,
+) -> float:
+    total, count = 0.0, 0
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    bar = tqdm(loader, desc=label, unit="batch", leave=False, disable=None)
+    for inputs, targets in bar:
+        inputs = inputs.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        targets = targets.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=scaler.is_enabled()):
+            loss = objective(model(inputs), targets)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if settings.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(trainable, settings.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        schedule.step()
+        total += float(loss.detach()) * len(inputs)
+        count += len(inputs)
+        bar.set_postfix(loss=f"{total / count:.4f}")
+    return total / max(count, 1)
+
+
+def predict_logits(
+    model: nn.Module, dataset: ImageDataset, device: torch.device, batch_size: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (N, C) float64 of the network in eval mode, and the targets, in dataset order."""
+    model.eval()
+    logits, targets = [], []
+    with torch.inference_mode():
+        for inputs, target in DataLoader(dataset, batch_size=batch_size):
+            batch = inputs.to(device).contiguous(memory_format=torch.channels_last)
+            logits.append(model(batch).double().cpu())
+            targets.append(target)
+    return torch.cat(logits).numpy(), torch.cat(targets).numpy()
+
+
+def to_probabilities(logits: np.ndarray, multilabel: bool, temperature: float = 1.0) -> np.ndarray:
+    """Softmax rows, or per-class sigmoids for multi-label, of ``logits / temperature``."""
+    scaled = torch.from_numpy(np.asarray(logits, dtype=np.float64) / temperature)
+    return (torch.sigmoid(scaled) if multilabel else torch.softmax(scaled, dim=1)).numpy()
+
+
+def validate(
+    model: nn.Module,
+    val: ImageDataset,
+    objective: Objective,
+    task: Task,
+    classes: tuple[str, ...],
+    device: torch.device,
+) -> dict[str, float]:
+    """Validation loss, accuracy, macro ROC-AUC and macro F1 at 0.5 thresholds."""
+    logits, targets = predict_logits(model, val, device)
+    with torch.inference_mode():
+        loss = objective(torch.from_numpy(logits).to(device), torch.from_numpy(targets).to(device))
+    probabilities = to_probabilities(logits, task is Task.MULTILABEL)
+    metrics = compute_metrics(probabilities, targets, task, classes, np.full(len(classes), 0.5))
+    return {
+        "val_loss": float(loss),
+        "val_accuracy": metrics["accuracy"],
+        "val_auc": metrics["auc_macro"],
+        "val_f1": metrics["f1_macro"],
+    }
+
+
+def _record(
+    progress: _Progress,
+    row: dict[str, float],
+    settings: FitSettings,
+    model: nn.Module,
+    checkpoint_dir: Path,
+) -> None:
+    """Append the epoch, keep its weights if they are the best so far, decide on stopping."""
+    progress.history.append(row)
+    progress.epoch = int(row["epoch"])
+    value = row[MONITORS[settings.monitor]]
+    sign = -1.0 if settings.monitor == "loss" else 1.0
+    improved = not math.isnan(value) and (
+        progress.best_value is None or sign * value > sign * progress.best_value
+    )
+    if improved or progress.best_epoch == 0:
+        progress.best_value = None if math.isnan(value) else value
+        progress.best_epoch = progress.epoch
+        progress.bad_epochs = 0
+        save_checkpoint(
+            checkpoint_dir, BEST, {"model": model.state_dict(), "epoch": progress.epoch}
+        )
+    else:
+        progress.bad_epochs += 1
+    progress.stopped = bool(settings.patience) and progress.bad_epochs >= settings.patience
+
+
+def _epoch_line(row: dict[str, float], settings: FitSettings) -> str:
+    return (
+        f"epoch {int(row['epoch'])}/{settings.epochs}  phase {int(row['phase'])}  "
+        f"lr {row['lr']:.2e}  loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
+        f"val accuracy {row['val_accuracy']:.3f}  val auc {row['val_auc']:.3f}"
+    )

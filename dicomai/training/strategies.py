@@ -1,0 +1,186 @@
+"""Fine-tuning strategies: which parameters train, at which learning rate, in which epochs.
+
+A network splits into its *head* (the classifier: torchvision's ``fc``, ``classifier`` or
+``heads``, our composites' ``head``, else the last ``nn.Linear``) and its *backbone*, everything
+else, cut into blocks in forward order (a ResNet's stem and residual blocks, a DenseNet's dense
+blocks and transitions...). A strategy is a list of phases; each phase trains some blocks with
+its own optimiser and a fresh warm-up + cosine schedule over the phase's epochs.
+
+- ``full``: everything at ``lr`` for all epochs.
+- ``frozen``: the head only, at ``lr``.
+- ``two-stage``: the head only for ``freeze_epochs`` at ``head_lr``, then everything at ``lr``.
+- ``lld`` (layer-wise learning-rate decay): everything; the head at ``lr``, the k-th backbone
+  block from the top at ``lr * layer_decay**k``.
+- ``gradual``: the head only, then at each epoch of ``unfreeze_at`` the next slice of backbone
+  blocks from the top joins (the last slice is the rest), all at ``lr``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from torch import nn
+
+from dicomai.errors import DatasetError
+
+_HEAD_NAMES = ("fc", "classifier", "heads", "head")
+
+
+class Strategy(StrEnum):
+    FULL = "full"
+    FROZEN = "frozen"
+    TWO_STAGE = "two-stage"
+    LLD = "lld"
+    GRADUAL = "gradual"
+
+
+@dataclass(frozen=True)
+class StrategySettings:
+    """The strategy and its knobs (see the module's docstring)."""
+
+    strategy: Strategy = Strategy.FULL
+    lr: float = 1e-4
+    head_lr: float = 3e-4
+    freeze_epochs: int = 5
+    layer_decay: float = 0.75
+    unfreeze_at: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Epochs ``[start, stop)`` training the given parameter groups (parameters, lr)."""
+
+    start: int
+    stop: int
+    groups: tuple[tuple[tuple[nn.Parameter, ...], float], ...]
+
+    @property
+    def epochs(self) -> int:
+        return self.stop - self.start
+
+    def parameters(self) -> set[int]:
+        return {id(p) for params, _ in self.groups for p in params}
+
+
+def find_head(model: nn.Module) -> nn.Module:
+    """The classification head: a named head holding a Linear, else the last Linear."""
+    for name in _HEAD_NAMES:
+        module = getattr(model, name, None)
+        if isinstance(module, nn.Module) and any(
+            isinstance(m, nn.Linear) for m in module.modules()
+        ):
+            return module
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise DatasetError(f"{type(model).__name__}: no Linear classification head to train")
+    return linears[-1]
+
+
+def backbone_blocks(model: nn.Module) -> list[tuple[nn.Parameter, ...]]:
+    """The backbone's parameters in blocks, input side first; the head's are left out."""
+    head = {id(p) for p in find_head(model).parameters()}
+    module = model
+    while True:
+        holders = [c for c in module.children() if _own(c, head)]
+        if len(holders) != 1 or list(module.parameters(recurse=False)):
+            break
+        module = holders[0]
+    blocks = [tuple(p for p in module.parameters(recurse=False) if id(p) not in head)]
+    for child in module.children():
+        parts = list(child.children())
+        if isinstance(child, nn.Sequential | nn.ModuleList | nn.ModuleDict) and any(
+            list(part.children()) for part in parts
+        ):
+            blocks += [_own(part, head) for part in parts]
+        else:
+            blocks.append(_own(child, head))
+    return [block for block in blocks if block]
+
+
+def _own(module: nn.Module, head: set[int]) -> tuple[nn.Parameter, ...]:
+    return tuple(p for p in module.parameters() if id(p) not in head)
+
+
+def plan(model: nn.Module, settings: StrategySettings, epochs: int) -> list[Phase]:
+    """The phases of `settings.strategy` over `epochs` epochs for this network.
+
+    Raises
+    ------
+    DatasetError
+        If the strategy's epochs do not fit in `epochs` (the message says which).
+    """
+    head = tuple(find_head(model).parameters())
+    blocks = backbone_blocks(model)
+    everything = tuple(p for block in blocks for p in block) + head
+    lr = settings.lr
+    match settings.strategy:
+        case Strategy.FULL:
+            return [Phase(0, epochs, ((everything, lr),))]
+        case Strategy.FROZEN:
+            return [Phase(0, epochs, ((head, lr),))]
+        case Strategy.TWO_STAGE:
+            first = settings.freeze_epochs
+            if not 0 < first < epochs:
+                raise DatasetError(f"two-stage: --freeze-epochs {first} must be in 1..{epochs - 1}")
+            return [
+                Phase(0, first, ((head, settings.head_lr),)),
+                Phase(first, epochs, ((everything, lr),)),
+            ]
+        case Strategy.LLD:
+            groups = [(head, lr)] + [
+                (block, lr * settings.layer_decay**depth)
+                for depth, block in enumerate(reversed(blocks), start=1)
+            ]
+            return [Phase(0, epochs, tuple(groups))]
+        case Strategy.GRADUAL:
+            return _gradual(head, blocks, settings, epochs)
+    raise DatasetError(f"unknown strategy {settings.strategy!r}")
+
+
+def _gradual(
+    head: tuple[nn.Parameter, ...],
+    blocks: list[tuple[nn.Parameter, ...]],
+    settings: StrategySettings,
+    epochs: int,
+) -> list[Phase]:
+    points = sorted(set(settings.unfreeze_at))
+    if not points or points[0] <= 0 or points[-1] >= epochs:
+        raise DatasetError(f"gradual: --unfreeze-at epochs must be in 1..{epochs - 1}")
+    top_first = list(reversed(blocks))
+    # Slice k of the backbone (from the top) joins at points[k]; the last slice is the rest.
+    size = max(1, len(top_first) // len(points))
+    trainable = head
+    phases = [Phase(0, points[0], ((trainable, settings.lr),))]
+    for k, start in enumerate(points):
+        stop = points[k + 1] if k + 1 < len(points) else epochs
+        chunk = (
+            top_first[k * size :] if k + 1 == len(points) else top_first[k * size : (k + 1) * size]
+        )
+        trainable = trainable + tuple(p for block in chunk for p in block)
+        phases.append(Phase(start, stop, ((trainable, settings.lr),)))
+    return phases
+
+
+def phase_index(phases: list[Phase], epoch: int) -> int:
+    """Which phase epoch `epoch` (0-based) belongs to."""
+    for index, phase in enumerate(phases):
+        if phase.start <= epoch < phase.stop:
+            return index
+    return len(phases) - 1
+
+
+def set_trainable(model: nn.Module, phase: Phase) -> None:
+    """Gradients on for the phase's parameters only; frozen BatchNorm layers kept in eval mode.
+
+    Call after ``model.train()``: a frozen block's BatchNorm must not keep updating its running
+    statistics, or the backbone drifts even though none of its weights train.
+    """
+    keep = phase.parameters()
+    for parameter in model.parameters():
+        parameter.requires_grad_(id(parameter) in keep)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            own = list(module.parameters())
+            if own and not any(p.requires_grad for p in own):
+                module.eval()
