@@ -187,6 +187,10 @@ class JobRunner:
             except NotEvaluable as exc:
                 reasons[sop_uid] = str(exc)  # unreadable: no SR reference is possible
                 continue
+            if "PixelData" not in dataset:
+                # An SR or RT plan a broad model "applies" to: TID 1500 references images only.
+                reasons[sop_uid] = "not an image (no Pixel Data)"
+                continue
             try:
                 display, tensor = prepare(dataset, spec)
             except NotEvaluable as exc:
