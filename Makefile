@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP_QUIET := --quiet --disable-pip-version-check --no-warn-script-location
 
-.PHONY: demo test test-unit lint bench-ingest bench-inference demo-model clean
+.PHONY: demo test test-faults test-unit lint bench-ingest bench-inference demo-model clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,11 @@ demo: $(STAMP)
 	$(BIN)/dicomai --config deploy/demo.toml demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests --ignore=tests/faults $(PYTEST_ARGS)
+
+# Crash, outage, load and bad-input tests (docs/reliability.md): ~6 min on 2 cores.
+test-faults: $(STAMP)
+	$(BIN)/python -m pytest tests/faults $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)

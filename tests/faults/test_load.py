@@ -13,7 +13,7 @@ from faultkit import DEMO, make_stack, one_study, rss_kb
 from servers import require_program
 
 SENDERS = 8
-STUDIES_PER_SENDER = 8
+STUDIES_PER_SENDER = 6
 IMAGES_PER_STUDY = 5
 SEND_SECONDS = 20.0
 RSS_BOUND_MB = 400
