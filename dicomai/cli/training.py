@@ -1,10 +1,19 @@
-"""`dicomai train-demo`: training the demonstration model."""
+"""`dicomai train`, `dicomai evaluate` and `dicomai train-demo`: making and judging model packages.
+
+torch is imported inside the commands: the CLI's other commands stay fast.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
+
+if TYPE_CHECKING:
+    from dicomai.training.runs import RunSettings
+
+STRATEGIES = ("full", "frozen", "two-stage", "lld", "gradual")
 
 
 @click.command("train-demo")
@@ -18,5 +27,209 @@ def train_demo(out: Path, seed: int) -> None:
     click.echo(f"wrote {manifest.name} {manifest.version} to {out}")
 
 
+def _epochs(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as error:
+        raise click.BadParameter(f"{text!r}: comma-separated epoch numbers") from error
+
+
+@click.command("train")
+@click.option(
+    "--data",
+    "data",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="train/<class>/ folders (optional val/, test/), or images with --labels.",
+)
+@click.option(
+    "--labels",
+    "labels_csv",
+    type=click.Path(path_type=Path),
+    help="Labels CSV: file,label or ChestX-ray14's Image Index,Finding Labels.",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Output folder: package/, training_log.csv, curves.png, checkpoints/.",
+)
+@click.option("--name", required=True, help="Model name in the package.")
+@click.option("--version", "model_version", default="1.0.0", show_default=True)
+@click.option("--description", default="", help="Model card text.")
+@click.option("--architecture", default="tinycnn", show_default=True)
+@click.option("--dropout", type=float, help="Dropout before the head.")
+@click.option("--size", default=224, show_default=True, help="Input rows and columns.")
+@click.option(
+    "--normalize",
+    type=click.Choice(["imagenet", "mid-grey"]),
+    default="imagenet",
+    show_default=True,
+    help="Input normalisation (imagenet for pretrained weights).",
+)
+@click.option(
+    "--init",
+    "initial_weights",
+    type=click.Path(path_type=Path),
+    help="Pretrained backbone weights (local file; nothing is downloaded).",
+)
+@click.option("--init-kind", type=click.Choice(["torchvision", "chexnet"]), default="torchvision")
+@click.option("--strategy", type=click.Choice(STRATEGIES), default="full", show_default=True)
+@click.option("--lr", default=1e-4, show_default=True, help="Learning rate (of the head).")
+@click.option("--head-lr", default=3e-4, show_default=True, help="two-stage: first-stage rate.")
+@click.option("--freeze-epochs", default=5, show_default=True, help="two-stage: frozen epochs.")
+@click.option("--layer-decay", default=0.75, show_default=True, help="lld: factor per block.")
+@click.option("--unfreeze-at", default="", help="gradual: epochs, e.g. 2,4,6.")
+@click.option("--epochs", default=20, show_default=True)
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--optimizer", type=click.Choice(["adamw", "adam"]), default="adamw")
+@click.option("--weight-decay", default=1e-4, show_default=True)
+@click.option("--warmup-epochs", default=1.0, show_default=True)
+@click.option("--grad-clip", default=1.0, show_default=True, help="Max gradient norm; 0: off.")
+@click.option(
+    "--loss",
+    type=click.Choice(["auto", "ce", "focal", "bce"]),
+    default="auto",
+    show_default=True,
+    help="auto: ce (single-label) or bce (multi-label).",
+)
+@click.option("--label-smoothing", default=0.1, show_default=True)
+@click.option("--class-weights", type=click.Choice(["none", "balanced"]), default="none")
+@click.option("--focal-gamma", default=2.0, show_default=True)
+@click.option(
+    "--monitor",
+    type=click.Choice(["auc", "loss", "accuracy", "f1"]),
+    default="auc",
+    show_default=True,
+    help="Validation metric for early stopping and the best epoch.",
+)
+@click.option("--patience", default=0, show_default=True, help="Early-stopping patience; 0: off.")
+@click.option("--val-fraction", default=0.2, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--rotation", default=7.0, show_default=True, help="Max rotation, degrees.")
+@click.option("--hflip/--no-hflip", default=False, show_default=True)
+@click.option("--jitter", default=0.1, show_default=True, help="Brightness/contrast jitter.")
+@click.option("--random-erasing", default=0.0, show_default=True, help="Probability.")
+@click.option("--no-augment", is_flag=True, help="No augmentation at all.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda:N.")
+@click.option("--amp/--no-amp", default=True, show_default=True, help="Mixed precision (CUDA).")
+@click.option("--workers", default=0, show_default=True, help="Data-loading processes.")
+@click.option(
+    "--codes",
+    "codes_csv",
+    type=click.Path(path_type=Path),
+    help="CSV name,value,scheme,meaning[,is_finding] coding the classes.",
+)
+@click.option("--modality", "modalities", multiple=True, help="Applies to (repeatable).")
+@click.option("--body-part", "body_parts", multiple=True, help="Applies to (repeatable).")
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/last.pt.")
+def train(**options: Any) -> None:
+    """Train a classifier on labelled images and write a model package the daemon runs."""
+    from dicomai.training.runs import train_package
+
+    manifest = train_package(_run_settings(options), log=click.echo)
+    click.echo(f"{manifest.name} {manifest.version}: {options['out']}/package")
+
+
+def _run_settings(o: dict[str, Any]) -> RunSettings:
+    from dicomai.imaging.spec import InputSpec
+    from dicomai.models.manifest import AppliesTo
+    from dicomai.training.augment import NO_AUGMENTATION, Augmentation
+    from dicomai.training.fit import FitSettings
+    from dicomai.training.objectives import LossSettings
+    from dicomai.training.runs import RunSettings
+    from dicomai.training.strategies import Strategy, StrategySettings
+
+    size = int(o["size"])
+    spec = InputSpec(size=(size, size))
+    if o["normalize"] == "mid-grey":
+        spec = InputSpec(size=(size, size), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    jitter = float(o["jitter"])
+    augmentation = (
+        NO_AUGMENTATION
+        if o["no_augment"]
+        else Augmentation(
+            rotation_degrees=float(o["rotation"]),
+            hflip=bool(o["hflip"]),
+            brightness=jitter,
+            contrast=jitter,
+            erase_probability=float(o["random_erasing"]),
+        )
+    )
+    loss = str(o["loss"])
+    return RunSettings(
+        data=o["data"],
+        out=o["out"],
+        name=str(o["name"]),
+        version=str(o["model_version"]),
+        labels_csv=o["labels_csv"],
+        val_fraction=float(o["val_fraction"]),
+        architecture=str(o["architecture"]),
+        options={} if o["dropout"] is None else {"dropout": o["dropout"]},
+        spec=spec,
+        initial_weights=o["initial_weights"],
+        initial_kind=str(o["init_kind"]),
+        strategy=StrategySettings(
+            strategy=Strategy(str(o["strategy"])),
+            lr=float(o["lr"]),
+            head_lr=float(o["head_lr"]),
+            freeze_epochs=int(o["freeze_epochs"]),
+            layer_decay=float(o["layer_decay"]),
+            unfreeze_at=_epochs(str(o["unfreeze_at"])),
+        ),
+        loss=LossSettings(
+            name=loss,
+            label_smoothing=float(o["label_smoothing"]),
+            class_weights=str(o["class_weights"]),
+            focal_gamma=float(o["focal_gamma"]),
+        ),
+        fit=FitSettings(
+            epochs=int(o["epochs"]),
+            batch_size=int(o["batch_size"]),
+            optimizer=str(o["optimizer"]),
+            weight_decay=float(o["weight_decay"]),
+            warmup_epochs=float(o["warmup_epochs"]),
+            grad_clip=float(o["grad_clip"]),
+            monitor=str(o["monitor"]),
+            patience=int(o["patience"]),
+            seed=int(o["seed"]),
+            amp=bool(o["amp"]),
+            num_workers=int(o["workers"]),
+        ),
+        augmentation=augmentation,
+        codes_csv=o["codes_csv"],
+        applies_to=AppliesTo(
+            modalities=tuple(o["modalities"]),
+            body_parts=tuple(o["body_parts"]),
+        ),
+        description=str(o["description"]),
+        device=str(o["device"]),
+        resume=bool(o["resume"]),
+    )
+
+
+@click.command("evaluate")
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="test/<class>/ (or <class>/) folders, or images with --labels.",
+)
+@click.option("--labels", "labels_csv", type=click.Path(path_type=Path), help="Labels CSV.")
+@click.option("--split", default="test", show_default=True, help="Set of the layout to use.")
+@click.option("--out", type=click.Path(path_type=Path), help="Report folder [PACKAGE-evaluation].")
+def evaluate(
+    package: Path, data: Path, labels_csv: Path | None, split: str, out: Path | None
+) -> None:
+    """Evaluate a model package on labelled images: metrics, figures and a report."""
+    from dicomai.evaluation.report import evaluate_package
+
+    target = out if out is not None else package.with_name(f"{package.name}-evaluation")
+    evaluate_package(package, data, target, labels_csv, split, log=click.echo)
+
+
 def register(group: click.Group) -> None:
     group.add_command(train_demo)
+    group.add_command(train)
+    group.add_command(evaluate)

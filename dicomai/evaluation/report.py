@@ -1,0 +1,303 @@
+"""`dicomai evaluate`: a package run on labelled images as the daemon runs it, and the report.
+
+Writes into the output folder:
+
+- ``evaluation.json``: every number, with this schema (floats; NaN where undefined, e.g. the
+  AUC of a class without positives)::
+
+      model            {name, version, architecture, weights_sha256, temperature}
+      data             {path, n, task ("binary" | "multiclass" | "multilabel"), per_class counts}
+      task, n
+      accuracy         exact-match accuracy for multi-label
+      precision_macro, recall_macro, f1_macro, precision_weighted, recall_weighted, f1_weighted
+      auc_micro, auc_macro
+      sensitivity, specificity, ppv, npv     binary only, for the positive (finding) class
+                                             at its manifest threshold
+      ece, mce         15 equal-width bins; reliability: [{lower, upper, confidence, accuracy,
+                       count}]
+      brier            scikit-learn's brier_score_loss (binary: positive class; multi-class:
+                       sum over classes; multi-label: mean over classes)
+      per_class        {name: {precision, recall, f1, support, auc, threshold}}
+      confusion_matrix rows true, columns predicted; multi-label: per class [[TN, FP], [FN, TP]]
+      decision         how classes were decided (threshold or argmax)
+
+- ``predictions.csv``: per image its file, truth, decision and every class's probability;
+- ``roc.png``, ``reliability.png``, ``misclassified.png`` (up to 16, with Grad-CAM);
+- ``report.md`` and ``report.html``: the same numbers for people.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import torch
+
+from dicomai.evaluation.metrics import compute_metrics, decisions
+from dicomai.evaluation.plots import plot_misclassified, plot_reliability, plot_roc
+from dicomai.imaging.preprocess import prepare, to_model_input
+from dicomai.inference.runner import Classifier
+from dicomai.models.package import LoadedModel, load_model
+from dicomai.training.datasets import (
+    DICOM_SUFFIXES,
+    LabelledImages,
+    Task,
+    class_counts,
+    load_evaluation_data,
+    read_image01,
+)
+from dicomai.training.package_writer import positive_class, rounded
+
+MAX_MISCLASSIFIED = 16
+Log = Any
+
+
+def evaluate_package(
+    package: Path,
+    data: Path,
+    out: Path,
+    labels_csv: Path | None = None,
+    split: str = "test",
+    log: Log = print,
+) -> dict[str, Any]:
+    """Evaluate a model package on labelled images and write the report into `out`.
+
+    Parameters
+    ----------
+    package
+        A package folder.
+    data
+        Image folders (``test/<class>/`` or the class folders themselves) or, with
+        `labels_csv`, a folder of images.
+    out
+        The report folder (created).
+    labels_csv
+        A labels CSV, as `dicomai train` reads it.
+    split
+        Which set of the layout (or of the CSV's split column) to use.
+    log
+        Receives a summary line.
+
+    Returns
+    -------
+    dict
+        What ``evaluation.json`` holds.
+
+    Raises
+    ------
+    DatasetError, ModelPackageError
+        On a bad data layout or package.
+    """
+    loaded = load_model(package)
+    manifest = loaded.manifest
+    classes = manifest.class_names
+    images = load_evaluation_data(data, classes, labels_csv, split)
+    task = _task(loaded)
+    classifier = Classifier(loaded)
+    inputs = [_model_input(path, loaded) for path in images.paths]
+    probabilities = _probabilities(classifier, inputs)
+    thresholds = np.array([spec.threshold for spec in manifest.classes])
+    positive = positive_class(manifest.classes)
+    metrics = compute_metrics(probabilities, images.targets, task, classes, thresholds, positive)
+    report: dict[str, Any] = {
+        "model": {
+            "name": manifest.name,
+            "version": manifest.version,
+            "architecture": manifest.architecture,
+            "weights_sha256": manifest.weights_sha256,
+            "temperature": manifest.temperature,
+        },
+        "data": {
+            "path": str(data),
+            "n": len(images),
+            "task": task.value,
+            "per_class": class_counts(images, classes, task),
+        },
+        "decision": "argmax" if task is Task.MULTICLASS else "probability >= class threshold",
+        **metrics,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    predicted = decisions(probabilities, task, thresholds, positive)
+    _write_predictions(out / "predictions.csv", images, classes, probabilities, predicted, task)
+    _write_figures(out, report, images, inputs, probabilities, predicted, classifier, task)
+    (out / "evaluation.json").write_text(json.dumps(_json_safe(rounded(report, 8)), indent=2))
+    (out / "report.md").write_text(markdown(report))
+    (out / "report.html").write_text(to_html(report))
+    log(
+        f"{manifest.name} {manifest.version} on {len(images)} images: accuracy "
+        f"{metrics['accuracy']:.3f}, AUC {metrics['auc_macro']:.3f}, ECE {metrics['ece']:.3f}; "
+        f"report in {out}"
+    )
+    return report
+
+
+def _task(loaded: LoadedModel) -> Task:
+    if loaded.manifest.multi_label:
+        return Task.MULTILABEL
+    return Task.BINARY if loaded.num_classes == 2 else Task.MULTICLASS
+
+
+def _model_input(path: Path, loaded: LoadedModel) -> np.ndarray:
+    """The input the daemon would give the model: DICOM through `prepare`, else the same steps."""
+    spec = loaded.manifest.input
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return prepare(pydicom.dcmread(path), spec)[1]
+    return to_model_input(read_image01(path), spec)
+
+
+def _probabilities(classifier: Classifier, inputs: list[np.ndarray]) -> np.ndarray:
+    chunks = []
+    for start in range(0, len(inputs), 64):
+        batch = torch.from_numpy(np.stack(inputs[start : start + 64]))
+        chunks.append(classifier.probabilities(batch.to(classifier.device)))
+    return np.concatenate(chunks)
+
+
+def _write_predictions(
+    path: Path,
+    images: LabelledImages,
+    classes: tuple[str, ...],
+    probabilities: np.ndarray,
+    predicted: np.ndarray,
+    task: Task,
+) -> None:
+    def names(value: Any) -> str:
+        if task is Task.MULTILABEL:
+            return "|".join(c for c, on in zip(classes, value, strict=True) if on)
+        return classes[int(value)]
+
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file", "truth", "predicted", *classes])
+        for i, file in enumerate(images.paths):
+            probs = [f"{p:.8f}" for p in probabilities[i]]
+            writer.writerow([str(file), names(images.targets[i]), names(predicted[i]), *probs])
+
+
+def _write_figures(
+    out: Path,
+    report: dict[str, Any],
+    images: LabelledImages,
+    inputs: list[np.ndarray],
+    probabilities: np.ndarray,
+    predicted: np.ndarray,
+    classifier: Classifier,
+    task: Task,
+) -> None:
+    classes = classifier.loaded.manifest.class_names
+    onehot = images.targets if task is Task.MULTILABEL else np.eye(len(classes))[images.targets]
+    plot_roc(out / "roc.png", probabilities, np.asarray(onehot), classes)
+    plot_reliability(out / "reliability.png", report["reliability"], report["ece"])
+    wrong = predicted != images.targets
+    if wrong.ndim == 2:
+        wrong = wrong.any(axis=1)
+    chosen = np.flatnonzero(wrong)[:MAX_MISCLASSIFIED]
+    items = []
+    if len(chosen):
+        explained = classifier.predict([(str(i), inputs[i]) for i in chosen])
+        for i, prediction in zip(chosen, explained, strict=True):
+            spec = classifier.loaded.manifest.input
+            grey = inputs[i][0] * spec.std[0] + spec.mean[0]
+            caption = f"{images.paths[i].name[:24]}\ntrue {_label(images.targets[i], classes)}"
+            caption += f", said {_label(predicted[i], classes)}"
+            items.append((np.clip(grey, 0, 1), prediction.heatmap, caption))
+    plot_misclassified(out / "misclassified.png", items)
+
+
+def _label(value: Any, classes: tuple[str, ...]) -> str:
+    if np.ndim(value):
+        return "|".join(c for c, on in zip(classes, value, strict=True) if on) or "none"
+    return classes[int(value)]
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinity as null: JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+_SUMMARY_KEYS = (
+    "accuracy", "auc_macro", "auc_micro", "precision_macro", "recall_macro", "f1_macro",
+    "precision_weighted", "recall_weighted", "f1_weighted", "sensitivity", "specificity",
+    "ppv", "npv", "ece", "mce", "brier",
+)  # fmt: skip
+
+
+def _number(value: Any) -> str:
+    return (
+        "n/a"
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else (f"{value:.4f}" if isinstance(value, float) else str(value))
+    )
+
+
+def _tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The report's tables: (title, header, rows), shared by the Markdown and HTML forms."""
+    summary = [[key, _number(report[key])] for key in _SUMMARY_KEYS if key in report]
+    per_class = [
+        [name, *(_number(v[k]) for k in ("precision", "recall", "f1", "auc", "threshold")),
+         str(v["support"])]
+        for name, v in report["per_class"].items()
+    ]  # fmt: skip
+    classes = list(report["per_class"])
+    matrices = zip(classes, report["confusion_matrix"], strict=True)
+    if report["task"] == "multilabel":
+        confusion = [[name, *(str(x) for row in m for x in row)] for name, m in matrices]
+        confusion_header = ["class", "TN", "FP", "FN", "TP"]
+    else:
+        confusion = [[name, *(str(x) for x in row)] for name, row in matrices]
+        confusion_header = ["true \\ predicted", *classes]
+    return [
+        ("Summary", ["metric", "value"], summary),
+        ("Per class", ["class", "precision", "recall", "F1", "AUC", "threshold", "support"],
+         per_class),
+        ("Confusion matrix", confusion_header, confusion),
+    ]  # fmt: skip
+
+
+def _heading(report: dict[str, Any]) -> str:
+    model, data = report["model"], report["data"]
+    return (
+        f"{model['name']} {model['version']} ({model['architecture']}, temperature "
+        f"{model['temperature']}) on {data['n']} images of {data['path']} ({data['task']}); "
+        f"decision: {report['decision']}"
+    )
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as Markdown."""
+    lines = [f"# Evaluation of {report['model']['name']} {report['model']['version']}", ""]
+    lines += [_heading(report), ""]
+    for title, header, rows in _tables(report):
+        lines += [f"## {title}", "", "| " + " | ".join(header) + " |"]
+        lines += ["| " + " | ".join("---" for _ in header) + " |"]
+        lines += ["| " + " | ".join(row) + " |" for row in rows] + [""]
+    lines += ["## Figures", "", "![ROC curves](roc.png)", "![Reliability](reliability.png)"]
+    lines += ["![Misclassified images with Grad-CAM](misclassified.png)", ""]
+    return "\n".join(lines)
+
+
+def to_html(report: dict[str, Any]) -> str:
+    """The report as a self-contained HTML page (figures beside it)."""
+    title = html.escape(f"Evaluation of {report['model']['name']} {report['model']['version']}")
+    parts = [f"<!doctype html><meta charset=utf-8><title>{title}</title><h1>{title}</h1>"]
+    parts.append(f"<p>{html.escape(_heading(report))}</p>")
+    for name, header, rows in _tables(report):
+        parts.append(f"<h2>{html.escape(name)}</h2><table border=1 cellpadding=4>")
+        parts.append("<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows]
+        parts.append("</table>")
+    for figure in ("roc.png", "reliability.png", "misclassified.png"):
+        parts.append(f'<p><img src="{figure}" alt="{figure}"></p>')
+    return "\n".join(parts) + "\n"

@@ -1,0 +1,198 @@
+"""A `dicomai train` run: data checked, network trained, calibrated and written as a package.
+
+The output folder holds ``package/`` (what `dicomai models register` takes), ``training_log.csv``
+(one row per epoch), ``curves.png`` and ``checkpoints/`` (``last.pt`` for ``--resume``,
+``best.pt``).
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dicomai.evaluation.metrics import compute_metrics
+from dicomai.evaluation.plots import plot_history
+from dicomai.imaging.spec import InputSpec
+from dicomai.models.architectures import build
+from dicomai.models.initial import load_initial_weights
+from dicomai.models.manifest import AppliesTo, Manifest
+from dicomai.models.package import write_package
+from dicomai.training.augment import Augmentation
+from dicomai.training.batches import ImageDataset
+from dicomai.training.datasets import Task, TrainingData, load_training_data
+from dicomai.training.fit import FitSettings, Log, fit, predict_logits, resolve_device
+from dicomai.training.fit import to_probabilities as probabilities_of
+from dicomai.training.objectives import LossSettings, build_objective
+from dicomai.training.package_writer import (
+    calibrate,
+    choose_thresholds,
+    class_specs,
+    code_version,
+    positive_class,
+    read_codes,
+    rounded,
+    write_history,
+)
+from dicomai.training.strategies import StrategySettings, plan
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything `dicomai train` takes."""
+
+    data: Path
+    out: Path
+    name: str
+    version: str = "1.0.0"
+    labels_csv: Path | None = None
+    val_fraction: float = 0.2
+    architecture: str = "tinycnn"
+    options: dict[str, Any] = field(default_factory=dict)
+    spec: InputSpec = field(default_factory=InputSpec)
+    initial_weights: Path | None = None
+    initial_kind: str = "torchvision"
+    strategy: StrategySettings = field(default_factory=StrategySettings)
+    loss: LossSettings = field(default_factory=LossSettings)
+    fit: FitSettings = field(default_factory=FitSettings)
+    augmentation: Augmentation = field(default_factory=Augmentation)
+    codes_csv: Path | None = None
+    applies_to: AppliesTo = field(default_factory=AppliesTo)
+    description: str = ""
+    device: str = "auto"
+    resume: bool = False
+
+
+def train_package(settings: RunSettings, log: Log = print) -> Manifest:
+    """Run `settings` end to end and return the manifest written to ``out/package``.
+
+    Raises
+    ------
+    DatasetError
+        On a bad data layout or CSV (before training), or a resume that does not match.
+    ModelPackageError
+        On an unknown architecture or option.
+    """
+    data = load_training_data(
+        settings.data, settings.labels_csv, settings.val_fraction, settings.fit.seed
+    )
+    codes = read_codes(settings.codes_csv)
+    multilabel = data.task is Task.MULTILABEL
+    if settings.loss.name == "auto":
+        loss = replace(settings.loss, name="bce" if multilabel else "ce")
+        settings = replace(settings, loss=loss)
+    objective = build_objective(settings.loss, data.train.targets, multilabel)
+    torch.manual_seed(settings.fit.seed)
+    model = build(settings.architecture, len(data.classes), **settings.options)
+    if settings.initial_weights is not None:
+        loaded = load_initial_weights(model, settings.initial_weights, settings.initial_kind)  # type: ignore[arg-type]
+        log(f"initial weights: {len(loaded)} tensors from {settings.initial_weights}")
+    phases = plan(model, settings.strategy, settings.fit.epochs)
+    log(
+        f"{data.task.value}: {len(data.classes)} classes, {len(data.train)} training and "
+        f"{len(data.val)} validation images; strategy {settings.strategy.strategy.value}"
+    )
+    device = resolve_device(settings.device)
+    train = ImageDataset(data.train, settings.spec, settings.augmentation, settings.fit.seed)
+    val = ImageDataset(data.val, settings.spec)
+    result = fit(
+        model,
+        train,
+        val,
+        objective,
+        phases,
+        settings.fit,
+        task=data.task,
+        classes=data.classes,
+        checkpoint_dir=settings.out / "checkpoints",
+        device=device,
+        fingerprint=_fingerprint(settings, data),
+        resume=settings.resume,
+        log=log,
+    )
+    logits, targets = predict_logits(model, val, device)
+    temperature = calibrate(logits, targets, multilabel)
+    probabilities = probabilities_of(logits, multilabel, temperature)
+    thresholds = choose_thresholds(probabilities, targets, data.task)
+    specs = class_specs(data.classes, thresholds, codes)
+    metrics = compute_metrics(
+        probabilities, targets, data.task, data.classes, thresholds, positive_class(specs)
+    )
+    manifest = Manifest(
+        name=settings.name,
+        version=settings.version,
+        architecture=settings.architecture,
+        classes=specs,
+        options=settings.options,
+        description=settings.description,
+        input=settings.spec,
+        temperature=round(temperature, 6),
+        applies_to=settings.applies_to,
+        training=rounded(_training_table(settings, data, result.best_epoch, result.seconds)),
+        metrics=rounded(_headline(metrics)),
+        multi_label=multilabel,
+    )
+    written = write_package(settings.out / "package", manifest, model.cpu().state_dict())
+    write_history(settings.out / "training_log.csv", result.history)
+    plot_history(settings.out / "curves.png", result.history)
+    log(
+        f"wrote {settings.out / 'package'}: best epoch {result.best_epoch}, validation "
+        f"AUC {metrics['auc_macro']:.3f}, accuracy {metrics['accuracy']:.3f}, "
+        f"ECE {metrics['ece']:.3f}, temperature {temperature:.3f}"
+    )
+    return written
+
+
+def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The validation metrics the manifest keeps: numbers and per-class AUCs and thresholds."""
+    keys = ("accuracy", "auc_macro", "auc_micro", "f1_macro", "ece", "mce", "brier")
+    binary = ("sensitivity", "specificity", "ppv", "npv")
+    headline = {f"val_{key}": metrics[key] for key in (*keys, *binary) if key in metrics}
+    headline["val_n"] = metrics["n"]
+    headline["val_auc_per_class"] = {
+        name: values["auc"] for name, values in metrics["per_class"].items()
+    }
+    return headline
+
+
+def _training_table(
+    settings: RunSettings, data: TrainingData, best_epoch: int, seconds: float
+) -> dict[str, Any]:
+    strategy = asdict(settings.strategy)
+    strategy["strategy"] = settings.strategy.strategy.value
+    strategy["unfreeze_at"] = list(settings.strategy.unfreeze_at)
+    return {
+        "data": data.summary(),
+        "strategy": strategy,
+        "loss": asdict(settings.loss),
+        "optimisation": settings.fit.to_dict(),
+        "augmentation": settings.augmentation.to_dict(),
+        "initial_weights": str(settings.initial_weights or "none (random)"),
+        "best_epoch": best_epoch,
+        "seconds": seconds,
+        "code": code_version(),
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()}, {resolve_device(settings.device)}",
+        "validation": "temperature fitted and thresholds chosen (Youden's J) on validation",
+    }
+
+
+def _fingerprint(settings: RunSettings, data: TrainingData) -> dict[str, Any]:
+    """What a resumed run must share with the interrupted one."""
+    return {
+        "architecture": settings.architecture,
+        "options": repr(sorted(settings.options.items())),
+        "spec": repr(settings.spec.to_dict()),
+        "strategy": repr(settings.strategy),
+        "loss": repr(settings.loss),
+        "fit": repr(settings.fit),
+        "augmentation": repr(settings.augmentation),
+        "classes": list(data.classes),
+        "train": [str(p) for p in data.train.paths[:1000]],
+        "n_train": len(data.train),
+        "checksum": float(np.asarray(data.train.targets, dtype=np.float64).sum()),
+    }
