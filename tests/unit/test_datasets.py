@@ -1,0 +1,126 @@
+"""Reading training data: image folders, labels CSVs (ChestX-ray14 style), splits and errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from dicomai.errors import DatasetError
+from dicomai.imaging.spec import InputSpec
+from dicomai.models.architectures import build
+from dicomai.training.augment import Augmentation
+from dicomai.training.batches import ImageDataset
+from dicomai.training.datasets import Task, load_training_data, read_image01
+from dicomai.training.strategies import Strategy, StrategySettings, find_head, plan
+
+
+def image(path: Path, value: int = 128, dtype: type = np.uint8) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), np.full((16, 16), value, dtype))
+    return path
+
+
+def test_folders_with_a_given_val_set(tmp_path: Path) -> None:
+    for split, n in (("train", 4), ("val", 2), ("test", 1)):
+        for name in ("a", "b", "c"):
+            for i in range(n):
+                image(tmp_path / split / name / f"{i}.png")
+    data = load_training_data(tmp_path)
+    assert data.classes == ("a", "b", "c") and data.task is Task.MULTICLASS
+    assert (len(data.train), len(data.val), len(data.test or ())) == (12, 6, 3)
+    assert data.summary()["validation"] == "given"
+
+
+def test_stratified_validation_when_none_is_given(tmp_path: Path) -> None:
+    for i in range(10):
+        image(tmp_path / "train" / "normal" / f"{i}.png")
+    for i in range(5):
+        image(tmp_path / "train" / "nodule" / f"{i}.jpg")
+    data = load_training_data(tmp_path, val_fraction=0.2, seed=1)
+    assert data.task is Task.BINARY
+    assert np.bincount(data.val.targets).tolist() == [1, 2]
+    assert not set(data.train.paths) & set(data.val.paths)
+
+
+def test_chestxray14_csv_is_multilabel_with_no_finding_as_empty(tmp_path: Path) -> None:
+    for i in range(6):
+        image(tmp_path / "images_001" / "images" / f"0000{i}_000.png")
+    (tmp_path / "Data_Entry.csv").write_text(
+        "Image Index,Finding Labels,Follow-up #\n"
+        "00000_000.png,Cardiomegaly|Effusion,0\n00001_000.png,No Finding,0\n"
+        "00002_000.png,Effusion,0\n00003_000.png,No Finding,0\n"
+        "00004_000.png,Cardiomegaly,0\n00005_000.png,Effusion,0\n"
+    )
+    data = load_training_data(tmp_path, tmp_path / "Data_Entry.csv", val_fraction=0.3)
+    assert data.task is Task.MULTILABEL and data.classes == ("Cardiomegaly", "Effusion")
+    everything = np.concatenate([data.train.targets, data.val.targets])
+    assert everything.sum(axis=0).tolist() == [2, 3]
+    assert len(data.train) + len(data.val) == 6
+
+
+def test_a_csv_split_column_assigns_sets(tmp_path: Path) -> None:
+    rows = ["file,label,split"]
+    for i in range(8):
+        image(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,{'yes' if i % 2 else 'no'},{'val' if i >= 6 else 'train'}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    data = load_training_data(tmp_path, tmp_path / "labels.csv")
+    assert (len(data.train), len(data.val)) == (6, 2)
+
+
+@pytest.mark.parametrize(
+    ("csv", "message"),
+    [
+        ("name,label\na.png,x\n", "no file column"),
+        ("file,label\na.png,x\nb.png,y\nc.png,z,extra\n", "'b.png' and 1 more not found"),
+        ("file,label,split\na.png,x,holdout\n", "split 'holdout'"),
+    ],
+)
+def test_csv_errors_name_the_problem(csv: str, message: str, tmp_path: Path) -> None:
+    image(tmp_path / "a.png")
+    (tmp_path / "labels.csv").write_text(csv)
+    with pytest.raises(DatasetError, match=message):
+        load_training_data(tmp_path, tmp_path / "labels.csv")
+
+
+def test_sixteen_bit_png_reads_to_unit_range(tmp_path: Path) -> None:
+    path = image(tmp_path / "a.png", 65535, np.uint16)
+    assert read_image01(path).max() == pytest.approx(1.0)
+
+
+def test_augmented_inputs_repeat_for_the_same_epoch_and_change_with_it(tmp_path: Path) -> None:
+    for i in range(3):
+        image(tmp_path / "train" / "a" / f"{i}.png", 40 * i + 20)
+        image(tmp_path / "train" / "b" / f"{i}.png", 200)
+    data = load_training_data(tmp_path)
+    spec = InputSpec(size=(16, 16))
+    dataset = ImageDataset(data.train, spec, Augmentation(), seed=3)
+    first = dataset[0][0]
+    assert torch.equal(first, dataset[0][0])
+    dataset.set_epoch(1)
+    assert not torch.equal(first, dataset[0][0])
+    assert first.shape == (3, 16, 16)
+
+
+def test_strategies_train_what_they_say() -> None:
+    model = build("tinycnn", 2)
+    head = {id(p) for p in find_head(model).parameters()}
+    everything = {id(p) for p in model.parameters()}
+    frozen = plan(model, StrategySettings(Strategy.FROZEN), 3)
+    assert frozen[0].parameters() == head
+    two = plan(
+        model, StrategySettings(Strategy.TWO_STAGE, lr=1e-4, head_lr=3e-4, freeze_epochs=1), 3
+    )
+    assert [(p.start, p.stop) for p in two] == [(0, 1), (1, 3)]
+    assert two[0].groups[0][1] == 3e-4 and two[1].parameters() == everything
+    lld = plan(model, StrategySettings(Strategy.LLD, lr=1.0, layer_decay=0.5), 3)
+    assert [lr for _, lr in lld[0].groups][:3] == [1.0, 0.5, 0.25]
+    gradual = plan(model, StrategySettings(Strategy.GRADUAL, unfreeze_at=(1, 2)), 3)
+    sizes = [len(p.parameters()) for p in gradual]
+    assert sizes[0] == len(head) and sizes[0] < sizes[1] < sizes[2] == len(everything)
+    with pytest.raises(DatasetError, match="freeze-epochs"):
+        plan(model, StrategySettings(Strategy.TWO_STAGE, freeze_epochs=3), 3)
