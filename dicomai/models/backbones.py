@@ -44,11 +44,11 @@ def resnet_stage_widths(model: tv.ResNet) -> list[int]:
 
 
 def densenet_backbone(tiny: bool = False) -> tv.DenseNet:
-    """DenseNet-121, or a four-block DenseNet of growth 16 without the stem's downsampling."""
+    """DenseNet-121, or a three-block DenseNet of growth 16 with a stride-2 stem (8x in all)."""
     if not tiny:
         return tv.densenet121(weights=None)
-    model = tv.DenseNet(growth_rate=16, block_config=(2, 2, 2, 2), num_init_features=32, bn_size=2)
-    model.features.conv0 = nn.Conv2d(3, 32, kernel_size=3, padding=1, bias=False)
+    model = tv.DenseNet(growth_rate=16, block_config=(2, 2, 2), num_init_features=32, bn_size=2)
+    model.features.conv0 = nn.Conv2d(3, 32, kernel_size=3, stride=2, padding=1, bias=False)
     model.features.pool0 = nn.Identity()
     return model
 

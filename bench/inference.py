@@ -1,0 +1,150 @@
+"""Inference benchmark: dicomai's Classifier against plain torch on the same tensors.
+
+For each architecture, at batch 1 and 8 (224², CPU threads as given): forward time through
+`Classifier.predict` (a package without finding classes, so no heat map) against
+``model(x)`` under ``torch.inference_mode()``; forward + Grad-CAM through `Classifier.predict`
+against a textbook Grad-CAM (hooks on the same target layer, a full backward from the class
+score, channel weights = mean gradients, ReLU, bilinear upsampling, scaled to the maximum).
+Prints a Markdown table of medians and ratios (dicomai ÷ plain: below 1 is faster).
+
+    .venv/bin/python bench/inference.py                # all but vit_l_16 and efficientnet_b7
+    .venv/bin/python bench/inference.py --include-huge # those two as well
+    .venv/bin/python bench/inference.py --models resnet50 densenet121
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from dicomai.explain import find_target_layer
+from dicomai.explain.gradcam import token_grid
+from dicomai.imaging.spec import InputSpec
+from dicomai.inference.runner import Classifier
+from dicomai.inference.types import Code
+from dicomai.models.architectures import ARCHITECTURES, build
+from dicomai.models.package import ClassSpec, LoadedModel, Manifest
+
+HUGE = ("vit_l_16", "efficientnet_b7")
+SIZE = 224
+CLASSES = (
+    ClassSpec("normal", Code("17621005", "SCT", "Normal"), 0.5, False),
+    ClassSpec("nodule", Code("27925004", "SCT", "Nodule"), 0.5, True),
+)
+
+
+def timed(run: Callable[[], object], budget_s: float, most: int) -> float:
+    """Median seconds of `run` after one warm-up; as many repeats as fit `budget_s` (1..most)."""
+    started = time.perf_counter()
+    run()
+    first = time.perf_counter() - started
+    repeats = max(1, min(most, int(budget_s / max(first, 1e-3))))
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def textbook_gradcam(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> np.ndarray:
+    """Grad-CAM as the paper writes it, full backward, for class 1 of every image."""
+    saved: dict[str, torch.Tensor] = {}
+
+    def keep(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        output.register_hook(lambda grad: saved.__setitem__("grad", grad))
+        saved["activation"] = output
+
+    handle = layer.register_forward_hook(keep)
+    try:
+        model.zero_grad(set_to_none=True)
+        logits = model(x)
+        logits[:, 1].sum().backward()
+    finally:
+        handle.remove()
+    activation, grad = token_grid(saved["activation"]), token_grid(saved["grad"])
+    weights = grad.mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((weights * activation).sum(dim=1, keepdim=True))
+    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    peak = cam.flatten(1).amax(dim=1).clamp_min(1e-12)
+    return (cam / peak[:, None, None]).detach().numpy()
+
+
+def classifier(model: nn.Module, findings: bool) -> Classifier:
+    classes = (
+        CLASSES
+        if findings
+        else tuple(ClassSpec(c.name, c.code, c.threshold, False) for c in CLASSES)
+    )
+    manifest = Manifest(
+        name="bench",
+        version="0.0.1",
+        architecture="bench",
+        classes=classes,
+        input=InputSpec(size=(SIZE, SIZE)),
+    )
+    return Classifier(LoadedModel(manifest, model), batch_size=8)
+
+
+def bench_one(name: str, batch: int, budget_s: float) -> dict[str, float]:
+    torch.manual_seed(0)
+    model = build(name, 2).eval()
+    x = torch.randn(batch, 3, SIZE, SIZE)
+    images = [(str(i), x[i].numpy()) for i in range(batch)]
+    layer = find_target_layer(model, x)
+
+    def plain_forward() -> None:
+        with torch.inference_mode():
+            model(x)
+
+    most = 5 if batch == 1 else 3
+    plain_fwd = timed(plain_forward, budget_s, most)
+    plain_cam = timed(lambda: textbook_gradcam(model, layer, x), budget_s, most)
+    # Classifier moves the network to channels_last in place; plain torch ran first.
+    ours_fwd = timed(lambda: classifier(model, False).predict(images), budget_s, most)
+    ours_cam = timed(lambda: classifier(model, True).predict(images), budget_s, most)
+    return {
+        "plain_fwd": plain_fwd,
+        "ours_fwd": ours_fwd,
+        "plain_cam": plain_cam,
+        "ours_cam": ours_cam,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", help="architectures (default: all but the huge)")
+    parser.add_argument("--include-huge", action="store_true", help=f"also {', '.join(HUGE)}")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--budget", type=float, default=3.0, help="seconds per measurement")
+    args = parser.parse_args()
+    names = args.models or [
+        n for n in ARCHITECTURES if n != "tinycnn" and (args.include_huge or n not in HUGE)
+    ]
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, {SIZE}², medians in ms")
+    print(
+        "| architecture | batch | plain fwd | dicomai fwd | ratio | plain fwd+CAM "
+        "| dicomai fwd+CAM | ratio |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name in names:
+        for batch in (1, 8):
+            r = {k: v * 1000 for k, v in bench_one(name, batch, args.budget).items()}
+            print(
+                f"| {name} | {batch} | {r['plain_fwd']:.0f} | {r['ours_fwd']:.0f} | "
+                f"{r['ours_fwd'] / r['plain_fwd']:.2f} | {r['plain_cam']:.0f} | "
+                f"{r['ours_cam']:.0f} | {r['ours_cam'] / r['plain_cam']:.2f} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
