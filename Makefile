@@ -31,6 +31,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check dicomai workers tests
 	$(BIN)/ruff format --check dicomai workers tests
 
+# All architectures but vit_l_16 and efficientnet_b7 (BENCH_ARGS=--include-huge adds them).
+bench-inference: $(STAMP)
+	$(BIN)/python bench/inference.py $(BENCH_ARGS)
+
 demo-model: $(STAMP)
 	$(BIN)/dicomai train-demo models/demo-chest-nodule
 
