@@ -1,0 +1,186 @@
+"""Every architecture: output, a training step, its three CAMs; options and initial weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dicomai.errors import ModelPackageError
+from dicomai.explain import METHODS, find_target_layer, gradcam
+from dicomai.explain.gradcam import token_grid
+from dicomai.models.architectures import ARCHITECTURES, build
+from dicomai.models.hybrid import HybridResNetDenseNet
+from dicomai.models.initial import chexnet_key, load_initial_weights
+from dicomai.models.transformer import DenseNetTransformer
+from dicomai.training.losses import multitask_loss
+
+# Built and stepped once at batch 1 and explained by Grad-CAM only: the networks whose step
+# costs most on 2 cores (the others run batch 2 and all three CAM methods).
+HEAVY = {"vit_l_16", "efficientnet_b7", "efficientnet_b6", "resnet152", "resnet101"}
+
+
+def input_size(name: str) -> int:
+    # A ViT's patch grid is fixed when it is built (224² here); the CNNs run at 64² to stay fast.
+    return 224 if name.startswith("vit") else 64
+
+
+def training_loss(model: nn.Module, batch: torch.Tensor, name: str) -> torch.Tensor:
+    targets = torch.tensor([0, 2])[: len(batch)]
+    if hasattr(model, "forward_multitask"):
+        logits, mask_logits = model.forward_multitask(batch)
+        masks = torch.zeros(len(batch), *batch.shape[-2:])
+        masks[:, 20:30, 20:30] = 1
+        return multitask_loss(logits, targets, mask_logits, masks)
+    logits = model(batch)
+    assert logits.shape == (len(batch), 3), name
+    return nn.functional.cross_entropy(logits, targets)
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_every_architecture_trains_a_step_and_is_explained_at_input_size(name: str) -> None:
+    torch.manual_seed(0)
+    model = build(name, 3, dropout=0.3).train()
+    size = input_size(name)
+    batch = torch.randn(1 if name in HEAVY else 2, 3, size, size)
+    training_loss(model, batch, name).backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    missing = [n for n, p in trainable if p.grad is None]
+    assert not missing, f"{name}: no gradient reached {missing[:3]}"
+    assert all(torch.isfinite(p.grad).all() for _, p in trainable), f"{name}: gradient not finite"
+    torch.optim.SGD(model.parameters(), lr=1e-4).step()
+    model.zero_grad(set_to_none=True)
+    with torch.inference_mode():
+        assert torch.isfinite(model.eval()(batch[:1])).all(), name
+    for method in ["gradcam"] if name in HEAVY else METHODS:
+        maps = gradcam(model, batch[:1], [1], method=method)
+        assert maps.shape == (1, size, size), (name, method)
+        assert maps.dtype == np.float32 and np.isfinite(maps).all(), (name, method)
+        assert maps.min() >= 0.0 and maps.max() <= 1.0, (name, method)
+        # An untrained network's evidence for a class may be negative everywhere (an all-zero
+        # Grad-CAM); EigenCAM's first component does not depend on the class.
+        if method == "eigencam":
+            assert maps.max() == pytest.approx(1.0, abs=1e-5), name
+
+
+ARCHITECTURES_WITH_TINY = {
+    "hybrid_resnet50_densenet121",
+    "densenet121_transformer",
+    "resnet50_multitask",
+}
+
+
+def test_the_declared_cam_layers_give_spatial_maps() -> None:
+    expectations = {
+        "vit_b_16": "encoder.layers.encoder_layer_11.ln_1",
+        "hybrid_resnet50_densenet121": "resnet.layer4",
+        "densenet121_transformer": "densenet.features",
+        "resnet50_multitask": "attention.3",
+        "efficientnet_b3": "features",
+        "densenet201": "features",
+        "resnet152": "layer4",
+    }
+    for name, path in expectations.items():
+        model = build(name, 2, **({"tiny": True} if name in ARCHITECTURES_WITH_TINY else {}))
+        assert find_target_layer(model) is model.get_submodule(path), name
+
+
+def test_vit_tokens_become_their_patch_grid() -> None:
+    tokens = torch.arange(2 * 197 * 4, dtype=torch.float32).reshape(2, 197, 4)
+    grid = token_grid(tokens)
+    assert grid.shape == (2, 4, 14, 14)
+    # Patch (row 1, column 2) is token 1 + 14 + 2 (token 0 is the class token).
+    assert torch.equal(grid[1, :, 1, 2], tokens[1, 17])
+    assert token_grid(torch.zeros(1, 16, 3)).shape == (1, 3, 4, 4)
+    with pytest.raises(ValueError, match="square grid"):
+        token_grid(torch.zeros(1, 7, 3))
+
+
+def test_hybrid_options_project_and_gate_per_image() -> None:
+    batch = torch.randn(3, 3, 64, 64)
+    plain = HybridResNetDenseNet(2, tiny=True).eval()
+    assert plain.head[0].in_features == 128 + 64 and plain.gate_weights(batch) is None
+    projected = HybridResNetDenseNet(2, project_512=True, tiny=True).eval()
+    assert projected.head[0].in_features == 1024
+    gated = HybridResNetDenseNet(2, attention_gate=True, tiny=True).eval()
+    with torch.no_grad():
+        weights = gated.gate_weights(batch)
+        assert gated(batch).shape == (3, 2)
+    assert weights is not None and weights.shape == (3, 2)
+    torch.testing.assert_close(weights.sum(dim=1), torch.ones(3))
+    full = build("hybrid_resnet50_densenet121", 4)
+    assert full.head[0].in_features == 3072 and full.head[-1].out_features == 4
+    assert full.head[2].p == 0.5
+
+
+def test_transformer_attention_over_the_7x7_grid_and_frozen_blocks() -> None:
+    torch.manual_seed(0)
+    model = DenseNetTransformer(2, layers=2, frozen_blocks=2).eval()
+    attention = model.attention_maps(torch.randn(2, 3, 224, 224))
+    assert attention.shape == (2, 7, 7)
+    assert (attention >= 0).all() and (attention.flatten(1).sum(dim=1) <= 1 + 1e-5).all()
+    features = model.densenet.features
+    assert not any(p.requires_grad for p in features.denseblock2.parameters())
+    assert all(p.requires_grad for p in features.denseblock3.parameters())
+    assert all(p.requires_grad for p in model.encoder.parameters())
+    with pytest.raises(ModelPackageError, match="frozen_blocks"):
+        build("densenet121_transformer", 2, frozen_blocks=5)
+
+
+def test_unknown_option_names_the_architecture() -> None:
+    with pytest.raises(ModelPackageError, match="not accepted by vit_b_16"):
+        build("vit_b_16", 2, width=3)
+
+
+def test_initial_weights_from_a_torchvision_state_dict_skip_the_head(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    source = build("resnet18", 1000)
+    path = tmp_path / "resnet18-imagenet.pth"
+    torch.save(source.state_dict(), path)
+    torch.manual_seed(2)
+    model = build("resnet18", 3)
+    loaded = load_initial_weights(model, path)
+    assert "layer4.1.bn2.running_var" in loaded and not any(k.startswith("fc") for k in loaded)
+    torch.testing.assert_close(model.conv1.weight, source.conv1.weight)
+    assert model.fc.out_features == 3
+
+
+def test_initial_weights_reach_the_backbones_of_composite_networks(tmp_path: Path) -> None:
+    path = tmp_path / "densenet.pth"
+    source = build("densenet121_transformer", 2, tiny=True).densenet
+    torch.save(source.state_dict(), path)
+    hybrid = build("hybrid_resnet50_densenet121", 2, tiny=True)
+    loaded = load_initial_weights(hybrid, path)
+    assert loaded and all(k.startswith("densenet.features.") for k in loaded)
+    torch.testing.assert_close(hybrid.densenet.features.conv0.weight, source.features.conv0.weight)
+
+
+def test_chexnet_checkpoint_keys_are_renamed_to_torchvision(tmp_path: Path) -> None:
+    source = build("densenet121", 14)
+    renamed = {}
+    for key, value in source.state_dict().items():
+        old = key.replace("norm1", "norm.1").replace("conv2", "conv.2")
+        old = old.replace("classifier.", "classifier.0.")
+        renamed["module.densenet121." + old] = value
+    assert "module.densenet121.features.denseblock1.denselayer1.norm.1.weight" in renamed
+    path = tmp_path / "chexnet.pth.tar"
+    torch.save({"epoch": 10, "state_dict": renamed}, path)
+    model = build("densenet121_transformer", 2)
+    loaded = load_initial_weights(model, path, kind="chexnet")
+    layer = "features.denseblock4.denselayer16.conv2.weight"
+    assert f"densenet.{layer}" in loaded
+    torch.testing.assert_close(model.densenet.get_parameter(layer), source.get_parameter(layer))
+    assert chexnet_key("module.densenet121.features.norm5.bias") == "features.norm5.bias"
+
+
+def test_missing_or_unfitting_initial_weights_are_package_errors(tmp_path: Path) -> None:
+    model = build("tinycnn", 2)
+    with pytest.raises(ModelPackageError, match="not found"):
+        load_initial_weights(model, tmp_path / "absent.pth")
+    path = tmp_path / "other.pth"
+    torch.save({"unrelated.weight": torch.zeros(3)}, path)
+    with pytest.raises(ModelPackageError, match="no tensor"):
+        load_initial_weights(model, path)
