@@ -34,12 +34,16 @@ def resnet(factory: Callable[..., tv.ResNet]) -> Builder:
 
 
 def densenet(factory: Callable[..., tv.DenseNet]) -> Builder:
-    """A builder for a torchvision DenseNet; its CAM layer is ``features`` (ends in norm5)."""
+    """A builder for a torchvision DenseNet; its CAM layer is ``features.norm5``, the last one.
+
+    The same map as the whole ``features`` stack gives, but naming the last layer lets
+    Grad-CAM's frozen backward stop there instead of running through every dense block.
+    """
 
     def build_densenet(num_classes: int, dropout: float = 0.0) -> nn.Module:
         model = factory(weights=None)
         model.classifier = _head(model.classifier.in_features, num_classes, dropout)
-        model.gradcam_target_layer = "features"
+        model.gradcam_target_layer = "features.norm5"
         return model
 
     return build_densenet
@@ -53,9 +57,10 @@ def efficientnet(factory: Callable[..., tv.EfficientNet], default_dropout: float
         last = model.classifier[-1]
         assert isinstance(last, nn.Linear)
         model.classifier[-1] = nn.Linear(last.in_features, num_classes)
-        # Its last Conv2d by module order sits in a squeeze-excitation on a 1x1 map; the whole
-        # feature stack ends in the 1x1 projection block whose output is the 7x7 map.
-        model.gradcam_target_layer = "features"
+        # Its last Conv2d by module order sits in a squeeze-excitation on a 1x1 map; the
+        # feature stack ends in the 1x1 projection block whose output is the 7x7 map, named
+        # itself so that Grad-CAM's frozen backward stops there.
+        model.gradcam_target_layer = f"features.{len(model.features) - 1}"
         return model
 
     return build_efficientnet

@@ -65,11 +65,11 @@ class DenseNetTransformer(nn.Module):
     tiny
         A small DenseNet (`dicomai.models.backbones`) for tests and demos.
 
-    Grad-CAM explains the DenseNet features (``densenet.features``); `attention_maps` gives
-    the class token's attention over the grid from the last layer.
+    Grad-CAM explains the DenseNet features (``densenet.features.norm5``, their last layer);
+    `attention_maps` gives the class token's attention over the grid from the last layer.
     """
 
-    gradcam_target_layer = "densenet.features"
+    gradcam_target_layer = "densenet.features.norm5"
 
     def __init__(
         self,

@@ -77,10 +77,10 @@ def test_the_declared_cam_layers_give_spatial_maps() -> None:
     expectations = {
         "vit_b_16": "encoder.layers.encoder_layer_11.ln_1",
         "hybrid_resnet50_densenet121": "resnet.layer4",
-        "densenet121_transformer": "densenet.features",
+        "densenet121_transformer": "densenet.features.norm5",
         "resnet50_multitask": "attention.3",
-        "efficientnet_b3": "features",
-        "densenet201": "features",
+        "efficientnet_b3": "features.8",
+        "densenet201": "features.norm5",
         "resnet152": "layer4",
     }
     for name, path in expectations.items():
