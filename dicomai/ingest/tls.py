@@ -35,7 +35,5 @@ def server_context(tls: TlsSettings) -> ssl.SSLContext | None:
     if tls.require_client_cert and tls.ca is None:
         raise ConfigError("ingest.tls.require_client_cert needs ingest.tls.ca")
     if tls.ca is not None:
-        context.verify_mode = (
-            ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
-        )
+        context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
     return context
