@@ -87,6 +87,14 @@ class WorkerSettings(BaseModel):
     queued_lease_seconds: float = Field(default=300.0, gt=0)
     # A due delivery rung this long ago without an outcome is rung again.
     delivery_lease_seconds: float = Field(default=120.0, gt=0)
+    # A claimed job waits this long for queued jobs of the same model version to share its
+    # forward pass (small studies that arrive together); 0 runs each job on its own.
+    batch_window_seconds: float = Field(default=0.05, ge=0, le=10)
+    # Most images per forward pass, gathered across jobs and cut from larger studies alike.
+    max_batch_images: int = Field(default=16, ge=1)
+    # Threads that decode and preprocess images while the model runs (0: in the worker's own
+    # thread, one image after another).
+    decode_threads: int = Field(default=2, ge=0, le=64)
 
 
 class DeliverySettings(BaseModel):

@@ -9,9 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 from pydicom import Dataset
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -23,7 +21,6 @@ from dicomai.db.models import (
     Instance,
     Job,
     JobState,
-    ModelState,
     ModelVersion,
     OutputObject,
     Prediction,
@@ -31,13 +28,13 @@ from dicomai.db.models import (
     utcnow,
 )
 from dicomai.delivery.dispatch import attempt_deliveries, attempt_delivery, pending_for_job
-from dicomai.errors import DicomaiError, ModelPackageError, NotEvaluable
-from dicomai.imaging.decode import read_instance
-from dicomai.imaging.preprocess import prepare
+from dicomai.errors import DicomaiError, ModelPackageError
 from dicomai.inference.runner import Classifier
 from dicomai.inference.types import ImagePrediction
 from dicomai.ingest.spool import Spool
-from dicomai.jobs.applicability import applies
+from dicomai.jobs.batching import Classified, classify
+from dicomai.jobs.claims import WORKER, Claim, claim_job, gather_companions
+from dicomai.jobs.reading import Reader
 from dicomai.models.package import load_model
 from dicomai.results.context import ModelIdentity, ResultContext, SourceImage
 from dicomai.results.pmap import build_heatmap_pmap, supports_pmap
@@ -48,22 +45,7 @@ from dicomai.rollout.canary import canary_selects
 
 log = logging.getLogger(__name__)
 
-WORKER = "worker"
-FINAL_STATES = (JobState.DONE, JobState.FAILED, JobState.NOT_APPLICABLE, JobState.CANCELLED)
-
-
-@dataclass(frozen=True)
-class Claim:
-    """What a claimed job needs, read in the claiming transaction."""
-
-    job_id: int
-    study_uid: str
-    input_digest: str
-    model_version_id: int
-    model_path: str
-    shadow: bool
-    canary_percent: float | None  # set when the version is a canary
-    instances: tuple[tuple[str, str], ...]  # (sop_instance_uid, spool path)
+__all__ = ["WORKER", "Claim", "JobRunner"]
 
 
 @dataclass(frozen=True)
@@ -82,63 +64,62 @@ class JobRunner:
         self.device = device
         self.spool = Spool(settings.spool_dir)
         self.outputs = Spool(settings.outputs_dir)
+        self.reader = Reader(settings.worker.decode_threads)
         self._classifiers: dict[int, Classifier] = {}
 
     def run_job(self, job_id: int) -> None:
-        """Run job `job_id` if it is not finished; idempotent, so a redelivered task is harmless."""
-        claim = self._claim(job_id)
-        if claim is None:
+        """Run job `job_id` unless it is finished or being run; idempotent, so a redelivered
+        task is harmless.
+
+        Queued jobs of the same model version that arrive within `[worker]
+        batch_window_seconds` share its forward passes; each is then finished or failed, and
+        delivered, on its own, as if it had run alone (their own tasks find them done).
+        """
+        with self.sessions() as session, session.begin():
+            leader = claim_job(session, job_id, self.settings.worker.heartbeat_lease_seconds)
+        if leader is None:
             return
-        try:
-            with self._heartbeat(job_id):
-                predictions, outputs = self._process(claim)
-            self._finish(claim, predictions, outputs)
-        except Exception as exc:
-            self._fail(claim, exc)
-            return
-        attempt_deliveries(self.sessions, self.settings, pending_for_job(self.sessions, job_id))
+        running = [leader.job_id]
+        with self._heartbeat(running):
+            try:
+                classifier = self._classifier(leader)
+            except Exception as exc:
+                self._fail(leader, exc)
+                return
+            claims = [leader, *self._companions(leader, classifier, running)]
+            classified = classify(classifier, self.reader, self.spool, claims)
+            done = [job.claim.job_id for job in classified if self._conclude(classifier, job)]
+        for job_id in done:
+            attempt_deliveries(self.sessions, self.settings, pending_for_job(self.sessions, job_id))
 
     def deliver(self, delivery_id: int) -> None:
         attempt_delivery(self.sessions, self.settings, delivery_id)
 
-    def _claim(self, job_id: int) -> Claim | None:
-        with self.sessions() as session, session.begin():
-            job = session.scalar(select(Job).where(Job.id == job_id).with_for_update())
-            if job is None or job.state in FINAL_STATES:
-                return None
-            now = utcnow()
-            job.state = JobState.RUNNING
-            job.attempts += 1
-            job.started_at = job.heartbeat_at = now
-            model = job.model_version
-            instances = [i for i in job.study.instances if applies(model.manifest, i)]
-            record(
-                session,
-                Action.JOB_STARTED,
-                actor=WORKER,
-                object_type="job",
-                object_id=job.id,
-                study_uid=job.study.study_uid,
-                model=model.label,
-                attempt=job.attempts,
-            )
-            return Claim(
-                job_id=job.id,
-                study_uid=job.study.study_uid,
-                input_digest=job.input_digest,
-                model_version_id=model.id,
-                model_path=model.path,
-                shadow=model.state == ModelState.SHADOW,
-                canary_percent=model.canary_percent if model.state == ModelState.CANARY else None,
-                instances=tuple(
-                    (i.sop_instance_uid, i.path)
-                    for i in sorted(instances, key=lambda i: i.sop_instance_uid)
-                ),
-            )
+    def _companions(self, leader: Claim, classifier: Classifier, running: list[int]) -> list[Claim]:
+        """Queued jobs to batch with `leader`, each beating its heartbeat from its claim on."""
+        worker = self.settings.worker
+        # Seeded MC dropout draws its masks per pass: batched with other jobs, a job's
+        # numbers would depend on its neighbours and change from run to run.
+        if (
+            worker.batch_window_seconds <= 0
+            or classifier.loaded.manifest.uncertainty.method == "mc_dropout"
+        ):
+            return []
+        companions = gather_companions(
+            self.sessions,
+            leader,
+            worker.batch_window_seconds,
+            worker.max_batch_images,
+            lambda claim: running.append(claim.job_id),
+        )
+        if companions:
+            log.info("job %d batched with %d queued jobs", leader.job_id, len(companions))
+        return companions
 
     @contextmanager
-    def _heartbeat(self, job_id: int) -> Iterator[None]:
-        """Refresh the job's heartbeat while it runs, so a long job is not taken for abandoned.
+    def _heartbeat(self, job_ids: list[int]) -> Iterator[None]:
+        """Refresh the heartbeat of the jobs in `job_ids` (read at each beat, so a batch may
+        grow) while they run, so a long job is not taken for abandoned.
 
         Four beats per lease: a beat delayed by a busy database still lands inside the lease.
         """
@@ -151,13 +132,13 @@ class JobRunner:
                     with self.sessions() as session, session.begin():
                         session.execute(
                             update(Job)
-                            .where(Job.id == job_id, Job.state == JobState.RUNNING)
+                            .where(Job.id.in_(list(job_ids)), Job.state == JobState.RUNNING)
                             .values(heartbeat_at=utcnow())
                         )
                 except Exception as exc:  # a missed beat only risks a harmless re-run
-                    log.warning("job %d heartbeat: %s", job_id, type(exc).__name__)
+                    log.warning("jobs %s heartbeat: %s", job_ids, type(exc).__name__)
 
-        thread = threading.Thread(target=beat, name=f"heartbeat-{job_id}", daemon=True)
+        thread = threading.Thread(target=beat, name=f"heartbeat-{job_ids[0]}", daemon=True)
         thread.start()
         try:
             yield
@@ -171,44 +152,29 @@ class JobRunner:
             path = Path(claim.model_path)
             if not path.is_absolute():
                 path = self.settings.registry_dir / path
-            classifier = Classifier(load_model(path), device=self.device)
+            classifier = Classifier(
+                load_model(path),
+                device=self.device,
+                batch_size=self.settings.worker.max_batch_images,
+            )
             self._classifiers[claim.model_version_id] = classifier
         return classifier
 
-    def _process(self, claim: Claim) -> tuple[list[ImagePrediction], list[Output]]:
-        classifier = self._classifier(claim)
-        spec = classifier.loaded.manifest.input
-        sources: list[SourceImage] = []
-        inputs: list[tuple[str, Any]] = []
-        reasons: dict[str, str] = {}
-        for sop_uid, path in claim.instances:
-            try:
-                dataset = read_instance(self.spool.path(path))
-            except NotEvaluable as exc:
-                reasons[sop_uid] = str(exc)  # unreadable: no SR reference is possible
-                continue
-            if "PixelData" not in dataset:
-                # An SR or RT plan a broad model "applies" to: TID 1500 references images only.
-                reasons[sop_uid] = "not an image (no Pixel Data)"
-                continue
-            try:
-                display, tensor = prepare(dataset, spec)
-            except NotEvaluable as exc:
-                reasons[sop_uid] = str(exc)
-                display, tensor = _NO_DISPLAY, None
-            sources.append(SourceImage(dataset=dataset, display=display))
-            if tensor is not None:
-                inputs.append((sop_uid, tensor))
-        evaluated = {p.sop_instance_uid: p for p in classifier.predict(inputs)} if inputs else {}
-        predictions = [
-            evaluated.get(uid)
-            or ImagePrediction(sop_instance_uid=uid, evaluated=False, reason=reasons[uid])
-            for uid, _ in claim.instances
-        ]
-        readable = {_uid(source) for source in sources}
-        in_sr = [p for p in predictions if p.sop_instance_uid in readable]
-        outputs = self._encode(claim, classifier, sources, in_sr) if sources else []
-        return predictions, outputs
+    def _conclude(self, classifier: Classifier, job: Classified) -> bool:
+        """Encode, store and finish one classified job, or fail it; True when it is done."""
+        try:
+            if job.error is not None:
+                raise job.error
+            predictions = job.predictions()
+            sources = job.sources
+            readable = {_uid(source) for source in sources}
+            in_sr = [p for p in predictions if p.sop_instance_uid in readable]
+            outputs = self._encode(job.claim, classifier, sources, in_sr) if sources else []
+            self._finish(job.claim, predictions, outputs)
+        except Exception as exc:
+            self._fail(job.claim, exc)
+            return False
+        return True
 
     def _encode(
         self,
@@ -322,10 +288,6 @@ class JobRunner:
                 # Back to the queue; the reconciler rings it again after its lease.
                 job.state = JobState.QUEUED
                 job.enqueued_at = utcnow()
-
-
-# An image the model could not use still has its place in the SR; it gets no overlay.
-_NO_DISPLAY = np.zeros((1, 1), dtype=np.uint8)
 
 
 def _uid(source: SourceImage) -> str:

@@ -11,7 +11,7 @@ from daemon import REPO
 from servers import dciodvfy
 from sqlalchemy import select, update
 
-from dicomai.audit import os_user
+from dicomai.audit import Operator, os_user
 from dicomai.config import load_settings
 from dicomai.db.migrate import upgrade
 from dicomai.db.models import Delivery, Job, JobState, OutputObject, Prediction
@@ -21,7 +21,6 @@ from dicomai.ingest.recorder import Received, record_instance
 from dicomai.ingest.spool import Spool
 from dicomai.jobs.assembler import complete_quiet_studies
 from dicomai.jobs.runner import JobRunner
-from dicomai.audit import Operator
 from dicomai.rollout.deployment import activate
 from dicomai.rollout.registry import register
 from dicomai.training.synthetic import write_dicom_images
@@ -31,9 +30,16 @@ DX = "1.2.840.10008.5.1.4.1.1.1.1"
 
 @pytest.fixture
 def world(tmp_path: Path):
+    return make_world(tmp_path)
+
+
+def make_world(tmp_path: Path, **worker):
+    """Settings with `[worker]` options `worker`, a migrated database and the demo model
+    active; results go to the folder `delivered`."""
     settings = load_settings(
         None,
         storage={"dir": tmp_path / "var"},
+        worker=worker,
         destinations=[{"name": "folder", "path": tmp_path / "delivered"}],
     )
     upgrade(settings.database_url)

@@ -1,0 +1,92 @@
+"""Classifying the images of one or more claimed jobs in shared forward passes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dicomai.inference.runner import Classifier
+from dicomai.inference.types import ImagePrediction
+from dicomai.ingest.spool import Spool
+from dicomai.jobs.claims import Claim
+from dicomai.jobs.reading import Reader, ReadImage
+from dicomai.results.context import SourceImage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Classified:
+    """One job's images and what the model said about them, or why the job cannot go on."""
+
+    claim: Claim
+    images: list[ReadImage] = field(default_factory=list)
+    evaluated: dict[str, ImagePrediction] = field(default_factory=dict)
+    error: Exception | None = None
+
+    @property
+    def sources(self) -> list[SourceImage]:
+        """The images an SR can reference: read, with pixel data, in the job's order."""
+        return [image.source for image in self.images if image.source is not None]
+
+    def predictions(self) -> list[ImagePrediction]:
+        """One per instance of the job, in its order; those not evaluated say why."""
+        return [
+            self.evaluated.get(image.sop_uid)
+            or ImagePrediction(sop_instance_uid=image.sop_uid, evaluated=False, reason=image.reason)
+            for image in self.images
+        ]
+
+
+def classify(
+    classifier: Classifier, reader: Reader, spool: Spool, claims: Sequence[Claim]
+) -> list[Classified]:
+    """Read every claimed job's images and classify them together, at most the classifier's
+    batch size per forward pass; each job gets back its own predictions.
+
+    Decoding runs ahead on the reader's threads while a pass runs. An error reading a job's
+    files, or one its images cause in the model, stays with that job.
+    """
+    spec = classifier.loaded.manifest.input
+    jobs = [Classified(claim) for claim in claims]
+    futures = [
+        list(reader.read([(uid, spool.path(path)) for uid, path in claim.instances], spec))
+        for claim in claims
+    ]
+    pending: list[tuple[int, str, np.ndarray]] = []
+    for owner, (job, reads) in enumerate(zip(jobs, futures, strict=True)):
+        try:
+            job.images = [future.result() for future in reads]
+        except Exception as exc:
+            job.error = exc
+            continue
+        pending += [(owner, i.sop_uid, i.tensor) for i in job.images if i.tensor is not None]
+        while len(pending) >= classifier.batch_size:
+            _run_pass(classifier, jobs, pending[: classifier.batch_size])
+            del pending[: classifier.batch_size]
+    if pending:
+        _run_pass(classifier, jobs, pending)
+    return jobs
+
+
+def _run_pass(
+    classifier: Classifier, jobs: list[Classified], inputs: list[tuple[int, str, np.ndarray]]
+) -> None:
+    try:
+        predictions = classifier.predict([(uid, tensor) for _, uid, tensor in inputs])
+    except Exception as exc:
+        owners = sorted({owner for owner, _, _ in inputs})
+        if len(owners) == 1:
+            jobs[owners[0]].error = exc
+            return
+        # Which job's images broke the shared pass is unknown: each job's run on their own,
+        # so the failure stays with its job and the others finish.
+        log.warning("a pass of %d jobs failed (%s); one by one", len(owners), type(exc).__name__)
+        for owner in owners:
+            _run_pass(classifier, jobs, [item for item in inputs if item[0] == owner])
+        return
+    for (owner, uid, _), prediction in zip(inputs, predictions, strict=True):
+        jobs[owner].evaluated[uid] = prediction

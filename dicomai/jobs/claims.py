@@ -1,0 +1,169 @@
+"""Claiming jobs for a worker: one atomic transition to RUNNING, alone or with companions."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import ColumnElement, and_, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomai.audit import Action, record
+from dicomai.db.models import Job, JobState, ModelState, Study, utcnow
+from dicomai.jobs.applicability import applies
+
+WORKER = "worker"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a claimed job needs, read in the claiming transaction."""
+
+    job_id: int
+    study_uid: str
+    input_digest: str
+    model_version_id: int
+    model_path: str
+    shadow: bool
+    canary_percent: float | None  # set when the version is a canary
+    instances: tuple[tuple[str, str], ...]  # (sop_instance_uid, spool path)
+
+
+def claim_job(session: Session, job_id: int, lease_seconds: float) -> Claim | None:
+    """Take job `job_id` for this worker, or None if it is finished or another worker has it.
+
+    A running job whose heartbeat is older than `lease_seconds` was abandoned by a dead
+    worker (the reconciler's rule) and is taken over; one with a fresh heartbeat is being run
+    (possibly in another job's batch), so its redelivered task does nothing.
+    """
+    stale = utcnow() - timedelta(seconds=lease_seconds)
+    claimable = or_(
+        Job.state == JobState.QUEUED,
+        and_(
+            Job.state == JobState.RUNNING,
+            or_(Job.heartbeat_at.is_(None), Job.heartbeat_at <= stale),
+        ),
+    )
+    if not _take(session, job_id, claimable):
+        return None
+    job = session.get_one(Job, job_id, populate_existing=True)
+    return _started(session, job, _applicable(job))
+
+
+def claim_companions(
+    session: Session, leader: Claim, studies: Collection[str], room: int
+) -> list[Claim]:
+    """Take queued jobs of `leader`'s model version, oldest first, whose images fit in `room`.
+
+    Jobs of `studies` are left alone: a later job of a study names the SR of an earlier one
+    as its predecessor, which needs that one finished first, as when they run one by one.
+    """
+    candidates = session.scalars(
+        select(Job)
+        .join(Study, Job.study_id == Study.id)
+        .where(
+            Job.state == JobState.QUEUED,
+            Job.model_version_id == leader.model_version_id,
+            Study.study_uid.not_in(list(studies)),
+        )
+        .order_by(Job.id)
+        .limit(2 * room)
+        .with_for_update(skip_locked=True, of=Job)
+    ).all()
+    claims: list[Claim] = []
+    for job in candidates:
+        instances = _applicable(job)
+        if len(instances) > room or job.study.study_uid in studies:
+            continue
+        if not _take(session, job.id, Job.state == JobState.QUEUED):
+            continue  # another worker took it between our read and our update
+        session.refresh(job)
+        claims.append(_started(session, job, instances))
+        studies = {*studies, job.study.study_uid}
+        room -= len(instances)
+    return claims
+
+
+def gather_companions(
+    sessions: sessionmaker[Session],
+    leader: Claim,
+    window_seconds: float,
+    max_images: int,
+    on_claim: Callable[[Claim], None],
+) -> list[Claim]:
+    """Claim companions for `leader` until `max_images` are gathered or the window closes.
+
+    Each companion is claimed in its own short transaction and handed to `on_claim` at once
+    (its heartbeat starts there), then the rest of the window is waited out in small steps.
+    """
+    deadline = time.monotonic() + window_seconds
+    room = max_images - len(leader.instances)
+    studies = {leader.study_uid}
+    gathered: list[Claim] = []
+    while room > 0:
+        with sessions() as session, session.begin():
+            found = claim_companions(session, leader, studies, room)
+        for claim in found:
+            on_claim(claim)
+            studies.add(claim.study_uid)
+            room -= len(claim.instances)
+        gathered += found
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        time.sleep(min(left, window_seconds / 4))
+    return gathered
+
+
+def _take(session: Session, job_id: int, claimable: ColumnElement[bool]) -> bool:
+    """The claim itself: RUNNING, one more attempt, a fresh heartbeat, in one conditional
+    UPDATE. The database evaluates the condition under the row's write lock, so of two
+    workers racing for a job exactly one sees a row updated."""
+    now = utcnow()
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, claimable)
+        .values(
+            state=JobState.RUNNING,
+            attempts=Job.attempts + 1,
+            started_at=now,
+            heartbeat_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def _applicable(job: Job) -> list[tuple[str, str]]:
+    """The (SOP Instance UID, spool path) of the study's instances the job's model takes."""
+    manifest = job.model_version.manifest
+    instances = sorted(
+        (i for i in job.study.instances if applies(manifest, i)), key=lambda i: i.sop_instance_uid
+    )
+    return [(i.sop_instance_uid, i.path) for i in instances]
+
+
+def _started(session: Session, job: Job, instances: list[tuple[str, str]]) -> Claim:
+    model = job.model_version
+    record(
+        session,
+        Action.JOB_STARTED,
+        actor=WORKER,
+        object_type="job",
+        object_id=job.id,
+        study_uid=job.study.study_uid,
+        model=model.label,
+        attempt=job.attempts,
+    )
+    return Claim(
+        job_id=job.id,
+        study_uid=job.study.study_uid,
+        input_digest=job.input_digest,
+        model_version_id=model.id,
+        model_path=model.path,
+        shadow=model.state == ModelState.SHADOW,
+        canary_percent=model.canary_percent if model.state == ModelState.CANARY else None,
+        instances=tuple(instances),
+    )
