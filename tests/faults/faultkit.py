@@ -256,6 +256,31 @@ def make_cert(folder: Path, name: str, ca: str) -> None:
     )  # fmt: skip
 
 
+def make_dated_cert(folder: Path, name: str, ca: str, start: str, end: str) -> None:
+    """A client certificate signed by `ca`, valid only from `start` to `end` (YYYYMMDDHHMMSSZ).
+
+    `openssl x509 -req` only counts days forward from now; `openssl ca` takes explicit dates.
+    """
+    (folder / f"{name}.cnf").write_text(
+        "[ca]\ndefault_ca = test\n"
+        f"[test]\ndatabase = {name}.index\nnew_certs_dir = .\nserial = {name}.serial\n"
+        "default_md = sha256\npolicy = anything\ncopy_extensions = none\n"
+        "[anything]\ncommonName = supplied\n"
+    )
+    (folder / f"{name}.index").write_text("")
+    (folder / f"{name}.serial").write_text("1000\n")
+    openssl(
+        "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=client",
+        "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=folder,
+    )  # fmt: skip
+    openssl(
+        "ca", "-batch", "-config", f"{name}.cnf", "-cert", f"{ca}.crt", "-keyfile", f"{ca}.key",
+        "-in", f"{name}.csr", "-out", f"{name}.crt", "-startdate", start, "-enddate", end,
+        "-notext",
+        cwd=folder,
+    )  # fmt: skip
+
+
 def kill9(daemon: Daemon) -> None:
     assert daemon.process is not None
     os.kill(daemon.process.pid, signal.SIGKILL)

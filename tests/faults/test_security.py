@@ -11,7 +11,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from daemon import Listener, dicomai
-from faultkit import AET, DEMO, make_ca, make_cert, make_stack
+from faultkit import AET, DEMO, make_ca, make_cert, make_dated_cert, make_stack
 from pynetdicom import AE
 from servers import sample_file, storescu, wait_for
 
@@ -88,6 +88,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_cert(folder, "client", "ca")
     make_cert(folder, "forged", "forged-ca")
     make_ca(folder, "selfsigned", "/CN=client")
+    # Signed by our CA, but its validity ended in 2020 / begins in 2099.
+    make_dated_cert(folder, "expired", "ca", "20200101000000Z", "20200102000000Z")
+    make_dated_cert(folder, "future", "ca", "20990101000000Z", "20990102000000Z")
     return folder
 
 
@@ -124,6 +127,8 @@ def tls_store(
     [
         ("forged", "MODALITY"),  # signed by a CA that only borrows our CA's name
         ("selfsigned", "MODALITY"),  # a self-signed certificate with the client's name
+        ("expired", "MODALITY"),  # our CA signed it, but it has expired
+        ("future", "MODALITY"),  # our CA signed it, but it is not valid yet
         ("client", "INTRUDER"),  # a good certificate does not replace the allow-list
     ],
 )
