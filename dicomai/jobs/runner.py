@@ -41,7 +41,7 @@ from dicomai.results.pmap import build_heatmap_pmap, supports_pmap
 from dicomai.results.sc import build_sc
 from dicomai.results.seg import build_seg, has_mask
 from dicomai.results.sr import build_sr
-from dicomai.rollout.canary import canary_selects
+from dicomai.rollout.canary import sends_results
 
 log = logging.getLogger(__name__)
 
@@ -236,12 +236,9 @@ class JobRunner:
     def _finish(
         self, claim: Claim, predictions: list[ImagePrediction], outputs: list[Output]
     ) -> None:
-        # A canary sends only for the studies it selects; for the others it is a shadow.
-        sends = not claim.shadow and (
-            claim.canary_percent is None or canary_selects(claim.study_uid, claim.canary_percent)
-        )
         with self.sessions() as session, session.begin():
             job = session.get_one(Job, claim.job_id)
+            sends = sends_results(session, job.model_version, claim.study_uid)
             _store_predictions(session, job, predictions)
             for output in outputs:
                 row = _upsert_output(session, job, output)

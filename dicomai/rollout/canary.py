@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import hashlib
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from dicomai.db.models import ModelState, ModelVersion
+
 # Selection in hundredths of a percent, so that 0.5 % canaries are possible.
 _BUCKETS = 10_000
 
@@ -19,3 +24,22 @@ def canary_selects(study_uid: str, percent: float) -> bool:
     Raising the percentage only adds studies: a study selected at 5 % is selected at 10 %.
     """
     return canary_bucket(study_uid) < round(percent * _BUCKETS / 100)
+
+
+def sends_results(session: Session, version: ModelVersion, study_uid: str) -> bool:
+    """Whether `version`'s results for this study go to the destinations.
+
+    A shadow never sends. A canary sends for the studies it selects, and for those the active
+    version of the same model stays silent (its results are stored, as a shadow's are), so
+    that a radiologist gets one report per model and study, not two that may disagree.
+    """
+    if version.state == ModelState.SHADOW:
+        return False
+    if version.state == ModelState.CANARY:
+        return canary_selects(study_uid, version.canary_percent or 0.0)
+    canary = session.scalars(
+        select(ModelVersion).where(
+            ModelVersion.name == version.name, ModelVersion.state == ModelState.CANARY
+        )
+    ).first()
+    return canary is None or not canary_selects(study_uid, canary.canary_percent or 0.0)
