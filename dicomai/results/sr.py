@@ -46,16 +46,10 @@ def build_sr(context: ResultContext) -> Dataset:
         If `context` holds no sources, or not one prediction per source.
     """
     _check_context(context)
-    headers = [codes.source_header(source.dataset) for source in context.sources]
-    report = hd.sr.MeasurementReport(
-        observation_context=_observation_context(context),
-        procedure_reported=codes.IMAGING_PROCEDURE,
-        imaging_measurements=_measurement_groups(context),
-        referenced_images=[_library_entry(header) for header in headers],
-    )
-    return hd.sr.Comprehensive3DSR(
-        evidence=headers,
-        content=report,
+    root = _measurement_report(context, _measurement_groups(context))[0]
+    document = hd.sr.Comprehensive3DSR(
+        evidence=_evidence(context),
+        content=_shell(root),
         series_instance_uid=context.uid("sr-series"),
         series_number=SR_SERIES_NUMBER,
         sop_instance_uid=context.uid("sr"),
@@ -67,6 +61,73 @@ def build_sr(context: ResultContext) -> Dataset:
         contributing_equipment=[codes.model_equipment(context.model, context.device_uid)],
         previous_versions=_predecessors(context),
         transfer_syntax_uid=ExplicitVRLittleEndian,
+    )
+    document.ContentSequence = root.ContentSequence
+    return _plain(document)
+
+
+def _evidence(context: ResultContext) -> list[Dataset]:
+    """The sources as highdicom's evidence: the first in full, for its patient and study.
+
+    highdicom reads only the four UIDs of the others (for the Current Requested Procedure
+    Evidence Sequence), so they are not copied whole.
+    """
+    evidence = [codes.source_header(context.sources[0].dataset)]
+    for source in context.sources[1:]:
+        reference = Dataset()
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID"):
+            setattr(reference, keyword, source.dataset[keyword].value)
+        evidence.append(reference)
+    return evidence
+
+
+def _shell(root: hd.sr.ContainerContentItem) -> Dataset:
+    """The report's root container with its first child only, for highdicom's SR constructor.
+
+    The constructor deep-copies and re-parses the content it is given and searches it for
+    every image reference; for a 100-image study that took 6 of the SR's 10 s (bench/RESULTS.md,
+    End-to-end latency). The tree is already built by highdicom's TID 1500 classes, and every
+    reference in it is to a source that the evidence lists, so the document is made around
+    this shell and given the whole tree after.
+    """
+    shell = Dataset()
+    for element in root:
+        if element.keyword != "ContentSequence":
+            shell.add(element)
+    shell.ContentSequence = [root.ContentSequence[0]]
+    return shell
+
+
+def _plain(document: hd.sr.Comprehensive3DSR) -> Dataset:
+    """The document as a plain dataset: highdicom's parsed view of it holds the shell only."""
+    plain = Dataset(document)
+    plain.file_meta = document.file_meta
+    plain.preamble = document.preamble
+    return plain
+
+
+def _measurement_report(context: ResultContext, groups: list[Group]) -> hd.sr.MeasurementReport:
+    """TID 1500 with an image library entry (TID 1601) of every source.
+
+    The entries describe the image geometry (TID 1603/1604) where a source has it; when one
+    lacks it (ImagerPixelSpacing is only Type 3 in a CR image), each source is described by
+    what it has instead of failing the whole SR.
+    """
+    datasets = [source.dataset for source in context.sources]
+    try:
+        return _report(context, groups, datasets)
+    except (AttributeError, IndexError, TypeError):
+        return _report(context, groups, [_library_entry(dataset) for dataset in datasets])
+
+
+def _report(
+    context: ResultContext, groups: list[Group], library: list[Dataset]
+) -> hd.sr.MeasurementReport:
+    return hd.sr.MeasurementReport(
+        observation_context=_observation_context(context),
+        procedure_reported=codes.IMAGING_PROCEDURE,
+        imaging_measurements=groups,
+        referenced_images=library,
     )
 
 
@@ -139,16 +200,19 @@ Group = (
 
 
 def _measurement_groups(context: ResultContext) -> list[Group]:
+    # One TID 4019 subtree serves every group: its items are only read after this, and
+    # building it per group was an eighth of the groups' time.
+    algorithm = _algorithm(context.model)
     groups: list[Group] = []
     for index, (source, prediction) in enumerate(
         zip(context.sources, context.predictions, strict=True)
     ):
         image = _source_reference(source.dataset)
         if not prediction.evaluated:
-            groups.append(_not_evaluated_group(context, index, prediction, image))
+            groups.append(_not_evaluated_group(context, index, prediction, image, algorithm))
             continue
         for score in prediction.scores:
-            groups.append(_finding_group(context, index, prediction, score, image))
+            groups.append(_finding_group(context, index, prediction, score, image, algorithm))
     return groups
 
 
@@ -168,6 +232,7 @@ def _finding_group(
     prediction: ImagePrediction,
     score: ClassScore,
     image: hd.sr.SourceImageForMeasurementGroup,
+    algorithm: hd.sr.AlgorithmIdentification,
 ) -> Group:
     sop_uid = image.referenced_sop_instance_uid
     evaluations = None
@@ -184,14 +249,14 @@ def _finding_group(
             tracking_identifier=tracking,
             referenced_region=_hot_spot_region(context.sources[index].dataset, heatmap),
             finding_type=codes.coded(score.code),
-            algorithm_id=_algorithm(context.model),
+            algorithm_id=algorithm,
             measurements=_measurements(prediction, score),
             qualitative_evaluations=evaluations,
         )
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
         finding_type=codes.coded(score.code),
-        algorithm_id=_algorithm(context.model),
+        algorithm_id=algorithm,
         measurements=_measurements(prediction, score),
         qualitative_evaluations=evaluations,
         source_images=[image],
@@ -247,6 +312,7 @@ def _not_evaluated_group(
     index: int,
     prediction: ImagePrediction,
     image: hd.sr.SourceImageForMeasurementGroup,
+    algorithm: hd.sr.AlgorithmIdentification,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     sop_uid = image.referenced_sop_instance_uid
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -254,7 +320,7 @@ def _not_evaluated_group(
             uid=context.uid("tracking", f"{sop_uid}:not-evaluated"),
             identifier=f"image {index + 1} not evaluated",
         ),
-        algorithm_id=_algorithm(context.model),
+        algorithm_id=algorithm,
         qualitative_evaluations=[
             hd.sr.QualitativeEvaluation(codes.EVALUATION, codes.NOT_EVALUATED)
         ],

@@ -6,6 +6,7 @@ import dataclasses
 import re
 
 import cv2
+import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
@@ -186,3 +187,25 @@ def test_finding_code_is_the_model_class_code(context):
         PNEUMOTHORAX.scheme,
         PNEUMOTHORAX.meaning,
     )
+
+
+def test_highdicom_reads_the_written_sr_back_as_a_tid_1500_report(context, tmp_path):
+    # build_sr hands highdicom's SR constructor a shell of the tree (see sr._shell): what is
+    # written must still be the whole report that highdicom itself parses.
+    read = pydicom.dcmread(_saved(build_sr(context), tmp_path, "sr.dcm"))
+
+    report = hd.sr.Comprehensive3DSR.from_dataset(read).content
+
+    assert isinstance(report, hd.sr.MeasurementReport)
+    (region,) = report.get_planar_roi_measurement_groups()
+    assert str(region.tracking_identifier) == "finding pneumothorax image 1"
+    assert region.finding_type.value == PNEUMOTHORAX.value
+    identifiers = {
+        str(group.tracking_identifier) for group in report.get_image_measurement_groups()
+    }
+    assert identifiers == {
+        "finding normal image 1",
+        "image 2 not evaluated",
+        "finding pneumothorax image 3",
+        "finding normal image 3",
+    }
