@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -101,8 +103,21 @@ def record_instance(sessions: sessionmaker[Session], received: Received) -> bool
 
 def add_instance(session: Session, received: Received) -> None:
     """The statements that record one instance, in the caller's transaction."""
-    study_id = _upsert_study(session, received)
-    session.execute(insert(Instance).values(**_instance_values(study_id, received)))
+    header = received.header
+    now = utcnow()
+    study = {
+        "study_uid": header.study_uid,
+        "state": StudyState.RECEIVING,
+        "modality": header.modality,
+        "calling_ae": received.calling_ae,
+        "instance_count": 1,
+        "expected_instances": header.expected_instances,
+        "first_received_at": now,
+        "last_received_at": now,
+    }
+    upsert, insert_instance = _statements(session.get_bind().dialect.name)
+    study_id = int(session.execute(upsert, study).scalar_one())
+    session.execute(insert_instance, _instance_values(study_id, received, now))
     _audit_stored(session, received)
 
 
@@ -120,40 +135,46 @@ def _audit_stored(session: Session, received: Received) -> None:
     )
 
 
-def _upsert_study(session: Session, received: Received) -> int:
-    header = received.header
-    now = utcnow()
-    upsert = _dialect_insert(session)(Study).values(
-        study_uid=header.study_uid,
-        state=StudyState.RECEIVING,
-        modality=header.modality,
-        calling_ae=received.calling_ae,
-        instance_count=1,
-        expected_instances=header.expected_instances,
-        first_received_at=now,
-        last_received_at=now,
+@functools.cache
+def _statements(dialect: str) -> tuple[Any, Any]:
+    """The study upsert and the instance insert, built once per dialect.
+
+    Built per C-STORE they cost more than running them (SQLAlchemy constructs and keys each
+    new statement); prepared with bound parameters they hit the compiled cache every time.
+    """
+    dialect_insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
+    studies = Study.__table__
+    upsert = dialect_insert(studies).values(
+        {name: bindparam(name, type_=studies.c[name].type) for name in _STUDY_COLUMNS}
     )
     # A late instance reopens a completed study: its new content gets a new job.
     upsert = upsert.on_conflict_do_update(
-        index_elements=[Study.study_uid],
+        index_elements=[studies.c.study_uid],
         set_={
-            "instance_count": Study.instance_count + 1,
-            "last_received_at": now,
-            "state": StudyState.RECEIVING,
+            "instance_count": studies.c.instance_count + 1,
+            "last_received_at": upsert.excluded.last_received_at,
+            "state": upsert.excluded.state,
             "expected_instances": func.coalesce(
-                Study.expected_instances, upsert.excluded.expected_instances
+                studies.c.expected_instances, upsert.excluded.expected_instances
             ),
         },
-    )
-    return int(session.execute(upsert.returning(Study.id)).scalar_one())
+    ).returning(studies.c.id)
+    return upsert, insert(Instance.__table__)
 
 
-def _dialect_insert(session: Session) -> Any:
-    dialect = session.get_bind().dialect.name
-    return postgresql_insert if dialect == "postgresql" else sqlite_insert
+_STUDY_COLUMNS = (
+    "study_uid",
+    "state",
+    "modality",
+    "calling_ae",
+    "instance_count",
+    "expected_instances",
+    "first_received_at",
+    "last_received_at",
+)
 
 
-def _instance_values(study_id: int, received: Received) -> dict[str, Any]:
+def _instance_values(study_id: int, received: Received, now: datetime) -> dict[str, Any]:
     header = received.header
     return dict(
         study_id=study_id,
@@ -169,5 +190,5 @@ def _instance_values(study_id: int, received: Received) -> dict[str, Any]:
         size=received.size,
         sha256=received.sha256,
         calling_ae=received.calling_ae,
-        received_at=utcnow(),
+        received_at=now,
     )

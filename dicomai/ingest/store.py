@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -31,6 +32,9 @@ OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
 
 RESEND_POLICIES = ("keep", "replace")
+
+# Shared by the listener's handler threads; hashing holds no lock, so a few suffice.
+_HASHER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="digest")
 
 
 @dataclass
@@ -89,12 +93,21 @@ class Storer:
         if header.sop_instance_uid != request.AffectedSOPInstanceUID:
             raise InvalidInstance("SOPInstanceUID differs from the C-STORE request")
         relative = self.spool.relative_path(header.study_uid, header.sop_instance_uid)
-        # The content digest leaves out the file meta, which names the sender.
-        digest = hashlib.sha256(dataset).hexdigest()
         known = known_digest(self.sessions, header.sop_instance_uid)
-        if known is not None and (known == digest or self.resend_policy == "keep"):
-            self._audit_resend(header, calling, same=known == digest)
-            return SUCCESS
+        if known is not None:
+            digest = _content_digest(dataset)
+            if known == digest or self.resend_policy == "keep":
+                self._audit_resend(header, calling, same=known == digest)
+                return SUCCESS
+            self._write(relative, meta, dataset)
+        else:
+            # A new instance: hashed while the file is written and fsynced. hashlib and the
+            # writes release the GIL, so the digest of a radiograph costs no time of its own.
+            hashing = _HASHER.submit(_content_digest, dataset)
+            try:
+                self._write(relative, meta, dataset)
+            finally:
+                digest = hashing.result()
         received = Received(
             header=header,
             transfer_syntax_uid=str(event.context.transfer_syntax),
@@ -103,7 +116,6 @@ class Storer:
             sha256=digest,
             calling_ae=calling,
         )
-        self._write(relative, meta, dataset)
         self._record(received, replace=known is not None)
         # pynetdicom gives handlers no per-association state; the Association object is it.
         event.assoc.__dict__.setdefault("dicomai_studies", set()).add(header.study_uid)
@@ -143,6 +155,11 @@ class Storer:
                 )
         except Exception:
             log.exception("could not audit %s", action.value)
+
+
+def _content_digest(dataset: memoryview) -> str:
+    # The file meta is left out: it names the sender, and a resend may come from another.
+    return hashlib.sha256(dataset).hexdigest()
 
 
 def _file_meta(event: evt.Event) -> FileMetaDataset:
