@@ -77,6 +77,10 @@ class Daemon:
 
     def start(self) -> None:
         if not self.listener_only:
+            # Before any listener runs (children included): no write can be in progress.
+            removed = self.spool.remove_partial_files()
+            if removed:
+                log.warning("removed %d partial spool files of interrupted stores", removed)
             self._start_services()
         ingest = self.settings.ingest
         self.server = serve_in_thread(

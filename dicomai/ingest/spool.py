@@ -11,6 +11,10 @@ from pathlib import Path
 from dicomai.errors import InvalidInstance, StorageUnavailable
 from dicomai.uids import is_valid_uid
 
+# A write in progress: `.<final name>.<pid>.<thread>.tmp` beside the final file. Final names
+# are `<UID>.dcm` and never start with a dot, so the pattern cannot match an instance.
+_PARTIAL_GLOB = "*/.*.tmp"
+
 
 class Spool:
     """The folder that holds every received instance, one file per SOP Instance UID."""
@@ -65,6 +69,19 @@ class Spool:
                 tmp.unlink()
             raise StorageUnavailable(f"spool write failed: {exc.strerror or exc}") from None
         return size
+
+    def remove_partial_files(self) -> int:
+        """Remove the temporary files of writes a crash cut short; return how many.
+
+        Such a file never got its final name nor a row, and the sender never got Success,
+        so it is no instance. Call it only while nothing writes to the spool (at start).
+        """
+        removed = 0
+        for path in self.root.glob(_PARTIAL_GLOB):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed += 1
+        return removed
 
     def remove(self, relative: str) -> None:
         with contextlib.suppress(FileNotFoundError):

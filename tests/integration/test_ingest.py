@@ -13,6 +13,8 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from servers import sample_file, storescu, wait_for
 
+from dicomai.ingest.spool import Spool
+
 AET = "DICOMAI"
 MODALITY = "MODALITY"
 
@@ -284,3 +286,35 @@ def test_several_listener_processes_share_the_port(tmp_path: Path) -> None:
         ]
         assert [s.wait(timeout=120) for s in senders] == [0, 0, 0]
         assert daemon.query("SELECT count(*) FROM instances") == [(6,)]
+
+
+class _Crash(BaseException):
+    """The listener dying mid-write: no `except` in the spool runs for it."""
+
+
+def test_partial_file_of_a_crashed_store_is_removed_at_start_and_is_no_instance(
+    tmp_path: Path,
+) -> None:
+    source = pydicom.dcmread(sample_file("CT_small.dcm"))
+    peers = [{"ae_title": MODALITY, "hosts": ["127.0.0.1"]}]
+    daemon = Listener(tmp_path / "crashed", AET, peers)
+    spool = Spool(daemon.root / "var" / "spool")
+    relative = spool.relative_path(source.StudyInstanceUID, source.SOPInstanceUID)
+
+    def chunks():
+        yield b"the first bytes of an instance"
+        raise _Crash
+
+    with pytest.raises(_Crash):
+        spool.write(relative, chunks())
+    assert len(daemon.spool_files()) == 1  # what a crash mid-store leaves
+
+    with daemon:
+        assert daemon.spool_files() == []
+        assert "removed 1 partial spool files" in daemon.log()
+        assert daemon.query("SELECT count(*) FROM instances") == [(0,)]
+        # The sender never got Success, so it sends again: stored whole this time.
+        result = storescu(daemon.port, [sample_file("CT_small.dcm")], aet=MODALITY, aec=AET)
+        assert result.returncode == 0, result.stderr
+        assert daemon.query("SELECT path FROM instances") == [(relative,)]
+        assert daemon.spool_files() == [spool.path(relative)]

@@ -35,3 +35,29 @@ def test_failed_write_leaves_no_partial_file(tmp_path: Path) -> None:
     with pytest.raises(StorageUnavailable, match="No space left"):
         spool.write("1.2/1.2.3.dcm", chunks())
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+class _Crash(BaseException):
+    """The process dying mid-write: no `except` in the spool runs for it."""
+
+
+def _crash_mid_write(spool: Spool, relative: str) -> None:
+    def chunks():
+        yield b"first half of an instance"
+        raise _Crash
+
+    with pytest.raises(_Crash):
+        spool.write(relative, chunks())
+
+
+def test_partial_files_of_a_crash_are_removed_and_instances_kept(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    kept = spool.relative_path("1.2.3", "1.2.3.4")
+    spool.write(kept, [b"whole instance"])
+    _crash_mid_write(spool, spool.relative_path("1.2.3", "1.2.3.5"))
+    _crash_mid_write(spool, spool.relative_path("1.2.9", "1.2.9.1"))
+    assert len([p for p in tmp_path.rglob("*") if p.is_file()]) == 3
+
+    assert spool.remove_partial_files() == 2
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == [tmp_path / kept]
+    assert spool.remove_partial_files() == 0
