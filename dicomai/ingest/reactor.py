@@ -270,6 +270,6 @@ class WakingRequestHandler(RequestHandler):
             if event.is_intervention and bound:
                 assoc.bind(event, *bound)
             elif isinstance(event, evt.NotificationEvent):
-                for handler in bound:
+                for handler in cast(list[tuple[Any, Any]], bound):
                     assoc.bind(event, handler[0], handler[1])
         return assoc

@@ -5,9 +5,9 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import Table, bindparam, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -143,12 +143,12 @@ def _statements(dialect: str) -> tuple[Any, Any]:
     new statement); prepared with bound parameters they hit the compiled cache every time.
     """
     dialect_insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
-    studies = Study.__table__
+    studies = cast(Table, Study.__table__)
     upsert = dialect_insert(studies).values(
         {name: bindparam(name, type_=studies.c[name].type) for name in _STUDY_COLUMNS}
     )
     # A late instance reopens a completed study: its new content gets a new job.
-    upsert = upsert.on_conflict_do_update(
+    statement = upsert.on_conflict_do_update(
         index_elements=[studies.c.study_uid],
         set_={
             "instance_count": studies.c.instance_count + 1,
@@ -159,7 +159,7 @@ def _statements(dialect: str) -> tuple[Any, Any]:
             ),
         },
     ).returning(studies.c.id)
-    return upsert, insert(Instance.__table__)
+    return statement, insert(cast(Table, Instance.__table__))
 
 
 _STUDY_COLUMNS = (
