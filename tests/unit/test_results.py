@@ -16,6 +16,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicomai.inference.types import ClassScore, Code, ImagePrediction
+from dicomai.ingest.spool import Spool
+from dicomai.jobs.runner import _write_outputs
 from dicomai.results import sc as sc_module
 from dicomai.results.context import ModelIdentity, ResultContext, SourceImage
 from dicomai.results.sc import blend_heatmap, build_sc, caption_lines, render_caption
@@ -341,3 +343,24 @@ def test_long_model_names_are_cut_but_the_warning_is_kept(context):
     assert len(sr.SeriesDescription) <= 64 and sr.SeriesDescription.startswith("AI findings (")
     assert len(sc.SeriesDescription) <= 64
     assert sc.SeriesDescription.endswith(") - not for primary diagnosis")
+
+
+def test_a_jobs_objects_are_written_whole_and_private_under_their_uids(context, tmp_path):
+    sr, sc = build_sr(context), build_sc(context, 0)
+    spool = Spool(tmp_path / "outputs")
+
+    outputs = _write_outputs(spool, STUDY_UID, [("sr", sr), ("sc", sc)])
+
+    assert [(o.kind, o.path) for o in outputs] == [
+        ("sr", f"{STUDY_UID}/{sr.SOPInstanceUID}.dcm"),
+        ("sc", f"{STUDY_UID}/{sc.SOPInstanceUID}.dcm"),
+    ]
+    for output in outputs:
+        path = spool.path(output.path)
+        assert path.stat().st_mode & 0o777 == 0o600, f"{output.kind} is readable by others"
+        read = pydicom.dcmread(path)
+        assert read.SOPInstanceUID == output.dataset.SOPInstanceUID
+        assert read.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert sorted(p.name for p in spool.path(STUDY_UID).iterdir()) == sorted(
+        f"{o.dataset.SOPInstanceUID}.dcm" for o in outputs
+    ), "a temporary file was left behind"
