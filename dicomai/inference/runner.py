@@ -14,10 +14,12 @@ from dicomai.errors import ModelPackageError
 from dicomai.explain.gradcam import gradcam
 from dicomai.inference.types import ClassScore, ImagePrediction, UncertaintyEstimate
 from dicomai.inference.uncertainty import (
+    Passes,
     Summary,
     dropout_layers,
-    ensemble_probabilities,
-    mc_dropout_probabilities,
+    ensemble_passes,
+    mc_dropout_passes,
+    single_pass,
     summarize,
     tempered_probabilities,
 )
@@ -103,7 +105,8 @@ class Classifier:
             each score's spread), the most probable class, a Grad-CAM heat map (float32
             (H, W) in [0, 1]) of the most probable finding class (an ensemble's members'
             maps averaged), and the network's extra maps (a multi-task model's segmentation,
-            a transformer's attention) where it has them.
+            a transformer's attention) where it has them, taken from the same forward passes
+            as the scores (averaged over an uncertainty method's passes).
         """
         predictions: list[ImagePrediction] = []
         for start in range(0, len(inputs), self.batch_size):
@@ -117,12 +120,13 @@ class Classifier:
                 raise ValueError(f"{uid}: input of shape {image.shape}, expected {(3, rows, cols)}")
         batch = torch.from_numpy(np.stack([image for _, image in inputs])).float()
         batch = batch.to(self.device).contiguous(memory_format=self._memory_format)
-        summary = self._summary(batch)
+        passes = self._passes(batch)
+        summary = summarize(passes.probabilities)
         explained = self._explained_classes(summary.mean)
         heatmaps: np.ndarray | list[None] = [None] * len(inputs)
         if explained:
             heatmaps = self._heatmaps(batch, explained)
-        extra = self._extra_maps(batch)
+        extra = passes.maps
         return [
             self._prediction(
                 uid,
@@ -187,18 +191,23 @@ class Classifier:
             return self._uncertainty.passes
         return len(self.members) if method == "ensemble" else 1
 
-    def _summary(self, batch: torch.Tensor) -> Summary:
-        temperature = self.loaded.manifest.temperature
+    def _passes(self, batch: torch.Tensor) -> Passes:
+        """The passes the uncertainty method asks for; each gives logits and extra maps at once."""
+        manifest = self.loaded.manifest
+        temperature, multi_label = manifest.temperature, manifest.multi_label
         method = self._uncertainty.method
         if method == "mc_dropout":
-            samples = mc_dropout_probabilities(
-                self.module, batch, self._uncertainty.passes, temperature, self._uncertainty.seed
+            return mc_dropout_passes(
+                self.module,
+                batch,
+                self._uncertainty.passes,
+                temperature,
+                self._uncertainty.seed,
+                multi_label,
             )
-        elif method == "ensemble":
-            samples = ensemble_probabilities(self.members, batch, temperature)
-        else:
-            samples = self.probabilities(batch)[None]
-        return summarize(samples)
+        if method == "ensemble":
+            return ensemble_passes(self.members, batch, temperature, multi_label)
+        return single_pass(self.module, batch, temperature, multi_label)
 
     def probabilities(self, batch: torch.Tensor) -> np.ndarray:
         """Calibrated class probabilities of one deterministic pass, float64 (N, classes)."""
@@ -217,15 +226,6 @@ class Classifier:
             peaks = maps.reshape(len(maps), -1).max(axis=1)
             maps = maps / np.where(peaks > 0, peaks, 1.0)[:, None, None]
         return maps.astype(np.float32)
-
-    def _extra_maps(self, batch: torch.Tensor) -> dict[str, np.ndarray]:
-        """The network's own per-pixel outputs (``extra_maps(x)``), float32 (N, H, W) each."""
-        produce = getattr(self.module, "extra_maps", None)
-        if produce is None:
-            return {}
-        with torch.inference_mode():
-            maps = produce(batch)
-        return {name: m.float().cpu().numpy().astype(np.float32) for name, m in maps.items()}
 
     def _explained_classes(self, probabilities: np.ndarray) -> list[int]:
         """Per image, the finding class with the highest probability; none without findings."""

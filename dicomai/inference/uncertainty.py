@@ -5,11 +5,15 @@ Temperature scaling (Guo et al., 2017) is fitted at training time on the validat
 dropout (Gal & Ghahramani, 2016) and deep ensembles (Lakshminarayanan et al., 2017) both give
 several probability vectors per image; `summarize` turns them into the mean probability,
 its per-class standard deviation, the predictive entropy and the mutual information.
+
+Each pass also collects the network's extra per-pixel maps (a transformer's attention, a
+multi-task model's segmentation) from the same forward pass (`network_outputs`), so that no
+network runs a second time for them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -20,15 +24,22 @@ from torch import nn
 from dicomai.training.trainer import fit_temperature
 
 __all__ = [
+    "Passes",
     "Summary",
     "dropout_layers",
+    "ensemble_passes",
     "ensemble_probabilities",
     "expected_calibration_error",
     "fit_temperature",
+    "mc_dropout_passes",
     "mc_dropout_probabilities",
+    "network_outputs",
+    "single_pass",
     "summarize",
     "tempered_probabilities",
 ]
+
+Maps = dict[str, torch.Tensor]
 
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
@@ -83,10 +94,71 @@ def _dropout_on(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def mc_dropout_probabilities(
-    model: nn.Module, batch: torch.Tensor, passes: int, temperature: float = 1.0, seed: int = 0
-) -> np.ndarray:
-    """Probabilities of `passes` stochastic forward passes with dropout on.
+@dataclass(frozen=True)
+class Passes:
+    """What S forward passes over N images gave.
+
+    Attributes
+    ----------
+    probabilities
+        float64 (S, N, C), tempered.
+    maps
+        The network's extra maps by name, each float32 (N, H, W) in [0, 1], averaged over the
+        passes; empty for a network without them.
+    """
+
+    probabilities: np.ndarray
+    maps: dict[str, np.ndarray]
+
+
+def network_outputs(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, Maps]:
+    """Logits and the network's extra maps (``forward_with_maps``) from one forward pass.
+
+    A network without extra maps is simply called; its maps are ``{}``.
+    """
+    forward = getattr(model, "forward_with_maps", None)
+    if forward is None:
+        return model(batch), {}
+    logits, maps = forward(batch)
+    return logits, maps
+
+
+def _collect(
+    outputs: Iterable[tuple[torch.Tensor, Maps]], temperature: float, multi_label: bool
+) -> Passes:
+    samples: list[np.ndarray] = []
+    sums: dict[str, torch.Tensor] = {}
+    for logits, maps in outputs:
+        samples.append(tempered_probabilities(logits, temperature, multi_label))
+        for name, value in maps.items():
+            sums[name] = sums[name] + value.float() if name in sums else value.float()
+    count = max(1, len(samples))
+    return Passes(
+        probabilities=np.stack(samples),
+        maps={
+            name: (total / count).cpu().numpy().astype(np.float32) for name, total in sums.items()
+        },
+    )
+
+
+def single_pass(
+    model: nn.Module, batch: torch.Tensor, temperature: float = 1.0, multi_label: bool = False
+) -> Passes:
+    """One deterministic pass in eval mode: probabilities (1, N, C) and the extra maps."""
+    model.eval()
+    with torch.inference_mode():
+        return _collect([network_outputs(model, batch)], temperature, multi_label)
+
+
+def mc_dropout_passes(
+    model: nn.Module,
+    batch: torch.Tensor,
+    passes: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    multi_label: bool = False,
+) -> Passes:
+    """`passes` stochastic forward passes with dropout on, and their mean extra maps.
 
     The random generator is seeded with `seed` inside a forked state, so the same batch
     gives the same numbers again and the caller's random state is left untouched.
@@ -103,11 +175,13 @@ def mc_dropout_probabilities(
         The package's calibration temperature, applied to every pass.
     seed
         Seed of the dropout masks.
+    multi_label
+        Sigmoid per class instead of a softmax over the classes.
 
     Returns
     -------
-    numpy.ndarray
-        float64 (passes, N, C).
+    Passes
+        Probabilities float64 (passes, N, C) and the extra maps.
 
     Raises
     ------
@@ -117,24 +191,39 @@ def mc_dropout_probabilities(
     if not dropout_layers(model):
         raise ValueError(f"MC dropout needs a dropout layer; {type(model).__name__} has none")
     devices = [batch.device] if batch.device.type == "cuda" else []
-    samples = []
     with torch.random.fork_rng(devices=devices), _dropout_on(model), torch.inference_mode():
         torch.manual_seed(seed)
-        for _ in range(max(1, passes)):
-            samples.append(tempered_probabilities(model(batch), temperature))
-    return np.stack(samples)
+        outputs = [network_outputs(model, batch) for _ in range(max(1, passes))]
+        return _collect(outputs, temperature, multi_label)
+
+
+def mc_dropout_probabilities(
+    model: nn.Module, batch: torch.Tensor, passes: int, temperature: float = 1.0, seed: int = 0
+) -> np.ndarray:
+    """The probabilities, float64 (passes, N, C), of `mc_dropout_passes`."""
+    return mc_dropout_passes(model, batch, passes, temperature, seed).probabilities
+
+
+def ensemble_passes(
+    members: Sequence[nn.Module],
+    batch: torch.Tensor,
+    temperature: float = 1.0,
+    multi_label: bool = False,
+) -> Passes:
+    """One pass per member in eval mode: probabilities (members, N, C), mean extra maps."""
+    with torch.inference_mode():
+        outputs = []
+        for member in members:
+            member.eval()
+            outputs.append(network_outputs(member, batch))
+        return _collect(outputs, temperature, multi_label)
 
 
 def ensemble_probabilities(
     members: Sequence[nn.Module], batch: torch.Tensor, temperature: float = 1.0
 ) -> np.ndarray:
     """Each member's tempered probabilities, float64 (members, N, C), members in eval mode."""
-    samples = []
-    with torch.inference_mode():
-        for member in members:
-            member.eval()
-            samples.append(tempered_probabilities(member(batch), temperature))
-    return np.stack(samples)
+    return ensemble_passes(members, batch, temperature).probabilities
 
 
 def summarize(samples: np.ndarray) -> Summary:

@@ -20,8 +20,9 @@ class ResNetMultiTask(nn.Module):
     giving one lesion logit per pixel.
 
     `forward` returns the class logits only, so the network classifies and is explained like
-    any other; `forward_multitask` returns logits and mask logits, `extra_maps` the mask as
-    probabilities. Grad-CAM explains the attention-weighted last stage (``attention.3``).
+    any other; `forward_multitask` returns logits and mask logits, `forward_with_maps` logits
+    and the mask as probabilities. Grad-CAM explains the attention-weighted last stage
+    (``attention.3``).
 
     Parameters
     ----------
@@ -95,7 +96,7 @@ class ResNetMultiTask(nn.Module):
         )
         return self._classify(stages[-1]), self.mask_head(decoded)
 
-    def extra_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``{"segmentation": lesion probability (N, H, W) in [0, 1]}``."""
-        _, mask_logits = self.forward_multitask(x)
-        return {"segmentation": torch.sigmoid(mask_logits[:, 0])}
+    def forward_with_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Class logits and ``{"segmentation": lesion probability (N, H, W) in [0, 1]}``."""
+        logits, mask_logits = self.forward_multitask(x)
+        return logits, {"segmentation": torch.sigmoid(mask_logits[:, 0])}

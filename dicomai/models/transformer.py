@@ -116,6 +116,9 @@ class DenseNetTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens, _ = self._encode(x)
+        return self._classify(tokens)
+
+    def _classify(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.head(torch.cat([tokens[:, 0], tokens[:, 1:].mean(dim=1)], dim=1))
 
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -146,22 +149,29 @@ class DenseNetTransformer(nn.Module):
             (N, rows, cols) weights of the grid tokens (7x7 at 224²); each map sums to at most
             one (the rest went to the class token itself).
         """
+        with torch.no_grad():
+            return self._attending(x)[1]
+
+    def forward_with_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Class logits and ``{"attention": the class token's attention}`` from one pass.
+
+        The attention (`attention_maps`) is upsampled to the input size and scaled to max 1.
+        """
+        logits, grid = self._attending(x)
+        maps = F.interpolate(grid[:, None], size=x.shape[-2:], mode="bilinear")[:, 0]
+        peak = maps.flatten(1).amax(dim=1).clamp_min(1e-12)
+        return logits, {"attention": (maps / peak[:, None, None]).clamp(0.0, 1.0)}
+
+    def _attending(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and the last layer's class-token attention (N, rows, cols), one pass."""
         last = self.encoder[-1]
         assert isinstance(last, AttentionEncoderLayer)
         last.keep_attention = True
         try:
-            with torch.no_grad():
-                _, (rows, cols) = self._encode(x)
+            tokens, (rows, cols) = self._encode(x)
             weights = last.last_attention
         finally:
             last.keep_attention = False
             last.last_attention = None
         assert weights is not None
-        return weights[:, 0, 1:].reshape(len(x), rows, cols)
-
-    def extra_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``{"attention": the class token's attention}`` at the input size, scaled to max 1."""
-        grid = self.attention_maps(x)[:, None]
-        maps = F.interpolate(grid, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-        peak = maps.flatten(1).amax(dim=1).clamp_min(1e-12)
-        return {"attention": (maps / peak[:, None, None]).clamp(0.0, 1.0)}
+        return self._classify(tokens), weights[:, 0, 1:].reshape(len(x), rows, cols)
