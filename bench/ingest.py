@@ -172,7 +172,7 @@ def main() -> None:
         }
         print(
             f"{'corpus':<14} {'senders':>7} {'storescp':>9} {'orthanc':>8} {'dicomai':>8}"
-            f" {'×storescp':>9} {'×orthanc':>8}"
+            f" {'×storescp':>9} {'×orthanc':>8} {'load':>5}"
         )
         for name, files in corpora.items():
             for senders in args.senders:
@@ -185,7 +185,9 @@ def main() -> None:
                 print(
                     f"{name:<14} {senders:>7} {rates['storescp']:>9.1f} {rates['orthanc']:>8.1f}"
                     f" {rates['dicomai']:>8.1f} {rates['dicomai'] / rates['storescp']:>9.2f}"
-                    f" {rates['dicomai'] / rates['orthanc']:>8.2f}",
+                    f" {rates['dicomai'] / rates['orthanc']:>8.2f}"
+                    # 1-minute load average: other work on the machine skews every column.
+                    f" {os.getloadavg()[0]:>5.1f}",
                     flush=True,
                 )
         shutil.rmtree(corpus, ignore_errors=True)
