@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP_QUIET := --quiet --disable-pip-version-check --no-warn-script-location
 
-.PHONY: demo test test-faults test-unit lint bench-ingest bench-inference demo-model clean
+.PHONY: demo test test-faults test-unit lint bench-ingest bench-inference bench-pipeline bench-scaling demo-model clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,14 @@ lint: $(STAMP)
 # All architectures but vit_l_16 and efficientnet_b7 (BENCH_ARGS=--include-huge adds them).
 bench-inference: $(STAMP)
 	$(BIN)/python bench/inference.py $(BENCH_ARGS)
+
+# Worker path against plain torch (tensors and DICOM files through JobRunner), GFLOP/s vs peak.
+bench-pipeline: $(STAMP)
+	$(BIN)/python bench/pipeline.py $(BENCH_ARGS)
+
+# 1 vs 2 worker processes on one SQL queue, each pinned to its share of the cores.
+bench-scaling: $(STAMP)
+	$(BIN)/python bench/scaling.py $(BENCH_ARGS)
 
 demo-model: $(STAMP)
 	$(BIN)/dicomai train-demo models/demo-chest-nodule

@@ -33,12 +33,13 @@ def world(tmp_path: Path):
     return make_world(tmp_path)
 
 
-def make_world(tmp_path: Path, **worker):
-    """Settings with `[worker]` options `worker`, a migrated database and the demo model
-    active; results go to the folder `delivered`."""
+def make_world(tmp_path: Path, database_url: str = "", **worker):
+    """Settings with `[worker]` options `worker`, a migrated database (SQLite unless
+    `database_url`) and the demo model active; results go to the folder `delivered`."""
     settings = load_settings(
         None,
         storage={"dir": tmp_path / "var"},
+        database={"url": database_url},
         worker=worker,
         destinations=[{"name": "folder", "path": tmp_path / "delivered"}],
     )
