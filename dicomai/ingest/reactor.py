@@ -66,6 +66,8 @@ class _Waker:
 
     def close(self) -> None:
         # Under the lock: a late ring must never write to a descriptor number reused since.
+        if not hasattr(self, "_closed"):  # os.pipe failed in __init__ (EMFILE)
+            return
         with self._lock:
             if not self._closed:
                 self._closed = True

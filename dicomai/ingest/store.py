@@ -35,6 +35,8 @@ RESEND_POLICIES = ("keep", "replace")
 
 # Shared by the listener's handler threads; hashing holds no lock, so a few suffice.
 _HASHER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="digest")
+# Below this the hand-over to another thread costs more than the hash (a CT slice: ~0.3 ms).
+_HASH_ASIDE_BYTES = 2 << 20
 
 
 @dataclass
@@ -100,9 +102,12 @@ class Storer:
                 self._audit_resend(header, calling, same=known == digest)
                 return SUCCESS
             self._write(relative, meta, dataset)
+        elif len(dataset) < _HASH_ASIDE_BYTES:
+            digest = _content_digest(dataset)
+            self._write(relative, meta, dataset)
         else:
-            # A new instance: hashed while the file is written and fsynced. hashlib and the
-            # writes release the GIL, so the digest of a radiograph costs no time of its own.
+            # A large new instance: hashed while its file is written and fsynced. hashlib and
+            # the writes release the GIL, so a radiograph's digest costs no time of its own.
             hashing = _HASHER.submit(_content_digest, dataset)
             try:
                 self._write(relative, meta, dataset)
