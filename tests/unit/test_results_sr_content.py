@@ -209,3 +209,35 @@ def test_highdicom_reads_the_written_sr_back_as_a_tid_1500_report(context, tmp_p
         "finding pneumothorax image 3",
         "finding normal image 3",
     }
+
+
+def _library(sr: pydicom.Dataset) -> dict[str, list[str]]:
+    """Descriptor names of each image library entry, by the SOP instance it describes."""
+    (library,) = [
+        item
+        for item in sr.ContentSequence
+        if item.ConceptNameCodeSequence[0].CodeMeaning == "Image Library"
+    ]
+    return {
+        image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID: [
+            descriptor.ConceptNameCodeSequence[0].CodeMeaning
+            for descriptor in image.ContentSequence
+        ]
+        for group in library.ContentSequence
+        for image in group.ContentSequence
+        if image.ValueType == "IMAGE"
+    }
+
+
+def test_image_library_describes_geometry_wherever_a_source_has_it(context):
+    ct, mr, cr = (source.dataset.SOPInstanceUID for source in context.sources)
+    alone = dataclasses.replace(
+        context, sources=context.sources[:1], predictions=context.predictions[:1]
+    )
+
+    # The CR lacks ImagerPixelSpacing: its entry alone falls back to what it has.
+    mixed = _library(build_sr(context))
+    assert mixed[cr] == ["Modality", "Pixel Data Rows", "Pixel Data Columns"]
+    for uid in (ct, mr):
+        assert "Horizontal Pixel Spacing" in mixed[uid] and "Slice Thickness" in mixed[uid]
+    assert _library(build_sr(alone)) == {ct: mixed[ct]}
