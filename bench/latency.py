@@ -3,7 +3,8 @@
 Runs `dicomai serve` (embedded broker, SQLite, the demo model, quiet period 1 s) with Orthanc as
 the destination, sends studies one after another with dcmtk storescu, and prints p50 and p95 of
 (SR indexed in Orthanc - last C-STORE answered - quiet period) for 1-image and 100-image studies,
-next to the model's own time for the same images measured in this run.
+next to the model's own time for the same images and the time to build and write their results
+(SR, overlays, files) without the daemon, both measured in this run, and the load average.
 
     .venv/bin/python bench/latency.py [--studies 10] [--big-studies 3]
 """
@@ -83,6 +84,56 @@ def model_seconds(images: int) -> float:
         return time.perf_counter() - start
 
 
+def results_seconds(images: int) -> tuple[float, float, float]:
+    """Seconds to build the SR, build the overlays and write them all for one study of
+    `images`, on the job runner's path without the daemon (warm: after a 1-image study)."""
+    from dicomai.imaging.preprocess import prepare
+    from dicomai.inference.runner import Classifier
+    from dicomai.ingest.spool import Spool
+    from dicomai.jobs.runner import _write_outputs
+    from dicomai.models.package import load_model
+    from dicomai.results.context import ModelIdentity, ResultContext, SourceImage
+    from dicomai.results.sc import build_sc
+    from dicomai.results.sr import build_sr
+
+    classifier = Classifier(load_model(REPO / "models" / "demo-chest-nodule"))
+    manifest = classifier.loaded.manifest
+    model = ModelIdentity(
+        manifest.name, manifest.version, manifest.architecture, manifest.weights_sha256
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        timings = []
+        for count in (1, images):
+            study, files = study_files(Path(tmp) / str(count), count, seed=9)
+            sources = []
+            for file in files:
+                dataset = pydicom.dcmread(file)
+                sources.append(SourceImage(dataset, prepare(dataset, manifest.input)[0]))
+            inputs = [
+                (str(s.dataset.SOPInstanceUID), prepare(s.dataset, manifest.input)[1])
+                for s in sources
+            ]
+            found = {p.sop_instance_uid: p for p in classifier.predict(inputs)}
+            context = ResultContext(
+                sources=tuple(sources),
+                predictions=tuple(found[uid] for uid, _ in inputs),
+                model=model,
+                input_digest="bench",
+            )
+            start = time.perf_counter()
+            datasets = [("sr", build_sr(context))]
+            built_sr = time.perf_counter()
+            datasets += [
+                ("sc", build_sc(context, i))
+                for i, p in enumerate(context.predictions)
+                if p.evaluated and p.heatmap is not None
+            ]
+            built_sc = time.perf_counter()
+            _write_outputs(Spool(Path(tmp) / f"outputs-{count}"), study, datasets)
+            timings = [built_sr - start, built_sc - built_sr, time.perf_counter() - built_sc]
+    return timings[0], timings[1], timings[2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--studies", type=int, default=10)
@@ -128,7 +179,9 @@ def main() -> None:
                 print(
                     f"{images:>3}-image studies (n={count}): overhead beyond the quiet period "
                     f"p50 {statistics.median(latencies):.2f} s, p95 {p95:.2f} s; model alone "
-                    f"{model_seconds(images):.2f} s",
+                    f"{model_seconds(images):.2f} s; results alone (SR, overlays, writing) "
+                    + ", ".join(f"{seconds:.2f}" for seconds in results_seconds(images))
+                    + f" s; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
                     flush=True,
                 )
         finally:
