@@ -11,8 +11,9 @@ import pytest
 from daemon import Listener
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
-from servers import sample_file, storescu, wait_for
+from servers import free_port, sample_file, storescu, wait_for
 
+from dicomai.ingest.server import serve_in_thread
 from dicomai.ingest.spool import Spool
 
 AET = "DICOMAI"
@@ -318,3 +319,49 @@ def test_partial_file_of_a_crashed_store_is_removed_at_start_and_is_no_instance(
         assert result.returncode == 0, result.stderr
         assert daemon.query("SELECT path FROM instances") == [(relative,)]
         assert daemon.spool_files() == [spool.path(relative)]
+
+
+VERIFICATION = "1.2.840.10008.1.1"
+
+
+def _echo_server(network_timeout: float | None = None):
+    """Our listener's server and reactors, answering C-ECHO only, in this process."""
+    ae = AE(ae_title=AET)
+    ae.add_supported_context(VERIFICATION)
+    ae.network_timeout = network_timeout
+    port = free_port()
+    return serve_in_thread(ae, ("127.0.0.1", port), None, []), port
+
+
+def _associate(port: int):
+    client = AE(ae_title=MODALITY)
+    client.add_requested_context(VERIFICATION)
+    assoc = client.associate("127.0.0.1", port, ae_title=AET)
+    assert assoc.is_established
+    return assoc
+
+
+def test_reactors_answer_many_requests_and_a_release() -> None:
+    # The reactors block on their socket and queues: every request and the release must
+    # still wake them.
+    server, port = _echo_server()
+    try:
+        assoc = _associate(port)
+        assert [assoc.send_c_echo().Status for _ in range(50)] == [0] * 50
+        assoc.release()
+        assert assoc.is_released
+        wait_for(lambda: not server.active_associations, 10, "the server side to end")
+    finally:
+        server.shutdown()
+
+
+def test_idle_association_is_ended_at_the_network_timeout() -> None:
+    # A peer that goes quiet must not hold an association slot forever.
+    server, port = _echo_server(network_timeout=0.5)
+    try:
+        assoc = _associate(port)
+        assert assoc.send_c_echo().Status == 0
+        wait_for(lambda: assoc.is_aborted, 30, "the idle association to be aborted")
+        wait_for(lambda: not server.active_associations, 10, "the server side to end")
+    finally:
+        server.shutdown()
