@@ -27,6 +27,31 @@ def train_demo(out: Path, seed: int) -> None:
     click.echo(f"wrote {manifest.name} {manifest.version} to {out}")
 
 
+def _option_value(text: str) -> Any:
+    """An architecture option's value as TOML would type it: bool, int, float or string."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def _architecture_options(pairs: tuple[str, ...], dropout: float | None) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{pair!r}: expected KEY=VALUE", param_hint="--option")
+        options[key.strip()] = _option_value(value)
+    if dropout is not None:
+        options["dropout"] = dropout
+    return options
+
+
 def _epochs(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())
@@ -59,6 +84,13 @@ def _epochs(text: str) -> tuple[int, ...]:
 @click.option("--description", default="", help="Model card text.")
 @click.option("--architecture", default="tinycnn", show_default=True)
 @click.option("--dropout", type=float, help="Dropout before the head.")
+@click.option(
+    "--option",
+    "architecture_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Architecture option (repeatable), e.g. tiny=true; kept in the manifest.",
+)
 @click.option("--size", default=224, show_default=True, help="Input rows and columns.")
 @click.option(
     "--normalize",
@@ -88,17 +120,28 @@ def _epochs(text: str) -> tuple[int, ...]:
 @click.option("--grad-clip", default=1.0, show_default=True, help="Max gradient norm; 0: off.")
 @click.option(
     "--loss",
-    type=click.Choice(["auto", "ce", "focal", "bce"]),
+    type=click.Choice(["auto", "ce", "focal", "bce", "multitask"]),
     default="auto",
     show_default=True,
-    help="auto: ce (single-label) or bce (multi-label).",
+    help="auto: multitask (a segmenting network on masks), ce (single-label) or bce (multi-label).",
+)
+@click.option(
+    "--multitask-alpha",
+    default=0.7,
+    show_default=True,
+    help="multitask: weight of classification against segmentation.",
+)
+@click.option(
+    "--no-masks",
+    is_flag=True,
+    help="A segmenting network (resnet50_multitask) trains its classification only, no masks.",
 )
 @click.option("--label-smoothing", default=0.1, show_default=True)
 @click.option("--class-weights", type=click.Choice(["none", "balanced"]), default="none")
 @click.option("--focal-gamma", default=2.0, show_default=True)
 @click.option(
     "--monitor",
-    type=click.Choice(["auc", "loss", "accuracy", "f1"]),
+    type=click.Choice(["auc", "loss", "accuracy", "f1", "dice"]),
     default="auc",
     show_default=True,
     help="Validation metric for early stopping and the best epoch.",
@@ -165,7 +208,7 @@ def _run_settings(o: dict[str, Any]) -> RunSettings:
         labels_csv=o["labels_csv"],
         val_fraction=float(o["val_fraction"]),
         architecture=str(o["architecture"]),
-        options={} if o["dropout"] is None else {"dropout": o["dropout"]},
+        options=_architecture_options(tuple(o["architecture_options"]), o["dropout"]),
         spec=spec,
         initial_weights=o["initial_weights"],
         initial_kind=str(o["init_kind"]),
@@ -182,6 +225,7 @@ def _run_settings(o: dict[str, Any]) -> RunSettings:
             label_smoothing=float(o["label_smoothing"]),
             class_weights=str(o["class_weights"]),
             focal_gamma=float(o["focal_gamma"]),
+            multitask_alpha=float(o["multitask_alpha"]),
         ),
         fit=FitSettings(
             epochs=int(o["epochs"]),
@@ -205,6 +249,7 @@ def _run_settings(o: dict[str, Any]) -> RunSettings:
         description=str(o["description"]),
         device=str(o["device"]),
         resume=bool(o["resume"]),
+        masks=not o["no_masks"],
     )
 
 

@@ -5,6 +5,8 @@ re-positioned patient or a different exposure would give: rotations of a few deg
 cent of scale and shift, brightness and contrast jitter. Left-right flips are off by default
 (the heart's side is anatomy, and dextrocardia is a finding); random erasing is off by default
 (a small lesion can be erased with its label kept). No elastic warps, blur or colour changes.
+A lesion mask takes exactly the image's rotation, scale, shift and flip (nearest-neighbour, so it
+stays binary) and none of the exposure changes or erasing.
 """
 
 from __future__ import annotations
@@ -34,31 +36,38 @@ class Augmentation:
 
     def apply(self, image01: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Transform a float32 (rows, cols) image in [0, 1]; the result stays in [0, 1]."""
-        image = self._geometry(image01, rng)
+        return self.apply_with_mask(image01, None, rng)[0]
+
+    def apply_with_mask(
+        self, image01: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Transform an image as `apply` does, and its uint8 lesion `mask` by the same geometry.
+
+        The same `rng` gives the same image with or without a mask.
+        """
+        image = image01
+        matrix = self._matrix(image.shape, rng)
+        if matrix is not None:
+            image = _warp(image, matrix, cv2.INTER_LINEAR)
+            mask = None if mask is None else _warp(mask, matrix, cv2.INTER_NEAREST)
         if self.hflip and rng.random() < 0.5:
             image = image[:, ::-1]
+            mask = None if mask is None else mask[:, ::-1]
         image = self._exposure(image, rng)
         if self.erase_probability and rng.random() < self.erase_probability:
             image = self._erase(image, rng)
-        return np.ascontiguousarray(image, dtype=np.float32)
+        image = np.ascontiguousarray(image, dtype=np.float32)
+        return image, None if mask is None else np.ascontiguousarray(mask)
 
-    def _geometry(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def _matrix(self, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray | None:
         if not (self.rotation_degrees or self.scale or self.shift):
-            return image
-        rows, cols = image.shape
+            return None
+        rows, cols = shape[:2]
         angle = rng.uniform(-self.rotation_degrees, self.rotation_degrees)
         scale = 1.0 + rng.uniform(-self.scale, self.scale)
         matrix = cv2.getRotationMatrix2D((cols / 2.0, rows / 2.0), angle, scale)
         matrix[:, 2] = matrix[:, 2] + rng.uniform(-self.shift, self.shift, 2) * (cols, rows)
-        # Outside the image is air, as a collimated radiograph's border is: fill with black.
-        return cv2.warpAffine(
-            image,
-            matrix,
-            (cols, rows),
-            flags=cv2.INTER_LINEAR,
-            borderMode=cv2.BORDER_CONSTANT,
-            borderValue=0.0,
-        )
+        return matrix
 
     def _exposure(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         if not (self.brightness or self.contrast):
@@ -79,6 +88,20 @@ class Augmentation:
         erased = image.copy()
         erased[top : top + height, left : left + width] = float(image.mean())
         return erased
+
+
+def _warp(image: np.ndarray, matrix: np.ndarray, interpolation: int) -> np.ndarray:
+    rows, cols = image.shape[:2]
+    # Outside the image is air, as a collimated radiograph's border is: fill with black
+    # (and no lesion in a mask).
+    return cv2.warpAffine(
+        image,
+        matrix,
+        (cols, rows),
+        flags=interpolation,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=0.0,
+    )
 
 
 NO_AUGMENTATION = Augmentation(

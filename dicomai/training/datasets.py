@@ -10,6 +10,12 @@ Two layouts are read:
   (multi-label; ``No Finding`` is the empty set). An optional ``split`` column (``train``, ``val``,
   ``test``) assigns images to sets.
 
+Either layout may carry lesion masks, for networks that also segment: a ``DIR/masks/`` tree
+mirroring the image folders (``masks/train/<class>/<stem>.png`` for ``train/<class>/<stem>.*``),
+or a ``mask`` column naming a PNG relative to the CSV. A mask is 0 for background and non-zero for
+lesion, the size of its image. An image without one has an empty mask only if it shows no finding
+(`require_masks`).
+
 Every problem (no class folder, a class without images, a CSV naming a file that is not there)
 is a `DatasetError` with a one-line message, raised before any training starts.
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import csv
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -39,6 +46,8 @@ SPLITS = ("train", "val", "test")
 NO_FINDING = "no finding"
 _FILE_COLUMNS = ("image index", "file", "filename", "path", "image", "image_path")
 _LABEL_COLUMNS = ("finding labels", "label", "labels", "class", "target")
+MASKS_FOLDER = "masks"
+MASK_COLUMN = "mask"
 
 
 class Task(StrEnum):
@@ -51,16 +60,28 @@ class Task(StrEnum):
 
 @dataclass(frozen=True)
 class LabelledImages:
-    """Image files and their targets: int64 (N,) class indices, or float32 (N, C) multi-hot."""
+    """Image files and their targets: int64 (N,) class indices, or float32 (N, C) multi-hot.
+
+    ``masks`` is None where the layout has no lesion masks; else each image's mask file, or None
+    (CSV: an empty ``mask`` cell). In a ``masks/`` tree the path is where the file belongs, which
+    `require_masks` checks.
+    """
 
     paths: tuple[Path, ...]
     targets: np.ndarray
+    masks: tuple[Path | None, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def subset(self, indices: np.ndarray) -> LabelledImages:
-        return LabelledImages(tuple(self.paths[i] for i in indices), self.targets[indices])
+        masks = None if self.masks is None else tuple(self.masks[i] for i in indices)
+        return LabelledImages(tuple(self.paths[i] for i in indices), self.targets[indices], masks)
+
+    def mask_file(self, index: int) -> Path | None:
+        """The mask file of image `index`, None if it has none (an empty mask)."""
+        path = None if self.masks is None else self.masks[index]
+        return path if path is not None and path.is_file() else None
 
 
 @dataclass(frozen=True)
@@ -73,6 +94,11 @@ class TrainingData:
     val: LabelledImages
     test: LabelledImages | None = None
     notes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether the layout carries lesion masks (a ``masks/`` tree or a ``mask`` column)."""
+        return self.train.masks is not None
 
     def summary(self) -> dict[str, Any]:
         """Counts per set and class, for the manifest's training table and the report."""
@@ -133,14 +159,71 @@ def load_training_data(
         train, val, note = data["train"], data["val"], "given"
     if len(train) == 0 or len(val) == 0:
         raise DatasetError(f"{root}: too few images to train and validate ({len(data['train'])})")
+    notes = {"source": data["source"], "validation": note}
+    if train.masks is not None:
+        notes["masks"] = data["masks"]
     return TrainingData(
         classes=data["classes"],
         task=data["task"],
         train=train,
         val=val,
         test=data.get("test"),
-        notes={"source": data["source"], "validation": note},
+        notes=notes,
     )
+
+
+def require_masks(data: TrainingData, findings: Sequence[bool]) -> None:
+    """Check that every training and validation image showing a finding has its mask file.
+
+    Parameters
+    ----------
+    data
+        Training data whose layout carries masks.
+    findings
+        Per class, whether it is a finding. An image of no finding class (multi-label: with no
+        label of one) may go without a mask: it has no lesion.
+
+    Raises
+    ------
+    DatasetError
+        Naming the first few missing mask files (or, for a CSV, images with an empty cell).
+    """
+    finding = np.asarray(findings, dtype=bool)
+    missing: list[str] = []
+    for images in (data.train, data.val):
+        if images.masks is None:
+            raise DatasetError("the data carry no lesion masks")
+        targets = images.targets
+        positive = (targets[:, finding] > 0).any(axis=1) if targets.ndim == 2 else finding[targets]
+        for i in np.flatnonzero(positive):
+            if images.mask_file(int(i)) is None:
+                expected = images.masks[i]
+                missing.append(str(expected) if expected else f"{images.paths[i]} (no mask named)")
+    if missing:
+        shown = ", ".join(missing[:3]) + (
+            f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        )
+        raise DatasetError(f"lesion mask missing for {len(missing)} images with a finding: {shown}")
+
+
+def read_mask(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """A lesion mask file as uint8 (rows, cols): 1 where any colour channel is non-zero, else 0.
+
+    Raises
+    ------
+    DatasetError
+        If the file cannot be read or its size differs from its image's `shape`.
+    """
+    pixels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if pixels is None:
+        raise DatasetError(f"{path}: unreadable mask image")
+    if pixels.ndim == 3:
+        # Channels past the third are alpha, often opaque everywhere: not lesion.
+        pixels = pixels[..., :3].max(axis=2)
+    if pixels.shape != tuple(shape[:2]):
+        rows, cols = pixels.shape
+        raise DatasetError(f"{path}: mask is {rows}x{cols}, its image {shape[0]}x{shape[1]}")
+    return (pixels > 0).astype(np.uint8)
 
 
 def load_evaluation_data(
@@ -211,14 +294,22 @@ def _from_folders(root: Path) -> dict[str, Any]:
         "task": Task.BINARY if len(classes) == 2 else Task.MULTICLASS,
         "source": "image folders",
     }
+    masks = root / MASKS_FOLDER if (root / MASKS_FOLDER).is_dir() else None
+    if masks is not None:
+        data["masks"] = f"{MASKS_FOLDER}/ folder"
     for split in SPLITS:
         if (root / split).is_dir():
-            data[split] = _class_folders(root / split, classes, require_all=split == "train")
+            data[split] = _class_folders(
+                root / split,
+                classes,
+                require_all=split == "train",
+                masks=None if masks is None else masks / split,
+            )
     return data
 
 
 def _class_folders(
-    folder: Path, classes: tuple[str, ...], require_all: bool = False
+    folder: Path, classes: tuple[str, ...], require_all: bool = False, masks: Path | None = None
 ) -> LabelledImages:
     found = sorted(p.name for p in folder.iterdir() if p.is_dir())
     unknown = [name for name in found if name not in classes]
@@ -234,7 +325,10 @@ def _class_folders(
         targets += [index] * len(files)
     if not paths:
         raise DatasetError(f"{folder}: no images in class folders {', '.join(classes)}")
-    return LabelledImages(tuple(paths), np.asarray(targets, dtype=np.int64))
+    mask_paths = None
+    if masks is not None:
+        mask_paths = tuple(masks / path.relative_to(folder).with_suffix(".png") for path in paths)
+    return LabelledImages(tuple(paths), np.asarray(targets, dtype=np.int64), mask_paths)
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -248,6 +342,7 @@ class _Row:
     file: str
     labels: tuple[str, ...]
     split: str
+    mask: str | None = None
 
 
 def _read_csv(path: Path) -> list[_Row]:
@@ -261,6 +356,7 @@ def _read_csv(path: Path) -> list[_Row]:
     file_col = _column(header, _FILE_COLUMNS, path, "file")
     label_col = _column(header, _LABEL_COLUMNS, path, "label")
     split_col = header.index("split") if "split" in header else None
+    mask_col = header.index(MASK_COLUMN) if MASK_COLUMN in header else None
     rows = []
     for number, row in enumerate(table, start=2):
         if len(row) <= max(file_col, label_col):
@@ -270,7 +366,10 @@ def _read_csv(path: Path) -> list[_Row]:
         split = row[split_col].strip().lower() if split_col is not None else ""
         if split and split not in SPLITS:
             raise DatasetError(f"{path}:{number}: split {split!r} is not train, val or test")
-        rows.append(_Row(row[file_col].strip(), labels, split))
+        mask = None
+        if mask_col is not None:
+            mask = row[mask_col].strip() if mask_col < len(row) else ""
+        rows.append(_Row(row[file_col].strip(), labels, split, mask))
     if not rows:
         raise DatasetError(f"{path}: no rows")
     return rows
@@ -300,6 +399,7 @@ def _from_csv(root: Path, labels_csv: Path) -> dict[str, Any]:
         if multilabel
         else (Task.BINARY if len(classes) == 2 else Task.MULTICLASS),
         "source": f"labels CSV {labels_csv.name}",
+        "masks": f"{MASK_COLUMN} column of {labels_csv.name}",
     }
     has_split = any(row.split for row in rows)
     for split in SPLITS:
@@ -325,7 +425,21 @@ def _labelled(
             targets[i, [index[label] for label in row.labels]] = 1.0
     else:
         targets = np.asarray([index[row.labels[0]] for row in rows], dtype=np.int64)
-    return LabelledImages(tuple(paths), targets)
+    return LabelledImages(tuple(paths), targets, _mask_files(rows, source))
+
+
+def _mask_files(rows: list[_Row], source: Path) -> tuple[Path | None, ...] | None:
+    """The ``mask`` column's files, relative to the CSV; None without the column."""
+    if rows[0].mask is None:
+        return None
+    masks = tuple(source.parent / row.mask if row.mask else None for row in rows)
+    missing = [
+        str(row.mask) for row, path in zip(rows, masks, strict=True) if path and not path.is_file()
+    ]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise DatasetError(f"{source}: mask {missing[0]!r}{more} not found under {source.parent}")
+    return masks
 
 
 def _resolve(root: Path, names: list[str], source: Path) -> list[Path]:

@@ -4,6 +4,10 @@ Every epoch reseeds torch from (seed, epoch), shuffles with a generator seeded t
 augments each image from (seed, epoch, index); with the checkpoint holding the weights and the
 optimiser and schedule states, a run resumed after epoch k trains epochs k+1... exactly as an
 uninterrupted run does (bit for bit on the CPU; CUDA kernels may differ in the last bits).
+
+With lesion masks (datasets yielding ``(input, target, mask)``), the network's
+``forward_multitask`` gives class and mask logits, the objective takes both, and validation adds
+``val_dice``: the mean Dice of the predicted masks over the images with a lesion.
 """
 
 from __future__ import annotations
@@ -26,12 +30,19 @@ from dicomai.evaluation.metrics import compute_metrics
 from dicomai.training.batches import ImageDataset
 from dicomai.training.checkpoints import BEST, LAST, load_checkpoint, save_checkpoint
 from dicomai.training.datasets import Task
-from dicomai.training.objectives import Objective
+from dicomai.training.losses import dice_scores
+from dicomai.training.objectives import MultitaskObjective, Objective
 from dicomai.training.schedules import warmup_cosine
 from dicomai.training.strategies import Phase, phase_index, set_trainable
 
 Log = Callable[[str], None]
-MONITORS = {"loss": "val_loss", "accuracy": "val_accuracy", "auc": "val_auc", "f1": "val_f1"}
+MONITORS = {
+    "loss": "val_loss",
+    "accuracy": "val_accuracy",
+    "auc": "val_auc",
+    "f1": "val_f1",
+    "dice": "val_dice",
+}
 OPTIMIZERS = ("adamw", "adam")
 
 
@@ -88,7 +99,7 @@ def fit(
     model: nn.Module,
     train: ImageDataset,
     val: ImageDataset,
-    objective: Objective,
+    objective: Objective | MultitaskObjective,
     phases: list[Phase],
     settings: FitSettings,
     *,
@@ -107,9 +118,9 @@ def fit(
     model
         The network (moved to `device`).
     train, val
-        Training (augmented) and validation images.
+        Training (augmented) and validation images, both with masks or both without.
     objective
-        The loss.
+        The loss; a `MultitaskObjective` with masks.
     phases
         From `dicomai.training.strategies.plan`.
     settings
@@ -130,10 +141,11 @@ def fit(
     Raises
     ------
     DatasetError
-        On `resume` without a matching checkpoint, or an unknown optimiser or monitor.
+        On `resume` without a matching checkpoint, an unknown optimiser or monitor, or the
+        ``dice`` monitor without masks.
     """
     started = time.perf_counter()
-    _check(settings)
+    _check(settings, val.masks)
     model.to(device).to(memory_format=torch.channels_last)
     objective.to(device)
     progress, saved = _Progress(), None
@@ -195,11 +207,13 @@ def fit(
     )
 
 
-def _check(settings: FitSettings) -> None:
+def _check(settings: FitSettings, masks: bool) -> None:
     if settings.optimizer not in OPTIMIZERS:
         raise DatasetError(f"optimizer {settings.optimizer!r}: use {' or '.join(OPTIMIZERS)}")
     if settings.monitor not in MONITORS:
         raise DatasetError(f"monitor {settings.monitor!r}: use one of {', '.join(MONITORS)}")
+    if settings.monitor == "dice" and not masks:
+        raise DatasetError("monitor dice needs lesion masks and a network that segments")
     if settings.epochs < 1 or settings.batch_size < 1:
         raise DatasetError("epochs and batch size must be at least 1")
 
@@ -235,10 +249,23 @@ def _optimiser(
     return optimizer, schedule
 
 
+def _on_device(batch: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """A batch's inputs (channels_last), targets and, if there, masks on `device`."""
+    inputs = batch[0].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    return [inputs, *(part.to(device, non_blocking=True) for part in batch[1:])]
+
+
+def _outputs(model: nn.Module, inputs: torch.Tensor, masks: bool) -> tuple[torch.Tensor, ...]:
+    """Class logits, and mask logits too when training on masks."""
+    if masks:
+        return tuple(model.forward_multitask(inputs))  # type: ignore[operator]
+    return (model(inputs),)
+
+
 def _train_epoch(
     model: nn.Module,
     loader: DataLoader[Any],
-    objective: Objective,
+    objective: Objective | MultitaskObjective,
     optimizer: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LambdaLR,
     scaler: torch.amp.GradScaler,
@@ -249,11 +276,11 @@ def _train_epoch(
     total, count = 0.0, 0
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     bar = tqdm(loader, desc=label, unit="batch", leave=False, disable=None)
-    for inputs, targets in bar:
-        inputs = inputs.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        targets = targets.to(device, non_blocking=True)
+    for batch in bar:
+        inputs, targets, *masks = _on_device(batch, device)
         with torch.autocast(device.type, dtype=torch.float16, enabled=scaler.is_enabled()):
-            loss = objective(model(inputs), targets)
+            logits, *mask_logits = _outputs(model, inputs, bool(masks))
+            loss = objective(logits, targets, *mask_logits, *masks)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if settings.grad_clip > 0:
@@ -275,11 +302,38 @@ def predict_logits(
     model.eval()
     logits, targets = [], []
     with torch.inference_mode():
-        for inputs, target in DataLoader(dataset, batch_size=batch_size):
+        for inputs, target, *_ in DataLoader(dataset, batch_size=batch_size):
             batch = inputs.to(device).contiguous(memory_format=torch.channels_last)
             logits.append(model(batch).double().cpu())
             targets.append(target)
     return torch.cat(logits).numpy(), torch.cat(targets).numpy()
+
+
+def predict_with_masks(
+    model: nn.Module,
+    dataset: ImageDataset,
+    objective: MultitaskObjective,
+    device: torch.device,
+    batch_size: int = 64,
+) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Logits (N, C) float64, targets, mean loss and mean Dice (images with a lesion; NaN if
+    none) of a segmenting network in eval mode, on a dataset with masks, in one pass."""
+    model.eval()
+    logits, targets, dice, total = [], [], [], 0.0
+    with torch.inference_mode():
+        for batch in DataLoader(dataset, batch_size=batch_size):
+            inputs, target, masks = _on_device(batch, device)
+            class_logits, mask_logits = model.forward_multitask(inputs)  # type: ignore[operator]
+            # Every term of the loss is a mean over images or over equally many pixels per
+            # image, so batch means weighted by batch size give the whole set's loss.
+            total += float(objective(class_logits, target, mask_logits, masks)) * len(inputs)
+            logits.append(class_logits.double().cpu())
+            targets.append(target.cpu())
+            dice.append(dice_scores(mask_logits, masks).cpu())
+    scores = torch.cat(dice).numpy()
+    found = scores[~np.isnan(scores)]
+    mean_dice = float(found.mean()) if len(found) else float("nan")
+    return torch.cat(logits).numpy(), torch.cat(targets).numpy(), total / len(dataset), mean_dice
 
 
 def to_probabilities(logits: np.ndarray, multilabel: bool, temperature: float = 1.0) -> np.ndarray:
@@ -291,22 +345,30 @@ def to_probabilities(logits: np.ndarray, multilabel: bool, temperature: float = 
 def validate(
     model: nn.Module,
     val: ImageDataset,
-    objective: Objective,
+    objective: Objective | MultitaskObjective,
     task: Task,
     classes: tuple[str, ...],
     device: torch.device,
 ) -> dict[str, float]:
-    """Validation loss, accuracy, macro ROC-AUC and macro F1 at 0.5 thresholds."""
-    logits, targets = predict_logits(model, val, device)
-    with torch.inference_mode():
-        loss = objective(torch.from_numpy(logits).to(device), torch.from_numpy(targets).to(device))
+    """Validation loss, accuracy, macro ROC-AUC and macro F1 at 0.5 thresholds; with masks,
+    also the mean Dice (``val_dice``)."""
+    extra: dict[str, float] = {}
+    if isinstance(objective, MultitaskObjective):
+        logits, targets, loss, extra["val_dice"] = predict_with_masks(model, val, objective, device)
+    else:
+        logits, targets = predict_logits(model, val, device)
+        with torch.inference_mode():
+            loss = float(
+                objective(torch.from_numpy(logits).to(device), torch.from_numpy(targets).to(device))
+            )
     probabilities = to_probabilities(logits, task is Task.MULTILABEL)
     metrics = compute_metrics(probabilities, targets, task, classes, np.full(len(classes), 0.5))
     return {
-        "val_loss": float(loss),
+        "val_loss": loss,
         "val_accuracy": metrics["accuracy"],
         "val_auc": metrics["auc_macro"],
         "val_f1": metrics["f1_macro"],
+        **extra,
     }
 
 
@@ -338,8 +400,9 @@ def _record(
 
 
 def _epoch_line(row: dict[str, float], settings: FitSettings) -> str:
-    return (
+    line = (
         f"epoch {int(row['epoch'])}/{settings.epochs}  phase {int(row['phase'])}  "
         f"lr {row['lr']:.2e}  loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
         f"val accuracy {row['val_accuracy']:.3f}  val auc {row['val_auc']:.3f}"
     )
+    return line + (f"  val dice {row['val_dice']:.3f}" if "val_dice" in row else "")

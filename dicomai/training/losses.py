@@ -31,8 +31,9 @@ def multitask_loss(
     mask_logits: torch.Tensor,
     masks: torch.Tensor,
     alpha: float = 0.7,
+    label_smoothing: float = 0.1,
 ) -> torch.Tensor:
-    """alpha·CE(label smoothing 0.1) + (1 - alpha)·(0.5·Dice + 0.5·BCE): the documents' loss.
+    """alpha·CE(label smoothing) + (1 - alpha)·(0.5·Dice + 0.5·BCE): the documents' loss.
 
     Parameters
     ----------
@@ -46,6 +47,8 @@ def multitask_loss(
         (N, H, W) or (N, 1, H, W) true lesion masks, 0/1; all zero for an image without one.
     alpha
         Weight of the classification term, in [0, 1].
+    label_smoothing
+        Of the cross-entropy; the documents use 0.1.
 
     Returns
     -------
@@ -54,9 +57,32 @@ def multitask_loss(
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    classification = F.cross_entropy(logits, targets, label_smoothing=0.1)
+    classification = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
     truth = masks.reshape(mask_logits.shape).to(mask_logits.dtype)
     segmentation = 0.5 * dice_loss(mask_logits, truth) + 0.5 * F.binary_cross_entropy_with_logits(
         mask_logits, truth
     )
     return alpha * classification + (1.0 - alpha) * segmentation
+
+
+def dice_scores(mask_logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Per image, the Dice of the predicted mask (probability > 0.5) with the true one.
+
+    Parameters
+    ----------
+    mask_logits
+        (N, 1, H, W) or (N, H, W) logits.
+    masks
+        The true masks, 0/1, as many pixels per image.
+
+    Returns
+    -------
+    torch.Tensor
+        float32 (N,); NaN for an image whose true mask is empty (no lesion to find).
+    """
+    predicted = (mask_logits > 0).flatten(1).float()
+    truth = (masks > 0).flatten(1).float()
+    overlap = (predicted * truth).sum(dim=1)
+    total = predicted.sum(dim=1) + truth.sum(dim=1)
+    dice = 2.0 * overlap / total.clamp(min=1.0)
+    return torch.where(truth.sum(dim=1) > 0, dice, torch.full_like(dice, float("nan")))

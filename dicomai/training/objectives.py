@@ -1,10 +1,10 @@
-"""The classification objective a training run minimises, chosen by name.
+"""The objective a training run minimises, chosen by name.
 
 ``ce``: cross-entropy with label smoothing and optional class weights (single-label);
 ``focal``: focal loss (Lin et al., ICCV 2017), softmax for single-label, sigmoid for multi-label;
-``bce``: binary cross-entropy per class with optional positive weights (multi-label).
-The multi-task classification + segmentation loss lives in `dicomai.training.losses`; it needs
-lesion masks, which the data layouts read here do not carry.
+``bce``: binary cross-entropy per class with optional positive weights (multi-label);
+``multitask``: `dicomai.training.losses.multitask_loss` of class logits and lesion-mask logits
+against classes and masks (single-label, for networks that also segment).
 """
 
 from __future__ import annotations
@@ -17,18 +17,23 @@ from torch import nn
 from torch.nn import functional as F
 
 from dicomai.errors import DatasetError
+from dicomai.training.losses import multitask_loss
 
-LOSSES = ("ce", "focal", "bce")
+LOSSES = ("ce", "focal", "bce", "multitask")
 
 
 @dataclass(frozen=True)
 class LossSettings:
-    """Which loss and its knobs; ``class_weights`` is ``"none"`` or ``"balanced"``."""
+    """Which loss and its knobs; ``class_weights`` is ``"none"`` or ``"balanced"``.
+
+    ``multitask_alpha`` weighs classification against segmentation in the multitask loss.
+    """
 
     name: str = "ce"
     label_smoothing: float = 0.1
     class_weights: str = "none"
     focal_gamma: float = 2.0
+    multitask_alpha: float = 0.7
 
 
 class Objective(nn.Module):
@@ -58,7 +63,33 @@ class Objective(nn.Module):
         )
 
 
-def build_objective(settings: LossSettings, targets: np.ndarray, multilabel: bool) -> Objective:
+class MultitaskObjective(nn.Module):
+    """Loss of class logits (N, C) and mask logits (N, 1, H, W) against classes and masks."""
+
+    def __init__(self, settings: LossSettings) -> None:
+        super().__init__()
+        self.settings = settings
+
+    def forward(
+        self,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        mask_logits: torch.Tensor,
+        masks: torch.Tensor,
+    ) -> torch.Tensor:
+        return multitask_loss(
+            logits.float(),
+            targets,
+            mask_logits.float(),
+            masks,
+            alpha=self.settings.multitask_alpha,
+            label_smoothing=self.settings.label_smoothing,
+        )
+
+
+def build_objective(
+    settings: LossSettings, targets: np.ndarray, multilabel: bool
+) -> Objective | MultitaskObjective:
     """The objective for a training set's `targets` (class indices, or multi-hot rows).
 
     ``balanced`` class weights are ``N / (C * count)`` per class for single-label data and
@@ -67,11 +98,14 @@ def build_objective(settings: LossSettings, targets: np.ndarray, multilabel: boo
     Raises
     ------
     DatasetError
-        On a loss that does not fit the task (``bce`` for single-label, ``ce`` for multi-label)
-        or an unknown name.
+        On a loss that does not fit the task (``bce`` for single-label, ``ce`` or ``multitask``
+        for multi-label), class weights with ``multitask``, an alpha outside [0, 1] or an
+        unknown name.
     """
     if settings.name not in LOSSES:
         raise DatasetError(f"unknown loss {settings.name!r} (known: {', '.join(LOSSES)})")
+    if settings.name == "multitask":
+        return _multitask(settings, multilabel)
     if multilabel and settings.name == "ce":
         raise DatasetError("loss ce is for single-label data; use bce or focal for multi-label")
     if not multilabel and settings.name == "bce":
@@ -82,6 +116,16 @@ def build_objective(settings: LossSettings, targets: np.ndarray, multilabel: boo
     if settings.class_weights == "balanced":
         weights = torch.from_numpy(_balanced(targets, multilabel)).float()
     return Objective(settings, multilabel, weights)
+
+
+def _multitask(settings: LossSettings, multilabel: bool) -> MultitaskObjective:
+    if multilabel:
+        raise DatasetError("the multitask loss is for single-label data; use --no-masks")
+    if settings.class_weights != "none":
+        raise DatasetError("the multitask loss takes no class weights; use --class-weights none")
+    if not 0.0 <= settings.multitask_alpha <= 1.0:
+        raise DatasetError(f"multitask alpha must be in [0, 1], got {settings.multitask_alpha}")
+    return MultitaskObjective(settings)
 
 
 def _balanced(targets: np.ndarray, multilabel: bool) -> np.ndarray:

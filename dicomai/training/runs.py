@@ -3,6 +3,10 @@
 The output folder holds ``package/`` (what `dicomai models register` takes), ``training_log.csv``
 (one row per epoch), ``curves.png`` and ``checkpoints/`` (``last.pt`` for ``--resume``,
 ``best.pt``).
+
+A network that also segments (one with ``forward_multitask``, e.g. ``resnet50_multitask``) trains
+with the multitask loss on the data's lesion masks, unless told to train its classification only
+(`RunSettings.masks` False); with masks, the validation Dice joins the metrics.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dicomai.errors import DatasetError
 from dicomai.evaluation.metrics import compute_metrics
 from dicomai.evaluation.plots import plot_history
 from dicomai.imaging.spec import InputSpec
@@ -24,7 +29,7 @@ from dicomai.models.manifest import AppliesTo, Manifest
 from dicomai.models.package import write_package
 from dicomai.training.augment import Augmentation
 from dicomai.training.batches import ImageDataset
-from dicomai.training.datasets import Task, TrainingData, load_training_data
+from dicomai.training.datasets import Task, TrainingData, load_training_data, require_masks
 from dicomai.training.fit import FitSettings, Log, fit, predict_logits, resolve_device
 from dicomai.training.fit import to_probabilities as probabilities_of
 from dicomai.training.objectives import LossSettings, build_objective
@@ -65,6 +70,7 @@ class RunSettings:
     description: str = ""
     device: str = "auto"
     resume: bool = False
+    masks: bool = True
 
 
 def train_package(settings: RunSettings, log: Log = print) -> Manifest:
@@ -73,7 +79,9 @@ def train_package(settings: RunSettings, log: Log = print) -> Manifest:
     Raises
     ------
     DatasetError
-        On a bad data layout or CSV (before training), or a resume that does not match.
+        On a bad data layout or CSV (before training), a segmenting network without masks
+        (unless `settings.masks` is False), a positive image without its mask, or a resume that
+        does not match.
     ModelPackageError
         On an unknown architecture or option.
     """
@@ -82,12 +90,15 @@ def train_package(settings: RunSettings, log: Log = print) -> Manifest:
     )
     codes = read_codes(settings.codes_csv)
     multilabel = data.task is Task.MULTILABEL
-    if settings.loss.name == "auto":
-        loss = replace(settings.loss, name="bce" if multilabel else "ce")
-        settings = replace(settings, loss=loss)
-    objective = build_objective(settings.loss, data.train.targets, multilabel)
     torch.manual_seed(settings.fit.seed)
     model = build(settings.architecture, len(data.classes), **settings.options)
+    findings = [
+        spec.is_finding
+        for spec in class_specs(data.classes, np.full(len(data.classes), 0.5), codes)
+    ]
+    masks = _uses_masks(settings, data, hasattr(model, "forward_multitask"), findings, log)
+    settings = replace(settings, masks=masks, loss=_resolve_loss(settings, multilabel, masks))
+    objective = build_objective(settings.loss, data.train.targets, multilabel)
     if settings.initial_weights is not None:
         loaded = load_initial_weights(model, settings.initial_weights, settings.initial_kind)  # type: ignore[arg-type]
         log(f"initial weights: {len(loaded)} tensors from {settings.initial_weights}")
@@ -97,8 +108,10 @@ def train_package(settings: RunSettings, log: Log = print) -> Manifest:
         f"{len(data.val)} validation images; strategy {settings.strategy.strategy.value}"
     )
     device = resolve_device(settings.device)
-    train = ImageDataset(data.train, settings.spec, settings.augmentation, settings.fit.seed)
-    val = ImageDataset(data.val, settings.spec)
+    train = ImageDataset(
+        data.train, settings.spec, settings.augmentation, settings.fit.seed, masks=masks
+    )
+    val = ImageDataset(data.val, settings.spec, masks=masks)
     result = fit(
         model,
         train,
@@ -122,6 +135,9 @@ def train_package(settings: RunSettings, log: Log = print) -> Manifest:
     metrics = compute_metrics(
         probabilities, targets, data.task, data.classes, thresholds, positive_class(specs)
     )
+    if masks:
+        # The best epoch's row was measured on the very weights the package holds.
+        metrics["dice"] = result.history[result.best_epoch - 1]["val_dice"]
     manifest = Manifest(
         name=settings.name,
         version=settings.version,
@@ -139,17 +155,53 @@ def train_package(settings: RunSettings, log: Log = print) -> Manifest:
     written = write_package(settings.out / "package", manifest, model.cpu().state_dict())
     write_history(settings.out / "training_log.csv", result.history)
     plot_history(settings.out / "curves.png", result.history)
+    dice = f", Dice {metrics['dice']:.3f}" if masks else ""
     log(
         f"wrote {settings.out / 'package'}: best epoch {result.best_epoch}, validation "
         f"AUC {metrics['auc_macro']:.3f}, accuracy {metrics['accuracy']:.3f}, "
-        f"ECE {metrics['ece']:.3f}, temperature {temperature:.3f}"
+        f"ECE {metrics['ece']:.3f}, temperature {temperature:.3f}{dice}"
     )
     return written
 
 
+def _uses_masks(
+    settings: RunSettings, data: TrainingData, segments: bool, findings: list[bool], log: Log
+) -> bool:
+    """Whether to train on lesion masks: only a network that segments does, given masks."""
+    if not segments:
+        if data.has_masks:
+            log(f"lesion masks: not used ({settings.architecture} does not segment)")
+        return False
+    if not settings.masks:
+        log(f"--no-masks: training the classification of {settings.architecture} only")
+        return False
+    if not data.has_masks:
+        raise DatasetError(
+            f"{settings.architecture} also segments lesions, but {settings.data} has no masks "
+            "(masks/ folder or a mask column); give them, or --no-masks to train its "
+            "classification only"
+        )
+    require_masks(data, findings)
+    return True
+
+
+def _resolve_loss(settings: RunSettings, multilabel: bool, masks: bool) -> LossSettings:
+    """``auto`` made concrete; the multitask loss exactly when training on masks."""
+    loss = settings.loss
+    if loss.name == "auto":
+        return replace(loss, name="multitask" if masks else "bce" if multilabel else "ce")
+    if masks and loss.name != "multitask":
+        raise DatasetError(
+            f"loss {loss.name} ignores the lesion masks: use --loss multitask, or --no-masks"
+        )
+    if not masks and loss.name == "multitask":
+        raise DatasetError("loss multitask needs a network that segments, trained on masks")
+    return loss
+
+
 def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
     """The validation metrics the manifest keeps: numbers and per-class AUCs and thresholds."""
-    keys = ("accuracy", "auc_macro", "auc_micro", "f1_macro", "ece", "mce", "brier")
+    keys = ("accuracy", "auc_macro", "auc_micro", "f1_macro", "ece", "mce", "brier", "dice")
     binary = ("sensitivity", "specificity", "ppv", "npv")
     headline = {f"val_{key}": metrics[key] for key in (*keys, *binary) if key in metrics}
     headline["val_n"] = metrics["n"]
@@ -165,10 +217,13 @@ def _training_table(
     strategy = asdict(settings.strategy)
     strategy["strategy"] = settings.strategy.strategy.value
     strategy["unfreeze_at"] = list(settings.strategy.unfreeze_at)
+    loss = asdict(settings.loss)
+    if settings.loss.name != "multitask":
+        del loss["multitask_alpha"]
     return {
         "data": data.summary(),
         "strategy": strategy,
-        "loss": asdict(settings.loss),
+        "loss": loss,
         "optimisation": settings.fit.to_dict(),
         "augmentation": settings.augmentation.to_dict(),
         "initial_weights": str(settings.initial_weights or "none (random)"),
@@ -191,6 +246,7 @@ def _fingerprint(settings: RunSettings, data: TrainingData) -> dict[str, Any]:
         "loss": repr(settings.loss),
         "fit": repr(settings.fit),
         "augmentation": repr(settings.augmentation),
+        "masks": settings.masks,
         "classes": list(data.classes),
         "train": [str(p) for p in data.train.paths[:1000]],
         "n_train": len(data.train),
