@@ -169,14 +169,14 @@ def blend_heatmap(display: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
     )
     heat = np.clip(heat, 0.0, 1.0)
     colours = cv2.applyColorMap(np.rint(heat * 255).astype(np.uint8), cv2.COLORMAP_JET)
-    colours = cv2.cvtColor(colours, cv2.COLOR_BGR2RGB).astype(np.float32)
+    blended = cv2.cvtColor(colours, cv2.COLOR_BGR2RGB).astype(np.float32)
     alpha = MAX_ALPHA * heat
     # The gray is the same in the three channels: weighed once and blended in place, a 512²
     # overlay takes a quarter less time than with three-channel temporaries, to the same bit.
     gray = (1.0 - alpha) * display.astype(np.float32)
-    colours *= alpha[..., np.newaxis]
-    colours += gray[..., np.newaxis]
-    return np.rint(colours, out=colours).astype(np.uint8)
+    blended *= alpha[..., np.newaxis]
+    blended += gray[..., np.newaxis]
+    return np.rint(blended, out=blended).astype(np.uint8)
 
 
 def render_caption(lines: Sequence[str], width: int) -> np.ndarray:

@@ -81,7 +81,7 @@ def _evidence(context: ResultContext) -> list[Dataset]:
     return evidence
 
 
-def _shell(root: hd.sr.ContainerContentItem) -> Dataset:
+def _shell(root: Dataset) -> Dataset:
     """The report's root container with its first child only, for highdicom's SR constructor.
 
     The constructor deep-copies and re-parses the content it is given and searches it for
