@@ -88,7 +88,12 @@ class JobRunner:
                 self._fail(leader, exc)
                 return
             claims = [leader, *self._companions(leader, classifier, running)]
-            classified = classify(classifier, self.reader, self.spool, claims)
+            try:
+                classified = classify(classifier, self.reader, self.spool, claims)
+            except Exception as exc:  # an error no single job can be blamed for
+                for claim in claims:
+                    self._fail(claim, exc)
+                return
             done = [job.claim.job_id for job in classified if self._conclude(classifier, job)]
         for job_id in done:
             attempt_deliveries(self.sessions, self.settings, pending_for_job(self.sessions, job_id))
