@@ -203,7 +203,7 @@ def require_masks(data: TrainingData, findings: Sequence[bool]) -> None:
         shown = ", ".join(missing[:3]) + (
             f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         )
-        raise DatasetError(f"lesion mask missing for {len(missing)} images with a finding: {shown}")
+        raise DatasetError(f"no lesion mask for {len(missing)} image(s) with a finding: {shown}")
 
 
 def read_mask(path: Path, shape: tuple[int, ...]) -> np.ndarray:

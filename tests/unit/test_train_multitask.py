@@ -134,7 +134,7 @@ def test_a_positive_image_without_its_mask_fails_in_one_line(tmp_path: Path) -> 
     (tmp_path / "data" / "masks" / "train" / "nodule" / f"{first:03d}.png").unlink()
     code, output = train(tmp_path / "data", tmp_path / "out", "--epochs", "1")
     assert_one_line_error(
-        code, output, "lesion mask missing for 1 images with a finding", tmp_path / "out"
+        code, output, "no lesion mask for 1 image(s) with a finding", tmp_path / "out"
     )
     assert f"nodule/{first:03d}.png" in output
 
