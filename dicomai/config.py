@@ -82,7 +82,7 @@ class WorkerSettings(BaseModel):
     device: str = "auto"
     embedded: bool = True
     # A running job whose heartbeat is older than this is taken for abandoned (worker killed).
-    heartbeat_lease_seconds: float = Field(default=600.0, gt=0)
+    heartbeat_lease_seconds: float = Field(default=60.0, gt=0)
     # A queued job rung this long ago without a worker taking it is rung again (lost ring).
     queued_lease_seconds: float = Field(default=300.0, gt=0)
     # A due delivery rung this long ago without an outcome is rung again.

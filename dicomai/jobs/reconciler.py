@@ -24,7 +24,7 @@ class Leases:
     """How long a rung job or delivery may wait before it is rung again."""
 
     queued_seconds: float = 300.0
-    heartbeat_seconds: float = 600.0
+    heartbeat_seconds: float = 60.0
     delivery_seconds: float = 120.0
     max_attempts: int = 3
 
