@@ -3,6 +3,12 @@
 The small (``tiny``) variants keep torchvision's module names, so that the composite networks,
 Grad-CAM paths and `load_initial_weights` treat both sizes alike, but they are narrow and
 downsample 8x instead of 32x: a 64² test image leaves an 8x8 map, as tinycnn's does.
+
+They downsample by pooling, never by a strided convolution. A 3x3 stride-2 convolution on an
+even-sized map centres its output half an input pixel up and left of the cell it stands for;
+over a ResNet's two strided stages that is 3 pixels at 64², nearly half a cell of the 8x8 map,
+which Grad-CAM's upsampling draws at the cell's centre (the strided tiny ResNet's Grad-CAM
+maxima sat a cell to one side of the synthetic nodules on many images).
 """
 
 from __future__ import annotations
@@ -25,9 +31,12 @@ def resnet_backbone(tiny: bool = False) -> tv.ResNet:
     model.bn1 = nn.BatchNorm2d(first)
     model.maxpool = nn.MaxPool2d(2)
     model.inplanes = first
-    strides = (1, 2, 2, 1)
-    for index, (width, stride) in enumerate(zip(TINY_RESNET_WIDTHS, strides, strict=True)):
-        setattr(model, f"layer{index + 1}", model._make_layer(BasicBlock, width, 1, stride=stride))
+    pooled = (False, True, True, False)
+    for index, (width, pool) in enumerate(zip(TINY_RESNET_WIDTHS, pooled, strict=True)):
+        stage = model._make_layer(BasicBlock, width, 1)
+        if pool:
+            stage = nn.Sequential(nn.MaxPool2d(2), *stage)
+        setattr(model, f"layer{index + 1}", stage)
     model.fc = nn.Linear(TINY_RESNET_WIDTHS[-1], 1000)
     return model
 
@@ -44,12 +53,16 @@ def resnet_stage_widths(model: tv.ResNet) -> list[int]:
 
 
 def densenet_backbone(tiny: bool = False) -> tv.DenseNet:
-    """DenseNet-121, or a three-block DenseNet of growth 16 with a stride-2 stem (8x in all)."""
+    """DenseNet-121, or a three-block DenseNet of growth 16 (8x in all).
+
+    The small one's stem is a stride-1 3x3 convolution followed by DenseNet's own max-pool,
+    so that, with the average-pooling transitions, no strided convolution shifts the map.
+    """
     if not tiny:
         return tv.densenet121(weights=None)
     model = tv.DenseNet(growth_rate=16, block_config=(2, 2, 2), num_init_features=32, bn_size=2)
-    model.features.conv0 = nn.Conv2d(3, 32, kernel_size=3, stride=2, padding=1, bias=False)
-    model.features.pool0 = nn.Identity()
+    model.features.conv0 = nn.Conv2d(3, 32, kernel_size=3, stride=1, padding=1, bias=False)
+    model.features.pool0 = nn.MaxPool2d(2)
     return model
 
 

@@ -2,7 +2,10 @@
 
 Each builder takes ``num_classes`` and ``dropout`` (a Dropout before the new linear head, the
 one MC dropout samples), builds the network with random weights (``weights=None``: nothing is
-downloaded) and names the layer Grad-CAM explains in ``gradcam_target_layer``.
+downloaded) and names the layer Grad-CAM explains in ``gradcam_target_layer``. ``tiny=True``
+builds a small member of the same torchvision class instead, for tests and demos: the same head,
+the same CAM layer, but narrow and (for the CNNs) downsampling 8x, so a 64² image leaves an 8x8
+map as tinycnn's does, where the full networks' 32x would leave 2x2.
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ from typing import Any
 
 from torch import nn
 from torchvision import models as tv
+from torchvision.models.efficientnet import MBConvConfig
+
+from dicomai.models.backbones import densenet_backbone, resnet_backbone
 
 Builder = Callable[..., nn.Module]
 
@@ -24,8 +30,8 @@ def _head(in_features: int, num_classes: int, dropout: float) -> nn.Module:
 def resnet(factory: Callable[..., tv.ResNet]) -> Builder:
     """A builder for a torchvision ResNet; its CAM layer is ``layer4``, the last residual stage."""
 
-    def build_resnet(num_classes: int, dropout: float = 0.0) -> nn.Module:
-        model = factory(weights=None)
+    def build_resnet(num_classes: int, dropout: float = 0.0, tiny: bool = False) -> nn.Module:
+        model = resnet_backbone(tiny=True) if tiny else factory(weights=None)
         model.fc = _head(model.fc.in_features, num_classes, dropout)
         model.gradcam_target_layer = "layer4"
         return model
@@ -40,8 +46,8 @@ def densenet(factory: Callable[..., tv.DenseNet]) -> Builder:
     Grad-CAM's frozen backward stop there instead of running through every dense block.
     """
 
-    def build_densenet(num_classes: int, dropout: float = 0.0) -> nn.Module:
-        model = factory(weights=None)
+    def build_densenet(num_classes: int, dropout: float = 0.0, tiny: bool = False) -> nn.Module:
+        model = densenet_backbone(tiny=True) if tiny else factory(weights=None)
         model.classifier = _head(model.classifier.in_features, num_classes, dropout)
         model.gradcam_target_layer = "features.norm5"
         return model
@@ -52,8 +58,10 @@ def densenet(factory: Callable[..., tv.DenseNet]) -> Builder:
 def efficientnet(factory: Callable[..., tv.EfficientNet], default_dropout: float) -> Builder:
     """A builder for a torchvision EfficientNet, dropout defaulting to the paper's for its size."""
 
-    def build_efficientnet(num_classes: int, dropout: float = default_dropout) -> nn.Module:
-        model = factory(weights=None, dropout=dropout)
+    def build_efficientnet(
+        num_classes: int, dropout: float = default_dropout, tiny: bool = False
+    ) -> nn.Module:
+        model = _tiny_efficientnet(dropout) if tiny else factory(weights=None, dropout=dropout)
         last = model.classifier[-1]
         assert isinstance(last, nn.Linear)
         model.classifier[-1] = nn.Linear(last.in_features, num_classes)
@@ -74,9 +82,14 @@ def vit(factory: Callable[..., tv.VisionTransformer]) -> Builder:
     be a multiple of 16 and is fixed at build time (224 by default).
     """
 
-    def build_vit(num_classes: int, dropout: float = 0.0, image_size: int = 224) -> nn.Module:
+    def build_vit(
+        num_classes: int, dropout: float = 0.0, image_size: int = 224, tiny: bool = False
+    ) -> nn.Module:
         options: dict[str, Any] = {"image_size": image_size}
-        model = factory(weights=None, **options)
+        if tiny:
+            model = tv.VisionTransformer(patch_size=8, **_TINY_VIT, **options)
+        else:
+            model = factory(weights=None, **options)
         head = model.heads.head
         assert isinstance(head, nn.Linear)
         model.heads.head = _head(head.in_features, num_classes, dropout)
@@ -86,6 +99,34 @@ def vit(factory: Callable[..., tv.VisionTransformer]) -> Builder:
 
     return build_vit
 
+
+# A four-stage MBConv stack (expand ratio, kernel, stride, in, out, blocks): B0's first
+# stages, narrower and one block each.
+_TINY_EFFICIENTNET = [
+    MBConvConfig(1, 3, 1, 16, 16, 1),
+    MBConvConfig(4, 3, 1, 16, 24, 1),
+    MBConvConfig(4, 5, 1, 24, 40, 1),
+    MBConvConfig(4, 3, 1, 40, 64, 1),
+]
+
+
+def _tiny_efficientnet(dropout: float) -> tv.EfficientNet:
+    """The small EfficientNet: 8x by a max-pool before each of its first three stages.
+
+    Pooling instead of B0's strided stem and depthwise convolutions keeps the map's cells
+    centred where Grad-CAM draws them (see `dicomai.models.backbones`).
+    """
+    model = tv.EfficientNet(_TINY_EFFICIENTNET, dropout=dropout, last_channel=128)
+    stem = model.features[0][0]
+    assert isinstance(stem, nn.Conv2d)
+    stem.stride = (1, 1)
+    for index in (1, 2, 3):
+        model.features[index] = nn.Sequential(nn.MaxPool2d(2), *model.features[index])
+    return model
+
+
+# A ViT of 8-pixel patches (an 8x8 grid at 64²), four layers of width 64.
+_TINY_VIT = {"num_layers": 4, "num_heads": 4, "hidden_dim": 64, "mlp_dim": 128}
 
 # EfficientNet's own dropout before the head grows with its scale (Tan & Le, 2019; torchvision).
 _EFFICIENTNET_DROPOUT = (0.2, 0.2, 0.3, 0.3, 0.4, 0.4, 0.5, 0.5)
