@@ -37,6 +37,9 @@ class ResNetMultiTask(nn.Module):
     """
 
     gradcam_target_layer = "attention.3"
+    # New on a pretrained encoder, so trained even by the "frozen" strategy: the CBAM blocks,
+    # the classification branch and the whole segmentation decoder.
+    head_modules = ("attention", "classifier", "lateral", "smooth", "mask_head")
 
     def __init__(
         self,

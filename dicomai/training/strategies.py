@@ -1,9 +1,10 @@
 """Fine-tuning strategies: which parameters train, at which learning rate, in which epochs.
 
-A network splits into its *head* (the classifier: torchvision's ``fc``, ``classifier`` or
-``heads``, our composites' ``head``, else the last ``nn.Linear``) and its *backbone*, everything
-else, cut into blocks in forward order (a ResNet's stem and residual blocks, a DenseNet's dense
-blocks and transitions...). A strategy is a list of phases; each phase trains some blocks with
+A network splits into its *head* (the modules it lists in ``head_modules``, such as a multi-task
+network's classifier and decoder; else torchvision's ``fc``, ``classifier`` or ``heads``, our
+composites' ``head``, else the last ``nn.Linear``) and its *backbone*, everything else, cut into
+blocks in forward order (a ResNet's stem and residual blocks, a DenseNet's dense blocks and
+transitions...). A strategy is a list of phases; each phase trains some blocks with
 its own optimiser and a fresh warm-up + cosine schedule over the phase's epochs.
 
 - ``full``: everything at ``lr`` for all epochs.
@@ -64,7 +65,12 @@ class Phase:
 
 
 def find_head(model: nn.Module) -> nn.Module:
-    """The classification head: a named head holding a Linear, else the last Linear."""
+    """The task heads: those the network names in ``head_modules`` (a multi-task network's
+    classifier *and* segmentation decoder, both new on a pretrained encoder), else a named
+    head holding a Linear, else the last Linear."""
+    declared = getattr(model, "head_modules", ())
+    if declared:
+        return nn.ModuleList(getattr(model, name) for name in declared)
     for name in _HEAD_NAMES:
         module = getattr(model, name, None)
         if isinstance(module, nn.Module) and any(

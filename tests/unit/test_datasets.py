@@ -15,7 +15,13 @@ from dicomai.models.architectures import build
 from dicomai.training.augment import Augmentation
 from dicomai.training.batches import ImageDataset
 from dicomai.training.datasets import Task, load_training_data, read_image01
-from dicomai.training.strategies import Strategy, StrategySettings, find_head, plan
+from dicomai.training.strategies import (
+    Strategy,
+    StrategySettings,
+    backbone_blocks,
+    find_head,
+    plan,
+)
 
 
 def image(path: Path, value: int = 128, dtype: type = np.uint8) -> Path:
@@ -124,3 +130,15 @@ def test_strategies_train_what_they_say() -> None:
     assert sizes[0] == len(head) and sizes[0] < sizes[1] < sizes[2] == len(everything)
     with pytest.raises(DatasetError, match="freeze-epochs"):
         plan(model, StrategySettings(Strategy.TWO_STAGE, freeze_epochs=3), 3)
+
+
+def test_frozen_multitask_trains_its_attention_classifier_and_decoder_not_its_encoder() -> None:
+    model = build("resnet50_multitask", 2, tiny=True)
+    (phase,) = plan(model, StrategySettings(Strategy.FROZEN), 2)
+    trained = phase.parameters()
+    for name in ("attention", "classifier", "lateral", "smooth", "mask_head"):
+        part = {id(p) for p in getattr(model, name).parameters()}
+        assert part and part <= trained, f"{name} would stay untrained"
+    assert not {id(p) for p in model.encoder.parameters()} & trained
+    blocks = {id(p) for block in backbone_blocks(model) for p in block}
+    assert blocks == {id(p) for p in model.parameters()} - trained
