@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from dicomai.errors import ModelPackageError
-from dicomai.explain.gradcam import gradcam
+from dicomai.explain.gradcam import explain_top_finding, gradcam
 from dicomai.inference.types import ClassScore, ImagePrediction, UncertaintyEstimate
 from dicomai.inference.uncertainty import (
     Passes,
@@ -84,6 +84,14 @@ class Classifier:
                 f"with options {manifest.options} has none"
             )
         self._findings = [i for i, spec in enumerate(manifest.classes) if spec.is_finding]
+        # Scores and heat maps from one pass with gradients where a single deterministic pass
+        # scores the image and the explained class (the top finding) follows from its logits;
+        # uncertainty methods need several passes, and networks with extra maps their own.
+        self._one_pass = (
+            bool(self._findings)
+            and self._uncertainty.method not in ("mc_dropout", "ensemble")
+            and not hasattr(self.module, "forward_with_maps")
+        )
 
     def _placed(self, module: nn.Module) -> nn.Module:
         return module.to(self.device).to(memory_format=self._memory_format).eval()
@@ -120,11 +128,21 @@ class Classifier:
                 raise ValueError(f"{uid}: input of shape {image.shape}, expected {(3, rows, cols)}")
         batch = torch.from_numpy(np.stack([image for _, image in inputs])).float()
         batch = batch.to(self.device).contiguous(memory_format=self._memory_format)
-        passes = self._passes(batch)
+        heatmaps: np.ndarray | list[None] = [None] * len(inputs)
+        if self._one_pass:
+            heatmaps, logits = explain_top_finding(
+                self.module, batch, self._findings, method=self.cam_method
+            )
+            manifest = self.loaded.manifest
+            probabilities = tempered_probabilities(
+                logits, manifest.temperature, manifest.multi_label
+            )
+            passes = Passes(probabilities[np.newaxis], {})
+        else:
+            passes = self._passes(batch)
         summary = summarize(passes.probabilities)
         explained = self._explained_classes(summary.mean)
-        heatmaps: np.ndarray | list[None] = [None] * len(inputs)
-        if explained:
+        if explained and not self._one_pass:
             heatmaps = self._heatmaps(batch, explained)
         extra = passes.maps
         return [

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from dicomai.explain import gradcam
 from dicomai.imaging.preprocess import to_model_input
 from dicomai.imaging.spec import InputSpec
 from dicomai.inference.runner import Classifier
@@ -90,6 +91,29 @@ def test_small_batches_give_the_same_results(loaded: LoadedModel) -> None:
             [s.probability for s in a.scores], [s.probability for s in b.scores], rtol=1e-5
         )
         np.testing.assert_allclose(a.heatmap, b.heatmap, atol=1e-4)
+
+
+def test_scores_and_heat_maps_come_from_one_forward_pass(loaded: LoadedModel) -> None:
+    batch = inputs(6, SPEC, seed=3)
+    classifier = Classifier(loaded, batch_size=16)
+    calls: list[int] = []
+    hook = classifier.module.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        predictions = classifier.predict(batch)
+    finally:
+        hook.remove()
+    assert len(calls) == 1, f"{len(calls)} forward passes for one batch"
+    # The same numbers as scoring first and explaining the chosen class after.
+    tensors = torch.from_numpy(np.stack([x for _, x in batch]))
+    probabilities = classifier.probabilities(tensors)
+    for prediction, row in zip(predictions, probabilities, strict=True):
+        np.testing.assert_allclose([s.probability for s in prediction.scores], row, rtol=1e-5)
+        findings = {i: p for i, p in enumerate(row) if CLASSES[i].is_finding}
+        best = max(findings, key=findings.__getitem__)
+        assert prediction.explained == CLASSES[best].name
+    explained = [[c.name for c in CLASSES].index(p.explained) for p in predictions]
+    expected = gradcam(classifier.module, tensors, explained)
+    np.testing.assert_allclose(np.stack([p.heatmap for p in predictions]), expected, atol=1e-5)
 
 
 def test_a_model_without_findings_gives_no_heat_map(loaded: LoadedModel) -> None:
