@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from dicomai.explain import gradcam
+from dicomai.explain.pointing import pointing_hits
 from dicomai.imaging.preprocess import render
 from dicomai.imaging.spec import InputSpec
 from dicomai.training.synthetic import (
@@ -50,17 +51,6 @@ def trained() -> Trained:
         "tinycnn", data.images, data.labels, SPEC, epochs=10, lr=3e-3, seed=0, log=lambda _: None
     )
     return Trained(data, stratified_split(data.labels, 0.2, 0), model, metrics)
-
-
-def pointing_hits(
-    maps: np.ndarray, centres: np.ndarray, radii: np.ndarray, margin: float
-) -> list[bool]:
-    """Whether each map's maximum lies within its lesion's radius plus `margin` pixels."""
-    hits = []
-    for heatmap, centre, radius in zip(maps, centres, radii, strict=True):
-        row, col = np.unravel_index(np.argmax(heatmap), heatmap.shape)
-        hits.append(bool(np.hypot(row - centre[0], col - centre[1]) <= radius + margin))
-    return hits
 
 
 def test_tinycnn_learns_nodules_to_90_percent_validation_accuracy(trained: Trained) -> None:
