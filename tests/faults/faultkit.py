@@ -242,13 +242,18 @@ def make_ca(folder: Path, key_name: str, subject: str) -> None:
     )  # fmt: skip
 
 
-def make_cert(folder: Path, name: str, ca: str) -> None:
-    """A client certificate (CN=client) for `name`, signed by CA `ca`."""
-    (folder / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+def _client_request(folder: Path, name: str) -> None:
+    """A key and a certificate signing request with CN=client, as `name`.key/.csr."""
     openssl(
         "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=client",
         "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=folder,
     )  # fmt: skip
+
+
+def make_cert(folder: Path, name: str, ca: str) -> None:
+    """A client certificate (CN=client) for `name`, signed by CA `ca`."""
+    (folder / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    _client_request(folder, name)
     openssl(
         "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
         "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.crt",
@@ -269,10 +274,7 @@ def make_dated_cert(folder: Path, name: str, ca: str, start: str, end: str) -> N
     )
     (folder / f"{name}.index").write_text("")
     (folder / f"{name}.serial").write_text("1000\n")
-    openssl(
-        "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=client",
-        "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=folder,
-    )  # fmt: skip
+    _client_request(folder, name)
     openssl(
         "ca", "-batch", "-config", f"{name}.cnf", "-cert", f"{ca}.crt", "-keyfile", f"{ca}.key",
         "-in", f"{name}.csr", "-out", f"{name}.crt", "-startdate", start, "-enddate", end,
