@@ -56,6 +56,17 @@ class Output:
     path: str
 
 
+@dataclass(frozen=True)
+class Report:
+    """A job whose SR is written and recorded: what its overlays are built from."""
+
+    job: Classified
+    predictions: list[ImagePrediction]
+    context: ResultContext | None  # None when no source image could be read
+    reports: int  # SR objects written (0 or 1)
+    deliveries: list[int]  # the SR's delivery ids
+
+
 class JobRunner:
     """Runs jobs in one worker process; keeps each loaded model version for the next job."""
 
@@ -94,9 +105,15 @@ class JobRunner:
                 for claim in claims:
                     self._fail(claim, exc)
                 return
-            done = [job.claim.job_id for job in classified if self._conclude(classifier, job)]
+            # Every job's SR first, sent at once: the report is what the radiologist waits
+            # for; the overlays of a 100-image study take seconds more to build and write.
+            reports = [r for r in (self._report(classifier, job) for job in classified) if r]
+            sent_early = {i for report in reports for i in report.deliveries}
+            attempt_deliveries(self.sessions, self.settings, sorted(sent_early))
+            done = [r.job.claim.job_id for r in reports if self._conclude(classifier, r)]
         for job_id in done:
-            attempt_deliveries(self.sessions, self.settings, pending_for_job(self.sessions, job_id))
+            pending = [i for i in pending_for_job(self.sessions, job_id) if i not in sent_early]
+            attempt_deliveries(self.sessions, self.settings, pending)
 
     def deliver(self, delivery_id: int) -> None:
         attempt_delivery(self.sessions, self.settings, delivery_id)
@@ -166,8 +183,9 @@ class JobRunner:
             self._classifiers[claim.model_version_id] = classifier
         return classifier
 
-    def _conclude(self, classifier: Classifier, job: Classified) -> bool:
-        """Encode, store and finish one classified job, or fail it; True when it is done."""
+    def _report(self, classifier: Classifier, job: Classified) -> Report | None:
+        """Build and write the job's SR, and record it with the predictions (the job still
+        running); None, the job failed, when that cannot be done."""
         try:
             if job.error is not None:
                 raise job.error
@@ -175,22 +193,39 @@ class JobRunner:
             sources = job.sources
             readable = {_uid(source) for source in sources}
             in_sr = [p for p in predictions if p.sop_instance_uid in readable]
-            outputs = self._encode(job.claim, classifier, sources, in_sr) if sources else []
-            self._finish(job.claim, predictions, outputs)
+            context = self._context(job.claim, classifier, sources, in_sr) if sources else None
+            outputs = []
+            if context is not None:
+                outputs = _write_outputs(
+                    self.outputs, job.claim.study_uid, [("sr", build_sr(context))]
+                )
+            deliveries = self._record_report(job.claim, predictions, outputs)
         except Exception as exc:
             self._fail(job.claim, exc)
+            return None
+        return Report(job, predictions, context, len(outputs), deliveries)
+
+    def _conclude(self, classifier: Classifier, report: Report) -> bool:
+        """Build, write and record the job's other objects and finish it, or fail it; True
+        when it is done."""
+        try:
+            outputs = self._overlays(report.job.claim, report.context) if report.context else []
+            total = report.reports + len(outputs)
+            self._finish(report.job.claim, outputs, total, len(report.predictions))
+        except Exception as exc:
+            self._fail(report.job.claim, exc)
             return False
         return True
 
-    def _encode(
+    def _context(
         self,
         claim: Claim,
         classifier: Classifier,
         sources: list[SourceImage],
         predictions: list[ImagePrediction],
-    ) -> list[Output]:
+    ) -> ResultContext:
         manifest = classifier.loaded.manifest
-        context = ResultContext(
+        return ResultContext(
             sources=tuple(sources),
             predictions=tuple(predictions),
             model=ModelIdentity(
@@ -203,8 +238,10 @@ class JobRunner:
             uid_root=self.settings.uid_root,
             predecessor=self._predecessor(claim, manifest.name),
         )
-        datasets = [("sr", build_sr(context))]
-        for i, prediction in enumerate(predictions):
+
+    def _overlays(self, claim: Claim, context: ResultContext) -> list[Output]:
+        datasets = []
+        for i, prediction in enumerate(context.predictions):
             if prediction.evaluated and prediction.heatmap is not None:
                 datasets.append(("sc", build_sc(context, i)))
             if has_mask(context, i):
@@ -234,17 +271,31 @@ class JobRunner:
             ).first()
         return None if row is None else (claim.study_uid, row.series_uid, row.sop_instance_uid)
 
-    def _finish(
+    def _record_report(
         self, claim: Claim, predictions: list[ImagePrediction], outputs: list[Output]
-    ) -> None:
+    ) -> list[int]:
+        """Store the predictions and the SR with its deliveries; their ids."""
         with self.sessions() as session, session.begin():
             job = session.get_one(Job, claim.job_id)
-            sends = sends_results(session, job.model_version, claim.study_uid)
             _store_predictions(session, job, predictions)
-            for output in outputs:
-                row = _upsert_output(session, job, output)
-                if sends:
-                    _add_deliveries(session, row, self.settings.destinations)
+            return self._record_outputs(session, job, claim, outputs)
+
+    def _record_outputs(
+        self, session: Session, job: Job, claim: Claim, outputs: list[Output]
+    ) -> list[int]:
+        sends = sends_results(session, job.model_version, claim.study_uid)
+        deliveries: list[Delivery] = []
+        for output in outputs:
+            row = _upsert_output(session, job, output)
+            if sends:
+                deliveries += _add_deliveries(session, row, self.settings.destinations)
+        session.flush()
+        return [delivery.id for delivery in deliveries]
+
+    def _finish(self, claim: Claim, outputs: list[Output], total: int, images: int) -> None:
+        with self.sessions() as session, session.begin():
+            job = session.get_one(Job, claim.job_id)
+            self._record_outputs(session, job, claim, outputs)
             job.state = JobState.DONE
             job.finished_at = utcnow()
             job.error = None
@@ -255,10 +306,10 @@ class JobRunner:
                 object_type="job",
                 object_id=job.id,
                 study_uid=claim.study_uid,
-                images=len(predictions),
-                outputs=len(outputs),
+                images=images,
+                outputs=total,
                 shadow=claim.shadow,
-                sent=sends,
+                sent=sends_results(session, job.model_version, claim.study_uid),
             )
 
     def _fail(self, claim: Claim, exc: Exception) -> None:
@@ -404,11 +455,15 @@ def _upsert_output(session: Session, job: Job, output: Output) -> OutputObject:
 
 def _add_deliveries(
     session: Session, output: OutputObject, destinations: list[Destination]
-) -> None:
+) -> list[Delivery]:
     """Queue `output` for each destination that takes its kind and does not have it yet."""
     existing = set(
         session.scalars(select(Delivery.destination).where(Delivery.output_id == output.id))
     )
+    added = []
     for destination in destinations:
         if destination.name not in existing and output.kind in destination.kinds:
-            session.add(Delivery(output_id=output.id, destination=destination.name))
+            delivery = Delivery(output_id=output.id, destination=destination.name)
+            session.add(delivery)
+            added.append(delivery)
+    return added

@@ -146,3 +146,39 @@ def test_a_finished_job_is_not_run_twice(world) -> None:
     runner.run_job(job_id)
     with sessions() as session:
         assert session.get_one(Job, job_id).attempts == 1
+
+
+def test_the_sr_is_sent_before_the_overlays_are_built_and_never_twice(world, monkeypatch) -> None:
+    import dicomai.jobs.runner as runner_module
+
+    settings, sessions, tmp_path = world
+    ingest(settings, sessions, study_with_broken_images(tmp_path)[0], tmp_path)
+    (job_id,) = complete_quiet_studies(sessions, 0)
+    delivered = tmp_path / "delivered"
+    real = runner_module.build_sc
+    seen: list[list[str]] = []
+
+    def overlay_fails_once(context, i):
+        seen.append(sorted(pydicom.dcmread(p).Modality for p in delivered.iterdir()))
+        if len(seen) == 1:
+            raise RuntimeError("overlay rendering broke")
+        return real(context, i)
+
+    monkeypatch.setattr(runner_module, "build_sc", overlay_fails_once)
+    runner = JobRunner(settings, sessions, device="cpu")
+    runner.run_job(job_id)
+    assert seen == [["SR"]], "the SR should reach the destination before any overlay is built"
+    with sessions() as session:
+        job = session.get_one(Job, job_id)
+        assert job.state != JobState.DONE and "RuntimeError" in (job.error or ""), job.error
+
+    with sessions() as session, session.begin():
+        session.execute(update(Job).values(state=JobState.QUEUED))
+    runner.run_job(job_id)
+    with sessions() as session:
+        assert session.get_one(Job, job_id).state == JobState.DONE
+        rows = session.execute(
+            select(OutputObject.kind, Delivery.state, Delivery.attempts).join(Delivery)
+        ).all()
+    assert sorted(tuple(row) for row in rows) == [("sc", "sent", 1), ("sr", "sent", 1)]
+    assert sorted(pydicom.dcmread(p).Modality for p in delivered.iterdir()) == ["OT", "SR"]
