@@ -27,7 +27,6 @@ class Claim:
     model_version_id: int
     model_path: str
     shadow: bool
-    canary_percent: float | None  # set when the version is a canary
     instances: tuple[tuple[str, str], ...]  # (sop_instance_uid, spool path)
 
 
@@ -164,6 +163,5 @@ def _started(session: Session, job: Job, instances: list[tuple[str, str]]) -> Cl
         model_version_id=model.id,
         model_path=model.path,
         shadow=model.state == ModelState.SHADOW,
-        canary_percent=model.canary_percent if model.state == ModelState.CANARY else None,
         instances=tuple(instances),
     )
