@@ -110,7 +110,7 @@ class JobRunner:
             reports = [r for r in (self._report(classifier, job) for job in classified) if r]
             sent_early = {i for report in reports for i in report.deliveries}
             attempt_deliveries(self.sessions, self.settings, sorted(sent_early))
-            done = [r.job.claim.job_id for r in reports if self._conclude(classifier, r)]
+            done = [r.job.claim.job_id for r in reports if self._conclude(r)]
         for job_id in done:
             pending = [i for i in pending_for_job(self.sessions, job_id) if i not in sent_early]
             attempt_deliveries(self.sessions, self.settings, pending)
@@ -205,7 +205,7 @@ class JobRunner:
             return None
         return Report(job, predictions, context, len(outputs), deliveries)
 
-    def _conclude(self, classifier: Classifier, report: Report) -> bool:
+    def _conclude(self, report: Report) -> bool:
         """Build, write and record the job's other objects and finish it, or fail it; True
         when it is done."""
         try:
