@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
+
 import highdicom as hd
 import numpy as np
 from pydicom import Dataset
+from pydicom.charset import convert_encodings
+from pydicom.filewriter import correct_ambiguous_vr
 from pydicom.sr.codedict import codes as dcm_codes
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicomai.inference.types import ClassScore, ImagePrediction
-from dicomai.results import codes
+from dicomai.results import codes, sr_library
 from dicomai.results.context import ModelIdentity, ResultContext
 from dicomai.results.hotspot import hot_spot_outline
+from dicomai.results.sr_items import ItemSpec, ItemTemplates, encode_item, raw_sequence
 
 SR_SERIES_NUMBER = 9001
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 
 
-def build_sr(context: ResultContext) -> Dataset:
+def build_sr(context: ResultContext, reuse_items: bool = True) -> Dataset:
     """Build the Comprehensive 3D SR that reports a model run on a study.
 
     The content is a TID 1500 Measurement Report observed by the model as a device: an image
@@ -33,12 +39,16 @@ def build_sr(context: ResultContext) -> Dataset:
     ----------
     context
         Sources, predictions (``predictions[i]`` for ``sources[i]``) and model identity.
+    reuse_items
+        Build library entries and measurement groups of one shape once and fill the others
+        in (`dicomai.results.sr_items`); False builds each with highdicom.
 
     Returns
     -------
     pydicom.Dataset
         The SR, in Explicit VR Little Endian, with UIDs derived from `context`, so that
-        building it again from the same context gives the same object.
+        building it again from the same context gives the same object. Its image library
+        entries and measurement groups are held encoded, as pydicom reads them from a file.
 
     Raises
     ------
@@ -46,7 +56,14 @@ def build_sr(context: ResultContext) -> Dataset:
         If `context` holds no sources, or not one prediction per source.
     """
     _check_context(context)
-    root = _measurement_report(context, _measurement_groups(context))[0]
+    groups = _measurement_groups(context)
+    entries = sr_library.library([source.dataset for source in context.sources])
+    root = hd.sr.MeasurementReport(
+        observation_context=_observation_context(context),
+        procedure_reported=codes.IMAGING_PROCEDURE,
+        imaging_measurements=[cast(Group, groups[0].build(groups[0].values))],
+        referenced_images=entries.headers,
+    )[0]
     document = hd.sr.Comprehensive3DSR(
         evidence=_evidence(context),
         content=_shell(root),
@@ -62,8 +79,50 @@ def build_sr(context: ResultContext) -> Dataset:
         previous_versions=_predecessors(context),
         transfer_syntax_uid=ExplicitVRLittleEndian,
     )
+    correct_ambiguous_vr(root, True)
+    templates = ItemTemplates(
+        convert_encodings(document.get("SpecificCharacterSet") or "ISO_IR 6"), reuse_items
+    )
+    _fill(root, templates, groups, entries)
     document.ContentSequence = root.ContentSequence
-    return _plain(document)
+    plain = _plain(document)
+    _as_encoded(plain)
+    return plain
+
+
+def _fill(
+    root: Dataset, templates: ItemTemplates, groups: list[ItemSpec], entries: sr_library.Library
+) -> None:
+    """Put every measurement group and library entry into the report's two containers."""
+    for container in root.ContentSequence:
+        name = container.ConceptNameCodeSequence[0].CodeValue
+        if name == _IMAGING_MEASUREMENTS:
+            items = [templates.item(group) for group in groups]
+            container[_CONTENT] = raw_sequence(_CONTENT, items)
+        elif name == _IMAGE_LIBRARY:
+            for library_group in container.ContentSequence:
+                kept = [i for i in library_group.ContentSequence if i.ValueType != "IMAGE"]
+                built = [
+                    i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+                    for i in library_group.ContentSequence
+                    if i.ValueType == "IMAGE"
+                ]
+                items = [encode_item(item, templates.encodings) for item in kept]
+                items += [templates.item(entry) for entry in entries.members(built)]
+                library_group[_CONTENT] = raw_sequence(_CONTENT, items)
+
+
+def _as_encoded(dataset: Dataset) -> None:
+    """Mark `dataset` and its items as read in explicit VR little endian.
+
+    pydicom then writes the encoded items as they are, and does not look through every item
+    again for ambiguous VRs (there are none: the tree was corrected once, in `build_sr`).
+    """
+    dataset.set_original_encoding(False, True, dataset._character_set)
+    for element in dataset._dict.values():
+        if not element.is_raw and element.VR == "SQ":
+            for item in cast(Sequence[Dataset], element.value):
+                _as_encoded(item)
 
 
 def _evidence(context: ResultContext) -> list[Dataset]:
@@ -86,9 +145,8 @@ def _shell(root: Dataset) -> Dataset:
 
     The constructor deep-copies and re-parses the content it is given and searches it for
     every image reference; for a 100-image study that took 6 of the SR's 10 s (bench/RESULTS.md,
-    End-to-end latency). The tree is already built by highdicom's TID 1500 classes, and every
-    reference in it is to a source that the evidence lists, so the document is made around
-    this shell and given the whole tree after.
+    End-to-end latency). Every reference in the tree is to a source that the evidence lists,
+    so the document is made around this shell and given the whole tree after.
     """
     shell = Dataset()
     for element in root:
@@ -104,31 +162,6 @@ def _plain(document: hd.sr.Comprehensive3DSR) -> Dataset:
     plain.file_meta = document.file_meta
     plain.preamble = document.preamble
     return plain
-
-
-def _measurement_report(context: ResultContext, groups: list[Group]) -> hd.sr.MeasurementReport:
-    """TID 1500 with an image library entry (TID 1601) of every source.
-
-    The entries describe the image geometry (TID 1603/1604) where a source has it; when one
-    lacks it (ImagerPixelSpacing is only Type 3 in a CR image), each source is described by
-    what it has instead of failing the whole SR.
-    """
-    datasets = [source.dataset for source in context.sources]
-    try:
-        return _report(context, groups, datasets)
-    except (AttributeError, IndexError, TypeError):
-        return _report(context, groups, [_library_entry(dataset) for dataset in datasets])
-
-
-def _report(
-    context: ResultContext, groups: list[Group], library: list[Dataset]
-) -> hd.sr.MeasurementReport:
-    return hd.sr.MeasurementReport(
-        observation_context=_observation_context(context),
-        procedure_reported=codes.IMAGING_PROCEDURE,
-        imaging_measurements=groups,
-        referenced_images=library,
-    )
 
 
 def _predecessors(context: ResultContext) -> list[Dataset] | None:
@@ -150,23 +183,6 @@ def _check_context(context: ResultContext) -> None:
         raise ValueError(
             f"{len(context.predictions)} predictions for {len(context.sources)} source images"
         )
-
-
-def _library_entry(header: Dataset) -> Dataset:
-    """The dataset that the image library describes `header` from.
-
-    TID 1603/1604 descriptors need the image geometry (ImagerPixelSpacing is only Type 3 in
-    a CR image); without it the entry keeps modality, rows and columns, not the whole SR.
-    """
-    try:
-        hd.sr.ImageLibraryEntryDescriptors(header)
-    except (AttributeError, IndexError, TypeError):
-        reduced = Dataset()
-        for keyword in ("SOPClassUID", "SOPInstanceUID", "Rows", "Columns"):
-            setattr(reduced, keyword, header[keyword].value)
-        reduced.Modality = ""
-        return reduced
-    return header
 
 
 def _observation_context(context: ResultContext) -> hd.sr.ObservationContext:
@@ -197,33 +213,66 @@ Group = (
     hd.sr.MeasurementsAndQualitativeEvaluations
     | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
 )
+# Markers for the fields of a measurement group (see `dicomai.results.sr_items`).
+_GROUP_MARKERS = {
+    "tracking_uid": "1.2.826.0.1.3680043.10.1187.8001",
+    "tracking_text": "QZ tracking 8002",
+    "sop_instance_uid": "1.2.826.0.1.3680043.10.1187.8003",
+    "probability": 0.987659,
+    "uncertainty": 0.876549,
+    "outline": np.array([[9001.5, 9002.5], [9003.5, 9004.5], [9005.5, 9006.5], [9001.5, 9002.5]]),
+    "reason": "QZ reason 8004",
+}
+_IMAGING_MEASUREMENTS = "126010"
+_IMAGE_LIBRARY = "111028"
+_CONTENT = 0x0040A730  # Content Sequence
 
 
-def _measurement_groups(context: ResultContext) -> list[Group]:
+def _measurement_groups(context: ResultContext) -> list[ItemSpec]:
     # One TID 4019 subtree serves every group: its items are only read after this, and
     # building it per group was an eighth of the groups' time.
     algorithm = _algorithm(context.model)
-    groups: list[Group] = []
-    for index, (source, prediction) in enumerate(
-        zip(context.sources, context.predictions, strict=True)
-    ):
-        image = _source_reference(source.dataset)
+    groups: list[ItemSpec] = []
+    for index, prediction in enumerate(context.predictions):
         if not prediction.evaluated:
-            groups.append(_not_evaluated_group(context, index, prediction, image, algorithm))
+            groups.append(_not_evaluated_group(context, index, prediction, algorithm))
             continue
         for score in prediction.scores:
-            groups.append(_finding_group(context, index, prediction, score, image, algorithm))
+            groups.append(_finding_group(context, index, prediction, score, algorithm))
     return groups
 
 
-def _source_reference(dataset: Dataset) -> hd.sr.SourceImageForMeasurementGroup:
+def _source_fields(context: ResultContext, index: int, kind: str) -> dict[str, Any]:
+    sop_uid = str(context.sources[index].dataset.SOPInstanceUID)
+    if kind == "not-evaluated":
+        suffix, label = kind, f"image {index + 1} not evaluated"
+    else:
+        suffix, label = kind.removeprefix("finding "), f"{kind} image {index + 1}"
+    return {
+        "tracking_uid": context.uid("tracking", f"{sop_uid}:{suffix}"),
+        "tracking_text": label,
+        "sop_instance_uid": sop_uid,
+    }
+
+
+def _image_shape(dataset: Dataset) -> tuple[str, bool]:
     # The model saw the first frame of a multi-frame source (see SourceImage.display).
-    frames = [1] if int(dataset.get("NumberOfFrames", 1) or 1) > 1 else None
+    return str(dataset.SOPClassUID), int(dataset.get("NumberOfFrames", 1) or 1) > 1
+
+
+def _source_reference(
+    image: tuple[str, bool], fields: Mapping[str, Any]
+) -> hd.sr.SourceImageForMeasurementGroup:
+    sop_class, multi_frame = image
     return hd.sr.SourceImageForMeasurementGroup(
-        referenced_sop_class_uid=dataset.SOPClassUID,
-        referenced_sop_instance_uid=dataset.SOPInstanceUID,
-        referenced_frame_numbers=frames,
+        referenced_sop_class_uid=sop_class,
+        referenced_sop_instance_uid=fields["sop_instance_uid"],
+        referenced_frame_numbers=[1] if multi_frame else None,
     )
+
+
+def _tracking(fields: Mapping[str, Any]) -> hd.sr.TrackingIdentifier:
+    return hd.sr.TrackingIdentifier(uid=fields["tracking_uid"], identifier=fields["tracking_text"])
 
 
 def _finding_group(
@@ -231,49 +280,63 @@ def _finding_group(
     index: int,
     prediction: ImagePrediction,
     score: ClassScore,
-    image: hd.sr.SourceImageForMeasurementGroup,
     algorithm: hd.sr.AlgorithmIdentification,
-) -> Group:
-    sop_uid = image.referenced_sop_instance_uid
-    evaluations = None
-    if score.is_finding:
-        present = codes.PRESENT if score.positive else codes.ABSENT
-        evaluations = [hd.sr.QualitativeEvaluation(codes.coded(score.code), present)]
-    tracking = hd.sr.TrackingIdentifier(
-        uid=context.uid("tracking", f"{sop_uid}:{score.name}"),
-        identifier=f"finding {score.name} image {index + 1}",
-    )
-    heatmap = prediction.heatmap
-    if score.positive and prediction.explained == score.name and heatmap is not None:
-        return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=tracking,
-            referenced_region=_hot_spot_region(context.sources[index].dataset, heatmap),
-            finding_type=codes.coded(score.code),
-            algorithm_id=algorithm,
-            measurements=_measurements(prediction, score),
-            qualitative_evaluations=evaluations,
-        )
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=tracking,
-        finding_type=codes.coded(score.code),
-        algorithm_id=algorithm,
-        measurements=_measurements(prediction, score),
-        qualitative_evaluations=evaluations,
-        source_images=[image],
-    )
-
-
-def _measurements(prediction: ImagePrediction, score: ClassScore) -> list[hd.sr.Measurement]:
-    # Four decimals: more than calibration supports, and a DS of at most 16 characters.
-    measurements = [
-        hd.sr.Measurement(
-            name=codes.PROBABILITY, value=round(float(score.probability), 4), unit=codes.NO_UNITS
-        )
-    ]
+) -> ItemSpec:
+    dataset = context.sources[index].dataset
+    values = _source_fields(context, index, f"finding {score.name}")
+    values["probability"] = round(float(score.probability), 4)
     uncertainty = _uncertainty(prediction, score)
     if uncertainty is not None:
+        values["uncertainty"] = uncertainty
+    heatmap = prediction.heatmap
+    roi = score.positive and prediction.explained == score.name and heatmap is not None
+    if roi and heatmap is not None:
+        values["outline"] = hot_spot_outline(heatmap, int(dataset.Rows), int(dataset.Columns))
+    image = _image_shape(dataset)
+    present = (codes.PRESENT if score.positive else codes.ABSENT) if score.is_finding else None
+
+    def build(fields: Mapping[str, Any]) -> Group:
+        finding = codes.coded(score.code)
+        evaluations = None
+        if present is not None:
+            evaluations = [hd.sr.QualitativeEvaluation(finding, present)]
+        measurements = _measurements(fields)
+        if roi:
+            return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=_tracking(fields),
+                referenced_region=_hot_spot_region(image, fields),
+                finding_type=finding,
+                algorithm_id=algorithm,
+                measurements=measurements,
+                qualitative_evaluations=evaluations,
+            )
+        return hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=_tracking(fields),
+            finding_type=finding,
+            algorithm_id=algorithm,
+            measurements=measurements,
+            qualitative_evaluations=evaluations,
+            source_images=[_source_reference(image, fields)],
+        )
+
+    shape = ("finding", score.name, score.code, present, roi, "uncertainty" in values, image)
+    return ItemSpec(shape, values, _markers(values), build)
+
+
+def _markers(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {field: _GROUP_MARKERS[field] for field in values}
+
+
+def _measurements(fields: Mapping[str, Any]) -> list[hd.sr.Measurement]:
+    # Four decimals: more than calibration supports, and a DS of at most 16 characters.
+    measurements = [
+        hd.sr.Measurement(name=codes.PROBABILITY, value=fields["probability"], unit=codes.NO_UNITS)
+    ]
+    if "uncertainty" in fields:
         measurements.append(
-            hd.sr.Measurement(name=codes.UNCERTAINTY, value=uncertainty, unit=codes.NO_UNITS)
+            hd.sr.Measurement(
+                name=codes.UNCERTAINTY, value=fields["uncertainty"], unit=codes.NO_UNITS
+            )
         )
     return measurements
 
@@ -293,16 +356,16 @@ def _uncertainty(prediction: ImagePrediction, score: ClassScore) -> float | None
     return round(float(value), 4)
 
 
-def _hot_spot_region(dataset: Dataset, heatmap: np.ndarray) -> hd.sr.ImageRegion:
+def _hot_spot_region(image: tuple[str, bool], fields: Mapping[str, Any]) -> hd.sr.ImageRegion:
     """The heat map's hot spot as a closed POLYLINE on the source image (TID 1410)."""
-    frames = [1] if int(dataset.get("NumberOfFrames", 1) or 1) > 1 else None
+    sop_class, multi_frame = image
     return hd.sr.ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-        graphic_data=hot_spot_outline(heatmap, int(dataset.Rows), int(dataset.Columns)),
+        graphic_data=np.asarray(fields["outline"]),
         source_image=hd.sr.SourceImageForRegion(
-            referenced_sop_class_uid=dataset.SOPClassUID,
-            referenced_sop_instance_uid=dataset.SOPInstanceUID,
-            referenced_frame_numbers=frames,
+            referenced_sop_class_uid=sop_class,
+            referenced_sop_instance_uid=fields["sop_instance_uid"],
+            referenced_frame_numbers=[1] if multi_frame else None,
         ),
     )
 
@@ -311,30 +374,32 @@ def _not_evaluated_group(
     context: ResultContext,
     index: int,
     prediction: ImagePrediction,
-    image: hd.sr.SourceImageForMeasurementGroup,
     algorithm: hd.sr.AlgorithmIdentification,
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    sop_uid = image.referenced_sop_instance_uid
-    group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=context.uid("tracking", f"{sop_uid}:not-evaluated"),
-            identifier=f"image {index + 1} not evaluated",
-        ),
-        algorithm_id=algorithm,
-        qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(codes.EVALUATION, codes.NOT_EVALUATED)
-        ],
-        source_images=[image],
-    )
-    # highdicom takes coded evaluations only; TID 1501 also allows a TEXT one, which says why.
-    # It goes before the source image reference, which highdicom appends last.
-    content = group[0].ContentSequence
-    content.insert(
-        len(content) - 1,
-        hd.sr.TextContentItem(
-            name=codes.COMMENT,
-            value=prediction.reason or "not evaluated",
-            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-        ),
-    )
-    return group
+) -> ItemSpec:
+    values = _source_fields(context, index, "not-evaluated")
+    values["reason"] = prediction.reason or "not evaluated"
+    image = _image_shape(context.sources[index].dataset)
+
+    def build(fields: Mapping[str, Any]) -> Group:
+        group = hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=_tracking(fields),
+            algorithm_id=algorithm,
+            qualitative_evaluations=[
+                hd.sr.QualitativeEvaluation(codes.EVALUATION, codes.NOT_EVALUATED)
+            ],
+            source_images=[_source_reference(image, fields)],
+        )
+        # highdicom takes coded evaluations only; TID 1501 also allows a TEXT one, which
+        # says why. It goes before the source image reference, which highdicom appends last.
+        content = group[0].ContentSequence
+        content.insert(
+            len(content) - 1,
+            hd.sr.TextContentItem(
+                name=codes.COMMENT,
+                value=fields["reason"],
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            ),
+        )
+        return group
+
+    return ItemSpec(("not-evaluated", image), values, _markers(values), build)
