@@ -13,9 +13,9 @@ import pytest
 from dciodvfy import dciodvfy
 from pydicom import Dataset
 from pydicom.data import get_testdata_file
-from test_results import NORMAL, PNEUMOTHORAX, make_context
+from test_results import _evaluated, make_context
 
-from dicomai.inference.types import ClassScore, ImagePrediction
+from dicomai.inference.types import ImagePrediction
 from dicomai.results import sr_items
 from dicomai.results.context import ResultContext, SourceImage
 from dicomai.results.sr import build_sr
@@ -35,20 +35,9 @@ def _heatmap(rng: np.random.Generator) -> np.ndarray:
 
 
 def _prediction(ds: Dataset, rng: np.random.Generator, index: int) -> ImagePrediction:
-    probability = float(rng.uniform())
     uncertainty = float(rng.uniform(0, 0.2)) if index % 3 else None
-    return ImagePrediction(
-        sop_instance_uid=ds.SOPInstanceUID,
-        evaluated=True,
-        scores=(
-            ClassScore("pneumothorax", PNEUMOTHORAX, probability, 0.5, True),
-            ClassScore("normal", NORMAL, 1 - probability, 0.5, False),
-        ),
-        predicted="pneumothorax" if probability >= 0.5 else "normal",
-        explained="pneumothorax",
-        heatmap=_heatmap(rng),
-        uncertainty=uncertainty,
-    )
+    evaluated = _evaluated(ds, float(rng.uniform()))
+    return dataclasses.replace(evaluated, heatmap=_heatmap(rng), uncertainty=uncertainty)
 
 
 def _study() -> ResultContext:
