@@ -16,6 +16,9 @@ from pydantic_settings import (
 
 from dicomai.errors import ConfigError
 
+# The number formats a worker may run its networks in (see dicomai.inference.precision).
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
 
 class Peer(BaseModel):
     """A sender allowed to associate: its calling AE title and the hosts it may come from."""
@@ -95,6 +98,8 @@ class WorkerSettings(BaseModel):
     # Threads that decode and preprocess images while the model runs (0: in the worker's own
     # thread, one image after another).
     decode_threads: int = Field(default=2, ge=0, le=64)
+    # Number format of the forward passes: auto is bf16 (else fp16) on a GPU, fp32 on a CPU.
+    precision: Precision = "auto"
 
 
 class DeliverySettings(BaseModel):

@@ -137,7 +137,7 @@ def _cam(
         raise ValueError(f"unknown CAM method {method!r} (known: {', '.join(METHODS)})")
     layer = target_layer if target_layer is not None else find_target_layer(model, batch)
     with _explaining(model, layer if frozen else None):
-        cam = cam_class(model=model, target_layers=[layer], reshape_transform=token_grid)
+        cam = cam_class(model=model, target_layers=[layer], reshape_transform=_fp32_grid)
         try:
             maps = cam(input_tensor=batch, targets=targets)
             logits = cam.outputs.detach()
@@ -154,6 +154,11 @@ def _scaled_to_peak(maps: np.ndarray) -> np.ndarray:
     peaks = maps.reshape(len(maps), -1).max(axis=1)
     scale = np.where(peaks > 0, 1.0 / np.where(peaks > 0, peaks, 1.0), 1.0).astype(np.float32)
     return np.clip(maps * scale[:, None, None], 0.0, 1.0)
+
+
+def _fp32_grid(activations: torch.Tensor) -> torch.Tensor:
+    """`token_grid` in fp32: under bf16 autocast pytorch-grad-cam's numpy step would fail."""
+    return token_grid(activations).float()
 
 
 def token_grid(activations: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from torch import nn
 
 from dicomai.errors import ModelPackageError
 from dicomai.explain.gradcam import explain_top_finding, gradcam
+from dicomai.inference.precision import Precision, autocast, autocast_dtype
 from dicomai.inference.types import ClassScore, ImagePrediction, UncertaintyEstimate
 from dicomai.inference.uncertainty import (
     Passes,
@@ -47,11 +48,16 @@ class Classifier:
         Most images per forward pass; bounds memory on large studies.
     cam_method
         The Grad-CAM family method (see `dicomai.explain.gradcam.METHODS`).
+    precision
+        The number format of the forward passes (see `dicomai.inference.precision`);
+        scores and maps come out in fp32 and fp64 whatever it is.
 
     Raises
     ------
     ModelPackageError
         If the package asks for MC dropout of a network without dropout.
+    ValueError
+        For a precision the device cannot run.
     """
 
     def __init__(
@@ -60,18 +66,22 @@ class Classifier:
         device: str | torch.device = "cpu",
         batch_size: int = 16,
         cam_method: str = "gradcam",
+        precision: Precision = "auto",
     ) -> None:
         self.loaded = loaded
         self.device = torch.device(device)
         self.batch_size = max(1, batch_size)
         self.cam_method = cam_method
+        self.autocast_dtype = autocast_dtype(precision, self.device)
         self._memory_format = torch.contiguous_format
         if self.device.type == "cpu":
             # One intra-op thread per core this process may run on (its affinity, which a
             # container or systemd's CPUAffinity narrows), not per core the machine has.
             torch.set_num_threads(cpu_threads())
+        if self.device.type in ("cpu", "cuda"):
             # channels_last: resnet50 batch 8 514 ms vs 608-725 ms, densenet121 364 vs
-            # 480-505 ms on 2 cores (FACTS.md).
+            # 480-505 ms on 2 cores (FACTS.md); on a GPU the layout its tensor cores read
+            # under autocast.
             self._memory_format = torch.channels_last
         members = loaded.members or (loaded.module,)
         self.members = [self._placed(member) for member in members]
@@ -117,8 +127,9 @@ class Classifier:
             as the scores (averaged over an uncertainty method's passes).
         """
         predictions: list[ImagePrediction] = []
-        for start in range(0, len(inputs), self.batch_size):
-            predictions += self._predict_batch(inputs[start : start + self.batch_size])
+        with autocast(self.device, self.autocast_dtype):
+            for start in range(0, len(inputs), self.batch_size):
+                predictions += self._predict_batch(inputs[start : start + self.batch_size])
         return predictions
 
     def _predict_batch(self, inputs: Sequence[tuple[str, np.ndarray]]) -> list[ImagePrediction]:
@@ -229,7 +240,7 @@ class Classifier:
 
     def probabilities(self, batch: torch.Tensor) -> np.ndarray:
         """Calibrated class probabilities of one deterministic pass, float64 (N, classes)."""
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(self.device, self.autocast_dtype):
             logits = self.module(batch)
         manifest = self.loaded.manifest
         return tempered_probabilities(logits, manifest.temperature, manifest.multi_label)

@@ -179,6 +179,14 @@ class JobRunner:
                 load_model(path),
                 device=self.device,
                 batch_size=self.settings.worker.max_batch_images,
+                precision=self.settings.worker.precision,
+            )
+            dtype = classifier.autocast_dtype
+            log.info(
+                "model %s loaded on %s, %s",
+                path.name,
+                classifier.device,
+                "fp32" if dtype is None else f"autocast {str(dtype).removeprefix('torch.')}",
             )
             self._classifiers[claim.model_version_id] = classifier
         return classifier

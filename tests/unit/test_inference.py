@@ -12,6 +12,7 @@ import torch
 from dicomai.explain import gradcam
 from dicomai.imaging.preprocess import to_model_input
 from dicomai.imaging.spec import InputSpec
+from dicomai.inference.precision import autocast_dtype
 from dicomai.inference.runner import Classifier
 from dicomai.inference.types import Code
 from dicomai.models.architectures import build
@@ -157,3 +158,62 @@ def test_committed_demo_package_loads_and_finds_fresh_nodules() -> None:
             peak = np.unravel_index(np.argmax(prediction.heatmap), manifest.input.size)
             hits.append(np.hypot(peak[0] - centre[0], peak[1] - centre[1]) <= radius + margin)
     assert np.mean(hits) >= 0.80, f"demo pointing game {np.mean(hits):.2f} on {len(hits)} images"
+
+
+def test_bf16_autocast_gives_the_fp32_decisions_and_heat_maps() -> None:
+    demo = load_model(DEMO)
+    fresh = synthesize(24, size=demo.manifest.input.size[0], seed=2025)
+    batch = [
+        (str(i), to_model_input(image, demo.manifest.input)) for i, image in enumerate(fresh.images)
+    ]
+
+    fp32 = Classifier(demo, precision="fp32").predict(batch)
+    bf16 = Classifier(demo, precision="bf16").predict(batch)
+
+    for full, half in zip(fp32, bf16, strict=True):
+        assert half.score("nodule").probability == pytest.approx(
+            full.score("nodule").probability, abs=0.03
+        )
+        assert half.heatmap is not None and full.heatmap is not None
+        assert half.heatmap.dtype == np.float32
+        # bf16 keeps 8 bits of mantissa: the same map to a few thousandths on average ...
+        assert np.corrcoef(half.heatmap.ravel(), full.heatmap.ravel())[0, 1] > 0.99
+        assert np.abs(half.heatmap - full.heatmap).mean() < 0.01
+        if full.score("nodule").positive:
+            # ... with its hot spot where fp32 has it (a negative's diffuse map may have two
+            # near-equal maxima far apart).
+            peaks = [np.unravel_index(np.argmax(m), m.shape) for m in (half.heatmap, full.heatmap)]
+            assert np.hypot(*np.subtract(*peaks)) <= 2
+    assert [p.predicted for p in bf16] == [p.predicted for p in fp32]
+
+
+def test_bf16_autocast_gives_fp32_extra_maps(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    manifest = Manifest(
+        name="multi",
+        version="0.1.0",
+        architecture="resnet50_multitask",
+        options={"tiny": True},
+        classes=CLASSES,
+        input=InputSpec(size=(64, 64)),
+    )
+    write_package(tmp_path, manifest, build("resnet50_multitask", 3, tiny=True).state_dict())
+    loaded_multitask = load_model(tmp_path)
+
+    (prediction,) = Classifier(loaded_multitask, precision="bf16").predict(
+        inputs(1, manifest.input)
+    )
+
+    assert prediction.extra_maps is not None
+    segmentation = prediction.extra_maps["segmentation"]
+    assert segmentation.dtype == np.float32 and segmentation.shape == (64, 64)
+    assert prediction.heatmap is not None and prediction.heatmap.dtype == np.float32
+
+
+def test_precision_auto_is_fp32_on_a_cpu_and_fp16_needs_cuda(loaded: LoadedModel) -> None:
+    cpu = torch.device("cpu")
+    assert autocast_dtype("auto", cpu) is None
+    assert autocast_dtype("fp32", cpu) is None
+    assert autocast_dtype("bf16", cpu) is torch.bfloat16
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        Classifier(loaded, precision="fp16")
