@@ -74,7 +74,7 @@ def textbook_gradcam(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> np.
     cam = F.relu((weights * activation).sum(dim=1, keepdim=True))
     cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     peak = cam.flatten(1).amax(dim=1).clamp_min(1e-12)
-    return (cam / peak[:, None, None]).detach().numpy()
+    return (cam / peak[:, None, None]).detach().cpu().numpy()
 
 
 def classifier(model: nn.Module, findings: bool) -> Classifier:

@@ -15,6 +15,7 @@ decoded serially against on `[worker] decode_threads` threads. Delivery is not c
 
     .venv/bin/python bench/pipeline.py                      # resnet50 at 224² and the demo
     .venv/bin/python bench/pipeline.py --models tinycnn --threads 2 --batch 8
+    .venv/bin/python bench/pipeline.py --device cuda --batch 64    # on a GPU, bf16 autocast
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import torch
@@ -82,10 +84,23 @@ def flops(run: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
-def matmul(n: int = 4096) -> Callable[[], object]:
-    """An n-by-n fp32 matrix product: what this machine's cores can do at best."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul(n: int = 4096, device: str = "cpu") -> Callable[[], object]:
+    """An n-by-n fp32 matrix product: what this machine's cores (or its GPU) can do at best."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     return lambda: a @ b
+
+
+def synced(run: Callable[[], object], device: str) -> Callable[[], object]:
+    """`run`, returning only when the GPU has finished it (CUDA calls return at once)."""
+    if not device.startswith("cuda"):
+        return run
+
+    def run_and_wait() -> object:
+        result = run()
+        torch.cuda.synchronize(device)
+        return result
+
+    return run_and_wait
 
 
 def demo_package(architecture: str, folder: Path) -> Path:
@@ -110,29 +125,39 @@ def without_findings(loaded: LoadedModel) -> LoadedModel:
     return replace(loaded, manifest=replace(loaded.manifest, classes=classes))
 
 
-def tensor_paths(package: Path, batch: int, repeats: int) -> dict[str, tuple[float, int]]:
-    """(seconds per batch, FLOPs per batch) of each path on one batch of random tensors."""
+def tensor_paths(
+    package: Path, batch: int, repeats: int, device: str = "cpu", precision: str = "auto"
+) -> dict[str, tuple[float, int]]:
+    """(seconds per batch, FLOPs per batch) of each path on one batch of random tensors.
+
+    Plain torch runs in fp32 in the default memory format on `device`; the Classifier with
+    `precision` (autocast on a GPU by default) and its own memory format.
+    """
     loaded = load_model(package)
-    plain = copy.deepcopy(loaded.module).eval()  # Classifier makes its own channels_last
+    # Classifier makes its own channels_last copy
+    plain = copy.deepcopy(loaded.module).eval().to(device)
     rows, cols = loaded.manifest.input.size
     torch.manual_seed(1)
     x = torch.randn(batch, 3, rows, cols)
     images = [(str(i), x[i].numpy()) for i in range(batch)]
+    x = x.to(device)
     layer = find_target_layer(plain, x)
-    forward_only = Classifier(without_findings(loaded), batch_size=batch)
-    with_cam = Classifier(loaded, batch_size=batch)
+    options: dict[str, Any] = {"batch_size": batch, "device": device, "precision": precision}
+    forward_only = Classifier(without_findings(loaded), **options)
+    with_cam = Classifier(loaded, **options)
 
     def plain_forward() -> None:
         with torch.inference_mode():
             plain(x)
 
     paths: dict[str, Callable[[], object]] = {
-        PEAK: matmul(),
+        PEAK: matmul(device=device),
         "plain fwd": plain_forward,
         "plain fwd+CAM": lambda: textbook_gradcam(plain, layer, x),
         "dicomai fwd": lambda: forward_only.predict(images),
         "dicomai fwd+CAM": lambda: with_cam.predict(images),
     }
+    paths = {name: synced(run, device) for name, run in paths.items()}
     seconds = interleaved(paths, repeats)
     return {name: (seconds[name], flops(run)) for name, run in paths.items()}
 
@@ -142,9 +167,15 @@ class Site:
     (`create` False: the site another process made there)."""
 
     def __init__(
-        self, root: Path, package: Path, image_size: int = 1024, create: bool = True
+        self,
+        root: Path,
+        package: Path,
+        image_size: int = 1024,
+        create: bool = True,
+        device: str = "cpu",
     ) -> None:
         self.root = root
+        self.device = device
         self.image_size = image_size
         self.settings = load_settings(None, storage={"dir": root / "var", "min_free_mb": 0})
         self.sessions = make_sessionmaker(make_engine(self.settings.database_url))
@@ -191,7 +222,7 @@ class Site:
         settings = self.settings.model_copy(
             update={"worker": self.settings.worker.model_copy(update=worker)}
         )
-        runner = JobRunner(settings, self.sessions, device="cpu")
+        runner = JobRunner(settings, self.sessions, device=self.device)
         self._requeue([])
         runner.run_job(self._warm_up_job)
         return runner
@@ -218,14 +249,25 @@ class Site:
 
 
 def worker_paths(
-    package: Path, root: Path, batch: int, size: int, repeats: int
+    package: Path,
+    root: Path,
+    batch: int,
+    size: int,
+    repeats: int,
+    device: str = "cpu",
+    precision: str = "auto",
 ) -> dict[str, float]:
     """Images/s through `JobRunner` for the worker's ways of running jobs."""
-    site = Site(root, package)
+    site = Site(root, package, device=device)
     site.prepare_warm_up(size)
     singles = site.ingest(batch, 1, size)
     (study,) = site.ingest(1, batch, size)
-    alone = {"batch_window_seconds": 0, "decode_threads": 2, "max_batch_images": batch}
+    alone = {
+        "batch_window_seconds": 0,
+        "decode_threads": 2,
+        "max_batch_images": batch,
+        "precision": precision,
+    }
     one_by_one = site.runner(**alone)
     batched = site.runner(**{**alone, "batch_window_seconds": 0.05})
     serial = site.runner(**{**alone, "decode_threads": 0})
@@ -245,9 +287,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--image-size", type=int, default=1024, help="rows = columns of the DX")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="dicomai's [worker] precision (plain torch stays fp32)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}\n")
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
+    print(
+        f"torch {torch.__version__}, {where}, {args.threads} threads, batch {args.batch}, "
+        f"dicomai precision {args.precision}\n"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for architecture in args.models:
             package = demo_package(architecture, Path(tmp) / architecture)
@@ -259,7 +312,7 @@ def main() -> None:
 def report_tensors(architecture: str, package: Path, args: argparse.Namespace) -> float:
     """Print the tensor paths; return the seconds of a batch through Classifier with CAM."""
     size = load_model(package).manifest.input.size
-    r = tensor_paths(package, args.batch, args.repeats)
+    r = tensor_paths(package, args.batch, args.repeats, args.device, args.precision)
     peak = r[PEAK][1] / r[PEAK][0]
     torch.set_num_threads(args.threads)  # Classifier set it to the cores of the affinity
     print(f"### {architecture}, {size[0]}², batch {args.batch}, medians of {args.repeats}")
@@ -293,7 +346,15 @@ def report_worker(
     print("| path | images/s | ÷ Classifier on tensors |")
     print("| --- | ---: | ---: |")
     print(f"| Classifier fwd+CAM on tensors, batch {args.batch} | {tensors:.1f} | 1.00 |")
-    rates = worker_paths(package, root, args.batch, args.image_size, max(1, args.repeats // 2))
+    rates = worker_paths(
+        package,
+        root,
+        args.batch,
+        args.image_size,
+        max(1, args.repeats // 2),
+        args.device,
+        args.precision,
+    )
     for name, rate in rates.items():
         print(f"| {name} | {rate:.1f} | {rate / tensors:.2f} |", flush=True)
     print()
