@@ -20,6 +20,9 @@ Writes into the output folder:
       per_class        {name: {precision, recall, f1, support, auc, threshold}}
       confusion_matrix rows true, columns predicted; multi-label: per class [[TN, FP], [FN, TP]]
       decision         how classes were decided (threshold or argmax)
+      segmentation     only for a network that segments, on data with lesion masks:
+                       {dice_mean, dice_median (images with a lesion; mask probability > 0.5,
+                       at the model's input size), n_lesion, empty_predicted_on_clear}
 
 - ``predictions.csv``: per image its file, truth, decision and every class's probability;
 - ``roc.png``, ``reliability.png``, ``misclassified.png`` (up to 16, with Grad-CAM);
@@ -41,6 +44,7 @@ import torch
 
 from dicomai.evaluation.metrics import compute_metrics, decisions
 from dicomai.evaluation.plots import plot_misclassified, plot_reliability, plot_roc
+from dicomai.evaluation.segmentation import SEGMENTATION, segmentation_metrics, segments
 from dicomai.imaging.preprocess import prepare, to_model_input
 from dicomai.inference.runner import Classifier
 from dicomai.models.package import LoadedModel, load_model
@@ -122,6 +126,8 @@ def evaluate_package(
         "decision": "argmax" if task is Task.MULTICLASS else "probability >= class threshold",
         **metrics,
     }
+    if images.masks is not None and segments(classifier):
+        report[SEGMENTATION] = segmentation_metrics(classifier, images, inputs)
     out.mkdir(parents=True, exist_ok=True)
     predicted = decisions(probabilities, task, thresholds, positive)
     _write_predictions(out / "predictions.csv", images, classes, probabilities, predicted, task)
@@ -129,10 +135,13 @@ def evaluate_package(
     (out / "evaluation.json").write_text(json.dumps(_json_safe(rounded(report, 8)), indent=2))
     (out / "report.md").write_text(markdown(report))
     (out / "report.html").write_text(to_html(report))
+    dice = (
+        f", lesion Dice {report[SEGMENTATION]['dice_mean']:.3f}" if SEGMENTATION in report else ""
+    )
     log(
         f"{manifest.name} {manifest.version} on {len(images)} images: accuracy "
-        f"{metrics['accuracy']:.3f}, AUC {metrics['auc_macro']:.3f}, ECE {metrics['ece']:.3f}; "
-        f"report in {out}"
+        f"{metrics['accuracy']:.3f}, AUC {metrics['auc_macro']:.3f}, ECE {metrics['ece']:.3f}"
+        f"{dice}; report in {out}"
     )
     return report
 
@@ -258,12 +267,16 @@ def _tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
     else:
         confusion = [[name, *(str(x) for x in row)] for name, row in matrices]
         confusion_header = ["true \\ predicted", *classes]
-    return [
+    tables = [
         ("Summary", ["metric", "value"], summary),
         ("Per class", ["class", "precision", "recall", "F1", "AUC", "threshold", "support"],
          per_class),
         ("Confusion matrix", confusion_header, confusion),
     ]  # fmt: skip
+    if SEGMENTATION in report:
+        rows = [[key, _number(value)] for key, value in report[SEGMENTATION].items()]
+        tables.append(("Lesion segmentation", ["metric", "value"], rows))
+    return tables
 
 
 def _heading(report: dict[str, Any]) -> str:

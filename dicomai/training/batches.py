@@ -76,7 +76,7 @@ class ImageDataset(Dataset[tuple[torch.Tensor, ...]]):
             rng = np.random.default_rng([self.seed, self.epoch, index])
             image, mask = self.augmentation.apply_with_mask(image, mask, rng)
             image = to_model_input(image, self.spec)
-            mask = None if mask is None else _resize_mask(mask, self.spec.size)
+            mask = None if mask is None else resize_mask(mask, self.spec.size)
         item = (torch.from_numpy(image), self.targets[index])
         if mask is None:
             return item
@@ -89,16 +89,17 @@ class ImageDataset(Dataset[tuple[torch.Tensor, ...]]):
             path = self.images.mask_file(index)
             mask = np.zeros(image.shape, np.uint8) if path is None else read_mask(path, image.shape)
         if self.augmentation is None:
-            model_mask = None if mask is None else _resize_mask(mask, self.spec.size)
+            model_mask = None if mask is None else resize_mask(mask, self.spec.size)
             return to_model_input(image, self.spec), model_mask
         rows, cols = self.spec.size
         if image.shape[0] > 2 * rows or image.shape[1] > 2 * cols:
             image = cv2.resize(image, (2 * cols, 2 * rows), interpolation=cv2.INTER_AREA)
-            mask = None if mask is None else _resize_mask(mask, (2 * rows, 2 * cols))
+            mask = None if mask is None else resize_mask(mask, (2 * rows, 2 * cols))
         return image, mask
 
 
-def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A lesion mask at `size` (rows, cols), each output pixel the source pixel at its centre."""
     rows, cols = size
     if mask.shape == (rows, cols):
         return mask

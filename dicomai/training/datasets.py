@@ -232,8 +232,10 @@ def load_evaluation_data(
     """The labelled images a model package is evaluated on, its class order imposed.
 
     With image folders, `root` is either a layout with a `split` folder (``test/`` by default)
-    or holds the class folders itself. With a CSV, rows of the ``split`` column equal to `split`
-    are used if the column exists, else every row.
+    or holds the class folders itself; a ``masks/`` folder beside them (``masks/test/<class>/``,
+    or ``masks/<class>/``) gives the images' lesion masks, as for training. With a CSV, rows of
+    the ``split`` column equal to `split` are used if the column exists, else every row; its
+    ``mask`` column gives the masks.
 
     Raises
     ------
@@ -251,8 +253,10 @@ def load_evaluation_data(
             raise DatasetError(f"{labels_csv}: no rows for the {split!r} set")
         multilabel = _is_multilabel(rows)
         return _labelled(root, rows, classes, multilabel, labels_csv)
-    folder = root / split if (root / split).is_dir() else root
-    return _class_folders(folder, classes)
+    masks = root / MASKS_FOLDER if (root / MASKS_FOLDER).is_dir() else None
+    if (root / split).is_dir():
+        return _class_folders(root / split, classes, masks=None if masks is None else masks / split)
+    return _class_folders(root, classes, masks=masks)
 
 
 def read_image01(path: Path) -> np.ndarray:
@@ -311,7 +315,8 @@ def _from_folders(root: Path) -> dict[str, Any]:
 def _class_folders(
     folder: Path, classes: tuple[str, ...], require_all: bool = False, masks: Path | None = None
 ) -> LabelledImages:
-    found = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    # A masks/ folder beside the class folders is not a class.
+    found = sorted(p.name for p in folder.iterdir() if p.is_dir() and p != masks)
     unknown = [name for name in found if name not in classes]
     if unknown:
         raise DatasetError(f"{folder / unknown[0]}: class not in {', '.join(classes)}")

@@ -10,6 +10,8 @@ classification branch alone. Masks follow the image through rotation and flips e
 from __future__ import annotations
 
 import csv
+import json
+import shutil
 from pathlib import Path
 
 import cv2
@@ -39,8 +41,10 @@ MULTITASK = ["--architecture", "resnet50_multitask", "--option", "tiny=true", "-
 MODEST_DICE = 0.3
 
 
-def write_folders(root: Path, n: int, seed: int, masks: bool = True) -> SyntheticImages:
-    """``train/<class>/`` PNGs and, with `masks`, the nodules' discs under ``masks/train/``.
+def write_folders(
+    root: Path, n: int, seed: int, masks: bool = True, split: str = "train"
+) -> SyntheticImages:
+    """``<split>/<class>/`` PNGs and, with `masks`, the nodules' discs under ``masks/<split>/``.
 
     Normal images get no mask file but the first, which gets an empty one: both mean no lesion.
     """
@@ -50,12 +54,12 @@ def write_folders(root: Path, n: int, seed: int, masks: bool = True) -> Syntheti
         zip(data.images, data.labels, data.masks, strict=True)
     ):
         name = Path("nodule" if label else "normal") / f"{i:03d}.png"
-        (root / "train" / name).parent.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(root / "train" / name), np.rint(image * 255).astype(np.uint8))
+        (root / split / name).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(root / split / name), np.rint(image * 255).astype(np.uint8))
         if masks and (label or not wrote_empty):
             wrote_empty = wrote_empty or not label
-            (root / "masks" / "train" / name).parent.mkdir(parents=True, exist_ok=True)
-            cv2.imwrite(str(root / "masks" / "train" / name), mask.astype(np.uint8) * 255)
+            (root / "masks" / split / name).parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(root / "masks" / split / name), mask.astype(np.uint8) * 255)
     return data
 
 
@@ -126,6 +130,29 @@ def test_the_trained_package_is_registered_and_its_mask_covers_the_lesion(
         found.append((predicted & lesion).sum() / lesion.sum())
         assert predicted.sum() < 6 * lesion.sum(), "the mask must stay near the lesion"
     assert np.median(found) > 0.5, found
+
+
+def test_evaluate_reports_the_lesion_dice_of_a_test_set_with_masks(
+    trained: Path, tmp_path: Path
+) -> None:
+    data = write_folders(tmp_path / "data", 40, seed=9, split="test")
+
+    code, output = run("evaluate", str(trained / "package"), "--data", str(tmp_path / "data"),
+                       "--out", str(tmp_path / "report"))  # fmt: skip
+
+    assert code == 0, output
+    assert "lesion Dice" in output, output
+    report = json.loads((tmp_path / "report" / "evaluation.json").read_text())
+    segmentation = report["segmentation"]
+    assert segmentation["n_lesion"] == int(data.labels.sum())
+    assert segmentation["dice_mean"] > MODEST_DICE, segmentation
+    assert 0.0 <= segmentation["empty_predicted_on_clear"] <= 1.0
+    assert "## Lesion segmentation" in (tmp_path / "report" / "report.md").read_text()
+    shutil.rmtree(tmp_path / "data" / "masks")
+    code, output = run("evaluate", str(trained / "package"), "--data", str(tmp_path / "data"),
+                       "--out", str(tmp_path / "no-masks"))  # fmt: skip
+    assert code == 0, output
+    assert "segmentation" not in json.loads((tmp_path / "no-masks" / "evaluation.json").read_text())
 
 
 def test_a_positive_image_without_its_mask_fails_in_one_line(tmp_path: Path) -> None:
