@@ -129,7 +129,8 @@ def source_header(dataset: Dataset) -> Dataset:
     """Return a copy of a source's header for highdicom to copy patient and study from.
 
     Pixel data is left out (it is large and not needed), every element is a deep copy
-    (highdicom adds the reference dataset's elements themselves to the new object), and the
+    (highdicom adds the reference dataset's elements themselves to the new object) or, not yet
+    decoded, the source's raw element (an immutable tuple: the copy decodes its own), and the
     Type 2 patient and study attributes highdicom reads unconditionally are added empty
     where the source lacks them.
 
@@ -144,9 +145,9 @@ def source_header(dataset: Dataset) -> Dataset:
         The header copy.
     """
     header = Dataset()
-    for element in dataset:
-        if element.tag.group != 0x7FE0:
-            header.add(copy.deepcopy(element))
+    for tag, element in dataset._dict.items():
+        if tag.group != 0x7FE0:
+            header[tag] = element if element.is_raw else copy.deepcopy(element)
     for keyword in _TYPE2_HEADER:
         if keyword not in header:
             setattr(header, keyword, None)
