@@ -15,6 +15,7 @@ from torch import nn
 from dicomai.imaging.preprocess import to_model_input
 from dicomai.imaging.spec import InputSpec
 from dicomai.models.architectures import build
+from dicomai.training.losses import dice_scores, multitask_loss
 
 Log = Callable[[str], None]
 
@@ -74,6 +75,8 @@ def train_classifier(
     num_classes: int | None = None,
     val_fraction: float = 0.2,
     weight_decay: float = 1e-4,
+    masks: np.ndarray | None = None,
+    alpha: float = 0.7,
     log: Log = print,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train a network from scratch on grayscale images and calibrate it.
@@ -82,6 +85,10 @@ def train_classifier(
     path inference uses. Training uses AdamW with a one-cycle learning rate, cross-entropy
     with label smoothing 0.1 and random horizontal flips; the held-out validation set picks
     nothing (no early stopping), it only measures, and fits the softmax temperature.
+
+    With `masks`, a network that also segments (one with ``forward_multitask``) trains on
+    `dicomai.training.losses.multitask_loss` instead, each mask flipped with its image, and
+    the metrics add ``val_dice``.
 
     Parameters
     ----------
@@ -97,6 +104,10 @@ def train_classifier(
         Optimisation settings; the same seed gives the same model on the same machine.
     options
         Architecture options (e.g. ``{"dropout": 0.2}``).
+    masks
+        bool or 0/1 (N, rows, cols) lesion masks, all zero for an image without a lesion.
+    alpha
+        Weight of the classification term of the multitask loss (with `masks` only).
     num_classes
         Number of outputs; by default ``max(labels) + 1``.
     val_fraction
@@ -120,9 +131,12 @@ def train_classifier(
     torch.manual_seed(seed)
     # channels_last: 2.3x faster training steps of tinycnn on 2 CPU cores (measured, 128²).
     model = build(architecture, classes, **(options or {})).to(memory_format=torch.channels_last)
+    if masks is not None and not hasattr(model, "forward_multitask"):
+        raise ValueError(f"{architecture} does not segment; train it without masks")
     inputs = inputs.contiguous(memory_format=torch.channels_last)
     train = (inputs[split.train], targets[split.train])
     val = (inputs[split.val], targets[split.val])
+    truth = None if masks is None else torch.from_numpy(np.asarray(masks, dtype=np.float32))
     settings = {
         "epochs": epochs,
         "lr": lr,
@@ -130,8 +144,12 @@ def train_classifier(
         "seed": seed,
         "weight_decay": weight_decay,
     }
-    losses = _fit(model, train, val, settings, log)
+    if truth is not None:
+        settings["alpha"] = alpha
+    losses = _fit(model, train, val, settings, log, None if truth is None else truth[split.train])
     metrics = evaluate(model, *val)
+    if truth is not None:
+        metrics["val_dice"] = _dice(model, val[0], truth[split.val])
     metrics.update(
         n_train=len(split.train),
         n_val=len(split.val),
@@ -148,8 +166,9 @@ def _fit(
     val: tuple[torch.Tensor, torch.Tensor],
     settings: dict[str, Any],
     log: Log,
+    masks: torch.Tensor | None = None,
 ) -> list[float]:
-    """Run the epochs; return the mean training loss of each."""
+    """Run the epochs; return the mean training loss of each (multitask with `masks`)."""
     inputs, targets = train
     generator = torch.Generator().manual_seed(int(settings["seed"]))
     steps = math.ceil(len(inputs) / settings["batch_size"])
@@ -166,8 +185,19 @@ def _fit(
         order = torch.randperm(len(inputs), generator=generator)
         total = 0.0
         for batch in order.split(settings["batch_size"]):
-            x = _flip_some(inputs[batch], generator)
-            loss = criterion(model(x), targets[batch])
+            flip = torch.rand(len(batch), generator=generator) < 0.5
+            x = _flipped(inputs[batch], flip)
+            if masks is None:
+                loss = criterion(model(x), targets[batch])
+            else:
+                logits, mask_logits = _segmenting(model)(x)
+                loss = multitask_loss(
+                    logits,
+                    targets[batch],
+                    mask_logits,
+                    _flipped(masks[batch][:, None], flip),
+                    alpha=settings["alpha"],
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -182,10 +212,29 @@ def _fit(
     return losses
 
 
-def _flip_some(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Mirror half the images left-right: a finding may sit in either lung."""
-    flip = torch.rand(len(x), generator=generator) < 0.5
+def _flipped(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Mirror the chosen (N, C, H, W) images left-right: a finding may sit in either lung."""
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def _segmenting(model: nn.Module) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The network's ``forward_multitask``: class logits and mask logits."""
+    forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    forward = model.forward_multitask  # type: ignore[assignment]
+    return forward
+
+
+def _dice(model: nn.Module, inputs: torch.Tensor, masks: torch.Tensor) -> float:
+    """Mean Dice of the predicted masks over the images with a lesion (NaN if none has one)."""
+    model.eval()
+    with torch.inference_mode():
+        scores = torch.cat(
+            [
+                dice_scores(_segmenting(model)(chunk)[1], truth)
+                for chunk, truth in zip(inputs.split(128), masks.split(128), strict=True)
+            ]
+        )
+    return round(float(np.nanmean(scores.numpy())), 4) if len(scores) else float("nan")
 
 
 def predict_logits(model: nn.Module, inputs: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
