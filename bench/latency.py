@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
@@ -51,10 +52,19 @@ def sr_arrived(orthanc: OrthancServer, study: str) -> bool:
     return bool(found)
 
 
-def run(orthanc: OrthancServer, port: int, folder: Path, images: int, count: int) -> list[float]:
+def run(
+    orthanc: OrthancServer,
+    port: int,
+    folder: Path,
+    images: int,
+    count: int,
+    details: Callable[[], str] | None = None,
+    first_seed: int | None = None,
+) -> list[float]:
     latencies = []
     for n in range(count):
-        study, files = study_files(folder / f"{images}-{n}", images, seed=1000 * images + n)
+        seed = (1000 * images if first_seed is None else first_seed) + n
+        study, files = study_files(folder / f"{images}-{n}", images, seed=seed)
         subprocess.run(
             ["storescu", "-aec", "DICOMAI", "127.0.0.1", str(port), *map(str, files)],
             check=True,
@@ -62,7 +72,7 @@ def run(orthanc: OrthancServer, port: int, folder: Path, images: int, count: int
             env={**os.environ, "TCP_NODELAY": "1"},
         )
         sent = time.perf_counter()
-        wait_for(lambda s=study: sr_arrived(orthanc, s), 300, f"SR of study {n}")
+        wait_for(lambda s=study: sr_arrived(orthanc, s), 300, f"SR of study {n}", details=details)
         latencies.append(time.perf_counter() - sent - QUIET)
     return latencies
 
@@ -172,9 +182,10 @@ def main() -> None:
         daemon.start()
         try:
             daemon.wait_listening(port, "ANY", "DICOMAI")
-            run(pacs, port, tmp, 1, 1)  # warm-up: the worker loads the model on its first job
+            # Warm-up: the worker loads the model on its first job (a study of its own).
+            run(pacs, port, tmp / "warm-up", 1, 1, details=daemon.log, first_seed=1)
             for images, count in ((1, args.studies), (100, args.big_studies)):
-                latencies = sorted(run(pacs, port, tmp, images, count))
+                latencies = sorted(run(pacs, port, tmp, images, count, details=daemon.log))
                 p95 = latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))]
                 print(
                     f"{images:>3}-image studies (n={count}): overhead beyond the quiet period "
