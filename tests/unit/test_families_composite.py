@@ -12,12 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from test_families import IMAGES, MARGIN, SIZE, SPEC
-
-from dicomai.explain import gradcam
-from dicomai.explain.pointing import pointing_hits
-from dicomai.training.synthetic import synthesize
-from dicomai.training.trainer import model_inputs, stratified_split, train_classifier
+from test_families import train_and_point
 
 # The multi-task network trains on its own loss with the masks (classification alone: pointing
 # 0.37-0.95 by seed and thread count) and dropout 0.1 on its head, like the hybrid in
@@ -35,26 +30,10 @@ FAMILIES = [
 def test_small_composite_member_learns_the_lesion_and_points_into_it(
     architecture: str, options: dict[str, Any], lr: float, epochs: int, segments: bool
 ) -> None:
-    data = synthesize(IMAGES, size=SIZE, seed=0)
-    model, metrics = train_classifier(
-        architecture,
-        data.images,
-        data.labels,
-        SPEC,
-        epochs=epochs,
-        lr=lr,
-        seed=0,
-        options=options,
-        masks=data.masks if segments else None,
-        log=lambda _: None,
-    )
+    metrics, hits = train_and_point(architecture, options, lr, epochs, masks=segments)
+
     assert metrics["val_accuracy"] >= 0.90, metrics
     if segments:
         # The mask branch learnt too: test_train_multitask's bar for a mask in the right place.
         assert metrics["val_dice"] > 0.3, metrics
-
-    val = stratified_split(data.labels, 0.2, seed=0).val
-    positives = val[data.labels[val] == 1]
-    maps = gradcam(model, model_inputs(data.images[positives], SPEC), [1] * len(positives))
-    hits = pointing_hits(maps, data.centres[positives], data.radii[positives], MARGIN)
     assert hits.mean() >= 0.80, f"{architecture}: pointing game {hits.mean():.2f} of {len(hits)}"
