@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import torch
 
 from dicomai.config import Precision
+from dicomai.errors import ConfigError
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -22,7 +23,7 @@ def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | 
 
     Raises
     ------
-    ValueError
+    ConfigError
         For fp16 on a device other than CUDA, where autocast does not speed it up.
     """
     if precision == "auto":
@@ -30,7 +31,7 @@ def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | 
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if precision == "fp16" and device.type != "cuda":
-        raise ValueError(f"precision fp16 needs a CUDA device, not {device}")
+        raise ConfigError(f"[worker] precision fp16 needs a CUDA device, not {device}")
     return _DTYPES.get(precision)
 
 

@@ -56,7 +56,7 @@ class Classifier:
     ------
     ModelPackageError
         If the package asks for MC dropout of a network without dropout.
-    ValueError
+    ConfigError
         For a precision the device cannot run.
     """
 

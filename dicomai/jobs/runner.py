@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from pydicom import Dataset
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -30,6 +31,7 @@ from dicomai.db.models import (
 )
 from dicomai.delivery.dispatch import attempt_deliveries, attempt_delivery, pending_for_job
 from dicomai.errors import DicomaiError, ModelPackageError, StorageUnavailable
+from dicomai.inference.precision import autocast_dtype
 from dicomai.inference.runner import Classifier
 from dicomai.inference.types import ImagePrediction
 from dicomai.ingest.spool import Spool
@@ -74,6 +76,8 @@ class JobRunner:
         self.settings = settings
         self.sessions = sessions
         self.device = device
+        # A precision the device cannot run fails the worker's start, not each job after.
+        autocast_dtype(settings.worker.precision, torch.device(device))
         self.spool = Spool(settings.spool_dir)
         self.outputs = Spool(settings.outputs_dir)
         self.reader = Reader(settings.worker.decode_threads)

@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from daemon import dicomai
 
+from dicomai.errors import ConfigError
 from dicomai.explain import gradcam
 from dicomai.imaging.preprocess import to_model_input
 from dicomai.imaging.spec import InputSpec
@@ -215,5 +217,17 @@ def test_precision_auto_is_fp32_on_a_cpu_and_fp16_needs_cuda(loaded: LoadedModel
     assert autocast_dtype("auto", cpu) is None
     assert autocast_dtype("fp32", cpu) is None
     assert autocast_dtype("bf16", cpu) is torch.bfloat16
-    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
         Classifier(loaded, precision="fp16")
+
+
+def test_a_worker_asked_for_fp16_on_a_cpu_stops_at_start_in_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "dicomai.toml"
+    config.write_text(
+        f'[storage]\ndir = "{tmp_path / "var"}"\nmin_free_mb = 1\n[worker]\nprecision = "fp16"\n'
+    )
+
+    result = dicomai(config, "worker", "--device", "cpu", check=False)
+
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == "error: [worker] precision fp16 needs a CUDA device, not cpu"
