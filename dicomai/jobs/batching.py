@@ -47,8 +47,10 @@ def classify(
     """Read every claimed job's images and classify them together, at most the classifier's
     batch size per forward pass; each job gets back its own predictions.
 
-    Decoding runs ahead on the reader's threads while a pass runs. An error reading a job's
-    files, or one its images cause in the model, stays with that job.
+    Decoding runs ahead on the reader's threads, and a pass starts as soon as a batch of
+    images is ready, so a large study's later images decode while its first batch runs. An
+    error reading a job's files fails that job alone (its passes so far are dropped), and so
+    does one its images cause in the model.
     """
     spec = classifier.loaded.manifest.input
     jobs = [Classified(claim) for claim in claims]
@@ -59,14 +61,19 @@ def classify(
     pending: list[tuple[int, str, np.ndarray]] = []
     for owner, (job, reads) in enumerate(zip(jobs, futures, strict=True)):
         try:
-            job.images = [future.result() for future in reads]
+            for future in reads:
+                image = future.result()
+                job.images.append(image)
+                if image.tensor is not None:
+                    pending.append((owner, image.sop_uid, image.tensor))
+                if len(pending) >= classifier.batch_size:
+                    _run_pass(classifier, jobs, pending[: classifier.batch_size])
+                    del pending[: classifier.batch_size]
         except Exception as exc:
             job.error = exc
-            continue
-        pending += [(owner, i.sop_uid, i.tensor) for i in job.images if i.tensor is not None]
-        while len(pending) >= classifier.batch_size:
-            _run_pass(classifier, jobs, pending[: classifier.batch_size])
-            del pending[: classifier.batch_size]
+            job.images.clear()
+            job.evaluated.clear()
+            pending = [item for item in pending if item[0] != owner]
     if pending:
         _run_pass(classifier, jobs, pending)
     return jobs
