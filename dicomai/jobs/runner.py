@@ -41,7 +41,7 @@ from dicomai.jobs.reading import Reader
 from dicomai.models.package import load_model
 from dicomai.results.context import ModelIdentity, ResultContext, SourceImage
 from dicomai.results.pmap import build_heatmap_pmap, supports_pmap
-from dicomai.results.sc import build_sc
+from dicomai.results.sc import OverlayBuilder
 from dicomai.results.seg import build_seg, has_mask
 from dicomai.results.sr import build_sr
 from dicomai.rollout.canary import sends_results
@@ -253,9 +253,10 @@ class JobRunner:
 
     def _overlays(self, claim: Claim, context: ResultContext) -> list[Output]:
         datasets = []
+        overlays = OverlayBuilder(context)
         for i, prediction in enumerate(context.predictions):
             if prediction.evaluated and prediction.heatmap is not None:
-                datasets.append(("sc", build_sc(context, i)))
+                datasets.append(("sc", overlays.build(i)))
             if has_mask(context, i):
                 datasets.append(("seg", build_seg(context, i)))
             if supports_pmap(context, i):

@@ -8,7 +8,9 @@ import cv2
 import highdicom as hd
 import numpy as np
 from pydicom import Dataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.dataset import FileMetaDataset
+from pydicom.tag import Tag
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from dicomai.inference.types import ImagePrediction
 from dicomai.results import codes
@@ -35,6 +37,7 @@ def build_sc(context: ResultContext, index: int) -> Dataset:
     The pixels are the source's display image, scaled so that its longest side lies between
     512 and 1024, with the heat map blended over it and a caption band below it that names
     the finding, its probability and the model, and says it is not for primary diagnosis.
+    For several overlays of one context, `OverlayBuilder` builds them faster.
 
     Parameters
     ----------
@@ -55,10 +58,44 @@ def build_sc(context: ResultContext, index: int) -> Dataset:
         If the prediction has no heat map (the image was not evaluated): callers build
         overlays only for predictions with ``evaluated`` and a ``heatmap``.
     """
-    source = context.sources[index]
-    lines = caption_lines(context, index)
-    pixels = render_overlay(source.display, _heatmap(context, index), lines)
-    header = codes.source_header(source.dataset)
+    return OverlayBuilder(context).build(index)
+
+
+class OverlayBuilder:
+    """Builds the overlays of one context, highdicom's SC once and its copies for the rest.
+
+    highdicom builds the first overlay, taking the patient and study from that source
+    (its `from_ref_dataset` accepts any instance of the study, so one serves all); the
+    others are copies of it with their own pixels, UIDs and description of their source
+    (`_PER_IMAGE`). That skips highdicom's checks of every attribute against the IOD for
+    each of a study's overlays: about 9 ms of 20 for a 512² overlay.
+    """
+
+    def __init__(self, context: ResultContext) -> None:
+        self.context = context
+        self._first: Dataset | None = None
+
+    def build(self, index: int) -> Dataset:
+        """The overlay of ``context.sources[index]``, as `build_sc` describes it."""
+        context = self.context
+        source = context.sources[index]
+        lines = caption_lines(context, index)
+        pixels = render_overlay(source.display, _heatmap(context, index), lines)
+        uid = context.uid("sc", str(source.dataset.SOPInstanceUID))
+        if self._first is None:
+            header = codes.source_header(source.dataset)
+            self._first = _highdicom_sc(context, header, pixels, uid, index + 1)
+            sc = self._first
+        else:
+            # Only highdicom needs a copy of the header; the derivation reads the source.
+            sc = _copy_for_image(self._first, pixels, uid, index + 1)
+        _describe_derivation(sc, source.dataset, lines[0])
+        return sc
+
+
+def _highdicom_sc(
+    context: ResultContext, header: Dataset, pixels: np.ndarray, uid: str, number: int
+) -> Dataset:
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=header,
         pixel_array=pixels,
@@ -69,8 +106,8 @@ def build_sc(context: ResultContext, index: int) -> Dataset:
         patient_orientation=("L", "P"),
         series_instance_uid=context.uid("sc-series"),
         series_number=SC_SERIES_NUMBER,
-        sop_instance_uid=context.uid("sc", str(header.SOPInstanceUID)),
-        instance_number=index + 1,
+        sop_instance_uid=uid,
+        instance_number=number,
         manufacturer=codes.MANUFACTURER,
         transfer_syntax_uid=ExplicitVRLittleEndian,
         contributing_equipment=[codes.model_equipment(context.model, context.device_uid)],
@@ -80,7 +117,46 @@ def build_sc(context: ResultContext, index: int) -> Dataset:
         software_versions=context.model.software_version,
     )
     sc.copy_patient_and_study_information(header)
-    _describe_derivation(sc, header, lines[0])
+    return sc
+
+
+# What differs between the overlays of one study: the image, its identity, and what
+# `_describe_derivation` says of its source. Everything else is the study's or the model's.
+_PER_IMAGE = (
+    "ImageType",
+    "BurnedInAnnotation",
+    "ConversionType",
+    "SOPInstanceUID",
+    "InstanceNumber",
+    "Rows",
+    "Columns",
+    "PixelData",
+    "PatientOrientation",
+    "BodyPartExamined",
+    "Laterality",
+    "DerivationDescription",
+    "SourceImageSequence",
+    "LossyImageCompression",
+)
+
+
+def _copy_for_image(first: Dataset, pixels: np.ndarray, uid: str, number: int) -> Dataset:
+    """A copy of the first overlay with another image.
+
+    The copy shares the first's elements, none of which may change: each value that differs
+    gets a new element (removed, then set), never a new value in the shared one.
+    """
+    sc = Dataset({tag: element for tag, element in first.items()})
+    for keyword in _PER_IMAGE:
+        sc.pop(keyword, None)
+    meta = {tag: element for tag, element in first.file_meta.items()}
+    meta.pop(Tag("MediaStorageSOPInstanceUID"))
+    sc.file_meta = FileMetaDataset(meta)
+    sc.file_meta.MediaStorageSOPInstanceUID = UID(uid)
+    sc.SOPInstanceUID = uid
+    sc.InstanceNumber = number
+    sc.Rows, sc.Columns = pixels.shape[:2]
+    sc.PixelData = np.ascontiguousarray(pixels).tobytes()
     return sc
 
 

@@ -155,16 +155,16 @@ def test_the_sr_is_sent_before_the_overlays_are_built_and_never_twice(world, mon
     ingest(settings, sessions, study_with_broken_images(tmp_path)[0], tmp_path)
     (job_id,) = complete_quiet_studies(sessions, 0)
     delivered = tmp_path / "delivered"
-    real = runner_module.build_sc
+    real = runner_module.OverlayBuilder.build
     seen: list[list[str]] = []
 
-    def overlay_fails_once(context, i):
+    def overlay_fails_once(builder, i):
         seen.append(sorted(pydicom.dcmread(p).Modality for p in delivered.iterdir()))
         if len(seen) == 1:
             raise RuntimeError("overlay rendering broke")
-        return real(context, i)
+        return real(builder, i)
 
-    monkeypatch.setattr(runner_module, "build_sc", overlay_fails_once)
+    monkeypatch.setattr(runner_module.OverlayBuilder, "build", overlay_fails_once)
     runner = JobRunner(settings, sessions, device="cpu")
     runner.run_job(job_id)
     assert seen == [["SR"]], "the SR should reach the destination before any overlay is built"
