@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +43,6 @@ from dicomai.db.models import Job, JobState
 from dicomai.db.session import make_engine, make_sessionmaker
 from dicomai.explain import find_target_layer
 from dicomai.inference.runner import Classifier
-from dicomai.ingest.header import Header
-from dicomai.ingest.recorder import Received, record_instance
 from dicomai.ingest.spool import Spool
 from dicomai.jobs.assembler import complete_quiet_studies
 from dicomai.jobs.runner import JobRunner
@@ -57,7 +53,9 @@ from dicomai.rollout.registry import register
 from dicomai.training.synthetic import write_dicom_images
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from inference import textbook_gradcam
+from recording import record_dataset
 
 PEAK = "fp32 matmul 4096² (peak)"
 REPO = Path(__file__).resolve().parents[1]
@@ -198,23 +196,7 @@ class Site:
             ds = pydicom.dcmread(item.path)
             study = written[n - n % images].study_uid
             ds.StudyInstanceUID = study
-            relative = self.spool.relative_path(study, ds.SOPInstanceUID)
-            buffer = BytesIO()
-            ds.save_as(buffer, enforce_file_format=True)
-            data = buffer.getvalue()
-            self.spool.write(relative, [data])
-            header = Header(
-                study, ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.SOPClassUID, "DX", None
-            )
-            received = Received(
-                header,
-                str(ds.file_meta.TransferSyntaxUID),
-                relative,
-                len(data),
-                hashlib.sha256(data).hexdigest(),
-                "BENCH",
-            )
-            record_instance(self.sessions, received)
+            record_dataset(self.spool, self.sessions, ds, "BENCH")
         return complete_quiet_studies(self.sessions, 0)
 
     def runner(self, **worker: object) -> JobRunner:

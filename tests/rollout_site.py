@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 import shutil
 from pathlib import Path
 
 import pydicom
 from daemon import REPO, dicomai, write_config
+from recording import record_dataset
 from sqlalchemy import select
 
 from dicomai.config import load_settings
 from dicomai.db.migrate import upgrade
 from dicomai.db.models import Job, ModelVersion
 from dicomai.db.session import make_engine, make_sessionmaker
-from dicomai.ingest.header import Header
-from dicomai.ingest.recorder import Received, record_instance
 from dicomai.ingest.spool import Spool
 from dicomai.jobs.assembler import complete_quiet_studies
 from dicomai.jobs.runner import JobRunner
@@ -70,27 +68,7 @@ class Site:
         written = write_dicom_images(self.root / f"in-{seed}", n, seed=seed, size=128)
         spool = Spool(self.settings.spool_dir)
         for item in written:
-            ds = pydicom.dcmread(item.path)
-            data = item.path.read_bytes()
-            relative = spool.relative_path(ds.StudyInstanceUID, ds.SOPInstanceUID)
-            spool.write(relative, [data])
-            header = Header(
-                ds.StudyInstanceUID,
-                ds.SeriesInstanceUID,
-                ds.SOPInstanceUID,
-                str(ds.SOPClassUID),
-                "DX",
-                None,
-            )
-            received = Received(
-                header,
-                str(ds.file_meta.TransferSyntaxUID),
-                relative,
-                len(data),
-                hashlib.sha256(data).hexdigest(),
-                "TEST",
-            )
-            record_instance(self.sessions, received)
+            record_dataset(spool, self.sessions, pydicom.dcmread(item.path))
         return [str(pydicom.dcmread(w.path).StudyInstanceUID) for w in written]
 
     def run_jobs(self) -> list[int]:

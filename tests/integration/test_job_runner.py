@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pydicom
 import pytest
 from daemon import REPO
+from recording import record_dataset
 from servers import dciodvfy
 from sqlalchemy import select, update
 
@@ -16,8 +16,6 @@ from dicomai.config import load_settings
 from dicomai.db.migrate import upgrade
 from dicomai.db.models import Delivery, Job, JobState, OutputObject, Prediction
 from dicomai.db.session import make_engine, make_sessionmaker
-from dicomai.ingest.header import Header
-from dicomai.ingest.recorder import Received, record_instance
 from dicomai.ingest.spool import Spool
 from dicomai.jobs.assembler import complete_quiet_studies
 from dicomai.jobs.runner import JobRunner
@@ -53,24 +51,7 @@ def make_world(tmp_path: Path, database_url: str = "", **worker):
 
 
 def ingest(settings, sessions, ds: pydicom.Dataset, tmp_path: Path) -> None:
-    path = tmp_path / "in.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    spool = Spool(settings.spool_dir)
-    relative = spool.relative_path(ds.StudyInstanceUID, ds.SOPInstanceUID)
-    data = path.read_bytes()
-    spool.write(relative, [data])
-    header = Header(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, DX, "DX", None)
-    record_instance(
-        sessions,
-        Received(
-            header,
-            str(ds.file_meta.TransferSyntaxUID),
-            relative,
-            len(data),
-            hashlib.sha256(data).hexdigest(),
-            "TEST",
-        ),
-    )
+    record_dataset(Spool(settings.spool_dir), sessions, ds)
 
 
 def study_with_broken_images(tmp_path: Path) -> list[pydicom.Dataset]:
