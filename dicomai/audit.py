@@ -112,31 +112,38 @@ def record(
     if head is not None and head[0] is transaction:
         event.prev_hash = head[1]
         session.add(event)
+    elif _lock_chain(session):
+        # No other writer can append before this transaction ends: the row is inserted
+        # once, with its hash, at the next flush.
+        event.prev_hash = session.scalar(_NEWEST) or GENESIS
+        session.add(event)
     else:
-        _lock_chain(session)
         # Flushed before the head is read: on SQLite the insert takes the write lock, so no
         # other writer can append between reading the head and committing this row.
         session.add(event)
         session.flush([event])
-        event.prev_hash = (
-            session.scalar(
-                select(AuditEvent.hash)
-                .where(AuditEvent.id < event.id)
-                .order_by(AuditEvent.id.desc())
-                .limit(1)
-            )
-            or GENESIS
-        )
+        event.prev_hash = session.scalar(_NEWEST.where(AuditEvent.id < event.id)) or GENESIS
     event.hash = event_hash(event)
     session.info[_HEAD] = (transaction, event.hash)
     return event
 
 
-def _lock_chain(session: Session) -> None:
-    # PostgreSQL: held until commit or rollback, so appends are serialised across processes
-    # and their ids follow the chain. SQLite serialises writers itself.
+_NEWEST = select(AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1)
+
+
+def _lock_chain(session: Session) -> bool:
+    """Whether this transaction alone may append to the chain until it ends.
+
+    PostgreSQL: it takes an advisory lock, held until commit or rollback, so appends are
+    serialised across processes and their ids follow the chain. SQLite serialises writers
+    itself: the transaction holds the write lock once it has written (pysqlite begins it
+    at the first write), as when an instance's rows precede its audit row.
+    """
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CHAIN_LOCK})
+        return True
+    driver = session.connection().connection.driver_connection
+    return bool(getattr(driver, "in_transaction", False))
 
 
 def canonical(event: AuditEvent) -> bytes:
