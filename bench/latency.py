@@ -103,7 +103,7 @@ def results_seconds(images: int) -> tuple[float, float, float]:
     from dicomai.jobs.runner import _write_outputs
     from dicomai.models.package import load_model
     from dicomai.results.context import ModelIdentity, ResultContext, SourceImage
-    from dicomai.results.sc import build_sc
+    from dicomai.results.sc import OverlayBuilder
     from dicomai.results.sr import build_sr
 
     classifier = Classifier(load_model(REPO / "models" / "demo-chest-nodule"))
@@ -133,8 +133,9 @@ def results_seconds(images: int) -> tuple[float, float, float]:
             start = time.perf_counter()
             datasets = [("sr", build_sr(context))]
             built_sr = time.perf_counter()
+            overlays = OverlayBuilder(context)
             datasets += [
-                ("sc", build_sc(context, i))
+                ("sc", overlays.build(i))
                 for i, p in enumerate(context.predictions)
                 if p.evaluated and p.heatmap is not None
             ]
