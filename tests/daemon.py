@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -14,6 +15,18 @@ import pytest
 from servers import echoscu, free_port, log_tail, spawn, stop_process, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "models" / "demo-chest-nodule"
+
+
+def any_modality_package(tmp: Path) -> Path:
+    """The demo package renamed and opened to every modality, so pydicom's samples apply."""
+    folder = tmp / "demo-any"
+    shutil.copytree(DEMO, folder)
+    manifest = (folder / "model.toml").read_text()
+    manifest = manifest.replace('name = "demo-chest-nodule"', 'name = "demo-any"', 1)
+    lines = [line for line in manifest.splitlines() if not line.startswith("modalities")]
+    (folder / "model.toml").write_text("\n".join(lines) + "\n")
+    return folder
 
 
 def toml_value(value: Any) -> str:

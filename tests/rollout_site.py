@@ -105,3 +105,11 @@ class Site:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def demo_site(root: Path) -> Site:
+    """A site with the demo package registered and active, as an operator would leave it."""
+    site = Site(root)
+    site.register(DEMO)
+    site.cli("models", "activate", NAME, "1.0.0", "--reason", "first model")
+    return site

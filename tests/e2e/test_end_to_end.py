@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
 import pydicom
 import pytest
-from daemon import REPO, Daemon, dicomai, write_config
+from daemon import DEMO, Daemon, any_modality_package, dicomai, write_config
 from servers import OrthancServer, dciodvfy, free_port, sample_file, storescu, wait_for
 from sqlalchemy import create_engine, text
 
@@ -16,19 +15,7 @@ from dicomai.training.synthetic import write_dicom_images
 
 AET = "DICOMAI"
 SENDER = "STORESCU"
-DEMO = REPO / "models" / "demo-chest-nodule"
 PATIENT_VALUES = ("Demo^Patient", "CompressedSamples^CT1")
-
-
-def any_modality_package(tmp: Path) -> Path:
-    """The demo package renamed and opened to every modality, so pydicom's CT sample applies."""
-    folder = tmp / "demo-any"
-    shutil.copytree(DEMO, folder)
-    manifest = (folder / "model.toml").read_text()
-    manifest = manifest.replace('name = "demo-chest-nodule"', 'name = "demo-any"', 1)
-    lines = [line for line in manifest.splitlines() if not line.startswith("modalities")]
-    (folder / "model.toml").write_text("\n".join(lines) + "\n")
-    return folder
 
 
 def two_image_study(folder: Path) -> list[Path]:

@@ -3,15 +3,14 @@ stays out of the logs, and what is stored is readable by the service user only."
 
 from __future__ import annotations
 
-import shutil
 import stat
 import subprocess
 from pathlib import Path
 
 import pydicom
 import pytest
-from daemon import Listener, dicomai
-from faultkit import AET, DEMO, make_ca, make_cert, make_dated_cert, make_stack
+from daemon import Listener, any_modality_package, dicomai
+from faultkit import AET, make_ca, make_cert, make_dated_cert, make_stack
 from pynetdicom import AE
 from servers import sample_file, storescu, wait_for
 
@@ -145,16 +144,6 @@ def test_tls_refuses_what_our_ca_did_not_sign_and_callers_not_on_the_list(
 # A full run: patient data never in logs, private files, an intact audit chain
 
 SAMPLES = ["CT_small.dcm", "MR_small.dcm", "examples_rgb_color.dcm", "rtplan.dcm", "test-SR.dcm"]
-
-
-def any_modality_package(tmp: Path) -> Path:
-    folder = tmp / "demo-any"
-    shutil.copytree(DEMO, folder)
-    manifest = (folder / "model.toml").read_text()
-    manifest = manifest.replace('name = "demo-chest-nodule"', 'name = "demo-any"', 1)
-    lines = [line for line in manifest.splitlines() if not line.startswith("modalities")]
-    (folder / "model.toml").write_text("\n".join(lines) + "\n")
-    return folder
 
 
 def patient_values(paths: list[Path]) -> set[str]:

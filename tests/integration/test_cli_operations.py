@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from rollout_site import DEMO, NAME, Site
+from rollout_site import NAME, Site, demo_site
 from sqlalchemy import update
 
 from dicomai.db.models import Delivery, DeliveryState, Job, JobState
@@ -13,9 +13,7 @@ from dicomai.db.models import Delivery, DeliveryState, Job, JobState
 
 @pytest.fixture
 def site(tmp_path):
-    site = Site(tmp_path)
-    site.register(DEMO)
-    site.cli("models", "activate", NAME, "1.0.0", "--reason", "first model")
+    site = demo_site(tmp_path)
     yield site
     site.close()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from rollout_site import DEMO, NAME, Site, package
+from rollout_site import DEMO, NAME, Site, demo_site, package
 from sqlalchemy import select
 
 from dicomai.db.models import Instance, JobState, ModelState, ModelVersion, Prediction
@@ -15,9 +15,7 @@ from dicomai.rollout.canary import canary_selects
 
 @pytest.fixture
 def site(tmp_path):
-    site = Site(tmp_path)
-    site.register(DEMO)
-    site.cli("models", "activate", NAME, "1.0.0", "--reason", "first model")
+    site = demo_site(tmp_path)
     yield site
     site.close()
 
