@@ -37,6 +37,7 @@ class Action(enum.StrEnum):
     INSTANCE_REJECTED = "instance.rejected"
     INSTANCE_RESEND_KEPT = "instance.resend_kept"
     INSTANCE_REPLACED = "instance.replaced"
+    INSTANCE_DISCARDED = "instance.discarded"
     STUDY_COMPLETED = "study.completed"
     JOB_CREATED = "job.created"
     JOB_ENQUEUED = "job.enqueued"

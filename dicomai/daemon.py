@@ -18,6 +18,7 @@ from dicomai.config import Settings
 from dicomai.db.migrate import current_revision, head_revision
 from dicomai.db.session import make_engine, make_sessionmaker
 from dicomai.errors import ConfigError
+from dicomai.ingest.recovery import forget_lost_instances
 from dicomai.ingest.scp import build_ae, handlers
 from dicomai.ingest.server import SharedPortServer, serve_in_thread
 from dicomai.ingest.spool import Spool
@@ -81,6 +82,9 @@ class Daemon:
             removed = self.spool.remove_partial_files()
             if removed:
                 log.warning("removed %d partial spool files of interrupted stores", removed)
+            forgotten = forget_lost_instances(self.sessions, self.spool)
+            if forgotten:
+                log.warning("removed %d rows of instances whose files a crash lost", forgotten)
             self._start_services()
         ingest = self.settings.ingest
         self.server = serve_in_thread(

@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai.audit import Action, record
-from dicomai.db.models import Instance, Study, StudyState, utcnow
+from dicomai.db.models import Instance, Prediction, Study, StudyState, utcnow
 from dicomai.ingest.header import Header
 
 
@@ -73,6 +73,43 @@ def replace_instance(sessions: sessionmaker[Session], received: Received) -> Non
             previous_sha256=previous,
             sha256=received.sha256,
         )
+
+
+def forget_instance(
+    sessions: sessionmaker[Session], sop_instance_uid: str, actor: str, reason: str
+) -> bool:
+    """Delete the row of an instance whose file is not safely on disk, with an audit row.
+
+    For an instance recorded while its file was still being made durable (see
+    `dicomai.ingest.store`) when that failed, or a power loss cut it short: the sender was
+    never answered Success. A row that a job has already used is kept. True if deleted.
+    """
+    with sessions() as session, session.begin():
+        instance = session.scalars(
+            select(Instance).where(Instance.sop_instance_uid == sop_instance_uid)
+        ).one_or_none()
+        if instance is None:
+            return False
+        used = session.scalar(
+            select(func.count())
+            .select_from(Prediction)
+            .where(Prediction.instance_id == instance.id)
+        )
+        if used:
+            return False
+        study = session.get_one(Study, instance.study_id)
+        study.instance_count = max(0, study.instance_count - 1)
+        session.delete(instance)
+        record(
+            session,
+            Action.INSTANCE_DISCARDED,
+            actor=actor,
+            object_type="instance",
+            object_id=sop_instance_uid,
+            study_uid=study.study_uid,
+            reason=reason,
+        )
+    return True
 
 
 def mark_association_ended(sessions: sessionmaker[Session], study_uids: set[str]) -> None:

@@ -1,4 +1,5 @@
-"""Durable storage of received instances: tmp file, fsync, rename, fsync the directory."""
+"""Durable storage of received instances: a temporary file renamed to its final name, the file
+and its directory fsynced (after the rename, or before it for a replacement)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from dicomai.errors import InvalidInstance, StorageUnavailable
@@ -14,6 +16,62 @@ from dicomai.uids import is_valid_uid
 # A write in progress: `.<final name>.<pid>.<thread>.tmp` beside the final file. Final names
 # are `<UID>.dcm` and never start with a dot, so the pattern cannot match an instance.
 _PARTIAL_GLOB = "*/.*.tmp"
+
+# The fsyncs of placed files and their folders, several at once: the file system journals
+# them (and a database commit running meanwhile) together.
+_SYNCS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
+
+
+class Placed:
+    """A new instance's file under its final name, complete but not yet durable.
+
+    `start_sync` fsyncs the file and its folder on other threads, so that the caller can
+    commit the instance's row meanwhile; `wait_durable` returns once both are on disk.
+    """
+
+    def __init__(self, path: Path, fd: int, size: int) -> None:
+        self.path = path
+        self.size = size
+        self._fd: int | None = fd
+        self._syncs: list[Future[None]] = []
+
+    def start_sync(self) -> None:
+        assert self._fd is not None, "already synced or discarded"
+        self._syncs = [
+            _SYNCS.submit(os.fsync, self._fd),
+            _SYNCS.submit(_fsync_dir, self.path.parent),
+        ]
+
+    def wait_durable(self) -> None:
+        """Wait for the fsyncs `start_sync` began (or run them now).
+
+        Raises
+        ------
+        StorageUnavailable
+            An fsync failed: the bytes or the name may not be on disk. The file stays,
+            for the caller to `discard`.
+        """
+        if not self._syncs:
+            self.start_sync()
+        errors = [future.exception() for future in self._syncs]
+        self._close()
+        error = next((e for e in errors if e is not None), None)
+        if error is not None:
+            message = getattr(error, "strerror", None) or error
+            raise StorageUnavailable(f"spool fsync failed: {message}")
+
+    def discard(self) -> None:
+        """Remove the file (after any fsync in progress): no row will name it."""
+        for future in self._syncs:
+            future.exception()
+        self._close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class Spool:
@@ -42,16 +100,56 @@ class Spool:
     def path(self, relative: str) -> Path:
         return self.root / relative
 
+    def place(self, relative: str, chunks: Iterable[bytes | memoryview]) -> Placed:
+        """Write `chunks` and give them the name `relative`, not yet durably (see `Placed`).
+
+        Nothing is visible under the final name until every byte is written; until
+        `Placed.wait_durable` returns, a power loss may take the file or its name.
+
+        Raises
+        ------
+        StorageUnavailable
+            The spool is below its watermark, or the disk is full or not writable; no
+            partial file is left behind.
+        """
+        final, tmp = self._prepare(relative)
+        fd = -1
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            size = _write_all(fd, chunks)
+            os.replace(tmp, final)
+        except OSError as exc:
+            if fd >= 0:
+                os.close(fd)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise StorageUnavailable(f"spool write failed: {exc.strerror or exc}") from None
+        return Placed(final, fd, size)
+
     def write(self, relative: str, chunks: Iterable[bytes | memoryview]) -> int:
         """Write `chunks` under `relative` durably; return the number of bytes written.
 
-        Nothing is visible under the final name until every byte is on disk (DESIGN.md rule 1).
+        The bytes are on disk before they take the final name, so a file that replaces
+        another is never seen half-written, even after a power loss.
 
         Raises
         ------
         StorageUnavailable
             The disk is full or not writable; no partial file is left behind.
         """
+        final, tmp = self._prepare(relative)
+        try:
+            size = _write_fsynced(tmp, chunks)
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise StorageUnavailable(f"spool write failed: {exc.strerror or exc}") from None
+        return size
+
+    def _prepare(self, relative: str) -> tuple[Path, Path]:
+        """The final and temporary paths of a write, its study folder made durable."""
         if self.min_free_bytes and self.free_bytes() < self.min_free_bytes:
             raise StorageUnavailable("spool below its free-space watermark")
         final = self.root / relative
@@ -61,14 +159,9 @@ class Spool:
             final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             if created:
                 _fsync_dir(final.parent.parent)
-            size = _write_fsynced(tmp, chunks)
-            os.replace(tmp, final)
-            _fsync_dir(final.parent)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             raise StorageUnavailable(f"spool write failed: {exc.strerror or exc}") from None
-        return size
+        return final, tmp
 
     def remove_partial_files(self) -> int:
         """Remove the temporary files of writes a crash cut short; return how many.
@@ -93,18 +186,23 @@ class Spool:
 
 
 def _write_fsynced(path: Path, chunks: Iterable[bytes | memoryview]) -> int:
-    size = 0
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        for chunk in chunks:
-            view = memoryview(chunk)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-                size += written
+        size = _write_all(fd, chunks)
         os.fsync(fd)
     finally:
         os.close(fd)
+    return size
+
+
+def _write_all(fd: int, chunks: Iterable[bytes | memoryview]) -> int:
+    size = 0
+    for chunk in chunks:
+        view = memoryview(chunk)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+            size += written
     return size
 
 

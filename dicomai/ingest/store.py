@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 from pydicom.dataset import FileMetaDataset
@@ -19,7 +19,7 @@ from dicomai.errors import InvalidInstance, StorageUnavailable
 from dicomai.ingest.committer import GroupCommitter
 from dicomai.ingest.header import Header, encode_file_meta, read_header
 from dicomai.ingest.limits import Limits, reset_dataset_count
-from dicomai.ingest.recorder import Received, known_digest, replace_instance
+from dicomai.ingest.recorder import Received, forget_instance, known_digest, replace_instance
 from dicomai.ingest.spool import Spool
 from dicomai.metrics import STORE_SECONDS, STORED_BYTES, STORES
 from dicomai.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
@@ -95,52 +95,76 @@ class Storer:
         if header.sop_instance_uid != request.AffectedSOPInstanceUID:
             raise InvalidInstance("SOPInstanceUID differs from the C-STORE request")
         relative = self.spool.relative_path(header.study_uid, header.sop_instance_uid)
-        known = known_digest(self.sessions, header.sop_instance_uid)
-        if known is not None:
-            digest = _content_digest(dataset)
-            if known == digest or self.resend_policy == "keep":
-                self._audit_resend(header, calling, same=known == digest)
-                return SUCCESS
-            self._write(relative, meta, dataset)
-        elif len(dataset) < _HASH_ASIDE_BYTES:
-            digest = _content_digest(dataset)
-            self._write(relative, meta, dataset)
-        else:
-            # A large new instance: hashed while its file is written and fsynced. hashlib and
-            # the writes release the GIL, so a radiograph's digest costs no time of its own.
-            hashing = _HASHER.submit(_content_digest, dataset)
-            try:
-                self._write(relative, meta, dataset)
-            finally:
-                digest = hashing.result()
         received = Received(
             header=header,
             transfer_syntax_uid=str(event.context.transfer_syntax),
             path=relative,
             size=len(meta) + len(dataset),
-            sha256=digest,
+            sha256="",
             calling_ae=calling,
         )
-        self._record(received, replace=known is not None)
+        known = known_digest(self.sessions, header.sop_instance_uid)
+        if known is None:
+            self._store_new(received, meta, dataset)
+        else:
+            digest = _content_digest(dataset)
+            if known == digest or self.resend_policy == "keep":
+                self._audit_resend(header, calling, same=known == digest)
+                return SUCCESS
+            self._replace(replace(received, sha256=digest), meta, dataset)
         # pynetdicom gives handlers no per-association state; the Association object is it.
         event.assoc.__dict__.setdefault("dicomai_studies", set()).add(header.study_uid)
         return SUCCESS
 
-    def _write(self, relative: str, meta: bytes, dataset: memoryview) -> None:
-        size = self.spool.write(relative, (meta, dataset))
-        STORED_BYTES.inc(size)
+    def _store_new(self, received: Received, meta: bytes, dataset: memoryview) -> None:
+        """Write, record and make durable a new instance; return only when all three are.
 
-    def _record(self, received: Received, replace: bool) -> None:
+        The row is committed while the file and its folder are fsynced, not after: the
+        file system journals the three together (on this project's test VM 1.5-4 ms
+        against 11-13 ms one after the other). Success still waits for all of them
+        (DESIGN.md rule 1). A power loss in between can leave a row whose file is not on
+        disk: the sender was not answered, and `dicomai.ingest.recovery` deletes such rows
+        at the next start. If the fsyncs fail, the row is deleted again here.
+        """
+        if len(dataset) < _HASH_ASIDE_BYTES:
+            digest = _content_digest(dataset)
+            placed = self.spool.place(received.path, (meta, dataset))
+        else:
+            # A large instance is hashed while its file is written (hashlib and the writes
+            # release the GIL); the row needs the digest, so the commit waits for it.
+            hashing = _HASHER.submit(_content_digest, dataset)
+            try:
+                placed = self.spool.place(received.path, (meta, dataset))
+            finally:
+                digest = hashing.result()
+        placed.start_sync()
+        received = replace(received, sha256=digest)
         try:
-            if replace:
-                replace_instance(self.sessions, received)
-            else:
-                assert self.committer is not None
-                self.committer.record(received)
+            assert self.committer is not None
+            self.committer.record(received)
         except Exception as exc:
-            if not replace:
-                # No row, no Success: the file must not outlive the failed commit.
-                self.spool.remove(received.path)
+            placed.discard()  # no row, no Success: the file must not outlive the commit
+            raise StorageUnavailable(f"database: {type(exc).__name__}") from None
+        try:
+            placed.wait_durable()
+        except StorageUnavailable:
+            forget_instance(
+                self.sessions,
+                received.header.sop_instance_uid,
+                received.calling_ae,
+                "spool fsync failed after the row was committed",
+            )
+            placed.discard()
+            raise
+        STORED_BYTES.inc(placed.size)
+
+    def _replace(self, received: Received, meta: bytes, dataset: memoryview) -> None:
+        """New content for a known instance: the file is durable before it takes the name
+        (it replaces one a job may have read) and before the row names its digest."""
+        STORED_BYTES.inc(self.spool.write(received.path, (meta, dataset)))
+        try:
+            replace_instance(self.sessions, received)
+        except Exception as exc:
             raise StorageUnavailable(f"database: {type(exc).__name__}") from None
 
     def _audit_resend(self, header: Header, calling: str, same: bool) -> None:

@@ -321,6 +321,30 @@ def test_partial_file_of_a_crashed_store_is_removed_at_start_and_is_no_instance(
         assert daemon.spool_files() == [spool.path(relative)]
 
 
+def test_a_row_whose_file_a_power_loss_took_is_removed_at_start_and_the_resend_stored(
+    tmp_path: Path,
+) -> None:
+    peers = [{"ae_title": MODALITY, "hosts": ["127.0.0.1"]}]
+    daemon = Listener(tmp_path / "power-loss", AET, peers)
+    with daemon:
+        result = storescu(daemon.port, [sample_file("CT_small.dcm")], aet=MODALITY, aec=AET)
+        assert result.returncode == 0, result.stderr
+        ((path,),) = daemon.query("SELECT path FROM instances")
+    # What a power loss between the row's commit and the file's fsync would leave.
+    (daemon.root / "var" / "spool" / path).unlink()
+
+    with daemon:
+        assert "removed 1 rows of instances whose files a crash lost" in daemon.log()
+        assert daemon.query("SELECT count(*) FROM instances") == [(0,)]
+        assert daemon.query(
+            "SELECT detail FROM audit_events WHERE action = 'instance.discarded'"
+        ) == [('{"reason": "file missing after a restart"}',)]
+        result = storescu(daemon.port, [sample_file("CT_small.dcm")], aet=MODALITY, aec=AET)
+        assert result.returncode == 0, result.stderr
+        assert daemon.query("SELECT path FROM instances") == [(path,)]
+        assert (daemon.root / "var" / "spool" / path).is_file()
+
+
 VERIFICATION = "1.2.840.10008.1.1"
 
 

@@ -1,0 +1,138 @@
+"""A new instance's row is committed while its file is fsynced; no row outlives a lost file.
+
+The listener answers Success only when the file, its name and the row are all durable. The
+row's commit overlaps the file's fsyncs, so a failed fsync deletes the committed row again,
+and at start the newest rows whose file a power loss took are deleted (`forget_lost_instances`).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from dicomai.audit import verify_chain
+from dicomai.config import load_settings
+from dicomai.db.migrate import upgrade
+from dicomai.db.models import AuditEvent, Instance, Study
+from dicomai.db.session import make_engine, make_sessionmaker
+from dicomai.errors import StorageUnavailable
+from dicomai.ingest.header import Header
+from dicomai.ingest.limits import Limits
+from dicomai.ingest.recorder import Received
+from dicomai.ingest.recovery import forget_lost_instances
+from dicomai.ingest.spool import Spool
+from dicomai.ingest.store import Storer
+
+STUDY = "1.2.826.0.1.3680043.8.498.90"
+META = b"\0" * 128 + b"DICM"
+
+
+@pytest.fixture
+def storer(tmp_path: Path) -> Storer:
+    settings = load_settings(None, storage={"dir": tmp_path / "var", "min_free_mb": 0})
+    upgrade(settings.database_url)
+    sessions = make_sessionmaker(make_engine(settings.database_url))
+    return Storer(Spool(settings.spool_dir), sessions, Limits(1 << 20, 1 << 30))
+
+
+def store(storer: Storer, number: int, size: int = 1000) -> Received:
+    uid = f"{STUDY}.{number}"
+    header = Header(STUDY, f"{STUDY}.0", uid, "1.2.840.10008.5.1.4.1.1.2", "CT", None)
+    path = storer.spool.relative_path(STUDY, uid)
+    received = Received(header, "1.2.840.10008.1.2.1", path, len(META) + size, "", "CT1")
+    storer._store_new(received, META, memoryview(bytes([number % 256]) * size))
+    return received
+
+
+def rows(storer: Storer) -> list[str]:
+    with storer.sessions() as session:
+        return list(session.scalars(select(Instance.sop_instance_uid).order_by(Instance.id)))
+
+
+def audit(storer: Storer) -> list[tuple[str, str | None, dict]]:
+    with storer.sessions() as session:
+        events = session.scalars(select(AuditEvent).order_by(AuditEvent.id)).all()
+        assert verify_chain(events).ok
+        return [(e.action, e.object_id, e.detail) for e in events]
+
+
+def study_count(storer: Storer) -> int:
+    with storer.sessions() as session:
+        return session.scalars(select(Study.instance_count)).one()
+
+
+def test_a_stored_instance_has_its_file_and_row_when_the_store_returns(storer: Storer) -> None:
+    received = store(storer, 1, size=3000)
+
+    assert storer.spool.path(received.path).read_bytes() == META + bytes([1]) * 3000
+    assert rows(storer) == [f"{STUDY}.1"]
+    assert [name for name in os.listdir(storer.spool.path(STUDY))] == [f"{STUDY}.1.dcm"]
+
+
+def test_a_failed_fsync_after_the_commit_deletes_the_row_and_the_file(
+    storer: Storer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store(storer, 1)
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.path.realpath(f"/proc/self/fd/{fd}").endswith(f"{STUDY}.2.dcm"):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(StorageUnavailable, match="spool fsync failed: Input/output error"):
+        store(storer, 2)
+
+    assert rows(storer) == [f"{STUDY}.1"]
+    assert not storer.spool.path(f"{STUDY}/{STUDY}.2.dcm").exists()
+    assert study_count(storer) == 1
+    events = audit(storer)
+    assert [(action, uid) for action, uid, _ in events[-2:]] == [
+        ("instance.stored", f"{STUDY}.2"),
+        ("instance.discarded", f"{STUDY}.2"),
+    ]
+    assert events[-1][2] == {"reason": "spool fsync failed after the row was committed"}
+
+
+def test_at_start_the_newest_rows_whose_files_were_lost_are_deleted(storer: Storer) -> None:
+    for number in range(1, 6):
+        store(storer, number)
+    # Number 1 was received long before the others: its file is outside the crash's reach.
+    with storer.sessions() as session, session.begin():
+        first = session.scalars(
+            select(Instance).where(Instance.sop_instance_uid == f"{STUDY}.1")
+        ).one()
+        first.received_at -= timedelta(hours=1)
+    storer.spool.path(f"{STUDY}/{STUDY}.1.dcm").unlink()
+    storer.spool.path(f"{STUDY}/{STUDY}.4.dcm").unlink()
+    with open(storer.spool.path(f"{STUDY}/{STUDY}.5.dcm"), "r+b") as file:
+        file.truncate(500)
+
+    assert forget_lost_instances(storer.sessions, storer.spool) == 2
+
+    assert rows(storer) == [f"{STUDY}.{n}" for n in (1, 2, 3)]
+    assert study_count(storer) == 3
+    discarded = [(uid, detail) for action, uid, detail in audit(storer) if "discarded" in action]
+    assert discarded == [
+        (f"{STUDY}.5", {"reason": "file cut short after a restart (500 of 1132 bytes)"}),
+        (f"{STUDY}.4", {"reason": "file missing after a restart"}),
+    ]
+    assert forget_lost_instances(storer.sessions, storer.spool) == 0
+
+
+def test_a_resend_after_recovery_is_stored_again(storer: Storer) -> None:
+    store(storer, 1)
+    storer.spool.path(f"{STUDY}/{STUDY}.1.dcm").unlink()
+    forget_lost_instances(storer.sessions, storer.spool)
+
+    received = store(storer, 1)
+
+    assert storer.spool.path(received.path).is_file()
+    assert rows(storer) == [f"{STUDY}.1"]
+    assert study_count(storer) == 1
