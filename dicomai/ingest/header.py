@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from io import BytesIO
 
 from pydicom import Dataset, dcmread
 from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from dicomai.errors import InvalidInstance
 from dicomai.ingest.limits import inflate_bounded
-from dicomai.uids import is_valid_uid
+from dicomai.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, is_valid_uid
 
 _TAGS = [
     "SpecificCharacterSet",
@@ -58,15 +59,73 @@ def encode_file_meta(file_meta: FileMetaDataset) -> bytes:
     return buffer.getvalue()
 
 
+def listener_file_meta(
+    sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae: str
+) -> FileMetaDataset:
+    """The file meta group the listener gives a received instance."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
+    meta.TransferSyntaxUID = UID(transfer_syntax_uid)
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    meta.SourceApplicationEntityTitle = source_ae
+    return meta
+
+
+def encode_listener_meta(
+    sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae: str
+) -> bytes:
+    """`encode_file_meta` of `listener_file_meta`, byte for byte, written directly.
+
+    Building and encoding a pydicom FileMetaDataset cost a fifth of the listener's time for
+    a CT slice. Values that are not plain ASCII of a legal length take pydicom's path.
+    """
+    uids = (sop_class_uid, sop_instance_uid, transfer_syntax_uid, IMPLEMENTATION_CLASS_UID)
+    texts = (IMPLEMENTATION_VERSION_NAME, source_ae)
+    if not all(v.isascii() and 0 < len(v) <= 64 for v in uids) or not all(
+        v.isascii() and len(v) <= 16 for v in texts
+    ):
+        return encode_file_meta(
+            listener_file_meta(sop_class_uid, sop_instance_uid, transfer_syntax_uid, source_ae)
+        )
+    elements = [
+        _META_VERSION,
+        _short_element(0x0002, b"UI", _padded(sop_class_uid, b"\0")),
+        _short_element(0x0003, b"UI", _padded(sop_instance_uid, b"\0")),
+        _short_element(0x0010, b"UI", _padded(transfer_syntax_uid, b"\0")),
+        _short_element(0x0012, b"UI", _padded(IMPLEMENTATION_CLASS_UID, b"\0")),
+        _short_element(0x0013, b"SH", _padded(IMPLEMENTATION_VERSION_NAME, b" ")),
+        _short_element(0x0016, b"AE", _padded(source_ae, b" ")),
+    ]
+    body = b"".join(elements)
+    length = _short_element(0x0000, b"UL", struct.pack("<I", len(body)))
+    return PREAMBLE + length + body
+
+
+# (0002,0001) File Meta Information Version, OB 00\01 (PS3.10 Table 7.1-1).
+_META_VERSION = b"\x02\x00\x01\x00OB\x00\x00\x02\x00\x00\x00\x00\x01"
+
+
+def _padded(value: str, pad: bytes) -> bytes:
+    data = value.encode("ascii")
+    return data + pad if len(data) % 2 else data
+
+
+def _short_element(element: int, vr: bytes, value: bytes) -> bytes:
+    """An explicit VR little endian element of group 2 with a 2-byte length."""
+    return struct.pack("<HH", 0x0002, element) + vr + struct.pack("<H", len(value)) + value
+
+
 def read_header(
-    file_meta: FileMetaDataset, meta: bytes, dataset: bytes | memoryview, max_inflated: int
+    transfer_syntax_uid: str, meta: bytes, dataset: bytes | memoryview, max_inflated: int
 ) -> Header:
     """Parse the identifying tags of an encoded instance.
 
     Parameters
     ----------
-    file_meta
-        The file meta group of the instance.
+    transfer_syntax_uid
+        The transfer syntax of `dataset`, as its file meta group names it.
     meta
         Preamble, prefix and file meta group, as from `encode_file_meta`.
     dataset
@@ -79,9 +138,9 @@ def read_header(
     InvalidInstance
         The header cannot be parsed or a UID is missing or malformed.
     """
-    if file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian:
+    if transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
         dataset = inflate_bounded(dataset, _DEFLATE_HEAD, max_inflated)
-        explicit = FileMetaDataset(file_meta)
+        explicit = dcmread(BytesIO(meta)).file_meta
         explicit.TransferSyntaxUID = ExplicitVRLittleEndian
         meta = encode_file_meta(explicit)
     ds = _parse(meta, dataset)

@@ -8,8 +8,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import UID
 from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE
 from sqlalchemy.orm import Session, sessionmaker
@@ -17,12 +15,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomai.audit import Action, record
 from dicomai.errors import InvalidInstance, StorageUnavailable
 from dicomai.ingest.committer import GroupCommitter
-from dicomai.ingest.header import Header, encode_file_meta, read_header
+from dicomai.ingest.header import Header, encode_listener_meta, read_header
 from dicomai.ingest.limits import Limits, reset_dataset_count
 from dicomai.ingest.recorder import Received, forget_instance, known_digest, replace_instance
 from dicomai.ingest.spool import Spool
 from dicomai.metrics import STORE_SECONDS, STORED_BYTES, STORES
-from dicomai.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 log = logging.getLogger(__name__)
 
@@ -89,15 +86,20 @@ class Storer:
         if request.DataSet is None:
             raise InvalidInstance("C-STORE request without a dataset")
         dataset = request.DataSet.getbuffer()
-        file_meta = _file_meta(event)
-        meta = encode_file_meta(file_meta)
-        header = read_header(file_meta, meta, dataset, self.limits.max_dataset_bytes)
+        syntax = str(event.context.transfer_syntax)
+        meta = encode_listener_meta(
+            str(request.AffectedSOPClassUID or ""),
+            str(request.AffectedSOPInstanceUID or ""),
+            syntax,
+            event.assoc.requestor.ae_title,
+        )
+        header = read_header(syntax, meta, dataset, self.limits.max_dataset_bytes)
         if header.sop_instance_uid != request.AffectedSOPInstanceUID:
             raise InvalidInstance("SOPInstanceUID differs from the C-STORE request")
         relative = self.spool.relative_path(header.study_uid, header.sop_instance_uid)
         received = Received(
             header=header,
-            transfer_syntax_uid=str(event.context.transfer_syntax),
+            transfer_syntax_uid=syntax,
             path=relative,
             size=len(meta) + len(dataset),
             sha256="",
@@ -189,15 +191,3 @@ class Storer:
 def _content_digest(dataset: memoryview) -> str:
     # The file meta is left out: it names the sender, and a resend may come from another.
     return hashlib.sha256(dataset).hexdigest()
-
-
-def _file_meta(event: evt.Event) -> FileMetaDataset:
-    request = cast(C_STORE, event.request)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UID(request.AffectedSOPClassUID or "")
-    meta.MediaStorageSOPInstanceUID = UID(request.AffectedSOPInstanceUID or "")
-    meta.TransferSyntaxUID = event.context.transfer_syntax
-    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    meta.SourceApplicationEntityTitle = event.assoc.requestor.ae_title
-    return meta

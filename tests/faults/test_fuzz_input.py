@@ -86,7 +86,7 @@ def test_read_header_gives_a_header_or_invalid_instance(syntax, edits, cut, nois
     data = noise if noise is not None else mutate(CT_DATASET, edits, cut)
     meta = meta_for(syntax)
     try:
-        header = read_header(meta, encode_file_meta(meta), data, 1 << 20)
+        header = read_header(meta.TransferSyntaxUID, encode_file_meta(meta), data, 1 << 20)
     except InvalidInstance:
         return
     assert isinstance(header, Header)
