@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydicom import Dataset, dcmread
-from pynetdicom import AE, evt
+from pydicom.dataset import FileMetaDataset
+from pydicom.filereader import read_file_meta_info
+from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
 
 from dicomai.errors import DeliveryError
 from dicomai.sockets import set_nodelay
+
+# A file is sent as its stored bytes, read in chunks, rather than decoded and encoded again:
+# an SR of a 100-image study took a third of a second each way.
+_config.STORE_SEND_CHUNKED_DATASET = True
 
 
 def send_files(
@@ -21,10 +26,10 @@ def send_files(
     One association for all of a job's objects: opening one per object cost more than the
     objects themselves (a 100-image study has 100 overlays).
     """
-    datasets = [dcmread(path) for path in paths]
+    metas = [read_file_meta_info(path) for path in paths]
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    pairs = {(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in datasets}
+    pairs = {(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID) for meta in metas}
     ae.requested_contexts = [build_context(sop, syntax) for sop, syntax in sorted(pairs)]
     where = f"{ae_title}@{host}:{port}"
     assoc = ae.associate(
@@ -34,18 +39,23 @@ def send_files(
         error = DeliveryError(f"association with {where} not established")
         return [error for _ in paths]
     try:
-        return [_send_one(assoc, ds, where) for ds in datasets]
+        return [
+            _send_one(assoc, path, meta, where) for path, meta in zip(paths, metas, strict=True)
+        ]
     finally:
         if assoc.is_established:
             assoc.release()
 
 
-def _send_one(assoc: Association, ds: Dataset, where: str) -> DeliveryError | None:
+def _send_one(
+    assoc: Association, path: Path, meta: FileMetaDataset, where: str
+) -> DeliveryError | None:
     try:
-        status = assoc.send_c_store(ds)
+        status = assoc.send_c_store(path)
     except ValueError:
         # pynetdicom raises when the peer accepted no context for this SOP class and syntax.
-        return DeliveryError(f"{where} accepted no presentation context for {ds.SOPClassUID.name}")
+        name = meta.MediaStorageSOPClassUID.name
+        return DeliveryError(f"{where} accepted no presentation context for {name}")
     return _outcome(status, where)
 
 

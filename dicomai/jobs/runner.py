@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -103,21 +104,29 @@ class JobRunner:
                 self._fail(leader, exc)
                 return
             claims = [leader, *self._companions(leader, classifier, running)]
+            times = _Stopwatch()
             try:
                 classified = classify(classifier, self.reader, self.spool, claims)
             except Exception as exc:  # an error no single job can be blamed for
                 for claim in claims:
                     self._fail(claim, exc)
                 return
+            times.lap("read and classified")
             # Every job's SR first, sent at once: the report is what the radiologist waits
             # for; the overlays of a 100-image study take seconds more to build and write.
             reports = [r for r in (self._report(classifier, job) for job in classified) if r]
+            times.lap("SR written")
             sent_early = {i for report in reports for i in report.deliveries}
             attempt_deliveries(self.sessions, self.settings, sorted(sent_early))
+            times.lap("SR sent")
             done = [r.job.claim.job_id for r in reports if self._conclude(r)]
+            times.lap("other objects written")
         for job_id in done:
             pending = [i for i in pending_for_job(self.sessions, job_id) if i not in sent_early]
             attempt_deliveries(self.sessions, self.settings, pending)
+        times.lap("sent")
+        images = sum(len(job.images) for job in classified)
+        log.info("jobs %s, %d images: %s", [c.job_id for c in claims], images, times)
 
     def deliver(self, delivery_id: int) -> None:
         attempt_delivery(self.sessions, self.settings, delivery_id)
@@ -350,6 +359,22 @@ class JobRunner:
                 # Back to the queue; the reconciler rings it again after its lease.
                 job.state = JobState.QUEUED
                 job.enqueued_at = utcnow()
+
+
+class _Stopwatch:
+    """Seconds per phase of a run, for the worker's log: where a slow study's time went."""
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+        self._laps: list[tuple[str, float]] = []
+
+    def lap(self, what: str) -> None:
+        now = time.perf_counter()
+        self._laps.append((what, now - self._last))
+        self._last = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{what} {seconds:.2f} s" for what, seconds in self._laps)
 
 
 def _uid(source: SourceImage) -> str:
