@@ -19,6 +19,9 @@ RECOVERY = "recovery"
 # in flight at a power loss can have a row without a durable file: the newest rows, seconds
 # apart. A minute before the newest covers them with room for a slow disk.
 WINDOW = timedelta(seconds=60)
+# Read by id, newest first, so that a start never scans the whole table; far more rows than
+# can be in flight at once (associations x group commit).
+NEWEST_ROWS = 10_000
 
 
 def forget_lost_instances(sessions: sessionmaker[Session], spool: Spool) -> int:
@@ -29,16 +32,18 @@ def forget_lost_instances(sessions: sessionmaker[Session], spool: Spool) -> int:
     report it failed; the row must not make a resend look like a duplicate.
     """
     with sessions() as session:
-        newest = session.scalar(select(Instance.received_at).order_by(Instance.id.desc()).limit(1))
-        if newest is None:
-            return 0
-        recent = session.execute(
-            select(Instance.sop_instance_uid, Instance.path, Instance.size)
-            .where(Instance.received_at >= newest - WINDOW)
+        newest = session.execute(
+            select(Instance.sop_instance_uid, Instance.path, Instance.size, Instance.received_at)
             .order_by(Instance.id.desc())
+            .limit(NEWEST_ROWS)
         ).all()
+    if not newest:
+        return 0
+    since = newest[0].received_at - WINDOW
     forgotten = 0
-    for uid, path, size in recent:
+    for uid, path, size, received_at in newest:
+        if received_at < since:
+            continue
         problem = _problem(spool, path, size)
         if problem and forget_instance(sessions, uid, RECOVERY, problem):
             log.warning("instance row without its file removed: %s", problem)
