@@ -143,20 +143,22 @@ class Storer:
         received = replace(received, sha256=digest)
         try:
             assert self.committer is not None
-            self.committer.record(received)
+            ours = self.committer.record(received)
         except Exception as exc:
             placed.discard()  # no row, no Success: the file must not outlive the commit
             raise StorageUnavailable(f"database: {type(exc).__name__}") from None
         try:
             placed.wait_durable()
         except StorageUnavailable:
-            forget_instance(
-                self.sessions,
-                received.header.sop_instance_uid,
-                received.calling_ae,
-                "spool fsync failed after the row was committed",
-            )
-            placed.discard()
+            # A concurrent store of the same instance that won the row keeps it and its file.
+            if ours:
+                forget_instance(
+                    self.sessions,
+                    received.header.sop_instance_uid,
+                    received.calling_ae,
+                    "spool fsync failed after the row was committed",
+                )
+                placed.discard()
             raise
         STORED_BYTES.inc(placed.size)
 
