@@ -23,7 +23,7 @@ from dicomai.ingest.scp import build_ae, handlers
 from dicomai.ingest.server import SharedPortServer, serve_in_thread
 from dicomai.ingest.spool import Spool
 from dicomai.ingest.tls import server_context
-from dicomai.jobs.assembler import CompletionPolicy, complete_studies
+from dicomai.jobs.assembler import CompletionPolicy, complete_studies, seconds_until_quiet
 from dicomai.jobs.doorbell import Doorbell
 from dicomai.jobs.reconciler import Leases, ring_deliveries, ring_jobs
 from dicomai.metrics import SPOOL_FREE_BYTES
@@ -118,12 +118,19 @@ class Daemon:
 
     def loop(self, period: float = 0.2) -> None:
         leases = Leases.from_settings(self.settings.worker)
-        while not self.stopping.wait(period):
+        wait = period
+        while not self.stopping.wait(wait):
+            wait = period
             try:
                 SPOOL_FREE_BYTES.set(self.spool.free_bytes())
                 complete_studies(self.sessions, self.completion)
                 ring_jobs(self.sessions, self.doorbell, leases)
                 ring_deliveries(self.sessions, self.doorbell, leases)
+                # Woken when the next study falls quiet, not up to a period after it; never
+                # more often than every 50 ms, should a quiet study stay open.
+                quiet = seconds_until_quiet(self.sessions, self.completion)
+                if quiet is not None:
+                    wait = min(period, max(0.05, quiet + 0.005))
             except Exception as exc:  # the loop must outlive a database or broker outage
                 log.error("assembly loop: %s: %s", type(exc).__name__, exc)
             for name, child in list(self.children.items()):

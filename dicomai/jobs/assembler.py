@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai.audit import Action, record
@@ -69,6 +69,22 @@ def complete_studies(sessions: sessionmaker[Session], policy: CompletionPolicy) 
     for study_id in study_ids:
         job_ids.extend(_complete_study(sessions, study_id, policy))
     return job_ids
+
+
+def seconds_until_quiet(sessions: sessionmaker[Session], policy: CompletionPolicy) -> float | None:
+    """Seconds until the next receiving study has been quiet for `policy.quiet_seconds` (0 if
+    one already has); None when no study is receiving.
+
+    Lets the assembly loop wake when a study falls quiet instead of at its next tick.
+    """
+    with sessions() as session:
+        last = session.scalar(
+            select(func.min(Study.last_received_at)).where(Study.state == StudyState.RECEIVING)
+        )
+    if last is None:
+        return None
+    due = last + timedelta(seconds=policy.quiet_seconds)
+    return max(0.0, (due - utcnow()).total_seconds())
 
 
 def complete_quiet_studies(sessions: sessionmaker[Session], quiet_seconds: float) -> list[int]:

@@ -14,7 +14,12 @@ from dicomai.db.models import AuditEvent, Job, JobState, ModelState, ModelVersio
 from dicomai.db.session import make_engine, make_sessionmaker
 from dicomai.ingest.header import Header
 from dicomai.ingest.recorder import Received, mark_association_ended, record_instance
-from dicomai.jobs.assembler import CompletionPolicy, complete_quiet_studies, complete_studies
+from dicomai.jobs.assembler import (
+    CompletionPolicy,
+    complete_quiet_studies,
+    complete_studies,
+    seconds_until_quiet,
+)
 from dicomai.jobs.reconciler import Leases, ring_jobs
 
 DEMO_MANIFEST = tomllib.loads(
@@ -106,6 +111,31 @@ def test_quiet_study_gets_one_job_per_applicable_model(sessions) -> None:
         actions = session.scalars(select(AuditEvent.action)).all()
         assert actions.count("study.completed") == 2
         assert actions.count("job.created") == 1
+
+
+def test_the_loop_knows_when_the_next_study_falls_quiet(sessions) -> None:
+    policy = CompletionPolicy(quiet_seconds=30.0)
+    assert seconds_until_quiet(sessions, policy) is None  # nothing receiving
+
+    receive(sessions, "1.2.3", "1.2.3.1")
+    receive(sessions, "1.2.4", "1.2.4.1")
+    with sessions() as session, session.begin():
+        session.execute(
+            update(Study)
+            .where(Study.study_uid == "1.2.4")
+            .values(last_received_at=utcnow() - timedelta(seconds=20))
+        )
+    assert 9.0 < (seconds_until_quiet(sessions, policy) or 0.0) <= 10.0  # 1.2.4's, the sooner
+
+    with sessions() as session, session.begin():
+        session.execute(
+            update(Study)
+            .where(Study.study_uid == "1.2.4")
+            .values(last_received_at=utcnow() - timedelta(seconds=40))
+        )
+    assert seconds_until_quiet(sessions, policy) == 0.0
+    complete_studies(sessions, policy)
+    assert 29.0 < (seconds_until_quiet(sessions, policy) or 0.0) <= 30.0  # 1.2.3's now
 
 
 def test_resent_instance_is_recorded_once(sessions) -> None:
