@@ -32,11 +32,16 @@ STUDY = "1.2.826.0.1.3680043.8.498.90"
 META = b"\0" * 128 + b"DICM"
 
 
-@pytest.fixture
-def storer(tmp_path: Path) -> Storer:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storer(request: pytest.FixtureRequest, tmp_path: Path) -> Storer:
     settings = load_settings(None, storage={"dir": tmp_path / "var", "min_free_mb": 0})
-    upgrade(settings.database_url)
-    sessions = make_sessionmaker(make_engine(settings.database_url))
+    url = (
+        settings.database_url
+        if request.param == "sqlite"
+        else request.getfixturevalue("postgres_url")
+    )
+    upgrade(url)
+    sessions = make_sessionmaker(make_engine(url))
     return Storer(Spool(settings.spool_dir), sessions, Limits(1 << 20, 1 << 30))
 
 
