@@ -4,9 +4,9 @@ Each builder takes ``num_classes`` and ``dropout`` (a Dropout before the new lin
 one MC dropout samples), builds the network with random weights (``weights=None``: nothing is
 downloaded) and names the layer Grad-CAM explains in ``gradcam_target_layer``. ``tiny=True``
 builds a small member of the same torchvision class instead, for tests and demos: the same head,
-the same CAM layer, but narrow and downsampling 8x (the EfficientNet 4x, see
-`_tiny_efficientnet`), so a 64² image leaves an 8x8 map as tinycnn's does, where the full
-networks' 32x would leave 2x2.
+the same CAM layer, but narrow and downsampling 8x (the EfficientNet and the DenseNet 4x, see
+`_tiny_efficientnet` and `densenet_backbone`), so a 64² image leaves an 8x8 map as tinycnn's
+does, where the full networks' 32x would leave 2x2.
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ class DenseNetTransformer(nn.Module):
         self.densenet.classifier = nn.Identity()
         self.tokens = nn.Linear(densenet_width(self.densenet), d_model)
         self.class_token = nn.Parameter(torch.zeros(1, 1, d_model))
-        grid = 8 if tiny else 7
+        grid = 16 if tiny else 7
         self.class_position = nn.Parameter(torch.zeros(1, 1, d_model))
         self.positions = nn.Parameter(torch.zeros(1, d_model, grid, grid))
         nn.init.trunc_normal_(self.positions, std=0.02)
