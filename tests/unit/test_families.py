@@ -2,9 +2,9 @@
 
 Each family's small variant is built by the same builder as its full-size members (``tiny=True``:
 the same torchvision class or composite, head and declared CAM layer, narrow and downsampling 8x
-so that a 64² image leaves an 8x8 map, the EfficientNet and the DenseNet 4x), trained from scratch by
-`train_classifier` on synthetic chest-like images with and without a nodule, and explained
-through its automatic target layer.
+so that a 64² image leaves an 8x8 map, the EfficientNet and the DenseNet 4x), trained from
+scratch by `train_classifier` on synthetic chest-like images with and without a nodule, and
+explained through its automatic target layer.
 """
 
 from __future__ import annotations
