@@ -154,6 +154,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--studies", type=int, default=10)
     parser.add_argument("--big-studies", type=int, default=3)
+    parser.add_argument(
+        "--phases", action="store_true", help="print where the worker's time went, per run"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name, OrthancServer(Path(tmp_name) / "pacs") as pacs:
         tmp = Path(tmp_name)
@@ -201,6 +204,10 @@ def main() -> None:
                     + f" s; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
                     flush=True,
                 )
+            if args.phases:
+                for line in daemon.log().splitlines():
+                    if "read and classified" in line:
+                        print(line)
         finally:
             daemon.stop()
 

@@ -13,6 +13,7 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEnd
 
 from dicomai.errors import InvalidInstance
 from dicomai.ingest.limits import inflate_bounded
+from dicomai.ingest.tag_scan import scan_tags
 from dicomai.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, is_valid_uid
 
 _TAGS = [
@@ -143,7 +144,8 @@ def read_header(
         explicit = dcmread(BytesIO(meta)).file_meta
         explicit.TransferSyntaxUID = ExplicitVRLittleEndian
         meta = encode_file_meta(explicit)
-    ds = _parse(meta, dataset)
+    scanned = _scanned(transfer_syntax_uid, dataset)
+    ds = scanned if scanned is not None else _parse(meta, dataset)
     uids = {}
     for keyword in _REQUIRED:
         value = str(ds.get(keyword, "") or "")
@@ -161,6 +163,21 @@ def read_header(
         view_position=_short_text(ds.get("ViewPosition"), 16),
         series_description=_short_text(ds.get("SeriesDescription"), 64),
     )
+
+
+def _scanned(transfer_syntax_uid: str, dataset: bytes | memoryview) -> dict[str, str] | None:
+    """`scan_tags`' values when it reads them all (a deflated dataset is inflated by now)."""
+    syntax = UID(transfer_syntax_uid)
+    if syntax == DeflatedExplicitVRLittleEndian:
+        explicit = True
+    elif syntax.is_transfer_syntax and syntax.is_little_endian:
+        explicit = not syntax.is_implicit_VR
+    else:
+        return None
+    found = scan_tags(dataset, explicit)
+    if found is None or not all(found.get(k) for k in _REQUIRED):
+        return None
+    return found
 
 
 def _parse(meta: bytes, dataset: bytes | memoryview) -> Dataset:
