@@ -35,6 +35,8 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
+from dicomai.ingest.store_response import StoreResponseDIMSE
+
 log = logging.getLogger(__name__)
 
 # Longest wait of either loop: how late a timer expiry or a dead DUL is noticed.
@@ -188,6 +190,7 @@ class WakingAssociation(Association):
         super().__init__(ae, mode)
         self._activity = threading.Event()
         self.dul = WakingDUL(self, self._activity.set)
+        self.dimse = StoreResponseDIMSE(self)
         self.dimse.msg_queue = _RingingQueue(self._activity.set)
         # The timeout setters configure the DUL's timers; apply them to the new one.
         self.acse_timeout = self.acse_timeout
