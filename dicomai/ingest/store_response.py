@@ -10,7 +10,7 @@ pynetdicom writes (`tests/unit/test_store_response.py`); anything else takes pyn
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, cast
 
 from pynetdicom import evt
 from pynetdicom._handlers import standard_dimse_sent_handler
@@ -86,5 +86,6 @@ class StoreResponseDIMSE(DIMSEServiceProvider):
         self.dul.send_pdu(pdata)
 
     def _quiet(self) -> bool:
-        handlers = self.assoc.get_handlers(evt.EVT_DIMSE_SENT)
-        return all(handler[0] is standard_dimse_sent_handler for handler in handlers)
+        # A notification event's handlers are a list of (callable, arguments).
+        handlers = cast(list[tuple[Any, Any]], self.assoc.get_handlers(evt.EVT_DIMSE_SENT))
+        return all(handler is standard_dimse_sent_handler for handler, _ in handlers)

@@ -24,8 +24,9 @@ def _response(message_id: int, status: int, sop_class: str, sop_instance: str) -
 def _pynetdicom(primitive: C_STORE) -> bytes:
     message = C_STORE_RSP()
     message.primitive_to_message(primitive)
-    ((pdata,),) = [[p for p in message.encode_msg(1, 0)]]
+    (pdata,) = message.encode_msg(1, 0)
     ((context_id, pdv),) = pdata.presentation_data_value_list
+    assert context_id == 1
     assert pdv[:1] == b"\x03"
     return pdv[1:]
 
