@@ -12,12 +12,12 @@ import enum
 import getpass
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select, text
+from sqlalchemy import Table, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from dicomai.db.models import AuditEvent, utcnow
@@ -91,45 +91,56 @@ def record(
     object_id: str | int | None = None,
     study_uid: str | None = None,
     **detail: Any,
-) -> AuditEvent:
-    """Add an audit row to `session`; it commits or rolls back with the change it records.
+) -> None:
+    """Add an audit row in `session`'s transaction; it commits or rolls back with the change
+    it records.
 
     `detail` must not hold patient data: UIDs, counts, states and reasons only. The row is
     chained to the newest row (see the module docstring); the chain head is read once per
     transaction, under a lock that other writers of audit rows wait for until this commits.
+    The row is a Core insert on the session's connection: every C-STORE writes one, and the
+    ORM's unit of work for it was a fifth of the listener's CPU time.
     """
-    event = AuditEvent(
-        at=utcnow(),
-        actor=actor[:64],
-        action=action.value,
-        object_type=object_type,
-        object_id=None if object_id is None else str(object_id),
-        study_uid=study_uid,
-        detail=json.loads(json.dumps(detail)),
-    )
-    session.connection()  # begins the transaction, so that it can key the cached head
+    row: dict[str, Any] = {
+        "at": utcnow(),
+        "actor": actor[:64],
+        "action": action.value,
+        "object_type": object_type,
+        "object_id": None if object_id is None else str(object_id),
+        "study_uid": study_uid,
+        "detail": json.loads(json.dumps(detail)),
+    }
+    connection = session.connection()  # begins the transaction, so that it can key the head
     transaction = session.get_transaction()
     head = session.info.get(_HEAD)
     if head is not None and head[0] is transaction:
-        event.prev_hash = head[1]
-        session.add(event)
+        row["prev_hash"] = head[1]
     elif _lock_chain(session):
         # No other writer can append before this transaction ends: the row is inserted
-        # once, with its hash, at the next flush.
-        event.prev_hash = session.scalar(_NEWEST) or GENESIS
-        session.add(event)
+        # once, with its hash.
+        row["prev_hash"] = connection.scalar(_NEWEST) or GENESIS
     else:
-        # Flushed before the head is read: on SQLite the insert takes the write lock, so no
+        # Inserted before the head is read: on SQLite the insert takes the write lock, so no
         # other writer can append between reading the head and committing this row.
-        session.add(event)
-        session.flush([event])
-        event.prev_hash = session.scalar(_NEWEST.where(AuditEvent.id < event.id)) or GENESIS
-    event.hash = event_hash(event)
-    session.info[_HEAD] = (transaction, event.hash)
-    return event
+        key = connection.execute(_INSERT, row).inserted_primary_key
+        assert key is not None
+        row_id = key[0]
+        row["prev_hash"] = connection.scalar(_NEWEST.where(_TABLE.c.id < row_id)) or GENESIS
+        row["hash"] = _hash(row)
+        connection.execute(
+            update(_TABLE).where(_TABLE.c.id == row_id),
+            {"prev_hash": row["prev_hash"], "hash": row["hash"]},
+        )
+        session.info[_HEAD] = (transaction, row["hash"])
+        return
+    row["hash"] = _hash(row)
+    connection.execute(_INSERT, row)
+    session.info[_HEAD] = (transaction, row["hash"])
 
 
-_NEWEST = select(AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1)
+_TABLE = cast(Table, AuditEvent.__table__)
+_INSERT = insert(_TABLE)
+_NEWEST = select(_TABLE.c.hash).order_by(_TABLE.c.id.desc()).limit(1)
 
 
 def _lock_chain(session: Session) -> bool:
@@ -147,24 +158,27 @@ def _lock_chain(session: Session) -> bool:
     return bool(getattr(driver, "in_transaction", False))
 
 
+_HASHED = ("at", "actor", "action", "object_type", "object_id", "study_uid", "detail", "prev_hash")
+
+
 def canonical(event: AuditEvent) -> bytes:
     """The bytes an audit row's hash covers: its fields and `prev_hash`, as sorted JSON."""
-    at = event.at.astimezone(UTC) if event.at.tzinfo else event.at.replace(tzinfo=UTC)
-    fields = {
-        "at": at.isoformat(),
-        "actor": event.actor,
-        "action": event.action,
-        "object_type": event.object_type,
-        "object_id": event.object_id,
-        "study_uid": event.study_uid,
-        "detail": event.detail,
-        "prev_hash": event.prev_hash,
-    }
+    return _canonical({name: getattr(event, name) for name in _HASHED})
+
+
+def _canonical(row: Mapping[str, Any]) -> bytes:
+    fields = {name: row[name] for name in _HASHED}
+    at = fields["at"]
+    fields["at"] = (at.astimezone(UTC) if at.tzinfo else at.replace(tzinfo=UTC)).isoformat()
     return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
 def event_hash(event: AuditEvent) -> str:
     return hashlib.sha256(canonical(event)).hexdigest()
+
+
+def _hash(row: Mapping[str, Any]) -> str:
+    return hashlib.sha256(_canonical(row)).hexdigest()
 
 
 @dataclass(frozen=True)
