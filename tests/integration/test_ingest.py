@@ -379,6 +379,36 @@ def test_reactors_answer_many_requests_and_a_release() -> None:
         server.shutdown()
 
 
+def _contexts(server) -> list[tuple]:
+    return [
+        (c.context_id, c.abstract_syntax, list(c.transfer_syntax), c.scu_role, c.scp_role)
+        for c in server.contexts
+    ]
+
+
+def test_associations_leave_the_shared_supported_contexts_as_they_were() -> None:
+    # Every association negotiates against the server's own contexts, not a copy: one
+    # association's negotiation (a rejected context, a role proposal) must not change them.
+    server, port = _echo_server()
+    try:
+        before = _contexts(server)
+        client = AE(ae_title=MODALITY)
+        client.add_requested_context(VERIFICATION, ExplicitVRLittleEndian)
+        client.add_requested_context("1.2.840.10008.5.1.4.1.1.2")  # not supported here
+        for _ in range(2):
+            assoc = client.associate("127.0.0.1", port, ae_title=AET)
+            assert assoc.is_established
+            assert [c.result for c in assoc.accepted_contexts] == [0]
+            assert [c.abstract_syntax for c in assoc.rejected_contexts] == [
+                "1.2.840.10008.5.1.4.1.1.2"
+            ]
+            assert assoc.send_c_echo().Status == 0
+            assoc.release()
+        assert _contexts(server) == before
+    finally:
+        server.shutdown()
+
+
 def test_idle_association_is_ended_at_the_network_timeout() -> None:
     # A peer that goes quiet must not hold an association slot forever.
     server, port = _echo_server(network_timeout=0.5)
