@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomai.ingest.recorder import Received, add_instance, record_instance
+from dicomai.ingest.recorder import Received, add_instances, record_instance
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,7 @@ class GroupCommitter:
         if len(batch) > 1 and len(uids) == len(batch):
             try:
                 with self.sessions() as session, session.begin():
-                    for pending in batch:
-                        add_instance(session, pending.received)
+                    add_instances(session, [pending.received for pending in batch])
                 for pending in batch:
                     pending.stored = True
                     pending.done.set()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
@@ -13,7 +14,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomai.audit import Action, record
+from dicomai.audit import Action, append, event_row, record
 from dicomai.db.models import Instance, Prediction, Study, StudyState, utcnow
 from dicomai.ingest.header import Header
 
@@ -143,30 +144,54 @@ def record_instance(sessions: sessionmaker[Session], received: Received) -> bool
 
 def add_instance(session: Session, received: Received) -> None:
     """The statements that record one instance, in the caller's transaction."""
-    header = received.header
+    add_instances(session, [received])
+
+
+def add_instances(session: Session, batch: Sequence[Received]) -> None:
+    """Record several instances (distinct SOP Instance UIDs) in the caller's transaction.
+
+    One upsert per study (its count raised by the study's instances in the batch), one
+    insert of every instance row and one of every audit row, where one instance at a time
+    took three statements each: a group commit of four stores spent most of its time in
+    SQLAlchemy's per-statement work. On the session's connection: through the ORM's execute
+    the statements cost twice as much, with nothing mapped to gain from it.
+    """
+    if not batch:
+        return
     now = utcnow()
-    study = {
-        "study_uid": header.study_uid,
+    connection = session.connection()
+    upsert, insert_instance = _statements(connection.dialect.name)
+    studies: dict[str, list[Received]] = {}
+    for received in batch:
+        studies.setdefault(received.header.study_uid, []).append(received)
+    study_ids = {
+        study_uid: int(connection.execute(upsert, _study_values(members, now)).scalar_one())
+        for study_uid, members in studies.items()
+    }
+    instances = [_instance_values(study_ids[r.header.study_uid], r, now) for r in batch]
+    connection.execute(insert_instance, instances[0] if len(instances) == 1 else instances)
+    append(session, [_stored_event(received) for received in batch])
+
+
+def _study_values(members: Sequence[Received], now: datetime) -> dict[str, Any]:
+    first = members[0]
+    expected = next(
+        (m.header.expected_instances for m in members if m.header.expected_instances), None
+    )
+    return {
+        "study_uid": first.header.study_uid,
         "state": StudyState.RECEIVING,
-        "modality": header.modality,
-        "calling_ae": received.calling_ae,
-        "instance_count": 1,
-        "expected_instances": header.expected_instances,
+        "modality": first.header.modality,
+        "calling_ae": first.calling_ae,
+        "instance_count": len(members),
+        "expected_instances": expected,
         "first_received_at": now,
         "last_received_at": now,
     }
-    # On the session's connection: through the ORM's execute the two statements cost
-    # twice as much, with nothing mapped to gain from it.
-    connection = session.connection()
-    upsert, insert_instance = _statements(connection.dialect.name)
-    study_id = int(connection.execute(upsert, study).scalar_one())
-    connection.execute(insert_instance, _instance_values(study_id, received, now))
-    _audit_stored(session, received)
 
 
-def _audit_stored(session: Session, received: Received) -> None:
-    record(
-        session,
+def _stored_event(received: Received) -> dict[str, Any]:
+    return event_row(
         Action.INSTANCE_STORED,
         actor=received.calling_ae,
         object_type="instance",
@@ -194,7 +219,7 @@ def _statements(dialect: str) -> tuple[Any, Any]:
     statement = upsert.on_conflict_do_update(
         index_elements=[studies.c.study_uid],
         set_={
-            "instance_count": studies.c.instance_count + 1,
+            "instance_count": studies.c.instance_count + upsert.excluded.instance_count,
             "last_received_at": upsert.excluded.last_received_at,
             "state": upsert.excluded.state,
             "expected_instances": func.coalesce(
