@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai.audit import verify_chain
-from dicomai.config import load_settings
-from dicomai.db.migrate import upgrade
 from dicomai.db.models import AuditEvent, Instance, Study
 from dicomai.db.session import make_engine, make_sessionmaker
 from dicomai.ingest.header import Header
@@ -20,16 +16,9 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
 ROOT = "1.2.826.0.1.3680043.8.498.77"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def sessions(request: pytest.FixtureRequest, tmp_path: Path) -> sessionmaker[Session]:
-    settings = load_settings(None, storage={"dir": tmp_path / "var", "min_free_mb": 0})
-    url = (
-        settings.database_url
-        if request.param == "sqlite"
-        else request.getfixturevalue("postgres_url")
-    )
-    upgrade(url)
-    return make_sessionmaker(make_engine(url))
+@pytest.fixture
+def sessions(database_url: str) -> sessionmaker[Session]:
+    return make_sessionmaker(make_engine(database_url))
 
 
 def received(study: int, number: int, expected: int | None = None) -> Received:

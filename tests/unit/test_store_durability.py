@@ -17,7 +17,6 @@ from sqlalchemy import select
 
 from dicomai.audit import verify_chain
 from dicomai.config import load_settings
-from dicomai.db.migrate import upgrade
 from dicomai.db.models import AuditEvent, Instance, Study
 from dicomai.db.session import make_engine, make_sessionmaker
 from dicomai.errors import StorageUnavailable
@@ -32,16 +31,10 @@ STUDY = "1.2.826.0.1.3680043.8.498.90"
 META = b"\0" * 128 + b"DICM"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def storer(request: pytest.FixtureRequest, tmp_path: Path) -> Storer:
+@pytest.fixture
+def storer(database_url: str, tmp_path: Path) -> Storer:
     settings = load_settings(None, storage={"dir": tmp_path / "var", "min_free_mb": 0})
-    url = (
-        settings.database_url
-        if request.param == "sqlite"
-        else request.getfixturevalue("postgres_url")
-    )
-    upgrade(url)
-    sessions = make_sessionmaker(make_engine(url))
+    sessions = make_sessionmaker(make_engine(database_url))
     return Storer(Spool(settings.spool_dir), sessions, Limits(1 << 20, 1 << 30))
 
 
