@@ -142,13 +142,14 @@ def _skip_sequence(view: memoryview, position: int, end: int, explicit: bool) ->
 
 
 def _value(raw: bytes, vr: bytes) -> str:
-    if not _PRINTABLE.fullmatch(raw.rstrip(b"\0")):
-        raise _Malformed
     if vr == b"UI":
-        text = raw.rstrip(b"\0 ").decode("ascii")
+        text = raw.rstrip(b"\0 ").decode("ascii", errors="replace")
         if not is_valid_uid(text):
             raise _Malformed
         return text
+    # Text is padded with spaces; a NUL or anything unprintable is pydicom's to judge.
+    if not _PRINTABLE.fullmatch(raw):
+        raise _Malformed
     text = raw.decode("ascii").strip()
     if vr == b"IS" and text and not _INTEGER.fullmatch(text):
         raise _Malformed  # pydicom reads "12.0" as 12

@@ -150,6 +150,7 @@ def test_undefined_length_sequences_are_walked_through(
     [
         ("two values", _dataset(modality=b"CT\\MR")),
         ("an escape sequence", _dataset(modality=b"\x1b$B")),
+        ("a NUL-padded text", _dataset(modality=b"CT\0\0")),
         ("a decimal count", _dataset(extra=_element(0x00201208, b"IS", b"12.0"))),
         ("an unknown VR", _dataset(extra=_element(0x00280010, b"XX", b"\0\2"))),
         ("a value past the end", _dataset()[: _dataset().index(SERIES.encode()) + 3]),
