@@ -7,7 +7,7 @@ import re
 
 # PS3.5 §9.1: components of digits, no leading zero unless the component is "0",
 # separated by single dots, at most 64 characters.
-_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
+_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+")
 
 # Our UID root: the "2.25" UUID-derived arc (PS3.5 B.2) needs no registration.
 DEFAULT_UID_ROOT = "2.25"
@@ -19,7 +19,7 @@ IMPLEMENTATION_VERSION_NAME = "DICOMAI_010"
 
 def is_valid_uid(value: object) -> bool:
     """Return whether `value` is a UID by the full grammar of PS3.5 §9.1."""
-    return isinstance(value, str) and len(value) <= 64 and _UID_RE.match(value) is not None
+    return isinstance(value, str) and len(value) <= 64 and _UID_RE.fullmatch(value) is not None
 
 
 def derive_uid(*parts: str, root: str = DEFAULT_UID_ROOT) -> str:

@@ -25,6 +25,7 @@ def test_valid_uids(uid: str) -> None:
         "../etc",
         "1.2/3",
         "1.2 ",
+        "1.2\n",  # `$` alone would accept a trailing newline: a line break in a spool path
         "1.2.a",
         "1." + "2" * 63,
         None,
