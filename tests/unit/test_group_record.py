@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai.audit import verify_chain
@@ -55,7 +56,7 @@ def test_a_batch_counts_each_study_and_chains_each_row(sessions: sessionmaker[Se
 
 def test_a_batch_that_fails_leaves_nothing(sessions: sessionmaker[Session]) -> None:
     assert record_instance(sessions, received(1, 1))
-    with pytest.raises(Exception), sessions() as session, session.begin():  # noqa: B017
+    with pytest.raises(IntegrityError), sessions() as session, session.begin():
         add_instances(session, [received(1, 2), received(1, 1)])  # a resend inside
     with sessions() as session:
         assert session.scalar(select(Study.instance_count)) == 1
