@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from dicomai.models.manifest import EXPLANATION_METHODS
+
 if TYPE_CHECKING:
     from dicomai.training.runs import RunSettings
 
@@ -166,6 +168,11 @@ def _epochs(text: str) -> tuple[int, ...]:
 @click.option("--modality", "modalities", multiple=True, help="Applies to (repeatable).")
 @click.option("--body-part", "body_parts", multiple=True, help="Applies to (repeatable).")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/last.pt.")
+@click.option(
+    "--explanation",
+    type=click.Choice(EXPLANATION_METHODS),
+    help="Heat-map method kept in the package (default: the architecture's own).",
+)
 def train(**options: Any) -> None:
     """Train a classifier on labelled images and write a model package the daemon runs."""
     from dicomai.training.runs import train_package
@@ -250,6 +257,7 @@ def _run_settings(o: dict[str, Any]) -> RunSettings:
         device=str(o["device"]),
         resume=bool(o["resume"]),
         masks=not o["no_masks"],
+        explanation=o["explanation"] or "",
     )
 
 

@@ -22,6 +22,18 @@ METHODS: dict[str, type[BaseCAM]] = {
 }
 
 
+def default_method(model: nn.Module) -> str:
+    """The method that draws `model`'s heat maps unless its package names one.
+
+    A network names its own with an ``explanation_method`` attribute (as it names its layer
+    with ``gradcam_target_layer``); otherwise Grad-CAM.
+    """
+    method = str(getattr(model, "explanation_method", "gradcam"))
+    if method not in METHODS:
+        raise ValueError(f"explanation_method {method!r} is not one of {', '.join(METHODS)}")
+    return method
+
+
 def gradcam(
     model: nn.Module,
     batch: torch.Tensor,

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from dicomai.errors import ModelPackageError
-from dicomai.explain.gradcam import explain_top_finding, gradcam
+from dicomai.explain.gradcam import default_method, explain_top_finding, gradcam
 from dicomai.inference.precision import Precision, autocast, autocast_dtype
 from dicomai.inference.types import ClassScore, ImagePrediction, UncertaintyEstimate
 from dicomai.inference.uncertainty import (
@@ -47,7 +47,8 @@ class Classifier:
     batch_size
         Most images per forward pass; bounds memory on large studies.
     cam_method
-        The Grad-CAM family method (see `dicomai.explain.gradcam.METHODS`).
+        The Grad-CAM family method (see `dicomai.explain.gradcam.METHODS`); by default the
+        package's ``explanation``, else the architecture's (`dicomai.explain.default_method`).
     precision
         The number format of the forward passes (see `dicomai.inference.precision`);
         scores and maps come out in fp32 and fp64 whatever it is.
@@ -65,13 +66,12 @@ class Classifier:
         loaded: LoadedModel,
         device: str | torch.device = "cpu",
         batch_size: int = 16,
-        cam_method: str = "gradcam",
+        cam_method: str | None = None,
         precision: Precision = "auto",
     ) -> None:
         self.loaded = loaded
         self.device = torch.device(device)
         self.batch_size = max(1, batch_size)
-        self.cam_method = cam_method
         self.autocast_dtype = autocast_dtype(precision, self.device)
         self._memory_format = torch.contiguous_format
         if self.device.type == "cpu":
@@ -93,6 +93,7 @@ class Classifier:
                 f"uncertainty.method: mc_dropout needs dropout, and {manifest.architecture} "
                 f"with options {manifest.options} has none"
             )
+        self.cam_method = cam_method or manifest.explanation or default_method(self.module)
         self._findings = [i for i, spec in enumerate(manifest.classes) if spec.is_finding]
         # Scores and heat maps from one pass with gradients where a single deterministic pass
         # scores the image and the explained class (the top finding) follows from its logits;

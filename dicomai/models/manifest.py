@@ -79,6 +79,8 @@ class AppliesTo:
 
 
 UNCERTAINTY_METHODS = ("none", "mc_dropout", "ensemble")
+# The keys of `dicomai.explain.gradcam.METHODS` (not imported: reading a manifest needs no torch).
+EXPLANATION_METHODS = ("gradcam", "gradcam++", "eigencam")
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,9 @@ class Manifest:
     `weights_sha256` is empty only on a manifest built in code and not yet written by
     `dicomai.models.package.write_package`; every manifest read from disk carries it.
     `multi_label` models score each class on its own (a sigmoid per output, any number of
-    findings at once); the others share one softmax over their classes.
+    findings at once); the others share one softmax over their classes. `explanation` names
+    the method that draws the heat maps; empty means the architecture's own choice
+    (`dicomai.explain.default_method`).
     """
 
     name: str
@@ -130,6 +134,7 @@ class Manifest:
     # A deep ensemble's members after the first, which is `weights_file` itself.
     ensemble: tuple[EnsembleMember, ...] = ()
     multi_label: bool = False
+    explanation: str = ""
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -185,6 +190,7 @@ class Manifest:
             training=_table(data, "training"),
             metrics=_table(data, "metrics"),
             multi_label=_flag(data, "multi_label"),
+            explanation=_explanation(data),
             **_uncertainty_and_ensemble(data),
         )
 
@@ -200,6 +206,7 @@ class Manifest:
             "temperature": self.temperature,
             # Written only when set, so that every single-label package keeps its exact bytes.
             **({"multi_label": True} if self.multi_label else {}),
+            **({"explanation": self.explanation} if self.explanation else {}),
             "options": self.options,
             "input": self.input.to_dict(),
             "applies_to": {
@@ -385,6 +392,15 @@ def _applies_to(table: dict[str, Any]) -> AppliesTo:
             f"applies_to.series_description: not a regular expression: {error}"
         ) from None
     return AppliesTo(**lists, series_description=pattern)
+
+
+def _explanation(data: dict[str, Any]) -> str:
+    method = _text(data, "explanation", required=False)
+    if method and method not in EXPLANATION_METHODS:
+        raise ModelPackageError(
+            f"explanation: {method!r} is not one of {', '.join(EXPLANATION_METHODS)}"
+        )
+    return method
 
 
 def _uncertainty_and_ensemble(data: dict[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from dicomai.errors import ModelPackageError
-from dicomai.explain.gradcam import gradcam
+from dicomai.explain.gradcam import default_method, gradcam
 from dicomai.models.architectures import build
 from dicomai.models.manifest import (
     MANIFEST_NAME,
@@ -279,9 +279,10 @@ def smoke_test(loaded: LoadedModel) -> None:
         raise ModelPackageError(f"smoke test: output shape {tuple(logits.shape)}, not {expected}")
     if not torch.isfinite(logits).all():
         raise ModelPackageError("smoke test: the network's output is not finite")
+    method = loaded.manifest.explanation or default_method(loaded.module)
     try:
-        heatmap = gradcam(loaded.module, batch, [0])
+        heatmap = gradcam(loaded.module, batch, [0], method)
     except (RuntimeError, ValueError) as error:
-        raise ModelPackageError(f"smoke test: Grad-CAM failed: {error}") from error
+        raise ModelPackageError(f"smoke test: {method} failed: {error}") from error
     if heatmap.shape != (1, rows, cols) or not np.isfinite(heatmap).all():
         raise ModelPackageError(f"smoke test: Grad-CAM map of shape {heatmap.shape} or not finite")

@@ -66,10 +66,18 @@ class DenseNetTransformer(nn.Module):
         A small DenseNet (`dicomai.models.backbones`) for tests and demos.
 
     Grad-CAM explains the DenseNet features (``densenet.features.norm5``, their last layer);
-    `attention_maps` gives the class token's attention over the grid from the last layer.
+    `attention_maps` gives the class token's attention over the grid from the last layer. Its
+    heat maps are Grad-CAM++'s unless the package says otherwise (`explanation_method`).
     """
 
     gradcam_target_layer = "densenet.features.norm5"
+    # Grad-CAM weighs each channel by its gradient averaged over the grid, which assumes the head
+    # pools the map evenly; the class token's attention does not, and on some trained networks
+    # the average points away from the finding. Nine small networks trained on painted nodules
+    # (from scratch and on a frozen trained DenseNet, seeds 0-3, one and two threads): Grad-CAM's
+    # maximum fell inside the nodule on 0.0-1.0 of the images (mean 0.48), Grad-CAM++'s, which
+    # weighs the positive gradients by position, on 0.53-1.0 (mean 0.83).
+    explanation_method = "gradcam++"
 
     def __init__(
         self,

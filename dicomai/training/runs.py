@@ -71,6 +71,7 @@ class RunSettings:
     device: str = "auto"
     resume: bool = False
     masks: bool = True
+    explanation: str = ""
 
 
 def train_package(settings: RunSettings, log: Log = print) -> Manifest:
@@ -151,6 +152,7 @@ def train_package(settings: RunSettings, log: Log = print) -> Manifest:
         training=rounded(_training_table(settings, data, result.best_epoch, result.seconds)),
         metrics=rounded(_headline(metrics)),
         multi_label=multilabel,
+        explanation=settings.explanation,
     )
     written = write_package(settings.out / "package", manifest, model.cpu().state_dict())
     write_history(settings.out / "training_log.csv", result.history)

@@ -119,6 +119,41 @@ def test_scores_and_heat_maps_come_from_one_forward_pass(loaded: LoadedModel) ->
     np.testing.assert_allclose(np.stack([p.heatmap for p in predictions]), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["gradcam++", "eigencam"])
+def test_the_heat_maps_are_drawn_by_the_method_the_package_names(
+    loaded: LoadedModel, method: str
+) -> None:
+    manifest = dataclasses.replace(loaded.manifest, explanation=method)
+    batch = inputs(4, SPEC, seed=5)
+    predictions = Classifier(LoadedModel(manifest, loaded.module)).predict(batch)
+    tensors = torch.from_numpy(np.stack([x for _, x in batch]))
+    explained = [[c.name for c in CLASSES].index(p.explained) for p in predictions]
+    heatmaps = np.stack([p.heatmap for p in predictions])
+    np.testing.assert_allclose(
+        heatmaps, gradcam(loaded.module, tensors, explained, method), atol=1e-5
+    )
+    assert not np.allclose(heatmaps, gradcam(loaded.module, tensors, explained), atol=1e-3)
+
+
+def test_the_densenet_transformer_is_explained_with_grad_cam_plus_plus(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    manifest = Manifest(
+        name="hybrid",
+        version="0.1.0",
+        architecture="densenet121_transformer",
+        options={"tiny": True, "d_model": 32, "heads": 2, "ffn": 64, "layers": 1},
+        classes=CLASSES,
+        input=InputSpec(size=(64, 64)),
+    )
+    network = build(manifest.architecture, 3, **manifest.options)
+    write_package(tmp_path, manifest, network.state_dict())
+    loaded_hybrid = load_model(tmp_path)
+    assert Classifier(loaded_hybrid).cam_method == "gradcam++"
+    chosen = dataclasses.replace(manifest, explanation="gradcam")
+    assert Classifier(LoadedModel(chosen, loaded_hybrid.module)).cam_method == "gradcam"
+    smoke_test(loaded_hybrid)
+
+
 def test_a_model_without_findings_gives_no_heat_map(loaded: LoadedModel) -> None:
     quiet = tuple(dataclasses.replace(spec, is_finding=False) for spec in CLASSES)
     manifest = dataclasses.replace(loaded.manifest, classes=quiet)

@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from dicomai.errors import ModelPackageError
+from dicomai.explain import METHODS
 from dicomai.imaging.spec import InputSpec
 from dicomai.inference.types import Code
 from dicomai.models.architectures import ARCHITECTURES, build
+from dicomai.models.manifest import EXPLANATION_METHODS
 from dicomai.models.package import (
     AppliesTo,
     ClassSpec,
@@ -69,6 +71,18 @@ def test_written_manifest_reads_back_equal(package: Path) -> None:
     assert Manifest.from_toml(package / "model.toml").to_toml() == written.to_toml()
 
 
+def test_an_explanation_method_is_written_only_when_the_package_names_one(
+    tmp_path: Path,
+) -> None:
+    assert "explanation" not in manifest().to_toml()
+    chosen = manifest(explanation="gradcam++")
+    write_package(tmp_path, chosen, build("tinycnn", 2, dropout=0.1).state_dict())
+    assert 'explanation = "gradcam++"' in (tmp_path / "model.toml").read_text()
+    assert read_manifest(tmp_path).explanation == "gradcam++"
+    # The manifest checks names without importing torch; both lists must stay the same.
+    assert tuple(METHODS) == EXPLANATION_METHODS
+
+
 def test_written_package_loads_in_eval_mode_and_passes_smoke_test(package: Path) -> None:
     loaded = load_model(package)
     verify_weights(package, loaded.manifest)
@@ -96,6 +110,12 @@ def test_written_package_loads_in_eval_mode_and_passes_smoke_test(package: Path)
         ('modalities = ["CR", "DX"]', 'modalities = "CR"', "applies_to.modalities"),
         ('name = "nodule"', 'name = "normal"', "classes: duplicate name 'normal'"),
         ("weights_sha256 = ", "weights_sha = ", "weights_sha: unknown field"),
+        (
+            "temperature = 1.7",
+            'temperature = 1.7\nexplanation = "saliency"',
+            "explanation: 'saliency' is not one of gradcam, gradcam++, eigencam",
+        ),
+        ("temperature = 1.7", "temperature = 1.7\nexplanation = 3", "explanation: must be"),
     ],
 )
 def test_bad_manifest_is_one_line_naming_the_field(

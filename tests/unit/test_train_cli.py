@@ -123,8 +123,10 @@ def test_each_strategy_gives_a_package_the_daemon_runs(
 def test_the_registry_accepts_a_trained_package(pngs: Path, site: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     code, output = run("train", "--data", str(pngs), "--out", str(out), "--name", "nodule",
-                       "--version", "2.0.0", "--modality", "DX", *FAST)  # fmt: skip
+                       "--version", "2.0.0", "--modality", "DX", "--explanation", "gradcam++",
+                       *FAST)  # fmt: skip
     assert code == 0, output
+    assert load_model(out / "package").manifest.explanation == "gradcam++"
     registered = dicomai(site, "models", "register", str(out / "package"))
     assert "registered nodule 2.0.0" in registered.stdout
 
@@ -254,6 +256,14 @@ def test_bad_layouts_fail_in_one_line_before_training(
     assert output.startswith("error: ") and message in output, output
     assert output.count("\n") == 1
     assert not out.exists(), "nothing may be written before the data are checked"
+
+
+def test_an_unknown_explanation_method_is_refused_in_one_line(pngs: Path, tmp_path: Path) -> None:
+    code, output = run("train", "--data", str(pngs), "--out", str(tmp_path / "run"),
+                       "--name", "nodule", "--explanation", "saliency", *FAST)  # fmt: skip
+    assert code == 2
+    assert "'saliency' is not one of 'gradcam', 'gradcam++', 'eigencam'" in output
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_resume_without_a_checkpoint_is_an_error(pngs: Path, tmp_path: Path) -> None:
