@@ -68,7 +68,7 @@ def plot_reliability(path: Path, reliability: list[dict[str, Any]], ece: float) 
 def plot_misclassified(
     path: Path, items: list[tuple[np.ndarray, np.ndarray | None, str]], columns: int = 4
 ) -> None:
-    """A grid of images (grey, (H, W) in [0, 1]) with their Grad-CAM over them and a caption."""
+    """A grid of images (grey, (H, W) in [0, 1]) with their heat maps over them and a caption."""
     rows = max(1, -(-len(items) // columns))
     figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.2 * rows), squeeze=False)
     for axis in axes.ravel():

@@ -23,9 +23,12 @@ Writes into the output folder:
       segmentation     only for a network that segments, on data with lesion masks:
                        {dice_mean, dice_median (images with a lesion; mask probability > 0.5,
                        at the model's input size), n_lesion, empty_predicted_on_clear}
+      localisation     only on data with lesion masks: {pointing {method: fraction of the
+                       images with a lesion whose heat map's maximum lies on the lesion or
+                       within margin_px of it}, n_lesion, margin_px, method (the package's)}
 
 - ``predictions.csv``: per image its file, truth, decision and every class's probability;
-- ``roc.png``, ``reliability.png``, ``misclassified.png`` (up to 16, with Grad-CAM);
+- ``roc.png``, ``reliability.png``, ``misclassified.png`` (up to 16, with their heat maps);
 - ``report.md`` and ``report.html``: the same numbers for people.
 """
 
@@ -42,6 +45,7 @@ import numpy as np
 import pydicom
 import torch
 
+from dicomai.evaluation.localisation import LOCALISATION, localisation_metrics
 from dicomai.evaluation.metrics import compute_metrics, decisions
 from dicomai.evaluation.plots import plot_misclassified, plot_reliability, plot_roc
 from dicomai.evaluation.segmentation import SEGMENTATION, segmentation_metrics, segments
@@ -128,6 +132,8 @@ def evaluate_package(
     }
     if images.masks is not None and segments(classifier):
         report[SEGMENTATION] = segmentation_metrics(classifier, images, inputs)
+    if images.masks is not None and any(spec.is_finding for spec in manifest.classes):
+        report[LOCALISATION] = localisation_metrics(classifier, images, inputs)
     out.mkdir(parents=True, exist_ok=True)
     predicted = decisions(probabilities, task, thresholds, positive)
     _write_predictions(out / "predictions.csv", images, classes, probabilities, predicted, task)
@@ -138,10 +144,15 @@ def evaluate_package(
     dice = (
         f", lesion Dice {report[SEGMENTATION]['dice_mean']:.3f}" if SEGMENTATION in report else ""
     )
+    pointing = ""
+    if LOCALISATION in report:
+        used = report[LOCALISATION]["method"]
+        share = report[LOCALISATION]["pointing"][used]
+        pointing = f", heat maps ({used}) on the lesion {share:.2f}"
     log(
         f"{manifest.name} {manifest.version} on {len(images)} images: accuracy "
         f"{metrics['accuracy']:.3f}, AUC {metrics['auc_macro']:.3f}, ECE {metrics['ece']:.3f}"
-        f"{dice}; report in {out}"
+        f"{dice}{pointing}; report in {out}"
     )
     return report
 
@@ -276,6 +287,17 @@ def _tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
     if SEGMENTATION in report:
         rows = [[key, _number(value)] for key, value in report[SEGMENTATION].items()]
         tables.append(("Lesion segmentation", ["metric", "value"], rows))
+    if LOCALISATION in report:
+        found = report[LOCALISATION]
+        rows = [
+            [method + (" (the package's)" if method == found["method"] else ""), _number(value)]
+            for method, value in found["pointing"].items()
+        ]
+        title = (
+            f"Heat maps on the lesion ({found['n_lesion']} images with a lesion; maximum on "
+            f"the mask or within {found['margin_px']} px)"
+        )
+        tables.append((title, ["method", "pointing game"], rows))
     return tables
 
 
@@ -297,7 +319,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["| " + " | ".join("---" for _ in header) + " |"]
         lines += ["| " + " | ".join(row) + " |" for row in rows] + [""]
     lines += ["## Figures", "", "![ROC curves](roc.png)", "![Reliability](reliability.png)"]
-    lines += ["![Misclassified images with Grad-CAM](misclassified.png)", ""]
+    lines += ["![Misclassified images with their heat maps](misclassified.png)", ""]
     return "\n".join(lines)
 
 
