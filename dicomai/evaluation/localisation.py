@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import torch
 
-from dicomai.explain.gradcam import METHODS, gradcam
+from dicomai.explain.gradcam import gradcam, methods_for
 from dicomai.inference.runner import Classifier
 from dicomai.training.batches import resize_mask
 from dicomai.training.datasets import LabelledImages, read_image01, read_mask
@@ -80,7 +80,8 @@ def localisation_metrics(
     Returns
     -------
     dict
-        ``pointing`` {method: fraction of hits}, ``n_lesion``, ``margin_px`` and ``method``
+        ``pointing`` {method: fraction of hits} for each method that can explain the
+        network (`dicomai.explain.methods_for`), ``n_lesion``, ``margin_px`` and ``method``
         (the one the package's heat maps use).
 
     Raises
@@ -104,7 +105,7 @@ def localisation_metrics(
             masks.append(mask)
     margin = MARGIN_AT_224 * max(size) / 224
     pointing: dict[str, float] = {}
-    for method in METHODS:
+    for method in methods_for(classifier.module):
         maps = []
         for start in range(0, len(chosen), classifier.batch_size):
             part = chosen[start : start + classifier.batch_size]

@@ -1,4 +1,8 @@
-"""Grad-CAM family heat maps for a batch, computed by pytorch-grad-cam behind our interface."""
+"""Heat maps for a batch: the Grad-CAM family (pytorch-grad-cam) and attention relevance.
+
+The Grad-CAM family explains any network with a spatial map or a token grid; relevance
+(`dicomai.explain.relevance`) explains networks whose class token attends to patch tokens.
+"""
 
 from __future__ import annotations
 
@@ -13,13 +17,23 @@ from pytorch_grad_cam.base_cam import BaseCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
+from dicomai.explain.relevance import attention_relevance
 from dicomai.explain.target import find_target_layer
 
-METHODS: dict[str, type[BaseCAM]] = {
+_CAM_CLASSES: dict[str, type[BaseCAM]] = {
     "gradcam": GradCAM,
     "gradcam++": GradCAMPlusPlus,
     "eigencam": EigenCAM,
 }
+RELEVANCE = "relevance"
+METHODS: tuple[str, ...] = (*_CAM_CLASSES, RELEVANCE)
+
+
+def methods_for(model: nn.Module) -> tuple[str, ...]:
+    """The methods that can explain `model`: the Grad-CAM family always, relevance where the
+    network has attention layers."""
+    attends = any(isinstance(module, nn.MultiheadAttention) for module in model.modules())
+    return METHODS if attends else tuple(_CAM_CLASSES)
 
 
 def default_method(model: nn.Module) -> str:
@@ -29,8 +43,10 @@ def default_method(model: nn.Module) -> str:
     with ``gradcam_target_layer``); otherwise Grad-CAM.
     """
     method = str(getattr(model, "explanation_method", "gradcam"))
-    if method not in METHODS:
-        raise ValueError(f"explanation_method {method!r} is not one of {', '.join(METHODS)}")
+    if method not in methods_for(model):
+        raise ValueError(
+            f"explanation_method {method!r} is not one of {', '.join(methods_for(model))}"
+        )
     return method
 
 
@@ -54,7 +70,9 @@ def gradcam(
     class_indices
         For each image, the output index to explain (ignored by ``"eigencam"``).
     method
-        ``"gradcam"``, ``"gradcam++"`` or ``"eigencam"``.
+        ``"gradcam"``, ``"gradcam++"``, ``"eigencam"``, or ``"relevance"`` for a network with
+        attention over a class token and a patch grid (`dicomai.explain.relevance`, which
+        ignores `target_layer` and `frozen`).
     target_layer
         The layer to explain; by default `find_target_layer` chooses it.
     frozen
@@ -144,9 +162,12 @@ def _cam(
     target_layer: nn.Module | None,
     frozen: bool,
 ) -> tuple[np.ndarray, torch.Tensor]:
-    cam_class = METHODS.get(method)
+    if method == RELEVANCE:
+        maps, logits = attention_relevance(model, batch, targets)
+        return _scaled_to_peak(maps), logits
+    cam_class = _CAM_CLASSES.get(method)
     if cam_class is None:
-        raise ValueError(f"unknown CAM method {method!r} (known: {', '.join(METHODS)})")
+        raise ValueError(f"unknown explanation method {method!r} (known: {', '.join(METHODS)})")
     layer = target_layer if target_layer is not None else find_target_layer(model, batch)
     with _explaining(model, layer if frozen else None):
         cam = cam_class(model=model, target_layers=[layer], reshape_transform=_fp32_grid)

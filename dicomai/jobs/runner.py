@@ -254,6 +254,7 @@ class JobRunner:
                 version=manifest.version,
                 architecture=manifest.architecture,
                 weights_sha256=manifest.weights_sha256,
+                explanation=classifier.cam_method,
             ),
             input_digest=claim.input_digest,
             uid_root=self.settings.uid_root,

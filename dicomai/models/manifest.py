@@ -79,8 +79,8 @@ class AppliesTo:
 
 
 UNCERTAINTY_METHODS = ("none", "mc_dropout", "ensemble")
-# The keys of `dicomai.explain.gradcam.METHODS` (not imported: reading a manifest needs no torch).
-EXPLANATION_METHODS = ("gradcam", "gradcam++", "eigencam")
+# `dicomai.explain.gradcam.METHODS` (not imported: reading a manifest needs no torch).
+EXPLANATION_METHODS = ("gradcam", "gradcam++", "eigencam", "relevance")
 
 
 @dataclass(frozen=True)

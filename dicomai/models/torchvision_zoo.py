@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 from torchvision import models as tv
 from torchvision.models.efficientnet import MBConvConfig
+from torchvision.models.vision_transformer import ConvStemConfig
 
 from dicomai.models.backbones import densenet_backbone, resnet_backbone
 
@@ -76,7 +77,8 @@ def efficientnet(factory: Callable[..., tv.EfficientNet], default_dropout: float
 
 
 def vit(factory: Callable[..., tv.VisionTransformer]) -> Builder:
-    """A builder for a torchvision ViT; Grad-CAM explains the last block's first LayerNorm.
+    """A builder for a torchvision ViT; its heat maps are attention relevance by default, and
+    the Grad-CAM family explains the last block's first LayerNorm.
 
     Its output is the token sequence, (N, 1 + 14², C) at 224²; `dicomai.explain.gradcam`
     drops the class token and reshapes the rest to the 14x14 patch grid. ``image_size`` must
@@ -88,7 +90,7 @@ def vit(factory: Callable[..., tv.VisionTransformer]) -> Builder:
     ) -> nn.Module:
         options: dict[str, Any] = {"image_size": image_size}
         if tiny:
-            model = tv.VisionTransformer(patch_size=8, **_TINY_VIT, **options)
+            model = tv.VisionTransformer(**_TINY_VIT, **options)
         else:
             model = factory(weights=None, **options)
         head = model.heads.head
@@ -96,6 +98,10 @@ def vit(factory: Callable[..., tv.VisionTransformer]) -> Builder:
         model.heads.head = _head(head.in_features, num_classes, dropout)
         last = len(model.encoder.layers) - 1
         model.gradcam_target_layer = f"encoder.layers.encoder_layer_{last}.ln_1"
+        # The class token reads the patches through attention: on seven small ViTs trained on
+        # painted nodules, relevance's maximum fell inside the nodule on 0.34-1.0 of the images
+        # (six of them 0.87-1.0), Grad-CAM's on 0.05-0.85 (`dicomai.explain.relevance`).
+        model.explanation_method = "relevance"
         return model
 
     return build_vit
@@ -132,8 +138,19 @@ def _tiny_efficientnet(dropout: float) -> tv.EfficientNet:
     return model
 
 
-# A ViT of 8-pixel patches (an 8x8 grid at 64²), four layers of width 64.
-_TINY_VIT = {"num_layers": 4, "num_heads": 4, "hidden_dim": 64, "mlp_dim": 128}
+# The small ViT: a convolutional stem of two stride-2 stages (kernel 4, padding 1: each cell
+# centred on its 2x2 block, nothing shifts) makes 4-pixel patches, a 16x16 grid at 64², read by
+# one encoder layer of width 64. With 8-pixel linear patches and four layers it stayed at chance
+# on the painted nodules; the stem gives it the locality a ViT otherwise learns from far more
+# images than a test has (Xiao et al., "Early convolutions help transformers see better", 2021).
+_TINY_VIT: dict[str, Any] = {
+    "patch_size": 4,
+    "conv_stem_configs": [ConvStemConfig(16, 4, 2), ConvStemConfig(32, 4, 2)],
+    "num_layers": 1,
+    "num_heads": 4,
+    "hidden_dim": 64,
+    "mlp_dim": 128,
+}
 
 # EfficientNet's own dropout before the head grows with its scale (Tan & Le, 2019; torchvision).
 _EFFICIENTNET_DROPOUT = (0.2, 0.2, 0.3, 0.3, 0.4, 0.4, 0.5, 0.5)

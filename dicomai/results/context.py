@@ -33,6 +33,8 @@ class ModelIdentity:
     weights_sha256: str
     manufacturer: str = "dicomai"
     software_version: str = "0.1.0"
+    # The method that drew the heat maps (`dicomai.explain.METHODS`); empty when none was drawn.
+    explanation: str = ""
 
 
 @dataclass(frozen=True)

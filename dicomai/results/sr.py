@@ -201,10 +201,13 @@ def _observation_context(context: ResultContext) -> hd.sr.ObservationContext:
 
 
 def _algorithm(model: ModelIdentity) -> hd.sr.AlgorithmIdentification:
+    parameters = [f"architecture={model.architecture}", f"weights_sha256={model.weights_sha256}"]
+    if model.explanation:
+        parameters.append(f"explanation={model.explanation}")
     return hd.sr.AlgorithmIdentification(
         name=model.name,
         version=model.version,
-        parameters=[f"architecture={model.architecture}", f"weights_sha256={model.weights_sha256}"],
+        parameters=parameters,
         manufacturer=model.manufacturer,
     )
 

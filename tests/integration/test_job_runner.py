@@ -106,6 +106,7 @@ def test_job_reports_unusable_images_and_reruns_without_duplicates(world) -> Non
     sr = next(pydicom.dcmread(p) for p in delivered if pydicom.dcmread(p).Modality == "SR")
     texts = " | ".join(sr_texts(sr)).lower()
     assert "not evaluated" in texts and "pixel" in texts, texts
+    assert "explanation=gradcam" in texts, "the SR should name the method of its heat maps"
 
     with sessions() as session, session.begin():
         session.execute(update(Job).values(state=JobState.QUEUED))

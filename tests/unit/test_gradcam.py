@@ -1,4 +1,4 @@
-"""Grad-CAM: maps at input size in [0, 1], the frozen-parameter shortcut, target layers."""
+"""Heat maps: at input size in [0, 1], the frozen-parameter shortcut, target layers, relevance."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from dicomai.explain import METHODS, find_target_layer, gradcam
+from dicomai.explain import find_target_layer, gradcam, methods_for
 from dicomai.models.architectures import build
 
 
@@ -33,7 +33,7 @@ def test_frozen_parameters_give_the_full_backward_map(name: str, batch: torch.Te
 
 
 def test_maps_are_float32_at_input_size_in_unit_range(batch: torch.Tensor) -> None:
-    for method in METHODS:
+    for method in methods_for(seeded("tinycnn")):
         maps = gradcam(seeded("tinycnn"), batch[:, :, :, :48], [0, 1, 2], method=method)
         assert maps.shape == (3, 64, 48), method
         assert maps.dtype == np.float32
@@ -56,7 +56,7 @@ def test_bad_requests_are_value_errors(batch: torch.Tensor) -> None:
         gradcam(model, batch, [0, 1, 7])
     with pytest.raises(ValueError, match="2 class indices for a batch of 3"):
         gradcam(model, batch, [0, 1])
-    with pytest.raises(ValueError, match="unknown CAM method"):
+    with pytest.raises(ValueError, match="unknown explanation method 'scorecam'"):
         gradcam(model, batch, [0, 1, 2], method="scorecam")
 
 
@@ -85,3 +85,39 @@ def test_target_layer_is_declared_or_the_last_spatial_convolution(batch: torch.T
     assert find_target_layer(model, batch) is model.body
     maps = gradcam(model, batch, [0, 1, 0])
     assert maps.shape == (3, 64, 64)
+
+
+def test_relevance_explains_attention_networks_only_and_leaves_them_as_they_were(
+    batch: torch.Tensor,
+) -> None:
+    assert "relevance" not in methods_for(seeded("tinycnn"))
+    with pytest.raises(ValueError, match="TinyCNN has no attention layers"):
+        gradcam(seeded("tinycnn"), batch, [0, 1, 2], method="relevance")
+    model = seeded("vit_b_16").train()
+    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    flags = [p.requires_grad for p in model.parameters()]
+    with torch.no_grad():
+        before = model.eval()(pixels)
+    model.train()
+
+    maps = gradcam(model, pixels, [0, 2], method="relevance")
+
+    assert maps.shape == (2, 224, 224) and maps.dtype == np.float32
+    assert maps.min() >= 0.0 and maps.max() == pytest.approx(1.0)
+    assert model.training and [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())
+    attention = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    assert all("forward" not in vars(layer) for layer in attention), "forward left patched"
+    with torch.no_grad():
+        np.testing.assert_allclose(model.eval()(pixels), before, atol=1e-6)
+
+
+def test_relevance_runs_the_attention_it_explains_as_torch_does(batch: torch.Tensor) -> None:
+    from dicomai.explain.relevance import attention_relevance
+
+    model = seeded("vit_b_16")
+    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        fused = model(pixels)
+    _, explicit = attention_relevance(model, pixels, [lambda row: row[0]] * 2)
+    np.testing.assert_allclose(explicit, fused, atol=1e-4)

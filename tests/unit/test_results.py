@@ -32,7 +32,11 @@ PROBABILITY = 0.8734
 # Heat-map peak at model input resolution (128²): upper right quarter.
 PEAK = (32, 96)
 MODEL = ModelIdentity(
-    name="chest-ptx", version="1.2.0", architecture="resnet50", weights_sha256="ab" * 32
+    name="chest-ptx",
+    version="1.2.0",
+    architecture="resnet50",
+    weights_sha256="ab" * 32,
+    explanation="gradcam++",
 )
 
 
@@ -156,6 +160,7 @@ def test_sr_is_valid_and_dsrdump_shows_findings(context, tmp_path):
     assert '(52101004,SCT,"Present")' in dump, "the positive CT finding is not Present"
     assert '(272519000,SCT,"Absent")' in dump, "the negative CR finding is not Absent"
     assert "chest-ptx" in dump and "architecture=resnet50" in dump
+    assert "explanation=gradcam++" in dump, "the SR does not say how its heat maps were drawn"
 
 
 def test_sr_says_which_image_was_not_evaluated_and_why(context, tmp_path):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from dicomai.errors import ModelPackageError
-from dicomai.explain import METHODS, find_target_layer, gradcam
+from dicomai.explain import default_method, find_target_layer, gradcam, methods_for
 from dicomai.explain.gradcam import token_grid
 from dicomai.models.architectures import ARCHITECTURES, build
 from dicomai.models.hybrid import HybridResNetDenseNet
@@ -55,7 +55,8 @@ def test_every_architecture_trains_a_step_and_is_explained_at_input_size(name: s
     model.zero_grad(set_to_none=True)
     with torch.inference_mode():
         assert torch.isfinite(model.eval()(batch[:1])).all(), name
-    for method in ["gradcam"] if name in HEAVY else METHODS:
+    methods = {"gradcam", default_method(model)} if name in HEAVY else methods_for(model)
+    for method in sorted(methods):
         maps = gradcam(model, batch[:1], [1], method=method)
         assert maps.shape == (1, size, size), (name, method)
         assert maps.dtype == np.float32 and np.isfinite(maps).all(), (name, method)
