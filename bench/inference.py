@@ -5,6 +5,9 @@ For each architecture, at batch 1 and 8 (224², CPU threads as given): forward t
 ``model(x)`` under ``torch.inference_mode()``; forward + Grad-CAM through `Classifier.predict`
 against a textbook Grad-CAM (hooks on the same target layer, a full backward from the class
 score, channel weights = mean gradients, ReLU, bilinear upsampling, scaled to the maximum).
+Architectures whose heat maps are another method by default (the ViTs' attention relevance,
+the DenseNet-Transformer's Grad-CAM++) are timed with Grad-CAM for that comparison, and with
+their own method in the last column, against the same textbook Grad-CAM.
 Prints a Markdown table of medians and ratios (dicomai ÷ plain: below 1 is faster).
 
     .venv/bin/python bench/inference.py                # all but vit_l_16 and efficientnet_b7
@@ -24,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dicomai.explain import find_target_layer
+from dicomai.explain import default_method, find_target_layer
 from dicomai.explain.gradcam import token_grid
 from dicomai.imaging.spec import InputSpec
 from dicomai.inference.runner import Classifier
@@ -77,7 +80,7 @@ def textbook_gradcam(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> np.
     return (cam / peak[:, None, None]).detach().cpu().numpy()
 
 
-def classifier(model: nn.Module, findings: bool) -> Classifier:
+def classifier(model: nn.Module, findings: bool, method: str = "gradcam") -> Classifier:
     classes = (
         CLASSES
         if findings
@@ -90,7 +93,7 @@ def classifier(model: nn.Module, findings: bool) -> Classifier:
         classes=classes,
         input=InputSpec(size=(SIZE, SIZE)),
     )
-    return Classifier(LoadedModel(manifest, model), batch_size=8)
+    return Classifier(LoadedModel(manifest, model), batch_size=8, cam_method=method)
 
 
 def bench_one(name: str, batch: int, budget_s: float) -> dict[str, float]:
@@ -110,12 +113,18 @@ def bench_one(name: str, batch: int, budget_s: float) -> dict[str, float]:
     # Classifier moves the network to channels_last in place; plain torch ran first.
     ours_fwd = timed(lambda: classifier(model, False).predict(images), budget_s, most)
     ours_cam = timed(lambda: classifier(model, True).predict(images), budget_s, most)
-    return {
+    own = default_method(model)
+    times = {
         "plain_fwd": plain_fwd,
         "ours_fwd": ours_fwd,
         "plain_cam": plain_cam,
         "ours_cam": ours_cam,
     }
+    if own != "gradcam":
+        times["ours_own"] = timed(
+            lambda: classifier(model, True, own).predict(images), budget_s, most
+        )
+    return times
 
 
 def main() -> None:
@@ -132,16 +141,21 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, {SIZE}², medians in ms")
     print(
         "| architecture | batch | plain fwd | dicomai fwd | ratio | plain fwd+CAM "
-        "| dicomai fwd+CAM | ratio |"
+        "| dicomai fwd+CAM | ratio | dicomai fwd+own method (÷ plain fwd+CAM) |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for name in names:
         for batch in (1, 8):
             r = {k: v * 1000 for k, v in bench_one(name, batch, args.budget).items()}
+            own = (
+                f"{r['ours_own']:.0f} ({r['ours_own'] / r['plain_cam']:.2f})"
+                if "ours_own" in r
+                else "same"
+            )
             print(
                 f"| {name} | {batch} | {r['plain_fwd']:.0f} | {r['ours_fwd']:.0f} | "
                 f"{r['ours_fwd'] / r['plain_fwd']:.2f} | {r['plain_cam']:.0f} | "
-                f"{r['ours_cam']:.0f} | {r['ours_cam'] / r['plain_cam']:.2f} |",
+                f"{r['ours_cam']:.0f} | {r['ours_cam'] / r['plain_cam']:.2f} | {own} |",
                 flush=True,
             )
 
