@@ -224,6 +224,31 @@ def test_bf16_autocast_gives_the_fp32_decisions_and_heat_maps() -> None:
     assert [p.predicted for p in bf16] == [p.predicted for p in fp32]
 
 
+def test_bf16_autocast_gives_the_fp32_relevance_maps_of_a_vit(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    options = {"tiny": True, "image_size": 64}
+    manifest = Manifest(
+        name="vit",
+        version="0.1.0",
+        architecture="vit_b_16",
+        options=options,
+        classes=CLASSES,
+        input=InputSpec(size=(64, 64)),
+    )
+    write_package(tmp_path, manifest, build("vit_b_16", 3, **options).state_dict())
+    vit = load_model(tmp_path)
+    batch = inputs(4, manifest.input, seed=4)
+
+    fp32 = Classifier(vit, precision="fp32").predict(batch)
+    bf16 = Classifier(vit, precision="bf16").predict(batch)
+
+    assert Classifier(vit).cam_method == "relevance"
+    for full, half in zip(fp32, bf16, strict=True):
+        assert half.heatmap is not None and full.heatmap is not None
+        assert half.heatmap.dtype == np.float32 and half.heatmap.shape == (64, 64)
+        assert np.corrcoef(half.heatmap.ravel(), full.heatmap.ravel())[0, 1] > 0.99
+
+
 def test_bf16_autocast_gives_fp32_extra_maps(tmp_path: Path) -> None:
     torch.manual_seed(0)
     manifest = Manifest(
