@@ -81,8 +81,9 @@ def localisation_metrics(
     -------
     dict
         ``pointing`` {method: fraction of hits} for each method that can explain the
-        network (`dicomai.explain.methods_for`), ``n_lesion``, ``margin_px`` and ``method``
-        (the one the package's heat maps use).
+        network (`dicomai.explain.methods_for`), ``n_lesion``, ``margin_px``, ``method``
+        (the one the package's heat maps use) and ``best`` (the method that pointed most
+        often; the package's own on a tie or without lesions).
 
     Raises
     ------
@@ -117,12 +118,20 @@ def localisation_metrics(
             if chosen
             else float("nan")
         )
+    used = classifier.cam_method
     return {
         "pointing": pointing,
         "n_lesion": len(chosen),
         "margin_px": round(margin, 2),
-        "method": classifier.cam_method,
+        "method": used,
+        "best": best_method(pointing, used) if chosen else used,
     }
+
+
+def best_method(pointing: dict[str, float], used: str) -> str:
+    """The method that pointed most often; `used` (the package's own) wins a tie, since a change
+    of method should earn its place, and otherwise the first in `pointing`'s order."""
+    return max(pointing, key=lambda method: (pointing[method], method == used))
 
 
 def _true_finding(target: np.ndarray, findings: list[int]) -> int | None:

@@ -25,7 +25,8 @@ Writes into the output folder:
                        at the model's input size), n_lesion, empty_predicted_on_clear}
       localisation     only on data with lesion masks: {pointing {method: fraction of the
                        images with a lesion whose heat map's maximum lies on the lesion or
-                       within margin_px of it}, n_lesion, margin_px, method (the package's)}
+                       within margin_px of it}, n_lesion, margin_px, method (the package's),
+                       best (the method that pointed most often; the package's on a tie)}
 
 - ``predictions.csv``: per image its file, truth, decision and every class's probability;
 - ``roc.png``, ``reliability.png``, ``misclassified.png`` (up to 16, with their heat maps);
@@ -146,9 +147,14 @@ def evaluate_package(
     )
     pointing = ""
     if LOCALISATION in report:
-        used = report[LOCALISATION]["method"]
-        share = report[LOCALISATION]["pointing"][used]
-        pointing = f", heat maps ({used}) on the lesion {share:.2f}"
+        found = report[LOCALISATION]
+        used, best = found["method"], found["best"]
+        pointing = f", heat maps ({used}) on the lesion {found['pointing'][used]:.2f}"
+        if best != used:
+            pointing += (
+                f' ({best}: {found["pointing"][best]:.2f}; `explanation = "{best}"` in '
+                "model.toml would draw its maps)"
+            )
     log(
         f"{manifest.name} {manifest.version} on {len(images)} images: accuracy "
         f"{metrics['accuracy']:.3f}, AUC {metrics['auc_macro']:.3f}, ECE {metrics['ece']:.3f}"
@@ -290,7 +296,12 @@ def _tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
     if LOCALISATION in report:
         found = report[LOCALISATION]
         rows = [
-            [method + (" (the package's)" if method == found["method"] else ""), _number(value)]
+            [
+                method
+                + (" (the package's)" if method == found["method"] else "")
+                + (" (best)" if method == found["best"] != found["method"] else ""),
+                _number(value),
+            ]
             for method, value in found["pointing"].items()
         ]
         title = (

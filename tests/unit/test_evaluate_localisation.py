@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from test_train_cli import run
 
-from dicomai.evaluation.localisation import mask_pointing_hits
+from dicomai.evaluation.localisation import best_method, mask_pointing_hits
 from dicomai.training.synthetic import synthesize
 
 DEMO = Path(__file__).resolve().parents[2] / "models" / "demo-chest-nodule"
@@ -56,7 +56,7 @@ def test_evaluate_measures_whether_each_methods_heat_maps_point_at_the_lesions(
     found = evaluate(tmp_path / "data", tmp_path / "report")
 
     assert found["n_lesion"] == nodules
-    assert found["method"] == "gradcam"
+    assert found["method"] == found["best"] == "gradcam"
     assert found["margin_px"] == pytest.approx(15 * 128 / 224, abs=0.01)
     # Relevance explains attention networks; a tinycnn has none.
     assert set(found["pointing"]) == {"gradcam", "gradcam++", "eigencam"}
@@ -79,3 +79,10 @@ def test_a_hit_is_a_maximum_on_the_mask_or_within_the_margin() -> None:
     masks[2] = 0
     with pytest.raises(ValueError, match="mask 2 marks no lesion"):
         mask_pointing_hits(maps, masks, margin=3.0)
+
+
+def test_the_best_method_must_point_more_often_than_the_packages_own() -> None:
+    pointing = {"gradcam": 0.5, "gradcam++": 0.9, "eigencam": 0.9}
+    assert best_method(pointing, "eigencam") == "eigencam"
+    assert best_method(pointing, "gradcam") == "gradcam++"
+    assert best_method({"gradcam": 0.8, "gradcam++": 0.8}, "gradcam") == "gradcam"
