@@ -124,8 +124,18 @@ def dicomai(tmp: Path, processes: int) -> Iterator[tuple[int, str]]:
     )
     command = [sys.executable, "-m", "dicomai", "--config", str(config)]
     subprocess.run([*command, "db", "upgrade"], check=True, capture_output=True)
-    process = spawn([*command, "serve"], tmp / "dicomai.log", {"DICOMAI_LOG_LEVEL": "WARNING"})
+    # INFO: our listener logs nothing per store at INFO (pynetdicom is held at WARNING), and
+    # each listener process says "listening as" when it accepts.
+    log = tmp / "dicomai.log"
+    process = spawn([*command, "serve"], log, {"DICOMAI_LOG_LEVEL": "INFO"})
     wait_for(lambda: _echo(port, "DICOMAI"), 60, "dicomai serve")
+    # The children start a second or two after the main process: measured before that, the
+    # main process alone would take every sender.
+    wait_for(
+        lambda: log.read_text(errors="replace").count("listening as") >= processes,
+        60,
+        f"{processes} dicomai listener processes",
+    )
     try:
         yield port, "DICOMAI"
     finally:

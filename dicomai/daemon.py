@@ -20,7 +20,7 @@ from dicomai.db.session import make_engine, make_sessionmaker
 from dicomai.errors import ConfigError
 from dicomai.ingest.recovery import forget_lost_instances
 from dicomai.ingest.scp import build_ae, handlers
-from dicomai.ingest.server import SharedPortServer, serve_in_thread
+from dicomai.ingest.server import LISTEN_FD_ENV, SharedPortServer, serve_in_thread
 from dicomai.ingest.spool import Spool
 from dicomai.ingest.tls import server_context
 from dicomai.jobs.assembler import CompletionPolicy, complete_studies, seconds_until_quiet
@@ -36,7 +36,7 @@ class Daemon:
 
     The main process listens, completes studies and rings workers; it also keeps its children
     running: the embedded worker and, with `listener_processes > 1`, more listener processes
-    sharing the port (`listener_only`), which run nothing but the listener.
+    accepting from its listening socket (`listener_only`), which run nothing but the listener.
     """
 
     def __init__(
@@ -85,14 +85,16 @@ class Daemon:
             forgotten = forget_lost_instances(self.sessions, self.spool)
             if forgotten:
                 log.warning("removed %d rows of instances whose files a crash lost", forgotten)
-            self._start_services()
         ingest = self.settings.ingest
+        # Bound before the listener children start: they accept from this socket.
         self.server = serve_in_thread(
             build_ae(self.settings),
             (ingest.host, ingest.port),
             self.ssl_context,
             handlers(self.settings, self.spool, self.sessions),
         )
+        if not self.listener_only:
+            self._start_services()
         log.info(
             "listening as %s on %s:%d%s",
             ingest.ae_title,
@@ -161,8 +163,15 @@ class Daemon:
         if self.config_file is not None:
             env["DICOMAI_CONFIG"] = str(self.config_file)
         command = ["worker"] if name == "worker" else ["serve", "--listener-only"]
+        inherited: tuple[int, ...] = ()
+        if name != "worker" and self.server is not None:
+            inherited = (self.server.share(),)
+            env[LISTEN_FD_ENV] = str(inherited[0])
         return subprocess.Popen(
-            [sys.executable, "-m", "dicomai", *command], env=env, preexec_fn=_die_with_parent
+            [sys.executable, "-m", "dicomai", *command],
+            env=env,
+            pass_fds=inherited,
+            preexec_fn=_die_with_parent,
         )
 
 

@@ -1,9 +1,19 @@
-"""The listening socket: pynetdicom's threaded server, shareable by several processes."""
+"""The listening socket: pynetdicom's threaded server, shareable by several processes.
+
+With `listener_processes > 1` the main process binds the port and its listener children
+inherit that one socket (`LISTEN_FD_ENV` names its descriptor), so every process accepts from
+one queue. Before accepting, a process waits a little for each association it already serves,
+which lets a less busy process take the connection first. SO_REUSEPORT, used before, gave each
+process its own queue chosen by a hash of the peer's address: four senders landed 4-0 or 3-1 on
+two processes in five of six runs, and the busy process bounded the rate.
+"""
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
+import time
 from ssl import SSLContext
 from typing import Any
 
@@ -12,15 +22,66 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomai.ingest.reactor import WakingRequestHandler
 
+LISTEN_FD_ENV = "DICOMAI_LISTEN_FD"
+# Per association a process already serves; capped so a busy process still takes connections
+# that nobody else does.
+ACCEPT_DELAY_S = 0.005
+MAX_ACCEPT_DELAY_S = 0.025
+
 
 class SharedPortServer(ThreadedAssociationServer):
-    """Binds with SO_REUSEPORT: the kernel spreads new connections over every process
-    listening on the port, so several listener processes escape one interpreter's GIL."""
+    """pynetdicom's server on an inherited listening socket (`LISTEN_FD_ENV`), else on its own.
+
+    Its own socket is bound with SO_REUSEPORT, so a listener started without an inherited socket
+    still shares the port. `share` turns a bound server into one that others may inherit.
+    """
+
+    shared = False
 
     def server_bind(self) -> None:
+        inherited = os.environ.get(LISTEN_FD_ENV)
+        if inherited is None:
+            if self.socket is not None:
+                self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            super().server_bind()
+            return
         if self.socket is not None:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+            self.socket.close()
+        self.socket = socket.socket(fileno=int(inherited))
+        self.server_address = self.socket.getsockname()
+        self._accept_from_one_queue()
+
+    def server_activate(self) -> None:
+        if not self.shared:  # an inherited socket is listening already
+            super().server_activate()
+
+    def share(self) -> int:
+        """Let other processes accept from this server's socket; return its descriptor."""
+        assert self.socket is not None
+        self._accept_from_one_queue()
+        self.socket.set_inheritable(True)
+        return self.socket.fileno()
+
+    def _accept_from_one_queue(self) -> None:
+        # Non-blocking: when another process took the connection first, accept() fails at
+        # once (socketserver ignores the OSError) instead of waiting for the next one.
+        assert self.socket is not None
+        self.socket.setblocking(False)
+        self.shared = True
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        if self.shared:
+            busy = len(self.ae.active_associations)
+            if busy:
+                time.sleep(min(busy * ACCEPT_DELAY_S, MAX_ACCEPT_DELAY_S))
+        return super().get_request()
+
+    def server_close(self) -> None:
+        # pynetdicom shuts the socket down first, which would stop every process sharing it.
+        if self.shared and self.socket is not None:
+            self.socket.close()
+            return
+        super().server_close()
 
 
 def serve_in_thread(

@@ -289,6 +289,62 @@ def test_several_listener_processes_share_the_port(tmp_path: Path) -> None:
         assert daemon.query("SELECT count(*) FROM instances") == [(6,)]
 
 
+def test_listener_processes_take_concurrent_associations_in_turn(tmp_path: Path) -> None:
+    peers = [{"ae_title": MODALITY, "hosts": ["127.0.0.1"]}]
+    with Listener(tmp_path / "turns", AET, peers, listener_processes=2) as daemon:
+        wait_for(lambda: daemon.log().count("listening as") == 2, 60, "a second listener")
+        ae = AE(ae_title=MODALITY)
+        ae.add_requested_context("1.2.840.10008.1.1")
+        held = [ae.associate("127.0.0.1", daemon.port, ae_title=AET) for _ in range(4)]
+        try:
+            assert all(assoc.is_established for assoc in held)
+            assert daemon.process is not None
+            served: dict[int, int] = {}
+
+            def all_four_seen() -> bool:
+                served.clear()
+                served.update(_accepted_by_process(daemon.process.pid, daemon.port))
+                return sum(served.values()) == 4
+
+            wait_for(all_four_seen, 10, "the four associations in /proc/net/tcp")
+            # One queue for both processes, the busier one waiting before it accepts: an even
+            # split, where SO_REUSEPORT's hash of the peer's port gave 4-0 or 3-1 most times.
+            assert sorted(served.values()) == [2, 2], served
+        finally:
+            for assoc in held:
+                assoc.release()
+
+
+def _accepted_by_process(parent: int, port: int) -> dict[int, int]:
+    """Established connections on local `port`, counted by the process holding each (the
+    serve process `parent` and its listener children)."""
+    pids = [parent]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == parent and b"--listener-only" in cmdline:
+            pids.append(int(stat.parent.name))
+    owner = {}
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                owner[target[8:-1]] = pid
+    counts = dict.fromkeys(pids, 0)
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        columns = line.split()
+        local_port = int(columns[1].split(":")[1], 16)
+        if local_port == port and columns[3] == "01" and columns[9] in owner:
+            counts[owner[columns[9]]] += 1
+    return counts
+
+
 class _Crash(BaseException):
     """The listener dying mid-write: no `except` in the spool runs for it."""
 
