@@ -55,7 +55,7 @@ class Context:
 @click.version_option(package_name="dicomai")
 @click.pass_context
 def cli(ctx: click.Context, config_file: Path | None) -> None:
-    """dicomai: classify DICOM studies, explain with Grad-CAM, report back to the PACS."""
+    """dicomai: classify DICOM studies, explain them with heat maps, report back to the PACS."""
     ctx.obj = Context(config_file)
 
 

@@ -9,6 +9,8 @@ every method on the site's own images and the package can name the one that poin
 
 from __future__ import annotations
 
+import logging
+
 import cv2
 import numpy as np
 import torch
@@ -17,6 +19,8 @@ from dicomai.explain.gradcam import gradcam, methods_for
 from dicomai.inference.runner import Classifier
 from dicomai.training.batches import resize_mask
 from dicomai.training.datasets import LabelledImages, read_image01, read_mask
+
+log = logging.getLogger(__name__)
 
 LOCALISATION = "localisation"
 # The pointing game's tolerance (Zhang et al., ECCV 2016): 15 pixels at 224², scaled.
@@ -65,8 +69,10 @@ def localisation_metrics(
     """The pointing game of every explanation method on the images with a lesion mask.
 
     Each such image is explained for its true finding (the first one, for a multi-label
-    image), as the daemon would explain it had the model found it; images whose truth names
-    no finding, or that have no mask, are left out.
+    image, whose mask then holds all its lesions) by the package's network in fp32 (an
+    ensemble by its first member); images whose truth names no finding, or that have no mask,
+    are left out. A method that fails on the network scores NaN rather than stopping the
+    evaluation.
 
     Parameters
     ----------
@@ -108,11 +114,18 @@ def localisation_metrics(
     pointing: dict[str, float] = {}
     for method in methods_for(classifier.module):
         maps = []
-        for start in range(0, len(chosen), classifier.batch_size):
-            part = chosen[start : start + classifier.batch_size]
-            batch = torch.from_numpy(np.stack([inputs[i] for i in part])).to(classifier.device)
-            classes = targets[start : start + classifier.batch_size]
-            maps.append(gradcam(classifier.module, batch, classes, method))
+        try:
+            for start in range(0, len(chosen), classifier.batch_size):
+                part = chosen[start : start + classifier.batch_size]
+                batch = torch.from_numpy(np.stack([inputs[i] for i in part]))
+                classes = targets[start : start + classifier.batch_size]
+                maps.append(
+                    gradcam(classifier.module, batch.to(classifier.device), classes, method)
+                )
+        except ValueError as error:
+            log.warning("localisation: %s cannot explain this network: %s", method, error)
+            pointing[method] = float("nan")
+            continue
         pointing[method] = (
             float(mask_pointing_hits(np.concatenate(maps), np.stack(masks), margin).mean())
             if chosen
@@ -131,7 +144,10 @@ def localisation_metrics(
 def best_method(pointing: dict[str, float], used: str) -> str:
     """The method that pointed most often; `used` (the package's own) wins a tie, since a change
     of method should earn its place, and otherwise the first in `pointing`'s order."""
-    return max(pointing, key=lambda method: (pointing[method], method == used))
+    scored = {method: value for method, value in pointing.items() if not np.isnan(value)}
+    if not scored:
+        return used
+    return max(scored, key=lambda method: (scored[method], method == used))
 
 
 def _true_finding(target: np.ndarray, findings: list[int]) -> int | None:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from dicomai.errors import ModelPackageError
-from dicomai.explain.gradcam import default_method, explain_top_finding, gradcam
+from dicomai.explain.gradcam import default_method, explain_top_finding, gradcam, methods_for
 from dicomai.inference.precision import Precision, autocast, autocast_dtype
 from dicomai.inference.types import ClassScore, ImagePrediction, UncertaintyEstimate
 from dicomai.inference.uncertainty import (
@@ -47,8 +47,8 @@ class Classifier:
     batch_size
         Most images per forward pass; bounds memory on large studies.
     cam_method
-        The Grad-CAM family method (see `dicomai.explain.gradcam.METHODS`); by default the
-        package's ``explanation``, else the architecture's (`dicomai.explain.default_method`).
+        The heat-map method (see `dicomai.explain.gradcam.METHODS`); by default the package's
+        ``explanation``, else the architecture's (`dicomai.explain.default_method`).
     precision
         The number format of the forward passes (see `dicomai.inference.precision`);
         scores and maps come out in fp32 and fp64 whatever it is.
@@ -56,7 +56,8 @@ class Classifier:
     Raises
     ------
     ModelPackageError
-        If the package asks for MC dropout of a network without dropout.
+        If the package asks for MC dropout of a network without dropout, or for a heat-map
+        method that cannot explain its network (relevance of a CNN).
     ConfigError
         For a precision the device cannot run.
     """
@@ -94,6 +95,11 @@ class Classifier:
                 f"with options {manifest.options} has none"
             )
         self.cam_method = cam_method or manifest.explanation or default_method(self.module)
+        if self.cam_method not in methods_for(self.module):
+            raise ModelPackageError(
+                f"explanation: {self.cam_method} cannot explain {manifest.architecture} "
+                f"(it takes {', '.join(methods_for(self.module))})"
+            )
         self._findings = [i for i, spec in enumerate(manifest.classes) if spec.is_finding]
         # Scores and heat maps from one pass with gradients where a single deterministic pass
         # scores the image and the explained class (the top finding) follows from its logits;
@@ -121,7 +127,7 @@ class Classifier:
         list[ImagePrediction]
             One per input, in order: a score per class (softmax of logits divided by the
             manifest's temperature; with an uncertainty method, the mean over its passes and
-            each score's spread), the most probable class, a Grad-CAM heat map (float32
+            each score's spread), the most probable class, the package's heat map (float32
             (H, W) in [0, 1]) of the most probable finding class (an ensemble's members'
             maps averaged), and the network's extra maps (a multi-task model's segmentation,
             a transformer's attention) where it has them, taken from the same forward passes
@@ -247,7 +253,7 @@ class Classifier:
         return tempered_probabilities(logits, manifest.temperature, manifest.multi_label)
 
     def _heatmaps(self, batch: torch.Tensor, explained: list[int]) -> np.ndarray:
-        """Grad-CAM of each image's explained class; an ensemble's maps averaged, rescaled."""
+        """The heat map of each image's explained class; an ensemble's maps averaged, rescaled."""
         networks = self.members if self._uncertainty.method == "ensemble" else [self.module]
         maps = np.mean(
             [gradcam(net, batch, explained, method=self.cam_method) for net in networks], axis=0

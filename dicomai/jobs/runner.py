@@ -254,7 +254,9 @@ class JobRunner:
                 version=manifest.version,
                 architecture=manifest.architecture,
                 weights_sha256=manifest.weights_sha256,
-                explanation=classifier.cam_method,
+                explanation=(
+                    classifier.cam_method if any(p.heatmap is not None for p in predictions) else ""
+                ),
             ),
             input_digest=claim.input_digest,
             uid_root=self.settings.uid_root,

@@ -256,7 +256,7 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 
 def smoke_test(loaded: LoadedModel) -> None:
-    """Run one synthetic image through the network and its Grad-CAM.
+    """Run one synthetic image through the network and its heat-map method.
 
     Parameters
     ----------
@@ -266,7 +266,8 @@ def smoke_test(loaded: LoadedModel) -> None:
     Raises
     ------
     ModelPackageError
-        If the output is not finite of shape (1, number of classes), or Grad-CAM fails.
+        If the output is not finite of shape (1, number of classes), or the heat map fails
+        (a method that cannot explain the network among them).
     """
     rows, cols = loaded.manifest.input.size
     generator = torch.Generator().manual_seed(0)
@@ -279,10 +280,10 @@ def smoke_test(loaded: LoadedModel) -> None:
         raise ModelPackageError(f"smoke test: output shape {tuple(logits.shape)}, not {expected}")
     if not torch.isfinite(logits).all():
         raise ModelPackageError("smoke test: the network's output is not finite")
-    method = loaded.manifest.explanation or default_method(loaded.module)
     try:
+        method = loaded.manifest.explanation or default_method(loaded.module)
         heatmap = gradcam(loaded.module, batch, [0], method)
     except (RuntimeError, ValueError) as error:
-        raise ModelPackageError(f"smoke test: {method} failed: {error}") from error
+        raise ModelPackageError(f"smoke test: the heat map failed: {error}") from error
     if heatmap.shape != (1, rows, cols) or not np.isfinite(heatmap).all():
-        raise ModelPackageError(f"smoke test: Grad-CAM map of shape {heatmap.shape} or not finite")
+        raise ModelPackageError(f"smoke test: heat map of shape {heatmap.shape} or not finite")

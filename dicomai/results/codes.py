@@ -67,6 +67,19 @@ def coded(code: Code) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
 
 
+_METHOD_NAMES = {
+    "gradcam": "Grad-CAM",
+    "gradcam++": "Grad-CAM++",
+    "eigencam": "EigenCAM",
+    "relevance": "Attention relevance",
+}
+
+
+def method_label(model: ModelIdentity) -> str:
+    """The heat-map method as a reader knows it ("Grad-CAM", "Attention relevance"…)."""
+    return _METHOD_NAMES.get(model.explanation, "Grad-CAM")
+
+
 def model_label(model: ModelIdentity) -> str:
     """Return "<name> <version>", the way outputs name the model to a reader."""
     return f"{model.name} {model.version}"

@@ -91,10 +91,14 @@ def build_heatmap_pmap(context: ResultContext, index: int) -> Dataset:
         software_versions=context.model.software_version,
         device_serial_number=context.device_uid,
         contains_recognizable_visual_features=False,
-        real_world_value_mappings=[_mapping(prediction.explained or "finding")],
+        real_world_value_mappings=[
+            _mapping(prediction.explained or "finding", codes.method_label(context.model))
+        ],
         voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.5, window_width=1.0)],
         content_label=_HEAT_LABEL,
-        content_description=f"Grad-CAM heat map ({prediction.explained})"[:64],
+        content_description=(
+            f"{codes.method_label(context.model)} heat map ({prediction.explained})"[:64]
+        ),
         series_description=codes.series_description(
             "AI heat map values", context.model, " - " + codes.NOT_FOR_DIAGNOSIS
         ),
@@ -106,10 +110,10 @@ def build_heatmap_pmap(context: ResultContext, index: int) -> Dataset:
     return pmap
 
 
-def _mapping(explained: str) -> hd.pm.RealWorldValueMapping:
+def _mapping(explained: str, method: str) -> hd.pm.RealWorldValueMapping:
     return hd.pm.RealWorldValueMapping(
         lut_label=_HEAT_LABEL,
-        lut_explanation=f"Grad-CAM relevance for {explained}"[:64],
+        lut_explanation=f"{method} weight for {explained}"[:64],
         unit=codes.NO_UNITS,
         value_range=(0.0, 1.0),
         slope=1,

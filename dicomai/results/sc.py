@@ -89,7 +89,7 @@ class OverlayBuilder:
         else:
             # Only highdicom needs a copy of the header; the derivation reads the source.
             sc = _copy_for_image(self._first, pixels, uid, index + 1)
-        _describe_derivation(sc, source.dataset, lines[0])
+        _describe_derivation(sc, source.dataset, lines[0], codes.method_label(context.model))
         return sc
 
 
@@ -322,7 +322,7 @@ def _fit_display(display: np.ndarray) -> np.ndarray:
     return cv2.resize(display, (columns, rows), interpolation=interpolation)
 
 
-def _describe_derivation(sc: Dataset, source: Dataset, finding: str) -> None:
+def _describe_derivation(sc: Dataset, source: Dataset, finding: str, method: str) -> None:
     """Set what makes the SC a derived, annotated image of `source` (PS3.3 C.7.6.1, C.8.6)."""
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.BurnedInAnnotation = "YES"
@@ -330,7 +330,7 @@ def _describe_derivation(sc: Dataset, source: Dataset, finding: str) -> None:
     sc.ConversionType = "WSD"
     sc.PatientOrientation = codes.patient_orientation(source)
     codes.copy_body_part(sc, source)
-    sc.DerivationDescription = f"Grad-CAM heat map ({finding}) blended over the source image"
+    sc.DerivationDescription = f"{method} heat map ({finding}) blended over the source image"
     reference = Dataset()
     reference.ReferencedSOPClassUID = source.SOPClassUID
     reference.ReferencedSOPInstanceUID = source.SOPInstanceUID

@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from dicomai.errors import DatasetError
+from dicomai.errors import DatasetError, ModelPackageError
 from dicomai.evaluation.metrics import compute_metrics
 from dicomai.evaluation.plots import plot_history
+from dicomai.explain.gradcam import methods_for
 from dicomai.imaging.spec import InputSpec
 from dicomai.models.architectures import build
 from dicomai.models.initial import load_initial_weights
@@ -84,7 +85,8 @@ def train_package(settings: RunSettings, log: Log = print) -> Manifest:
         (unless `settings.masks` is False), a positive image without its mask, or a resume that
         does not match.
     ModelPackageError
-        On an unknown architecture or option.
+        On an unknown architecture or option, or an explanation method that cannot explain
+        the network (relevance of a CNN), before training.
     """
     data = load_training_data(
         settings.data, settings.labels_csv, settings.val_fraction, settings.fit.seed
@@ -93,6 +95,11 @@ def train_package(settings: RunSettings, log: Log = print) -> Manifest:
     multilabel = data.task is Task.MULTILABEL
     torch.manual_seed(settings.fit.seed)
     model = build(settings.architecture, len(data.classes), **settings.options)
+    if settings.explanation and settings.explanation not in methods_for(model):
+        raise ModelPackageError(
+            f"explanation: {settings.explanation} cannot explain {settings.architecture} "
+            f"(it takes {', '.join(methods_for(model))})"
+        )
     findings = [
         spec.is_finding
         for spec in class_specs(data.classes, np.full(len(data.classes), 0.5), codes)

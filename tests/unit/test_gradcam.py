@@ -121,3 +121,12 @@ def test_relevance_runs_the_attention_it_explains_as_torch_does(batch: torch.Ten
         fused = model(pixels)
     _, explicit = attention_relevance(model, pixels, [lambda row: row[0]] * 2)
     np.testing.assert_allclose(explicit, fused, atol=1e-4)
+
+
+def test_relevance_lays_a_non_square_input_out_on_its_own_grid() -> None:
+    torch.manual_seed(0)
+    options = {"tiny": True, "d_model": 32, "heads": 2, "ffn": 64, "layers": 1}
+    model = build("densenet121_transformer", 2, **options).eval()
+    pixels = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(4))
+    maps = gradcam(model, pixels, [1, 1], method="relevance")
+    assert maps.shape == (2, 64, 96) and np.isfinite(maps).all()

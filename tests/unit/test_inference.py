@@ -10,7 +10,7 @@ import pytest
 import torch
 from daemon import dicomai
 
-from dicomai.errors import ConfigError
+from dicomai.errors import ConfigError, ModelPackageError
 from dicomai.explain import gradcam
 from dicomai.imaging.preprocess import to_model_input
 from dicomai.imaging.spec import InputSpec
@@ -133,6 +133,16 @@ def test_the_heat_maps_are_drawn_by_the_method_the_package_names(
         heatmaps, gradcam(loaded.module, tensors, explained, method), atol=1e-5
     )
     assert not np.allclose(heatmaps, gradcam(loaded.module, tensors, explained), atol=1e-3)
+
+
+def test_a_method_that_cannot_explain_the_network_is_a_package_error(
+    loaded: LoadedModel,
+) -> None:
+    manifest = dataclasses.replace(loaded.manifest, explanation="relevance")
+    with pytest.raises(ModelPackageError, match="relevance cannot explain tinycnn"):
+        Classifier(LoadedModel(manifest, loaded.module))
+    with pytest.raises(ModelPackageError, match="the heat map failed"):
+        smoke_test(LoadedModel(manifest, loaded.module))
 
 
 def test_the_densenet_transformer_is_explained_with_grad_cam_plus_plus(tmp_path: Path) -> None:

@@ -229,6 +229,8 @@ def test_sc_is_a_valid_derived_rgb_image(context, tmp_path, index):
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     assert "not for primary diagnosis" in sc.SeriesDescription
     assert len(sc.SeriesDescription) <= 64
+    # MODEL's heat maps are Grad-CAM++'s: the header must not claim Grad-CAM's.
+    assert sc.DerivationDescription.startswith("Grad-CAM++ heat map ("), sc.DerivationDescription
 
 
 @pytest.mark.parametrize("index", [0, 2])

@@ -264,6 +264,11 @@ def test_an_unknown_explanation_method_is_refused_in_one_line(pngs: Path, tmp_pa
     assert code == 2
     assert "'saliency' is not one of 'gradcam', 'gradcam++', 'eigencam'" in output
     assert not (tmp_path / "run").exists()
+    code, output = run("train", "--data", str(pngs), "--out", str(tmp_path / "run"),
+                       "--name", "nodule", "--explanation", "relevance", *FAST)  # fmt: skip
+    assert code == 2 and output.count("\n") == 1, output
+    assert "explanation: relevance cannot explain tinycnn" in output
+    assert not (tmp_path / "run").exists(), "the run must stop before training"
 
 
 def test_a_resume_without_a_checkpoint_is_an_error(pngs: Path, tmp_path: Path) -> None:
