@@ -54,6 +54,21 @@ def loaded(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     return load_model(folder)
 
 
+def untrained(folder: Path, architecture: str, options: dict[str, object]) -> LoadedModel:
+    """A package of a freshly built network (seed 0) for CLASSES at 64², loaded back."""
+    torch.manual_seed(0)
+    manifest = Manifest(
+        name=architecture.replace("_", "-"),
+        version="0.1.0",
+        architecture=architecture,
+        options=options,
+        classes=CLASSES,
+        input=InputSpec(size=(64, 64)),
+    )
+    write_package(folder, manifest, build(architecture, len(CLASSES), **options).state_dict())
+    return load_model(folder)
+
+
 def inputs(n: int, spec: InputSpec, seed: int = 0) -> list[tuple[str, np.ndarray]]:
     images = synthesize(n, size=64, seed=seed).images
     return [(f"1.2.3.{i}", to_model_input(image, spec)) for i, image in enumerate(images)]
@@ -146,20 +161,10 @@ def test_a_method_that_cannot_explain_the_network_is_a_package_error(
 
 
 def test_the_densenet_transformer_is_explained_with_grad_cam_plus_plus(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    manifest = Manifest(
-        name="hybrid",
-        version="0.1.0",
-        architecture="densenet121_transformer",
-        options={"tiny": True, "d_model": 32, "heads": 2, "ffn": 64, "layers": 1},
-        classes=CLASSES,
-        input=InputSpec(size=(64, 64)),
-    )
-    network = build(manifest.architecture, 3, **manifest.options)
-    write_package(tmp_path, manifest, network.state_dict())
-    loaded_hybrid = load_model(tmp_path)
+    options = {"tiny": True, "d_model": 32, "heads": 2, "ffn": 64, "layers": 1}
+    loaded_hybrid = untrained(tmp_path, "densenet121_transformer", options)
     assert Classifier(loaded_hybrid).cam_method == "gradcam++"
-    chosen = dataclasses.replace(manifest, explanation="gradcam")
+    chosen = dataclasses.replace(loaded_hybrid.manifest, explanation="gradcam")
     assert Classifier(LoadedModel(chosen, loaded_hybrid.module)).cam_method == "gradcam"
     smoke_test(loaded_hybrid)
 
@@ -235,19 +240,8 @@ def test_bf16_autocast_gives_the_fp32_decisions_and_heat_maps() -> None:
 
 
 def test_bf16_autocast_gives_the_fp32_relevance_maps_of_a_vit(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    options = {"tiny": True, "image_size": 64}
-    manifest = Manifest(
-        name="vit",
-        version="0.1.0",
-        architecture="vit_b_16",
-        options=options,
-        classes=CLASSES,
-        input=InputSpec(size=(64, 64)),
-    )
-    write_package(tmp_path, manifest, build("vit_b_16", 3, **options).state_dict())
-    vit = load_model(tmp_path)
-    batch = inputs(4, manifest.input, seed=4)
+    vit = untrained(tmp_path, "vit_b_16", {"tiny": True, "image_size": 64})
+    batch = inputs(4, vit.manifest.input, seed=4)
 
     fp32 = Classifier(vit, precision="fp32").predict(batch)
     bf16 = Classifier(vit, precision="bf16").predict(batch)
@@ -260,20 +254,10 @@ def test_bf16_autocast_gives_the_fp32_relevance_maps_of_a_vit(tmp_path: Path) ->
 
 
 def test_bf16_autocast_gives_fp32_extra_maps(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    manifest = Manifest(
-        name="multi",
-        version="0.1.0",
-        architecture="resnet50_multitask",
-        options={"tiny": True},
-        classes=CLASSES,
-        input=InputSpec(size=(64, 64)),
-    )
-    write_package(tmp_path, manifest, build("resnet50_multitask", 3, tiny=True).state_dict())
-    loaded_multitask = load_model(tmp_path)
+    loaded_multitask = untrained(tmp_path, "resnet50_multitask", {"tiny": True})
 
     (prediction,) = Classifier(loaded_multitask, precision="bf16").predict(
-        inputs(1, manifest.input)
+        inputs(1, loaded_multitask.manifest.input)
     )
 
     assert prediction.extra_maps is not None
