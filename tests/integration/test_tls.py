@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pydicom
 import pytest
 from daemon import Listener
 from servers import require_program, sample_file, storescu
@@ -134,3 +136,36 @@ def test_plain_tcp_sender_gets_nothing_stored(tls_listener: Listener) -> None:
     )
     assert result.returncode != 0
     assert tls_listener.spool_files() == before
+
+
+def test_concurrent_tls_senders_are_served_by_every_listener_process(
+    tmp_path: Path, pki: Path
+) -> None:
+    peers = [{"ae_title": MODALITY, "hosts": ["127.0.0.1"]}]
+    tls = {"cert": str(pki / "server.crt"), "key": str(pki / "server.key")}
+    files = []
+    for number in range(4):
+        ds = pydicom.dcmread(sample_file("CT_small.dcm"))
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"1.2.826.0.1.78.{number}"
+        files.append(tmp_path / f"{number}.dcm")
+        ds.save_as(files[-1])
+    daemon = Listener(tmp_path / "multi", AET, peers, tls=tls, listener_processes=2)
+    with daemon.started(ready=lambda: daemon.log().count("listening as") == 2):
+        # Four at once: the processes take two each from their one socket, and each wraps
+        # its own connections in TLS.
+        with ThreadPoolExecutor(4) as pool:
+            results = list(
+                pool.map(
+                    lambda file: storescu(
+                        daemon.port,
+                        [file],
+                        aet=MODALITY,
+                        aec=AET,
+                        extra_args=["+tla", "+cf", str(pki / "ca.crt")],
+                        timeout=60,
+                    ),
+                    files,
+                )
+            )
+        assert [r.returncode for r in results] == [0, 0, 0, 0], [r.stderr for r in results]
+        assert daemon.query("SELECT count(*) FROM instances") == [(4,)]
