@@ -10,7 +10,11 @@ PIP_QUIET := --quiet --disable-pip-version-check --no-warn-script-location
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install $(PIP_QUIET) -e '.[dev]' 2>&1 | grep -v "is ignored: it is neither" || true
+	@# pip's own exit status decides (a full disk once left a half-installed venv stamped as
+	@# installed); its noise about ignored links is filtered from what it printed.
+	$(BIN)/pip install $(PIP_QUIET) -e '.[dev]' > $(VENV)/pip.log 2>&1 \
+		|| { grep -v "is ignored: it is neither" $(VENV)/pip.log; exit 1; }
+	@grep -v "is ignored: it is neither" $(VENV)/pip.log || true
 	$(BIN)/python -c "import dicomai, torch, pynetdicom, highdicom"
 	touch $(STAMP)
 
