@@ -27,6 +27,7 @@ from types import TracebackType
 from typing import Any, NamedTuple, Self, TypeVar
 
 import psycopg
+import pydicom
 import pytest
 import redis
 from psycopg import sql
@@ -658,6 +659,18 @@ def sample_file(name: str) -> Path:
             pytrace=False,
         )
     return Path(path)
+
+
+def sample_copies(name: str, folder: Path, count: int, uid_root: str) -> list[Path]:
+    """`count` copies of a pydicom sample file in `folder`, each its own instance
+    (SOP Instance UID ``<uid_root>.<n>``), for tests that send several stores."""
+    written = []
+    for number in range(count):
+        ds = pydicom.dcmread(sample_file(name))
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{uid_root}.{number}"
+        written.append(folder / f"{number}.dcm")
+        ds.save_as(written[-1])
+    return written
 
 
 def sample_files(names: Iterable[str]) -> list[Path]:

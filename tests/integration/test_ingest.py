@@ -11,7 +11,7 @@ import pytest
 from daemon import Listener
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
-from servers import free_port, sample_file, storescu, wait_for
+from servers import free_port, sample_copies, sample_file, storescu, wait_for
 
 from dicomai.ingest.server import serve_in_thread
 from dicomai.ingest.spool import Spool
@@ -261,12 +261,7 @@ def _echo_ok(ae: AE, port: int) -> bool:
 
 def test_several_listener_processes_share_the_port(tmp_path: Path) -> None:
     peers = [{"ae_title": MODALITY, "hosts": ["127.0.0.1"]}]
-    files = []
-    for number in range(6):
-        ds = pydicom.dcmread(sample_file("CT_small.dcm"))
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"1.2.826.0.1.77.{number}"
-        files.append(tmp_path / f"{number}.dcm")
-        ds.save_as(files[-1])
+    files = sample_copies("CT_small.dcm", tmp_path, 6, "1.2.826.0.1.77")
     with Listener(tmp_path / "multi", AET, peers, listener_processes=2) as daemon:
         wait_for(lambda: daemon.log().count("listening as") == 2, 60, "a second listener")
         senders = [

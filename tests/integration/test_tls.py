@@ -6,10 +6,9 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pydicom
 import pytest
 from daemon import Listener
-from servers import require_program, sample_file, storescu
+from servers import require_program, sample_copies, sample_file, storescu
 
 AET = "DICOMAI"
 MODALITY = "MODALITY"
@@ -143,12 +142,7 @@ def test_concurrent_tls_senders_are_served_by_every_listener_process(
 ) -> None:
     peers = [{"ae_title": MODALITY, "hosts": ["127.0.0.1"]}]
     tls = {"cert": str(pki / "server.crt"), "key": str(pki / "server.key")}
-    files = []
-    for number in range(4):
-        ds = pydicom.dcmread(sample_file("CT_small.dcm"))
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"1.2.826.0.1.78.{number}"
-        files.append(tmp_path / f"{number}.dcm")
-        ds.save_as(files[-1])
+    files = sample_copies("CT_small.dcm", tmp_path, 4, "1.2.826.0.1.78")
     daemon = Listener(tmp_path / "multi", AET, peers, tls=tls, listener_processes=2)
     with daemon.started(ready=lambda: daemon.log().count("listening as") == 2):
         # Four at once: the processes take two each from their one socket, and each wraps
