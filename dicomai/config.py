@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -18,16 +28,41 @@ from dicomai.errors import ConfigError
 
 # The number formats a worker may run its networks in (see dicomai.inference.precision).
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+# A host name as RFC 1123 allows it: labels of letters, digits and hyphens.
+_HOST_NAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
+)
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
-class Peer(BaseModel):
+class Section(BaseModel):
+    """A table of the TOML file: a key it does not know is an error, not silently ignored
+    (a typo such as ``study_quit_seconds`` would otherwise leave the default in force)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Peer(Section):
     """A sender allowed to associate: its calling AE title and the hosts it may come from."""
 
     ae_title: str
     hosts: list[str] = Field(default_factory=list)
 
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, hosts: list[str]) -> list[str]:
+        for host in hosts:
+            try:
+                ipaddress.ip_network(host, strict=False)
+            except ValueError:
+                if "/" in host or not _HOST_NAME.match(host) or host.replace(".", "").isdigit():
+                    raise ValueError(
+                        f"{host!r} is not an IP address, network (10.0.0.0/8) or host name"
+                    ) from None
+        return hosts
 
-class TlsSettings(BaseModel):
+
+class TlsSettings(Section):
     """DICOM TLS: a server certificate and key; optionally client certificates checked by a CA."""
 
     cert: Path | None = None
@@ -36,19 +71,20 @@ class TlsSettings(BaseModel):
     require_client_cert: bool = False
 
 
-class IngestSettings(BaseModel):
+class IngestSettings(Section):
     ae_title: str = "DICOMAI"
     host: str = "0.0.0.0"
-    port: int = 11112
-    study_quiet_seconds: float = 30.0
+    port: int = Field(default=11112, ge=1, le=65535)
+    study_quiet_seconds: float = Field(default=30.0, gt=0)
     complete_on_association_end: bool = False
-    study_max_wait_seconds: float = 3600.0
+    study_max_wait_seconds: float = Field(default=3600.0, gt=0)
     allow_any: bool = False
     peers: list[Peer] = Field(default_factory=list)
-    max_pdu: int = 131072
-    max_dataset_mb: int = 2048
-    max_associations: int = 16
-    listener_processes: int = 1
+    # PS3.8 9.3.1: a receiver may announce any maximum; dcmtk accepts 4096 at least.
+    max_pdu: int = Field(default=131072, ge=4096, le=2**32 - 1)
+    max_dataset_mb: int = Field(default=2048, ge=1)
+    max_associations: int = Field(default=16, ge=1)
+    listener_processes: int = Field(default=1, ge=1, le=64)
     resend_policy: Literal["keep", "replace"] = "keep"
     tls: TlsSettings = Field(default_factory=TlsSettings)
 
@@ -61,25 +97,40 @@ class IngestSettings(BaseModel):
         return value.strip()
 
 
-class MetricsSettings(BaseModel):
+class MetricsSettings(Section):
     host: str = "127.0.0.1"
-    port: int = 0
+    port: int = Field(default=0, ge=0, le=65535)  # 0: no metrics endpoint
 
 
-class StorageSettings(BaseModel):
+class StorageSettings(Section):
     dir: Path = Path("var")
-    min_free_mb: int = 1024
+    min_free_mb: int = Field(default=1024, ge=0)
 
 
-class DatabaseSettings(BaseModel):
+class DatabaseSettings(Section):
+    url: str = ""
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if value:
+            from sqlalchemy.engine import make_url
+            from sqlalchemy.exc import ArgumentError
+
+            try:
+                make_url(value)
+            except ArgumentError:
+                raise ValueError(
+                    "not a database URL (postgresql+psycopg://user@host/db or sqlite:///path)"
+                ) from None
+        return value
+
+
+class BrokerSettings(Section):
     url: str = ""
 
 
-class BrokerSettings(BaseModel):
-    url: str = ""
-
-
-class WorkerSettings(BaseModel):
+class WorkerSettings(Section):
     """The worker, and the leases after which the reconciler rings a job again."""
 
     device: str = "auto"
@@ -101,27 +152,34 @@ class WorkerSettings(BaseModel):
     # Number format of the forward passes: auto is bf16 (else fp16) on a GPU, fp32 on a CPU.
     precision: Precision = "auto"
 
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not _DEVICE.match(value.strip()):
+            raise ValueError("device must be auto, cpu, cuda or cuda:N (N the GPU's index)")
+        return value.strip()
 
-class DeliverySettings(BaseModel):
-    max_attempts: int = 30
-    backoff_initial_seconds: float = 5.0
-    backoff_max_seconds: float = 1800.0
-    timeout_seconds: float = 30.0
+
+class DeliverySettings(Section):
+    max_attempts: int = Field(default=30, ge=1)
+    backoff_initial_seconds: float = Field(default=5.0, ge=0)
+    backoff_max_seconds: float = Field(default=1800.0, ge=0)
+    timeout_seconds: float = Field(default=30.0, gt=0)
 
 
-class RolloutSettings(BaseModel):
+class RolloutSettings(Section):
     """The evaluation gate of `dicomai models activate` (see dicomai.rollout.gate)."""
 
     gate_tolerance: float = Field(default=0.02, ge=0.0, le=1.0)
 
 
-class Destination(BaseModel):
+class Destination(Section):
     """Where results go: a C-STORE SCP (ae_title/host/port) or a folder (path)."""
 
     name: str
     ae_title: str | None = None
     host: str | None = None
-    port: int | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
     path: Path | None = None
     # Which output kinds it receives; a PACS whose viewer cannot show SEG or PMAP leaves them out.
     # (pydantic copies a mutable default for each instance.)
@@ -135,6 +193,11 @@ class Destination(BaseModel):
                 f"destination {self.name!r}: give either ae_title, host and port, or path"
             )
         return self
+
+
+_LOG_LEVELS = tuple(
+    logging.getLevelName(n) for n in (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR)
+)
 
 
 class Settings(BaseSettings):
@@ -155,6 +218,14 @@ class Settings(BaseSettings):
     destinations: list[Destination] = Field(default_factory=list)
     uid_root: str = "2.25"
     log_level: str = "INFO"
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in _LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(_LOG_LEVELS)}")
+        return level
 
     @classmethod
     def settings_customise_sources(
@@ -223,6 +294,9 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"invalid setting {where}: {first['msg']}") from None
+        if first["type"] == "extra_forbidden":
+            raise ConfigError(f"unknown setting {where} (README.md lists the keys)") from None
+        message = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"invalid setting {where}: {message}") from None
     except ValueError as exc:
         raise ConfigError(f"invalid config file {path}: {exc}") from None

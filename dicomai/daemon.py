@@ -85,6 +85,11 @@ class Daemon:
             forgotten = forget_lost_instances(self.sessions, self.spool)
             if forgotten:
                 log.warning("removed %d rows of instances whose files a crash lost", forgotten)
+            # Before the listener answers: whoever sees the daemon up can scrape it.
+            metrics = self.settings.metrics
+            if metrics.port:
+                start_http_server(metrics.port, metrics.host)
+                log.info("metrics on http://%s:%d/metrics", metrics.host, metrics.port)
         ingest = self.settings.ingest
         # Bound before the listener children start: they accept from this socket.
         self.server = serve_in_thread(
@@ -113,10 +118,6 @@ class Daemon:
             wanted.append("worker")
         for name in wanted:
             self.children[name] = self._spawn(name)
-        metrics = self.settings.metrics
-        if metrics.port:
-            start_http_server(metrics.port, metrics.host)
-            log.info("metrics on http://%s:%d/metrics", metrics.host, metrics.port)
 
     def loop(self, period: float = 0.2) -> None:
         leases = Leases.from_settings(self.settings.worker)

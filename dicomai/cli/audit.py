@@ -106,7 +106,10 @@ def parse_since(value: str, now: datetime | None = None) -> datetime:
     """An ISO date or time (UTC unless it says otherwise), or an age such as ``2h``."""
     text = value.strip()
     if text[-1:] in _AGE_UNITS and text[:-1].isdigit():
-        return (now or utcnow()) - timedelta(seconds=int(text[:-1]) * _AGE_UNITS[text[-1]])
+        try:
+            return (now or utcnow()) - timedelta(seconds=int(text[:-1]) * _AGE_UNITS[text[-1]])
+        except OverflowError:
+            raise DicomaiError(f"--since {value!r}: that age reaches before year 1") from None
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:

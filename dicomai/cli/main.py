@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DatabaseError
 
 from dicomai.config import Settings, load_settings
 from dicomai.errors import DicomaiError
+
+# SQLite's and PostgreSQL's words for a table the schema lacks.
+_MISSING_TABLE = re.compile(r"no such table|relation .* does not exist")
 
 
 class Group(click.Group):
@@ -22,9 +26,17 @@ class Group(click.Group):
         except DicomaiError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
-        except OperationalError as exc:
-            click.echo(f"error: database unavailable: {exc.orig or exc}".splitlines()[0], err=True)
+        except DatabaseError as exc:
+            detail = str(exc.orig or exc).splitlines()[0]
+            if _MISSING_TABLE.search(detail):
+                detail += "; run `dicomai db upgrade` to create or update the schema"
+            click.echo(f"error: database unavailable: {detail}", err=True)
             sys.exit(3)
+        except OSError as exc:
+            # A folder or file the settings name cannot be used (missing, not writable...).
+            where = f": {exc.filename}" if exc.filename else ""
+            click.echo(f"error: {exc.strerror or exc}{where}", err=True)
+            sys.exit(2)
 
 
 class Context:

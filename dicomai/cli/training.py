@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from dicomai.errors import DicomaiError
 from dicomai.models.manifest import EXPLANATION_METHODS
 
 if TYPE_CHECKING:
@@ -25,8 +26,17 @@ def train_demo(out: Path, seed: int) -> None:
     """Train the demo model on synthetic images and write its package to OUT (not for diagnosis)."""
     from dicomai.training.demo import build_demo_package
 
+    _output_folder(out)
     manifest = build_demo_package(out, seed=seed)
     click.echo(f"wrote {manifest.name} {manifest.version} to {out}")
+
+
+def _output_folder(path: Path) -> None:
+    """Create the folder a command will write to, before minutes of training, so that a path
+    that cannot be one fails at once."""
+    if path.exists() and not path.is_dir():
+        raise DicomaiError(f"{path} exists and is not a folder")
+    path.mkdir(parents=True, exist_ok=True)
 
 
 def _option_value(text: str) -> Any:
@@ -177,7 +187,9 @@ def train(**options: Any) -> None:
     """Train a classifier on labelled images and write a model package the daemon runs."""
     from dicomai.training.runs import train_package
 
-    manifest = train_package(_run_settings(options), log=click.echo)
+    settings = _run_settings(options)
+    _output_folder(options["out"])
+    manifest = train_package(settings, log=click.echo)
     click.echo(f"{manifest.name} {manifest.version}: {options['out']}/package")
 
 

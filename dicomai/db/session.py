@@ -10,7 +10,10 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
+
+from dicomai.errors import ConfigError
 
 
 def make_engine(url: str) -> Engine:
@@ -24,7 +27,14 @@ def make_engine(url: str) -> Engine:
         return engine
     if parsed.drivername == "postgresql":
         url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
-    return create_engine(url, pool_pre_ping=True)
+    try:
+        return create_engine(url, pool_pre_ping=True)
+    except (NoSuchModuleError, ImportError):
+        # A dialect or driver this installation lacks (mysql://...): dicomai runs on
+        # PostgreSQL (psycopg) and SQLite.
+        raise ConfigError(
+            f"database.url: {parsed.drivername} is not supported; use postgresql:// or sqlite://"
+        ) from None
 
 
 def _create_private(path: Path) -> None:

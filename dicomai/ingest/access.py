@@ -7,6 +7,13 @@ import socket
 from dataclasses import dataclass
 
 from dicomai.config import Peer
+from dicomai.errors import ConfigError
+
+# `dicomai health` calls with this title from the machine itself and asks only for
+# Verification: that probe is let in without an allow-list entry (and without an audit row
+# per run), and it cannot store anything.
+HEALTH_AE_TITLE = "DICOMAI_HEALTH"
+VERIFICATION = "1.2.840.10008.1.1"
 
 
 @dataclass(frozen=True)
@@ -41,9 +48,26 @@ class AccessPolicy:
         return Decision(False, "peer address not allowed for this AE title")
 
 
+def is_health_probe(calling_ae: str, address: str, abstract_syntaxes: list[str]) -> bool:
+    """`dicomai health`'s C-ECHO: our health title, from a loopback address, Verification only."""
+    try:
+        local = ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+    return (
+        calling_ae.strip() == HEALTH_AE_TITLE
+        and local
+        and bool(abstract_syntaxes)
+        and all(syntax == VERIFICATION for syntax in abstract_syntaxes)
+    )
+
+
 def _networks(host: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     try:
         return ipaddress.ip_network(host, strict=False)
     except ValueError:
         # A host name is resolved once at start: the allow-list must not change under us.
-        return ipaddress.ip_network(socket.gethostbyname(host))
+        try:
+            return ipaddress.ip_network(socket.gethostbyname(host))
+        except OSError:
+            raise ConfigError(f"ingest.peers: cannot resolve host name {host!r}") from None

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai.audit import Action, record
 from dicomai.config import Settings
-from dicomai.ingest.access import AccessPolicy, Decision
+from dicomai.ingest.access import AccessPolicy, Decision, is_health_probe
 from dicomai.ingest.limits import Limits, bound_reads
 from dicomai.ingest.recorder import mark_association_ended
 from dicomai.ingest.spool import Spool
@@ -81,6 +81,12 @@ def on_requested(
     calling = primitive.calling_ae_title
     called = primitive.called_ae_title.strip()
     decision = policy.check(calling, requestor.address)
+    if not decision.allowed and is_health_probe(
+        calling,
+        requestor.address,
+        [str(c.abstract_syntax) for c in primitive.presentation_context_definition_list],
+    ):
+        decision = Decision(True, "health probe")
     diagnostic = 0x03  # calling AE title not recognised
     if decision.allowed and called != our_title:
         decision, diagnostic = Decision(False, "called AE title is not ours"), 0x07

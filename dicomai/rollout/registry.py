@@ -27,9 +27,13 @@ def package_folder(path: Path) -> Iterator[Path]:
         return
     if not path.is_file() or not tarfile.is_tarfile(path):
         raise ModelPackageError(f"{path}: not a package folder or .tar file")
-    with tempfile.TemporaryDirectory() as tmp, tarfile.open(path) as tar:
-        # filter="data" refuses absolute paths, links out of the folder and device files.
-        tar.extractall(tmp, filter="data")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            with tarfile.open(path) as tar:
+                # filter="data" refuses absolute paths, links out of the folder and devices.
+                tar.extractall(tmp, filter="data")
+        except (tarfile.TarError, EOFError) as exc:
+            raise ModelPackageError(f"{path}: unusable archive: {exc}") from None
         manifests = list(Path(tmp).rglob("model.toml"))
         if len(manifests) != 1:
             raise ModelPackageError(f"{path}: expected one model.toml in the archive")

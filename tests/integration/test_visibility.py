@@ -61,6 +61,28 @@ def test_health_reports_every_check_and_fails_when_the_database_is_gone(
     assert "FAIL" in broken.stdout
 
 
+def rejections(listener: Listener) -> int:
+    found = listener.query(
+        "SELECT count(*) FROM audit_events WHERE action = 'association.rejected'"
+    )
+    return int(found[0][0])
+
+
+def test_health_probe_is_answered_without_an_audit_row_and_cannot_store(
+    listener: Listener,
+) -> None:
+    before = rejections(listener)
+    ok = dicomai(listener.config, "health", check=False)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "C-ECHO answered" in ok.stdout
+    assert "rejected" not in (ok.stdout + ok.stderr).lower()
+    assert rejections(listener) == before
+    # The probe's title gets Verification only: asking to store with it is an unknown sender.
+    sent = storescu(listener.port, [sample_file("CT_small.dcm")], aet="DICOMAI_HEALTH")
+    assert sent.returncode != 0
+    assert rejections(listener) == before + 1
+
+
 @pytest.mark.parametrize("name", ["rtplan.dcm", "test-SR.dcm"])
 def test_objects_models_cannot_use_are_stored_and_never_processed(
     listener: Listener, name: str

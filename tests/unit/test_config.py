@@ -57,6 +57,16 @@ def test_config_file_named_by_environment(tmp_path: Path, monkeypatch: pytest.Mo
         ),
         ("[nonsense]\nx = 1\n", "nonsense"),
         ("[ingest\nport = 1\n", "invalid config file"),
+        # A typo in a known table is an error, not the default silently kept.
+        ("[ingest]\nstudy_quit_seconds = 3\n", "unknown setting ingest.study_quit_seconds"),
+        ("[ingest]\nstudy_quiet_seconds = -3\n", "ingest.study_quiet_seconds"),
+        ("[ingest]\nport = 70000\n", "ingest.port"),
+        ("[metrics]\nport = 99999\n", "metrics.port"),
+        ("[[ingest.peers]]\nae_title = 'CT'\nhosts = ['10.0.0.300/8']\n", "10.0.0.300/8"),
+        ("[worker]\ndevice = 'gpu9'\n", "device must be auto, cpu, cuda or cuda:N"),
+        ("[database]\nurl = 'notaurl'\n", "not a database URL"),
+        ("log_level = 'verbose'\n", "log_level must be one of"),
+        ("[delivery]\nmax_attempts = 0\n", "delivery.max_attempts"),
     ],
 )
 def test_bad_configuration_is_one_clear_error(tmp_path: Path, text: str, message: str) -> None:
@@ -69,3 +79,30 @@ def test_bad_configuration_is_one_clear_error(tmp_path: Path, text: str, message
 def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="config file not found"):
         load_settings(tmp_path / "absent.toml")
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1"])
+def test_worker_devices_a_site_can_name(tmp_path: Path, device: str) -> None:
+    assert (
+        load_settings(write(tmp_path, f"[worker]\ndevice = '{device}'\n")).worker.device == device
+    )
+
+
+def test_unknown_nested_environment_key_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DICOMAI_INGEST__PORTT", "1")
+    with pytest.raises(ConfigError, match=r"unknown setting ingest\.portt"):
+        load_settings(write(tmp_path, ""))
+
+
+def test_log_level_in_any_case_and_peer_host_names(tmp_path: Path) -> None:
+    settings = load_settings(
+        write(
+            tmp_path,
+            "log_level = 'debug'\n[[ingest.peers]]\nae_title = 'CT'\n"
+            "hosts = ['ct-1.radiology.example', '10.1.2.3', 'fd00::/8']\n",
+        )
+    )
+    assert settings.log_level == "DEBUG"
+    assert settings.ingest.peers[0].hosts[0] == "ct-1.radiology.example"
