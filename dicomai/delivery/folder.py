@@ -8,16 +8,24 @@ from pathlib import Path
 
 from dicomai.errors import DeliveryError
 
+# Results carry the patient's name and ID: readable by the service's group (a reader
+# service added to it), never by every user of the machine, whatever the umask.
+FILE_MODE = 0o640
+FOLDER_MODE = 0o750
+
 
 def copy_file(path: Path, folder: Path) -> Path:
     """Copy `path` into `folder` under the same name, visible only once complete."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=FOLDER_MODE, parents=True, exist_ok=True)
         final = folder / path.name
         tmp = folder / f".{path.name}.tmp"
-        shutil.copyfile(path, tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
+        descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+        with open(descriptor, "wb") as target, open(path, "rb") as source:
+            os.fchmod(target.fileno(), FILE_MODE)  # an older .tmp keeps its mode otherwise
+            shutil.copyfileobj(source, target)
+            target.flush()
+            os.fsync(target.fileno())
         os.replace(tmp, final)
     except OSError as exc:
         raise DeliveryError(f"cannot write to {folder}: {exc.strerror or exc}") from None

@@ -203,6 +203,13 @@ def test_full_run_keeps_patient_data_out_of_logs_files_private_and_audit_chain_i
             mode = stat.S_IMODE(path.stat().st_mode)
             wanted = 0o700 if path.is_dir() else 0o600
             assert mode == wanted, f"{path} has mode {mode:o}, not {wanted:o}"
+    # The folder destination's copies carry patient data too: not readable by every user.
+    delivered = [tmp_path / "results", *(tmp_path / "results").rglob("*")]
+    assert len(delivered) > 1, "nothing was delivered to the folder"
+    for path in delivered:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        wanted = 0o750 if path.is_dir() else 0o640
+        assert mode == wanted, f"{path} has mode {mode:o}, not {wanted:o}"
     database = Path(stack.db_url.removeprefix("sqlite:///"))
     for path in database.parent.glob(database.name + "*"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, f"{path} is not 0600"
