@@ -18,9 +18,20 @@ def db() -> None:
 @click.pass_obj
 def db_upgrade(obj: Context) -> None:
     """Bring the database up to the newest schema (any older version)."""
-    from dicomai.db.migrate import head_revision, upgrade
+    from dicomai.db.migrate import current_revision, head_revision, upgrade
+    from dicomai.db.session import make_engine
 
     url = obj.settings.database_url
+    engine = make_engine(url)
+    try:
+        before = current_revision(engine)
+    finally:
+        engine.dispose()
+    head = head_revision(url)
+    if before == head:
+        # The systemd unit runs this at every start: a current schema is not an event.
+        click.echo(f"database at revision {head} (already current)")
+        return
     upgrade(url)
     who = operator()
     with admin_session(obj) as session:
@@ -29,10 +40,11 @@ def db_upgrade(obj: Context) -> None:
             Action.DB_UPGRADED,
             actor=who.user,
             object_type="database",
-            object_id=head_revision(url),
+            object_id=head,
+            from_revision=before,
             **who.detail(),
         )
-    click.echo(f"database at revision {head_revision(url)}")
+    click.echo(f"database at revision {head}")
 
 
 def register(group: click.Group) -> None:
