@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pydicom import Dataset
+from pydicom.uid import UID
 
 from dicomai.errors import NotEvaluable
 from dicomai.imaging.decode import read_instance
@@ -24,13 +26,18 @@ class ReadImage:
     """One instance of a job: its source for the results and its model input, or why not."""
 
     sop_uid: str
-    source: SourceImage | None  # None: unreadable or not an image, so no SR reference
+    # None: unreadable, not an image, or without the Rows and Columns that an SR reference
+    # describes an image by; such an instance has no place in the SR.
+    source: SourceImage | None
     tensor: np.ndarray | None
     reason: str | None = None
 
 
 def read_image(sop_uid: str, path: Path, spec: InputSpec) -> ReadImage:
     """Read and preprocess one instance; a property of the image is a reason, not an error.
+
+    An image that cannot be evaluated, its pixel data missing included, keeps its source, so
+    that the SR names it as not evaluated; an instance that is not an image does not.
 
     Raises
     ------
@@ -41,14 +48,31 @@ def read_image(sop_uid: str, path: Path, spec: InputSpec) -> ReadImage:
         dataset = read_instance(path)
     except NotEvaluable as exc:
         return ReadImage(sop_uid, None, None, str(exc))
-    if "PixelData" not in dataset:
+    if not _is_image(dataset):
         # An SR or RT plan a broad model "applies" to: TID 1500 references images only.
         return ReadImage(sop_uid, None, None, "not an image (no Pixel Data)")
     try:
         display, tensor = prepare(dataset, spec)
     except NotEvaluable as exc:
-        return ReadImage(sop_uid, SourceImage(dataset=dataset, display=NO_DISPLAY), None, str(exc))
+        source = SourceImage(dataset=dataset, display=NO_DISPLAY) if _has_size(dataset) else None
+        return ReadImage(sop_uid, source, None, str(exc))
     return ReadImage(sop_uid, SourceImage(dataset=dataset, display=display), tensor)
+
+
+def _is_image(dataset: Dataset) -> bool:
+    """Whether `dataset` is an image: it has Pixel Data, or its SOP class is an image storage
+    class, whose pixel data are missing (PS3.6 Annex A names those "... Image Storage ...";
+    the few other IODs with an Image Pixel module, segmentations, maps and volumes, are not
+    what a classifier takes)."""
+    if "PixelData" in dataset:
+        return True
+    return "Image Storage" in UID(str(dataset.get("SOPClassUID", ""))).name
+
+
+def _has_size(dataset: Dataset) -> bool:
+    # TID 1602 describes a library entry by its Pixel Data Rows and Columns; highdicom
+    # cannot build an entry without them.
+    return all(isinstance(dataset.get(keyword), int) for keyword in ("Rows", "Columns"))
 
 
 class Reader:
