@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 from dicomai.config import Settings
 
@@ -52,6 +53,35 @@ def check_spool(settings: Settings) -> Check:
     return Check("spool", free >= floor, detail)
 
 
+def check_worker(settings: Settings) -> Check:
+    """Jobs left queued past the queued lease: no worker takes them (none runs, or it keeps
+    failing to start: a GPU it cannot open, a model it cannot load; see the worker's log)."""
+    from sqlalchemy import func, select
+
+    from dicomai.db.models import Job, JobState, utcnow
+    from dicomai.db.session import make_engine, make_sessionmaker
+
+    lease = settings.worker.queued_lease_seconds
+    engine = make_engine(settings.database_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            waiting = session.scalar(
+                select(func.count())
+                .select_from(Job)
+                .where(
+                    Job.state == JobState.QUEUED,
+                    Job.created_at < utcnow() - timedelta(seconds=lease),
+                )
+            )
+    finally:
+        engine.dispose()
+    if waiting:
+        return Check(
+            "worker", False, f"{waiting} jobs queued for over {lease:g} s: is a worker running?"
+        )
+    return Check("worker", True, f"no job queued for over {lease:g} s")
+
+
 def check_listener(settings: Settings) -> Check:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -80,6 +110,7 @@ CHECKS: tuple[Callable[[Settings], Check], ...] = (
     check_database,
     check_broker,
     check_spool,
+    check_worker,
     check_listener,
 )
 

@@ -11,7 +11,8 @@ from dicomai.cli.tables import print_table
 @click.command()
 @click.pass_obj
 def health(obj: Context) -> None:
-    """Check database, broker, spool space and the DICOM listener; exit 1 if any fails."""
+    """Check database, broker, spool space, waiting jobs and the DICOM listener; exit 1 if any
+    fails."""
     from dicomai.health import run_checks
 
     results = run_checks(obj.settings)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 
 import pytest
 from rollout_site import NAME, Site, demo_site
 from sqlalchemy import update
 
-from dicomai.db.models import Delivery, DeliveryState, Job, JobState
+from dicomai.db.models import Delivery, DeliveryState, Job, JobState, utcnow
+from dicomai.jobs.assembler import complete_quiet_studies
 
 
 @pytest.fixture
@@ -68,3 +70,20 @@ def _user() -> str:
     from dicomai.audit import os_user
 
     return os_user()
+
+
+def test_health_fails_when_jobs_wait_for_a_worker_past_the_lease(site: Site) -> None:
+    site.ingest_studies(1)
+    complete_quiet_studies(site.sessions, 0)  # a queued job, and no worker in this site
+    fresh = site.cli("health", check=False).stdout
+    assert _line(fresh, "worker").split()[1] == "ok", fresh
+    with site.sessions() as session, session.begin():
+        session.execute(update(Job).values(created_at=utcnow() - timedelta(hours=1)))
+    stale = site.cli("health", check=False)
+    assert stale.returncode == 1
+    line = _line(stale.stdout, "worker")
+    assert line.split()[1] == "FAIL" and "1 jobs queued for over 300 s" in line, stale.stdout
+
+
+def _line(table: str, check: str) -> str:
+    return next(line for line in table.splitlines() if line.startswith(check))
