@@ -25,6 +25,7 @@ from pydantic_settings import (
 )
 
 from dicomai.errors import ConfigError
+from dicomai.inference.device import DEVICE_PATTERN
 
 # The number formats a worker may run its networks in (see dicomai.inference.precision).
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -32,7 +33,6 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 _HOST_NAME = re.compile(
     r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
 )
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 class Section(BaseModel):
@@ -155,7 +155,7 @@ class WorkerSettings(Section):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        if not _DEVICE.match(value.strip()):
+        if not DEVICE_PATTERN.match(value.strip()):
             raise ValueError("device must be auto, cpu, cuda or cuda:N (N the GPU's index)")
         return value.strip()
 

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from dicomai.errors import DatasetError
 from dicomai.evaluation.metrics import compute_metrics
+from dicomai.inference.device import resolve_device as inference_device
 from dicomai.training.batches import ImageDataset
 from dicomai.training.checkpoints import BEST, LAST, load_checkpoint, save_checkpoint
 from dicomai.training.datasets import Task
@@ -89,10 +90,8 @@ class _Progress:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto``: the first CUDA GPU if there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """``auto``: the first CUDA GPU if there is one, else the CPU (`dicomai.inference.device`)."""
+    return torch.device(inference_device(name))
 
 
 def fit(

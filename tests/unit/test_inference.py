@@ -14,6 +14,7 @@ from dicomai.errors import ConfigError, ModelPackageError
 from dicomai.explain import gradcam
 from dicomai.imaging.preprocess import to_model_input
 from dicomai.imaging.spec import InputSpec
+from dicomai.inference.device import resolve_device
 from dicomai.inference.precision import autocast_dtype
 from dicomai.inference.runner import Classifier
 from dicomai.inference.types import Code
@@ -285,3 +286,26 @@ def test_a_worker_asked_for_fp16_on_a_cpu_stops_at_start_in_one_line(tmp_path: P
 
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == "error: [worker] precision fp16 needs a CUDA device, not cpu"
+
+
+def test_devices_resolve_to_what_this_machine_has() -> None:
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda:0" if gpus else "cpu")
+    with pytest.raises(ConfigError, match=f"this machine has {gpus} usable CUDA GPUs"):
+        resolve_device(f"cuda:{gpus}")
+    with pytest.raises(ConfigError, match="use auto, cpu, cuda or cuda:N"):
+        resolve_device("gpu9")
+
+
+def test_a_worker_asked_for_a_gpu_it_lacks_stops_at_start_in_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "dicomai.toml"
+    config.write_text(f'[storage]\ndir = "{tmp_path / "var"}"\nmin_free_mb = 1\n')
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+    result = dicomai(config, "worker", "--device", f"cuda:{gpus}", check=False)
+
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (
+        f"error: device cuda:{gpus}: this machine has {gpus} usable CUDA GPUs"
+    )
