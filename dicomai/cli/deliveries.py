@@ -83,6 +83,7 @@ def deliveries_retry(obj: Context, delivery_id: int, reason: str) -> None:
         delivery.state = DeliveryState.PENDING
         delivery.attempts = 0
         delivery.next_attempt_at = utcnow()
+        delivery.rung_at = None
         who = operator(reason)
         record(
             session,

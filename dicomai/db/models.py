@@ -223,6 +223,9 @@ class Delivery(Base):
     )
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # When the reconciler last rang for it; cleared when an attempt claims it, so that the
+    # next due time is rung at once and an unanswered ring only after a lease.
+    rung_at: Mapped[datetime | None]
     last_error: Mapped[str | None] = mapped_column(Text)
     delivered_at: Mapped[datetime | None]
 

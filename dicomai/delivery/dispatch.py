@@ -6,7 +6,7 @@ import logging
 from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai.audit import Action, record
@@ -47,20 +47,21 @@ def _copy(path: Path, folder: Path) -> str | None:
 
 
 def attempt_delivery(sessions: sessionmaker[Session], settings: Settings, delivery_id: int) -> bool:
-    """Try delivery `delivery_id` once if it is still pending; return whether it is sent."""
+    """Try delivery `delivery_id` once if it is due; return whether it is sent."""
     return attempt_deliveries(sessions, settings, [delivery_id]) == 1
 
 
 def attempt_deliveries(
     sessions: sessionmaker[Session], settings: Settings, delivery_ids: list[int]
 ) -> int:
-    """Try the pending ones of `delivery_ids`, one association per destination; count sent."""
+    """Try the ones of `delivery_ids` that are due and that no other attempt holds, one
+    association per destination; count sent."""
     by_destination: dict[str, list[tuple[int, Path]]] = {}
-    with sessions() as session:
-        for delivery in session.scalars(select(Delivery).where(Delivery.id.in_(delivery_ids))):
-            if delivery.state == DeliveryState.PENDING:
-                path = settings.outputs_dir / delivery.output.path
-                by_destination.setdefault(delivery.destination, []).append((delivery.id, path))
+    with sessions() as session, session.begin():
+        claimed = claim_due(session, delivery_ids, settings.worker.delivery_lease_seconds)
+        for delivery in session.scalars(select(Delivery).where(Delivery.id.in_(claimed))):
+            path = settings.outputs_dir / delivery.output.path
+            by_destination.setdefault(delivery.destination, []).append((delivery.id, path))
     sent = 0
     for name, items in by_destination.items():
         destination = next((d for d in settings.destinations if d.name == name), None)
@@ -77,6 +78,32 @@ def attempt_deliveries(
             else:
                 _record_failure(sessions, settings, delivery_id, error)
     return sent
+
+
+def claim_due(session: Session, delivery_ids: list[int], lease_seconds: float) -> list[int]:
+    """Take the pending ones of `delivery_ids` whose next attempt is due for one attempt;
+    return their ids.
+
+    The claim moves the next attempt a lease ahead in one conditional UPDATE, so that of the
+    worker sending a new object, the task rung for it and a task Celery delivers twice,
+    only one attempts it, and none before the backoff of its last failure has passed. An
+    attempt that dies without an outcome leaves the delivery due again a lease later. The
+    claim answers the last ring: the next due time is rung for at once.
+    """
+    now = utcnow()
+    return list(
+        session.scalars(
+            update(Delivery)
+            .where(
+                Delivery.id.in_(delivery_ids),
+                Delivery.state == DeliveryState.PENDING,
+                Delivery.next_attempt_at <= now,
+            )
+            .values(next_attempt_at=now + timedelta(seconds=lease_seconds), rung_at=None)
+            .returning(Delivery.id)
+            .execution_options(synchronize_session=False)
+        )
+    )
 
 
 def _record_success(sessions: sessionmaker[Session], delivery_id: int) -> None:

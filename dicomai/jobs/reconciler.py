@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import or_, select
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai.audit import Action, record
@@ -85,17 +85,25 @@ def _requeue(session: Session, job: Job, leases: Leases, now: object) -> bool:
 
 
 def ring_deliveries(sessions: sessionmaker[Session], doorbell: Doorbell, leases: Leases) -> int:
-    """Ring for pending deliveries that are due; each gets a lease so it is rung once."""
+    """Ring for pending deliveries that are due and not rung within a lease.
+
+    The attempt claims the delivery itself (`dispatch.claim_due`), so a ring never hides it:
+    a ring lost on the way, or a task whose worker died, is rung again a lease later.
+    """
     now = utcnow()
+    lease = timedelta(seconds=leases.delivery_seconds)
     with sessions() as session, session.begin():
-        due = session.scalars(
-            select(Delivery)
-            .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)
-            .with_for_update(skip_locked=True)
+        ids = session.scalars(
+            update(Delivery)
+            .where(
+                Delivery.state == DeliveryState.PENDING,
+                Delivery.next_attempt_at <= now,
+                or_(Delivery.rung_at.is_(None), Delivery.rung_at <= now - lease),
+            )
+            .values(rung_at=now)
+            .returning(Delivery.id)
+            .execution_options(synchronize_session=False)
         ).all()
-        for delivery in due:
-            delivery.next_attempt_at = now + timedelta(seconds=leases.delivery_seconds)
-        ids = [d.id for d in due]
     for delivery_id in ids:
         doorbell.ring_delivery(delivery_id)
     return len(ids)

@@ -1,0 +1,152 @@
+"""Delivery retries against a PACS that refuses: one attempt at a time, each after its backoff."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pydicom
+import pytest
+from daemon import REPO
+from recording import record_dataset
+from servers import free_port
+from sqlalchemy import select
+
+from dicomai.audit import Operator, os_user
+from dicomai.config import load_settings
+from dicomai.db.models import AuditEvent, Delivery, DeliveryState, OutputObject
+from dicomai.db.session import make_engine, make_sessionmaker
+from dicomai.delivery.dispatch import attempt_deliveries, attempt_delivery
+from dicomai.delivery.policy import backoff_seconds
+from dicomai.ingest.spool import Spool
+from dicomai.jobs.assembler import complete_quiet_studies
+from dicomai.jobs.reconciler import Leases, ring_deliveries
+from dicomai.jobs.runner import JobRunner
+from dicomai.rollout.deployment import activate
+from dicomai.rollout.registry import register
+from dicomai.training.synthetic import write_dicom_images
+
+
+class TaskDoorbell:
+    """Records each ring; `deliver` then runs the rung tasks as a Celery worker would."""
+
+    def __init__(self, settings, sessions) -> None:
+        self.settings, self.sessions = settings, sessions
+        self.rung: list[int] = []
+
+    def ring_job(self, job_id: int) -> None:
+        raise AssertionError("no job is rung here")
+
+    def ring_delivery(self, delivery_id: int) -> None:
+        self.rung.append(delivery_id)
+
+    def deliver(self, times: int = 1) -> None:
+        rung, self.rung = self.rung, []
+        for delivery_id in rung * times:
+            attempt_delivery(self.sessions, self.settings, delivery_id)
+
+
+@pytest.fixture
+def refused(database_url: str, tmp_path: Path):
+    """A finished job's outputs, each with a new delivery to a PACS nobody listens for
+    (max_attempts 2, backoff 1 s): (settings, sessions, delivery ids)."""
+    options = {"storage": {"dir": tmp_path / "var"}, "database": {"url": database_url}}
+    quiet = load_settings(None, **options)
+    sessions = make_sessionmaker(make_engine(database_url))
+    with sessions() as session, session.begin():
+        operator = Operator(os_user(), "test")
+        register(session, REPO / "models" / "demo-chest-nodule", quiet.registry_dir, operator)
+        activate(session, "demo-chest-nodule", "1.0.0", operator)
+    (image,) = write_dicom_images(tmp_path / "synthetic", 1, seed=3, size=256)
+    record_dataset(Spool(quiet.spool_dir), sessions, pydicom.dcmread(image.path))
+    (job_id,) = complete_quiet_studies(sessions, 0)
+    JobRunner(quiet, sessions, device="cpu").run_job(job_id)
+    pacs = {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}
+    settings = load_settings(
+        None,
+        **options,
+        delivery={"backoff_initial_seconds": 1, "max_attempts": 2, "timeout_seconds": 5},
+        destinations=[pacs],
+    )
+    # As the worker adds them when it writes an object: pending and due at once.
+    with sessions() as session, session.begin():
+        outputs = session.scalars(select(OutputObject).where(OutputObject.job_id == job_id))
+        deliveries = [Delivery(output_id=o.id, destination="pacs") for o in outputs]
+        session.add_all(deliveries)
+    assert deliveries, "the job wrote no output to deliver"
+    return settings, sessions, sorted(d.id for d in deliveries)
+
+
+def attempts_of(sessions, ids: list[int]) -> dict[int, tuple[int, DeliveryState]]:
+    with sessions() as session:
+        rows = session.scalars(select(Delivery).where(Delivery.id.in_(ids)))
+        return {d.id: (d.attempts, d.state) for d in rows}
+
+
+def outcome_times(sessions, delivery_id: int) -> list[tuple[int, object]]:
+    """(attempts, when) of each recorded attempt of a delivery, oldest first."""
+    with sessions() as session:
+        rows = session.scalars(
+            select(AuditEvent)
+            .where(
+                AuditEvent.object_type == "delivery",
+                AuditEvent.object_id == str(delivery_id),
+                AuditEvent.action.in_(["delivery.retry", "delivery.failed", "delivery.sent"]),
+            )
+            .order_by(AuditEvent.id)
+        )
+        return [(row.detail["attempts"], row.at) for row in rows]
+
+
+def test_a_delivery_rung_while_the_worker_sends_it_waits_for_its_backoff(refused) -> None:
+    settings, sessions, ids = refused
+    doorbell = TaskDoorbell(settings, sessions)
+    leases = Leases.from_settings(settings.worker)
+
+    # The reconciler rings the new deliveries while the worker sends them itself.
+    assert ring_deliveries(sessions, doorbell, leases) == len(ids)
+    attempt_deliveries(sessions, settings, ids)
+    doorbell.deliver(times=2)  # Celery may deliver a task twice
+
+    assert attempts_of(sessions, ids) == {i: (1, DeliveryState.PENDING) for i in ids}, (
+        "a delivery was attempted again before its backoff had passed"
+    )
+    # Its backoff over, it is rung again at once, not a delivery lease (120 s) after the ring
+    # that the worker's own attempt answered.
+    deadline = time.monotonic() + 20
+    while any(n < 2 for n, _ in attempts_of(sessions, ids).values()):
+        assert time.monotonic() < deadline, f"no second attempt: {attempts_of(sessions, ids)}"
+        ring_deliveries(sessions, doorbell, leases)
+        doorbell.deliver()
+        time.sleep(0.05)
+
+
+def test_retries_wait_for_the_backoff_and_stop_at_max_attempts(refused) -> None:
+    settings, sessions, ids = refused
+    doorbell = TaskDoorbell(settings, sessions)
+    leases = Leases.from_settings(settings.worker)
+    attempt_deliveries(sessions, settings, ids)
+    attempt_deliveries(sessions, settings, ids)  # a redelivered task of the worker's job
+    assert attempts_of(sessions, ids) == {i: (1, DeliveryState.PENDING) for i in ids}
+
+    deadline = time.monotonic() + 30
+    while any(s != DeliveryState.FAILED for _, s in attempts_of(sessions, ids).values()):
+        assert time.monotonic() < deadline, f"deliveries not failed: {attempts_of(sessions, ids)}"
+        ring_deliveries(sessions, doorbell, leases)
+        doorbell.deliver(times=2)
+        time.sleep(0.05)
+
+    ring_deliveries(sessions, doorbell, leases)
+    doorbell.deliver()
+    for delivery_id in ids:
+        attempt_delivery(sessions, settings, delivery_id)
+    assert attempts_of(sessions, ids) == {i: (2, DeliveryState.FAILED) for i in ids}
+    backoff = timedelta(seconds=backoff_seconds(1, settings.delivery))
+    for delivery_id in ids:
+        (first, first_at), (second, second_at) = outcome_times(sessions, delivery_id)
+        assert (first, second) == (1, 2)
+        assert second_at - first_at >= backoff, (
+            f"delivery {delivery_id} attempted again {second_at - first_at} after a failure "
+            f"whose backoff is {backoff}"
+        )
