@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from prometheus_client import start_http_server
@@ -27,6 +28,7 @@ from dicomai.jobs.assembler import CompletionPolicy, complete_studies, seconds_u
 from dicomai.jobs.doorbell import Doorbell
 from dicomai.jobs.reconciler import Leases, ring_deliveries, ring_jobs
 from dicomai.metrics import SPOOL_FREE_BYTES
+from dicomai.restarts import RestartBackoff
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,8 @@ class Daemon:
         self.stopping = threading.Event()
         self.server: SharedPortServer | None = None
         self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.restarts = RestartBackoff()
+        self._restart_at: dict[str, float] = {}
 
     def run(self) -> None:
         """Serve until SIGTERM or SIGINT."""
@@ -136,10 +140,25 @@ class Daemon:
                     wait = min(period, max(0.05, quiet + 0.005))
             except Exception as exc:  # the loop must outlive a database or broker outage
                 log.error("assembly loop: %s: %s", type(exc).__name__, exc)
-            for name, child in list(self.children.items()):
-                if child.poll() is not None:
-                    log.error("%s exited with %s; restarting", name, child.returncode)
-                    self.children[name] = self._spawn(name)
+            self._restart_exited_children()
+
+    def _restart_exited_children(self) -> None:
+        now = time.monotonic()
+        for name, child in list(self.children.items()):
+            if child.poll() is None:
+                continue
+            if name not in self._restart_at:
+                wait = self.restarts.exited(name, now)
+                self._restart_at[name] = now + wait
+                log.error(
+                    "%s exited with %s; restarting%s",
+                    name,
+                    child.returncode,
+                    f" in {wait:g} s (it keeps exiting soon after it starts)" if wait else "",
+                )
+            if now >= self._restart_at[name]:
+                del self._restart_at[name]
+                self.children[name] = self._spawn(name)
 
     def stop(self) -> None:
         try:
@@ -160,6 +179,7 @@ class Daemon:
                 child.kill()
 
     def _spawn(self, name: str) -> subprocess.Popen[bytes]:
+        self.restarts.started(name, time.monotonic())
         env = dict(os.environ)
         if self.config_file is not None:
             env["DICOMAI_CONFIG"] = str(self.config_file)
