@@ -6,7 +6,11 @@ import copy
 from collections.abc import Sequence
 
 import highdicom as hd
+from highdicom.valuerep import (  # no public name; the check its SOP classes run
+    _check_specific_character_set as check_specific_character_set,
+)
 from pydicom import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 
 from dicomai.inference.types import Code
@@ -86,7 +90,9 @@ def model_label(model: ModelIdentity) -> str:
 
 
 def series_description(prefix: str, model: ModelIdentity, suffix: str = "") -> str:
-    """Return "<prefix> (<model label>)<suffix>", the model label cut to fit 64 characters.
+    """Return "<prefix> (<model label>)<suffix>", the model label cut to fit 64 characters:
+    the name loses its end first ("demo-chest-nod~ 1.0.0"), so that two versions of a model
+    stay apart in the PACS's series list.
 
     Parameters
     ----------
@@ -105,7 +111,11 @@ def series_description(prefix: str, model: ModelIdentity, suffix: str = "") -> s
     room = _LO_LIMIT - len(prefix) - len(suffix) - len(" ()")
     label = model_label(model)
     if len(label) > room:
-        label = label[: max(room - 1, 0)] + "~"
+        name_room = room - len(model.version) - len("~ ")
+        if name_room >= 1:
+            label = f"{model.name[:name_room]}~ {model.version}"
+        else:
+            label = label[: max(room - 1, 0)] + "~"
     return f"{prefix} ({label}){suffix}"
 
 
@@ -164,7 +174,30 @@ def source_header(dataset: Dataset) -> Dataset:
     for keyword in _TYPE2_HEADER:
         if keyword not in header:
             setattr(header, keyword, None)
+    _writable_character_set(header)
     return header
+
+
+def _writable_character_set(header: Dataset) -> None:
+    """Give `header` a Specific Character Set that highdicom writes, its text unchanged.
+
+    PS3.3 C.12.1.1.2: an empty first value of several is ISO 2022 IR 6, as in the usual
+    Japanese and Korean ['', 'ISO 2022 IR 87'], which highdicom refuses in that form. A set
+    highdicom does not know at all (0.28.2 names Korean's code extension IR 159, not IR 149)
+    is replaced by UTF-8 after every text element is decoded with the source's own set: the
+    patient's name keeps its characters, in another encoding.
+    """
+    charsets = header.get("SpecificCharacterSet")
+    if charsets is None:
+        return
+    if isinstance(charsets, MultiValue) and "" in charsets:
+        charsets = [value or "ISO 2022 IR 6" for value in charsets]
+        header.SpecificCharacterSet = charsets
+    try:
+        check_specific_character_set(charsets)
+    except ValueError:
+        header.decode()
+        header.SpecificCharacterSet = "ISO_IR 192"
 
 
 def copy_body_part(derived: Dataset, source: Dataset) -> None:

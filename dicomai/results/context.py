@@ -68,6 +68,17 @@ class ResultContext:
             root=self.uid_root,
         )
 
+    def tracking_uid(self, source_uid: str, what: str) -> str:
+        """The Tracking UID of `what` (a class, or "not-evaluated") in one source image.
+
+        Unlike `uid`, neither the input digest nor the model version enters it: the SR that
+        a resend's new job writes tracks the same image's same class under the same UID,
+        as does a later version of the model, so a reader can match findings across them.
+        """
+        return derive_uid(
+            self.study_uid, self.model.name, "tracking", source_uid, what, root=self.uid_root
+        )
+
     @property
     def device_uid(self) -> str:
         """The model as a device (Device UID): the same for every study, new with new weights."""

@@ -76,7 +76,7 @@ def build_seg(context: ResultContext, index: int) -> Dataset:
                 segmented_property_type=codes.coded(score.code),
                 algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
                 algorithm_identification=_algorithm(context),
-                tracking_uid=context.uid("tracking", f"{source.SOPInstanceUID}:{score.name}"),
+                tracking_uid=context.tracking_uid(str(source.SOPInstanceUID), score.name),
                 tracking_id=f"finding {score.name} image {index + 1}",
             )
         ],

@@ -252,7 +252,7 @@ def _source_fields(context: ResultContext, index: int, kind: str) -> dict[str, A
     else:
         suffix, label = kind.removeprefix("finding "), f"{kind} image {index + 1}"
     return {
-        "tracking_uid": context.uid("tracking", f"{sop_uid}:{suffix}"),
+        "tracking_uid": context.tracking_uid(sop_uid, suffix),
         "tracking_text": label,
         "sop_instance_uid": sop_uid,
     }

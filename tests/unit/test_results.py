@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import subprocess
 
 import cv2
+import highdicom as hd
 import numpy as np
 import pydicom
+import pydicom.data
 import pytest
 from dciodvfy import dciodvfy
 from pydicom.data import get_testdata_file
@@ -20,6 +23,7 @@ from dicomai.ingest.spool import Spool
 from dicomai.jobs.runner import _write_outputs
 from dicomai.results import sc as sc_module
 from dicomai.results.context import ModelIdentity, ResultContext, SourceImage
+from dicomai.results.pmap import build_heatmap_pmap
 from dicomai.results.sc import blend_heatmap, build_sc, caption_lines, render_caption
 from dicomai.results.sr import build_sr
 
@@ -213,6 +217,26 @@ def test_uids_are_stable_and_follow_the_input(context):
     assert build_sc(context, 0).SOPInstanceUID != build_sc(context, 2).SOPInstanceUID
 
 
+def test_tracking_uids_follow_the_image_and_class_across_jobs_and_versions(context, tmp_path):
+    # A resend's job (other input digest) and a later model version write new SRs; the same
+    # image's same finding keeps its Tracking UID so that a reader can match them.
+    later = dataclasses.replace(
+        context, input_digest="digest-2", model=dataclasses.replace(MODEL, version="1.3.0")
+    )
+    other = dataclasses.replace(context, model=dataclasses.replace(MODEL, name="chest-other"))
+
+    def tracked(ctx: ResultContext) -> dict[str, str]:
+        report = hd.sr.Comprehensive3DSR.from_dataset(build_sr(ctx)).content
+        groups = report.get_image_measurement_groups() + report.get_planar_roi_measurement_groups()
+        return {str(g.tracking_identifier): g.tracking_uid for g in groups}
+
+    first, again, elsewhere = tracked(context), tracked(later), tracked(other)
+    assert build_sr(context).SOPInstanceUID != build_sr(later).SOPInstanceUID
+    assert len(set(first.values())) == len(first) > 2
+    assert again == first
+    assert not set(elsewhere.values()) & set(first.values())
+
+
 @pytest.mark.parametrize("index", [0, 2])
 def test_sc_is_a_valid_derived_rgb_image(context, tmp_path, index):
     path = _saved(build_sc(context, index), tmp_path, f"sc{index}.dcm")
@@ -307,6 +331,24 @@ def test_non_ascii_patient_name_is_copied_exactly(context, tmp_path):
         assert read.PatientID == PATIENT_ID, name
 
 
+def test_iso_2022_names_with_an_empty_first_character_set_are_copied(context, tmp_path):
+    # The usual Japanese and Korean encodings: ['', 'ISO 2022 IR 87'] and ['', '... IR 149'].
+    charsets = os.path.join(os.path.dirname(pydicom.data.__file__), "charset_files")
+    for name in ("chrH31.dcm", "chrI2.dcm"):
+        encoded = pydicom.dcmread(os.path.join(charsets, name))
+        for source in context.sources:
+            source.dataset.SpecificCharacterSet = encoded.SpecificCharacterSet
+            source.dataset.PatientName = encoded.PatientName
+        for kind, built in (("sr", build_sr(context)), ("sc", build_sc(context, 0))):
+            read = pydicom.dcmread(_saved(built, tmp_path, f"{kind}-{name}"))
+            assert str(read.PatientName) == str(encoded.PatientName), (kind, name)
+    # Japanese is written as the source has it; Korean, whose ISO 2022 set highdicom does not
+    # know, in UTF-8 (the name's characters are what the test above compares).
+    assert read.SpecificCharacterSet == "ISO_IR 192"
+    japanese = pydicom.dcmread(tmp_path / "sr-chrH31.dcm")
+    assert japanese.SpecificCharacterSet == ["ISO 2022 IR 6", "ISO 2022 IR 87"]
+
+
 def test_no_overlay_for_an_image_that_was_not_evaluated(context):
     with pytest.raises(ValueError, match="not evaluated"):
         build_sc(context, 1)
@@ -350,6 +392,17 @@ def test_long_model_names_are_cut_but_the_warning_is_kept(context):
     assert len(sr.SeriesDescription) <= 64 and sr.SeriesDescription.startswith("AI findings (")
     assert len(sc.SeriesDescription) <= 64
     assert sc.SeriesDescription.endswith(") - not for primary diagnosis")
+    # The name is cut, never the version: two versions stay apart in the series list.
+    for built in (sr, sc, build_heatmap_pmap(context, 0)):
+        assert f"~ {MODEL.version})" in built.SeriesDescription, built.SeriesDescription
+        assert len(built.SeriesDescription) <= 64
+
+
+def test_a_short_model_label_is_shown_whole(context):
+    sc = build_sc(context, 0)
+    assert sc.SeriesDescription == (
+        f"AI heat map ({MODEL.name} {MODEL.version}) - not for primary diagnosis"
+    )
 
 
 def test_a_jobs_objects_are_written_whole_and_private_under_their_uids(context, tmp_path):
