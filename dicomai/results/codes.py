@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Sequence
 
 import highdicom as hd
+from highdicom._standard_utils import is_attribute_in_iod  # the IOD tables, no public name
 from highdicom.valuerep import (  # no public name; the check its SOP classes run
     _check_specific_character_set as check_specific_character_set,
 )
@@ -198,6 +200,26 @@ def _writable_character_set(header: Dataset) -> None:
     except ValueError:
         header.decode()
         header.SpecificCharacterSet = "ISO_IR 192"
+
+
+def referenced_as_multi_frame(source: Dataset) -> bool:
+    """Whether a reference to `source` names its frame (the model saw frame 1).
+
+    Only an instance of several frames whose IOD is a multi-frame one: a reference to a
+    single-frame IOD must not carry a frame number (PS3.3 C.10.1), even if the source
+    itself wrongly says Number of Frames 2.
+    """
+    if int(source.get("NumberOfFrames", 1) or 1) <= 1:
+        return False
+    return _multi_frame_iod(str(source.SOPClassUID))
+
+
+@functools.lru_cache(maxsize=256)
+def _multi_frame_iod(sop_class_uid: str) -> bool:
+    try:
+        return is_attribute_in_iod("NumberOfFrames", sop_class_uid)
+    except KeyError:  # a class highdicom's tables lack: trust the instance
+        return True
 
 
 def copy_body_part(derived: Dataset, source: Dataset) -> None:

@@ -334,7 +334,7 @@ def _describe_derivation(sc: Dataset, source: Dataset, finding: str, method: str
     reference = Dataset()
     reference.ReferencedSOPClassUID = source.SOPClassUID
     reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
-    if int(source.get("NumberOfFrames", 1) or 1) > 1:
+    if codes.referenced_as_multi_frame(source):
         reference.ReferencedFrameNumber = 1
     reference.PurposeOfReferenceCodeSequence = [_SOURCE_PURPOSE]
     sc.SourceImageSequence = [reference]

@@ -260,7 +260,7 @@ def _source_fields(context: ResultContext, index: int, kind: str) -> dict[str, A
 
 def _image_shape(dataset: Dataset) -> tuple[str, bool]:
     # The model saw the first frame of a multi-frame source (see SourceImage.display).
-    return str(dataset.SOPClassUID), int(dataset.get("NumberOfFrames", 1) or 1) > 1
+    return str(dataset.SOPClassUID), codes.referenced_as_multi_frame(dataset)
 
 
 def _source_reference(

@@ -349,6 +349,35 @@ def test_iso_2022_names_with_an_empty_first_character_set_are_copied(context, tm
     assert japanese.SpecificCharacterSet == ["ISO 2022 IR 6", "ISO 2022 IR 87"]
 
 
+@pytest.mark.parametrize(
+    ("sop_class", "frame"),
+    [
+        # SC_rgb_rle_2frame is a single-frame IOD that says Number of Frames 2: no frame.
+        ("1.2.840.10008.5.1.4.1.1.7", None),
+        ("1.2.840.10008.5.1.4.1.1.7.4", 1),  # Multi-frame True Color SC: frame 1
+    ],
+)
+def test_a_frame_is_referenced_only_in_a_multi_frame_iod(context, tmp_path, sop_class, frame):
+    two_frames = pydicom.dcmread(get_testdata_file("SC_rgb_rle_2frame.dcm"))
+    two_frames.SOPClassUID = sop_class
+    _one_patient_study([two_frames])
+    display = np.zeros((two_frames.Rows, two_frames.Columns), np.uint8)
+    context = dataclasses.replace(
+        context,
+        sources=(SourceImage(two_frames, display),),
+        predictions=(_evaluated(two_frames, PROBABILITY),),
+    )
+    sr, sc = build_sr(context), build_sc(context, 0)
+    if frame is None:  # a valid reference to a valid SOP class: both objects pass dciodvfy
+        _saved(sr, tmp_path, "sr.dcm")
+        _saved(sc, tmp_path, "sc.dcm")
+    (source,) = sc.SourceImageSequence
+    assert source.get("ReferencedFrameNumber") == frame
+    in_sr = [e.value for e in sr.iterall() if e.keyword == "ReferencedFrameNumber"]
+    assert in_sr == ([] if frame is None else [frame] * len(in_sr))
+    assert frame is None or in_sr, "the SR names no frame of a multi-frame source"
+
+
 def test_no_overlay_for_an_image_that_was_not_evaluated(context):
     with pytest.raises(ValueError, match="not evaluated"):
         build_sc(context, 1)
