@@ -2,8 +2,9 @@
 
 The rule. Metrics are compared where both versions have them: the site's own evaluation on its
 reference set when both versions have one registered (`dicomai models evaluation`), otherwise
-the `[metrics]` the packages carry. Compared are the numeric metrics whose name ends in one of
-`HIGHER_IS_BETTER` (`test_accuracy`, `val_auc`, `sensitivity`, ...). The candidate passes if
+the `[metrics]` the packages carry. Compared are the numeric metrics whose name has one of
+`HIGHER_IS_BETTER` as a word between underscores (`test_accuracy`, `val_auc_macro`,
+`f1_macro`, `sensitivity`, ...). The candidate passes if
 none of them is lower than the active version's by more than the tolerance (`[rollout]
 gate_tolerance`, default 0.02). With no metric in common it does not pass: nothing shows it is
 not worse. With no active version there is nothing to compare and it passes.
@@ -20,7 +21,16 @@ from typing import Any
 from dicomai.db.models import ModelVersion
 from dicomai.errors import DicomaiError
 
-HIGHER_IS_BETTER = ("auc", "accuracy", "sensitivity", "specificity", "precision", "f1")
+HIGHER_IS_BETTER = (
+    "auc",
+    "accuracy",
+    "sensitivity",
+    "specificity",
+    "precision",
+    "recall",
+    "f1",
+    "dice",
+)
 
 
 @dataclass(frozen=True)
@@ -51,14 +61,16 @@ class GateDecision:
 
 
 def gate_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """The metrics the gate compares: finite numbers named like ``*_auc``, ``accuracy``, ...."""
+    """The metrics the gate compares: finite numbers named like ``auc_macro``,
+    ``val_accuracy``, ``f1_weighted`` (a word of `HIGHER_IS_BETTER` between underscores; the
+    suffix ``_macro`` of `dicomai evaluate` must not hide the metric, as it once did)."""
     return {
         key: float(value)
         for key, value in metrics.items()
         if isinstance(value, int | float)
         and not isinstance(value, bool)
         and math.isfinite(value)
-        and key.rsplit("_", 1)[-1] in HIGHER_IS_BETTER
+        and any(word in HIGHER_IS_BETTER for word in key.split("_"))
     }
 
 

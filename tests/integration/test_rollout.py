@@ -152,6 +152,21 @@ def test_a_site_evaluation_decides_the_gate_when_both_versions_have_one(site, tm
     one_line_error(site.cli("models", "activate", NAME, "3.1.0", check=False), "site evaluation")
 
 
+def test_the_gate_compares_the_macro_metrics_that_dicomai_evaluate_writes(
+    site: Site, tmp_path
+) -> None:
+    # evaluation.json names them auc_macro, f1_macro, precision_weighted ...: equal accuracy,
+    # but an AUC 0.165 worse must not pass.
+    site.register(package(tmp_path, "3.2.0"))
+    for version, auc in (("1.0.0", 0.561), ("3.2.0", 0.396)):
+        path = tmp_path / f"evaluate-{version}.json"
+        metrics = {"accuracy": 0.9, "auc_macro": auc, "f1_macro": 0.8, "brier": 0.2, "n": 60}
+        path.write_text(json.dumps({"task": "binary", **metrics}))
+        site.cli("models", "evaluation", NAME, version, str(path))
+    message = one_line_error(site.cli("models", "activate", NAME, "3.2.0", check=False), "worse")
+    assert "auc_macro" in message and "accuracy" not in message.split("worse")[1], message
+
+
 def test_invalid_transitions_are_one_line_errors(site: Site, tmp_path) -> None:
     one_line_error(site.cli("models", "rollback", NAME, check=False), "no earlier active")
     one_line_error(site.cli("models", "activate", NAME, "1.0.0", check=False), "already active")
