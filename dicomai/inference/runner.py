@@ -246,7 +246,12 @@ class Classifier:
         return single_pass(self.module, batch, temperature, multi_label)
 
     def probabilities(self, batch: torch.Tensor) -> np.ndarray:
-        """Calibrated class probabilities of one deterministic pass, float64 (N, classes)."""
+        """Calibrated class probabilities as `predict` scores them, float64 (N, classes): one
+        deterministic pass, or the mean of the package's MC-dropout passes or ensemble members,
+        so that `dicomai evaluate` measures the model that runs."""
+        if self._samples > 1:
+            with autocast(self.device, self.autocast_dtype):
+                return summarize(self._passes(batch).probabilities).mean
         with torch.inference_mode(), autocast(self.device, self.autocast_dtype):
             logits = self.module(batch)
         manifest = self.loaded.manifest

@@ -142,6 +142,32 @@ def test_an_ensemble_of_two_averages_its_members(tmp_path: Path) -> None:
         assert prediction.heatmap is not None and prediction.heatmap.max() <= 1.0
 
 
+@pytest.mark.parametrize("method", ["mc_dropout", "ensemble"])
+def test_evaluation_scores_the_package_as_the_daemon_does(tmp_path: Path, method: str) -> None:
+    # `dicomai evaluate` reads Classifier.probabilities: with an uncertainty method it must be
+    # the mean over the passes that `predict` reports, not one plain pass.
+    if method == "ensemble":
+        write_ensemble_package(
+            tmp_path, manifest(), [seeded(1).state_dict(), seeded(2).state_dict()]
+        )
+    else:
+        spec = UncertaintySpec(method="mc_dropout", passes=6, seed=5)
+        write_package(
+            tmp_path, manifest(options={"dropout": 0.5}, uncertainty=spec), seeded(0).state_dict()
+        )
+    classifier = Classifier(load_model(tmp_path))
+    inputs = images(3)
+    batch = torch.from_numpy(np.stack([x for _, x in inputs]))
+
+    scored = classifier.probabilities(batch)
+    with torch.inference_mode():
+        single = torch.softmax(classifier.module(batch).double(), dim=1).numpy()
+
+    predicted = [[s.probability for s in p.scores] for p in classifier.predict(inputs)]
+    np.testing.assert_allclose(scored, predicted, rtol=1e-5)
+    assert not np.allclose(scored, single, rtol=1e-3), "scored by one plain pass"
+
+
 def test_a_tampered_member_fails_the_digest_check(tmp_path: Path) -> None:
     write_ensemble_package(tmp_path, manifest(), [seeded(1).state_dict(), seeded(2).state_dict()])
     (tmp_path / "member1.safetensors").write_bytes(b"not the weights")
