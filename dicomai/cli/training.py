@@ -5,6 +5,7 @@ torch is imported inside the commands: the CLI's other commands stay fast.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,10 @@ if TYPE_CHECKING:
     from dicomai.training.runs import RunSettings
 
 STRATEGIES = ("full", "frozen", "two-stage", "lld", "gradual")
+# Ranges checked before minutes of training: a negative rate trained and wrote a package.
+_PROBABILITY = click.FloatRange(0, 1, max_open=True)
+_RATE = click.FloatRange(min=0, min_open=True)
+_POSITIVE_INT = click.IntRange(min=1)
 
 
 @click.command("train-demo")
@@ -27,16 +32,19 @@ def train_demo(out: Path, seed: int) -> None:
     from dicomai.training.demo import build_demo_package
 
     _output_folder(out)
+    out.mkdir(parents=True, exist_ok=True)  # no data to check first: fail now, not after
     manifest = build_demo_package(out, seed=seed)
     click.echo(f"wrote {manifest.name} {manifest.version} to {out}")
 
 
 def _output_folder(path: Path) -> None:
-    """Create the folder a command will write to, before minutes of training, so that a path
-    that cannot be one fails at once."""
+    """Refuse, before minutes of training, an output path that cannot become a folder; write
+    nothing yet (the data are checked first)."""
     if path.exists() and not path.is_dir():
         raise DicomaiError(f"{path} exists and is not a folder")
-    path.mkdir(parents=True, exist_ok=True)
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DicomaiError(f"{path}: cannot write in {existing}")
 
 
 def _option_value(text: str) -> Any:
@@ -95,7 +103,7 @@ def _epochs(text: str) -> tuple[int, ...]:
 @click.option("--version", "model_version", default="1.0.0", show_default=True)
 @click.option("--description", default="", help="Model card text.")
 @click.option("--architecture", default="tinycnn", show_default=True)
-@click.option("--dropout", type=float, help="Dropout before the head.")
+@click.option("--dropout", type=_PROBABILITY, help="Dropout before the head.")
 @click.option(
     "--option",
     "architecture_options",
@@ -103,7 +111,9 @@ def _epochs(text: str) -> tuple[int, ...]:
     metavar="KEY=VALUE",
     help="Architecture option (repeatable), e.g. tiny=true; kept in the manifest.",
 )
-@click.option("--size", default=224, show_default=True, help="Input rows and columns.")
+@click.option(
+    "--size", default=224, type=_POSITIVE_INT, show_default=True, help="Input rows and columns."
+)
 @click.option(
     "--normalize",
     type=click.Choice(["imagenet", "mid-grey"]),
@@ -119,17 +129,39 @@ def _epochs(text: str) -> tuple[int, ...]:
 )
 @click.option("--init-kind", type=click.Choice(["torchvision", "chexnet"]), default="torchvision")
 @click.option("--strategy", type=click.Choice(STRATEGIES), default="full", show_default=True)
-@click.option("--lr", default=1e-4, show_default=True, help="Learning rate (of the head).")
-@click.option("--head-lr", default=3e-4, show_default=True, help="two-stage: first-stage rate.")
-@click.option("--freeze-epochs", default=5, show_default=True, help="two-stage: frozen epochs.")
-@click.option("--layer-decay", default=0.75, show_default=True, help="lld: factor per block.")
+@click.option(
+    "--lr", default=1e-4, type=_RATE, show_default=True, help="Learning rate (of the head)."
+)
+@click.option(
+    "--head-lr", default=3e-4, type=_RATE, show_default=True, help="two-stage: first-stage rate."
+)
+@click.option(
+    "--freeze-epochs",
+    default=5,
+    type=click.IntRange(min=0),
+    show_default=True,
+    help="two-stage: frozen epochs.",
+)
+@click.option(
+    "--layer-decay",
+    default=0.75,
+    type=click.FloatRange(0, 1, min_open=True),
+    show_default=True,
+    help="lld: factor per block.",
+)
 @click.option("--unfreeze-at", default="", help="gradual: epochs, e.g. 2,4,6.")
-@click.option("--epochs", default=20, show_default=True)
-@click.option("--batch-size", default=32, show_default=True)
+@click.option("--epochs", default=20, type=_POSITIVE_INT, show_default=True)
+@click.option("--batch-size", default=32, type=_POSITIVE_INT, show_default=True)
 @click.option("--optimizer", type=click.Choice(["adamw", "adam"]), default="adamw")
-@click.option("--weight-decay", default=1e-4, show_default=True)
-@click.option("--warmup-epochs", default=1.0, show_default=True)
-@click.option("--grad-clip", default=1.0, show_default=True, help="Max gradient norm; 0: off.")
+@click.option("--weight-decay", default=1e-4, type=click.FloatRange(min=0), show_default=True)
+@click.option("--warmup-epochs", default=1.0, type=click.FloatRange(min=0), show_default=True)
+@click.option(
+    "--grad-clip",
+    default=1.0,
+    type=click.FloatRange(min=0),
+    show_default=True,
+    help="Max gradient norm; 0: off.",
+)
 @click.option(
     "--loss",
     type=click.Choice(["auto", "ce", "focal", "bce", "multitask"]),
@@ -148,9 +180,9 @@ def _epochs(text: str) -> tuple[int, ...]:
     is_flag=True,
     help="A segmenting network (resnet50_multitask) trains its classification only, no masks.",
 )
-@click.option("--label-smoothing", default=0.1, show_default=True)
+@click.option("--label-smoothing", default=0.1, type=_PROBABILITY, show_default=True)
 @click.option("--class-weights", type=click.Choice(["none", "balanced"]), default="none")
-@click.option("--focal-gamma", default=2.0, show_default=True)
+@click.option("--focal-gamma", default=2.0, type=click.FloatRange(min=0), show_default=True)
 @click.option(
     "--monitor",
     type=click.Choice(["auc", "loss", "accuracy", "f1", "dice"]),
@@ -158,17 +190,40 @@ def _epochs(text: str) -> tuple[int, ...]:
     show_default=True,
     help="Validation metric for early stopping and the best epoch.",
 )
-@click.option("--patience", default=0, show_default=True, help="Early-stopping patience; 0: off.")
-@click.option("--val-fraction", default=0.2, show_default=True)
+@click.option(
+    "--patience",
+    default=0,
+    type=click.IntRange(min=0),
+    show_default=True,
+    help="Early-stopping patience; 0: off.",
+)
+@click.option(
+    "--val-fraction",
+    default=0.2,
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    show_default=True,
+)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--rotation", default=7.0, show_default=True, help="Max rotation, degrees.")
 @click.option("--hflip/--no-hflip", default=False, show_default=True)
 @click.option("--jitter", default=0.1, show_default=True, help="Brightness/contrast jitter.")
-@click.option("--random-erasing", default=0.0, show_default=True, help="Probability.")
+@click.option(
+    "--random-erasing",
+    default=0.0,
+    type=click.FloatRange(0, 1),
+    show_default=True,
+    help="Probability.",
+)
 @click.option("--no-augment", is_flag=True, help="No augmentation at all.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda:N.")
 @click.option("--amp/--no-amp", default=True, show_default=True, help="Mixed precision (CUDA).")
-@click.option("--workers", default=0, show_default=True, help="Data-loading processes.")
+@click.option(
+    "--workers",
+    default=0,
+    type=click.IntRange(min=0),
+    show_default=True,
+    help="Data-loading processes.",
+)
 @click.option(
     "--codes",
     "codes_csv",
@@ -282,7 +337,13 @@ def _run_settings(o: dict[str, Any]) -> RunSettings:
     help="test/<class>/ (or <class>/) folders, or images with --labels.",
 )
 @click.option("--labels", "labels_csv", type=click.Path(path_type=Path), help="Labels CSV.")
-@click.option("--split", default="test", show_default=True, help="Set of the layout to use.")
+@click.option(
+    "--split",
+    type=click.Choice(["train", "val", "test"]),
+    default="test",
+    show_default=True,
+    help="Set of the layout to use.",
+)
 @click.option("--out", type=click.Path(path_type=Path), help="Report folder [PACKAGE-evaluation].")
 def evaluate(
     package: Path, data: Path, labels_csv: Path | None, split: str, out: Path | None

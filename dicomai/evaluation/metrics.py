@@ -247,9 +247,12 @@ def _binary(
 ) -> dict[str, float]:
     tn = float(((1 - predicted_onehot[:, positive]) * (1 - onehot[:, positive])).sum())
     t, f_p, f_n = float(tp[positive]), float(fp[positive]), float(fn[positive])
+    # Undefined (NaN, null in evaluation.json, skipped by the gate) when its denominator is
+    # empty: a test set of positives only has no specificity, not a specificity of 0.
+    undefined = float("nan")
     return {
-        "sensitivity": t / (t + f_n) if t + f_n else 0.0,
-        "specificity": tn / (tn + f_p) if tn + f_p else 0.0,
-        "ppv": t / (t + f_p) if t + f_p else 0.0,
-        "npv": tn / (tn + f_n) if tn + f_n else 0.0,
+        "sensitivity": t / (t + f_n) if t + f_n else undefined,
+        "specificity": tn / (tn + f_p) if tn + f_p else undefined,
+        "ppv": t / (t + f_p) if t + f_p else undefined,
+        "npv": tn / (tn + f_n) if tn + f_n else undefined,
     }

@@ -106,7 +106,7 @@ def evaluate_package(
     loaded = load_model(package)
     manifest = loaded.manifest
     classes = manifest.class_names
-    images = load_evaluation_data(data, classes, labels_csv, split)
+    images = load_evaluation_data(data, classes, labels_csv, split, log=log)
     task = _task(loaded)
     classifier = Classifier(loaded)
     inputs = [_model_input(path, loaded) for path in images.paths]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from itertools import pairwise
 from typing import Any
@@ -98,7 +99,31 @@ def build(name: str, num_classes: int, **options: Any) -> nn.Module:
         raise ModelPackageError(f"architecture: unknown name {name!r} (known: {known})")
     if num_classes < 1:
         raise ModelPackageError(f"classes: {name} needs at least one class, got {num_classes}")
+    _check_option_types(name, builder, options)
     try:
         return builder(num_classes, **options)
-    except TypeError as error:
+    except (TypeError, ValueError) as error:  # ValueError: e.g. torch's dropout range
         raise ModelPackageError(f"options: not accepted by {name}: {error}") from error
+
+
+def _check_option_types(name: str, builder: Builder, options: dict[str, Any]) -> None:
+    """Refuse an option whose value is not of its default's kind: ``tiny = "maybe"`` would be
+    taken for true, ``dropout = "high"`` fail deep inside torch."""
+    try:
+        parameters = inspect.signature(builder).parameters
+    except (TypeError, ValueError):  # a builder without a signature: torch decides
+        return
+    for key, value in options.items():
+        parameter = parameters.get(key)
+        if parameter is None or parameter.default is inspect.Parameter.empty:
+            continue
+        default = parameter.default
+        if isinstance(default, bool):
+            fits = isinstance(value, bool)
+        elif isinstance(default, int | float):
+            fits = isinstance(value, int | float) and not isinstance(value, bool)
+        else:
+            continue
+        if not fits:
+            kind = "true or false" if isinstance(default, bool) else "a number"
+            raise ModelPackageError(f"options: {name} option {key} must be {kind}, not {value!r}")

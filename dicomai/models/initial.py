@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 from typing import Literal
@@ -88,8 +89,19 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
             data: object = load_file(path)
         else:
             data = torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, RuntimeError, ValueError, EOFError, OSError) as error:
+    # Not a torch file at all: pickle's own errors (KeyError, UnpicklingError) as well.
+    except (
+        SafetensorError,
+        RuntimeError,
+        ValueError,
+        EOFError,
+        OSError,
+        KeyError,
+        pickle.UnpicklingError,
+    ) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if isinstance(error, pickle.UnpicklingError | KeyError):
+            message = "not a torch state_dict or safetensors file"
         raise ModelPackageError(f"initial weights: {path} is unreadable: {message}") from error
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]

@@ -273,8 +273,16 @@ def smoke_test(loaded: LoadedModel) -> None:
     generator = torch.Generator().manual_seed(0)
     device = next(loaded.module.parameters()).device
     batch = torch.randn(1, 3, rows, cols, generator=generator).to(device)
-    with torch.inference_mode():
-        logits = loaded.module(batch)
+    try:
+        with torch.inference_mode():
+            logits = loaded.module(batch)
+    except (RuntimeError, ValueError, AssertionError) as error:
+        # torchvision's ViT asserts its image size: a manifest size the weights were not
+        # trained for.
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ModelPackageError(
+            f"smoke test: the network does not take a {rows}x{cols} input ([input] size): {first}"
+        ) from None
     expected = (1, loaded.num_classes)
     if tuple(logits.shape) != expected:
         raise ModelPackageError(f"smoke test: output shape {tuple(logits.shape)}, not {expected}")

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import csv
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -227,7 +227,11 @@ def read_mask(path: Path, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def load_evaluation_data(
-    root: Path, classes: tuple[str, ...], labels_csv: Path | None = None, split: str = "test"
+    root: Path,
+    classes: tuple[str, ...],
+    labels_csv: Path | None = None,
+    split: str = "test",
+    log: Callable[[str], object] = lambda _: None,
 ) -> LabelledImages:
     """The labelled images a model package is evaluated on, its class order imposed.
 
@@ -249,6 +253,11 @@ def load_evaluation_data(
         rows = _read_csv(Path(labels_csv))
         if any(row.split for row in rows):
             rows = [row for row in rows if row.split == split]
+        else:
+            log(
+                f"note: {labels_csv} has no split column: every row is evaluated; images the "
+                "model was trained on would flatter it"
+            )
         if not rows:
             raise DatasetError(f"{labels_csv}: no rows for the {split!r} set")
         multilabel = _is_multilabel(rows)
@@ -256,6 +265,9 @@ def load_evaluation_data(
     masks = root / MASKS_FOLDER if (root / MASKS_FOLDER).is_dir() else None
     if (root / split).is_dir():
         return _class_folders(root / split, classes, masks=None if masks is None else masks / split)
+    others = [name for name in SPLITS if (root / name).is_dir()]
+    if others:
+        raise DatasetError(f"{root}: no {split}/ folder (it has {', '.join(others)})")
     return _class_folders(root, classes, masks=masks)
 
 

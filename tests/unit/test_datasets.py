@@ -14,7 +14,12 @@ from dicomai.imaging.spec import InputSpec
 from dicomai.models.architectures import build
 from dicomai.training.augment import Augmentation
 from dicomai.training.batches import ImageDataset
-from dicomai.training.datasets import Task, load_training_data, read_image01
+from dicomai.training.datasets import (
+    Task,
+    load_evaluation_data,
+    load_training_data,
+    read_image01,
+)
 from dicomai.training.strategies import (
     Strategy,
     StrategySettings,
@@ -76,6 +81,23 @@ def test_a_csv_split_column_assigns_sets(tmp_path: Path) -> None:
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
     data = load_training_data(tmp_path, tmp_path / "labels.csv")
     assert (len(data.train), len(data.val)) == (6, 2)
+
+
+def test_evaluation_names_a_missing_split_folder_and_warns_of_a_csv_without_splits(
+    tmp_path: Path,
+) -> None:
+    for split in ("train", "val"):
+        for name in ("no", "yes"):
+            image(tmp_path / split / name / "0.png")
+    with pytest.raises(DatasetError, match=r"no test/ folder \(it has train, val\)"):
+        load_evaluation_data(tmp_path, ("no", "yes"))
+
+    rows = ["file,label"] + [f"train/{n}/0.png,{n}" for n in ("no", "yes")]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    said: list[str] = []
+    data = load_evaluation_data(tmp_path, ("no", "yes"), tmp_path / "labels.csv", log=said.append)
+    assert len(data) == 2
+    assert len(said) == 1 and "no split column: every row is evaluated" in said[0]
 
 
 @pytest.mark.parametrize(

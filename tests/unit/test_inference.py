@@ -161,6 +161,15 @@ def test_a_method_that_cannot_explain_the_network_is_a_package_error(
         smoke_test(LoadedModel(manifest, loaded.module))
 
 
+def test_an_input_size_the_network_does_not_take_is_a_package_error(tmp_path: Path) -> None:
+    # A ViT's weights fix its image size; a hand-edited [input] size must be refused at
+    # registration in one line, not with torchvision's assertion.
+    vit = untrained(tmp_path, "vit_b_16", {"tiny": True, "image_size": 64})
+    manifest = dataclasses.replace(vit.manifest, input=InputSpec(size=(96, 96)))
+    with pytest.raises(ModelPackageError, match="does not take a 96x96 input"):
+        smoke_test(LoadedModel(manifest, vit.module))
+
+
 def test_the_densenet_transformer_is_explained_with_grad_cam_plus_plus(tmp_path: Path) -> None:
     options = {"tiny": True, "d_model": 32, "heads": 2, "ffn": 64, "layers": 1}
     loaded_hybrid = untrained(tmp_path, "densenet121_transformer", options)

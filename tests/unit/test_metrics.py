@@ -53,6 +53,16 @@ def test_single_label_metrics_equal_scikit_learn(k: int) -> None:
         assert m["brier"] == pytest.approx(skm.brier_score_loss(targets, probabilities))
 
 
+def test_a_test_set_of_one_class_leaves_the_other_sides_rates_undefined() -> None:
+    # Positives only: no specificity to measure (null in evaluation.json, skipped by the gate),
+    # where 0.0 would read as a model that never clears a negative.
+    targets = np.ones(20, dtype=np.int64)
+    probabilities = softmax(np.random.default_rng(0).normal(size=(20, 2)))
+    m = compute_metrics(probabilities, targets, Task.BINARY, ("normal", "nodule"), np.full(2, 0.5))
+    assert np.isnan(m["specificity"]) and np.isnan(m["auc_macro"])
+    assert 0.0 <= m["sensitivity"] <= 1.0
+
+
 def test_multilabel_metrics_equal_scikit_learn() -> None:
     rng = np.random.default_rng(1)
     targets = (rng.random((200, 3)) < 0.3).astype(np.float32)

@@ -271,6 +271,30 @@ def test_an_unknown_explanation_method_is_refused_in_one_line(pngs: Path, tmp_pa
     assert not (tmp_path / "run").exists(), "the run must stop before training"
 
 
+@pytest.mark.parametrize(
+    ("option", "words"),
+    [
+        (["--lr", "-1"], "--lr"),
+        (["--dropout", "1.5"], "--dropout"),
+        (["--epochs", "0"], "--epochs"),
+        (["--architecture", "resnet18", "--option", "tiny=maybe"], "tiny must be true or false"),
+        (["--architecture", "resnet18", "--init", "JUNK"], "not a torch state_dict"),
+    ],
+)
+def test_bad_training_values_are_refused_before_a_package_is_written(
+    pngs: Path, tmp_path: Path, option: list[str], words: str
+) -> None:
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(bytes(range(256)) * 8)
+    option = [str(junk) if value == "JUNK" else value for value in option]
+    out = tmp_path / "run"
+    code, output = run("train", "--data", str(pngs), "--out", str(out), "--name", "nodule",
+                       *FAST, *option)  # fmt: skip
+    assert code == 2, output
+    assert words in output and "Traceback" not in output, output
+    assert not (out / "package").exists()
+
+
 def test_a_resume_without_a_checkpoint_is_an_error(pngs: Path, tmp_path: Path) -> None:
     settings = RunSettings(
         data=pngs, out=tmp_path, name="x", resume=True, spec=InputSpec((SIZE, SIZE))
