@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import sysconfig
 from pathlib import Path
 
 from alembic import command
@@ -10,13 +14,43 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 
-# The migrations folder sits at the top of the repository, beside the package (DESIGN.md layout).
-MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
+from dicomai.errors import ConfigError
+
+# In a checkout the migrations folder sits at the top of the repository, beside the package
+# (DESIGN.md layout); a wheel installs it as data under the environment's prefix.
+_CHECKOUT = Path(__file__).resolve().parents[2] / "migrations"
+
+
+def migrations_folder() -> Path:
+    """The Alembic folder: the checkout's, else the installed one.
+
+    Raises
+    ------
+    ConfigError
+        Neither exists (an installation without its migrations cannot check its schema).
+    """
+    places = [_CHECKOUT]
+    places += [Path(p) / "share" / "dicomai" / "migrations" for p in _install_prefixes()]
+    for place in places:
+        if (place / "env.py").is_file():
+            return place
+    raise ConfigError(
+        f"database migrations not found (looked in {', '.join(map(str, places))}): "
+        "reinstall dicomai"
+    )
+
+
+def _install_prefixes() -> list[str]:
+    # pip's data scheme: the environment's prefix, or the user's for `pip install --user`.
+    prefixes = [sys.prefix, sysconfig.get_path("data")]
+    with contextlib.suppress(KeyError):  # a platform without a user scheme
+        prefixes.append(sysconfig.get_path("data", f"{os.name}_user"))
+    return list(dict.fromkeys(prefixes))
 
 
 def alembic_config(url: str) -> Config:
     config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("script_location", str(migrations_folder()))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return config
 
