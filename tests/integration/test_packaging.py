@@ -33,14 +33,15 @@ def test_a_wheel_installed_elsewhere_creates_and_checks_the_schema(tmp_path: Pat
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.endswith("share/dicomai/migrations/env.py") for n in names), names
 
-    # A bare environment of its own (no pip, no dicomai) gets the wheel; the test venv's
-    # libraries come after it on PYTHONPATH as a plain folder, so the checkout's editable
-    # dicomai, which a .pth file there would install, stays out.
+    # An environment of its own gets the wheel from its own pip (ensurepip's, offline): pip
+    # run from the test venv with --prefix would uninstall the test venv's dicomai first. The
+    # test venv's libraries come after it on PYTHONPATH as a plain folder, so the checkout's
+    # editable dicomai, which a .pth file there would install, stays out.
     prefix = tmp_path / "env"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(prefix)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(prefix)], check=True, timeout=300)
     installed = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--prefix", str(prefix),
-         str(wheel)],
+        [str(prefix / "bin" / "python"), "-m", "pip", "install", "--no-deps", "--no-index",
+         "-q", str(wheel)],
         capture_output=True, text=True, check=False, timeout=300,
     )  # fmt: skip
     assert installed.returncode == 0, installed.stderr[-2000:]
