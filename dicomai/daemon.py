@@ -16,9 +16,8 @@ from prometheus_client import start_http_server
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai.config import Settings
-from dicomai.db.migrate import current_revision, head_revision
+from dicomai.db.migrate import require_current
 from dicomai.db.session import make_engine, make_sessionmaker
-from dicomai.errors import ConfigError
 from dicomai.ingest.recovery import forget_lost_instances
 from dicomai.ingest.scp import build_ae, handlers
 from dicomai.ingest.server import LISTEN_FD_ENV, SharedPortServer, serve_in_thread
@@ -48,8 +47,7 @@ class Daemon:
         self.config_file = config_file
         self.listener_only = listener_only
         engine = make_engine(settings.database_url)
-        if current_revision(engine) != head_revision(settings.database_url):
-            raise ConfigError("the database schema is not current: run `dicomai db upgrade`")
+        require_current(engine, settings.database_url)
         self.sessions: sessionmaker[Session] = make_sessionmaker(engine)
         ingest = settings.ingest
         self.completion = CompletionPolicy(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dicomai.config import Settings
+from dicomai.db.migrate import require_current
 from dicomai.db.session import make_engine, make_sessionmaker
 from workers.app import DELIVERY_QUEUE, INFERENCE_QUEUE, make_app
 from workers.tasks import register_tasks
@@ -15,7 +16,11 @@ def run_worker(settings: Settings, device: str, concurrency_label: str = "dicoma
     """
     from dicomai.jobs.runner import JobRunner
 
-    sessions = make_sessionmaker(make_engine(settings.database_url))
+    engine = make_engine(settings.database_url)
+    # A worker updated before `serve` ran `db upgrade` must not write rows of the new schema
+    # into the old one.
+    require_current(engine, settings.database_url)
+    sessions = make_sessionmaker(engine)
     runner = JobRunner(settings, sessions, device=device)
     app = make_app(settings)
     register_tasks(app, runner)

@@ -67,3 +67,15 @@ def head_revision(url: str) -> str | None:
 def current_revision(engine: Engine) -> str | None:
     with engine.connect() as connection:
         return MigrationContext.configure(connection).get_current_revision()
+
+
+def require_current(engine: Engine, url: str) -> None:
+    """Refuse to run on a schema older (or newer) than this version's.
+
+    Raises
+    ------
+    ConfigError
+        The schema is not the newest: ``dicomai db upgrade`` brings it up.
+    """
+    if current_revision(engine) != head_revision(url):
+        raise ConfigError("the database schema is not current: run `dicomai db upgrade`")

@@ -30,6 +30,12 @@ def test_commands_on_a_database_never_upgraded_say_to_upgrade(config: Path) -> N
     one_line_error(dicomai(config, "jobs", "list", check=False), 3, "run `dicomai db upgrade`")
 
 
+def test_a_worker_refuses_a_schema_that_is_not_current(config: Path) -> None:
+    # A worker updated before serve ran `db upgrade` must not write into the old schema.
+    result = dicomai(config, "worker", "--device", "cpu", check=False, timeout=120)
+    one_line_error(result, 2, "the database schema is not current: run `dicomai db upgrade`")
+
+
 def test_db_upgrade_on_a_current_database_records_nothing(config: Path) -> None:
     first = dicomai(config, "db", "upgrade")
     again = dicomai(config, "db", "upgrade")

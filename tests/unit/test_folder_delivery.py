@@ -1,0 +1,35 @@
+"""A folder destination's copies are readable by the service's group, never by everyone."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from dicomai.delivery.folder import copy_file
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_copies_are_0640_in_a_0750_folder_whatever_the_umask(tmp_path: Path, umask: int) -> None:
+    source = tmp_path / "sr.dcm"
+    source.write_bytes(b"DICM result")
+    previous = os.umask(umask)
+    try:
+        copied = copy_file(source, tmp_path / "results" / "study")
+    finally:
+        os.umask(previous)
+    assert copied.read_bytes() == b"DICM result"
+    assert stat.S_IMODE(copied.stat().st_mode) == 0o640
+    assert stat.S_IMODE(copied.parent.stat().st_mode) == 0o750
+
+
+def test_a_folder_the_site_made_keeps_its_mode(tmp_path: Path) -> None:
+    folder = tmp_path / "shared"
+    folder.mkdir(mode=0o770)
+    os.chmod(folder, 0o770)
+    source = tmp_path / "sc.dcm"
+    source.write_bytes(b"x")
+    copy_file(source, folder)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o770
