@@ -88,22 +88,31 @@ def check_listener(settings: Settings) -> Check:
 
     host = "127.0.0.1" if settings.ingest.host in ("0.0.0.0", "") else settings.ingest.host
     from dicomai.ingest.access import HEALTH_AE_TITLE
+    from dicomai.ingest.tls import probe_context
 
     # pynetdicom logs a refused connection as an error; the check's own line says it.
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     ae = AE(ae_title=HEALTH_AE_TITLE)
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 5
     ae.add_requested_context(Verification)
-    assoc = ae.associate(host, settings.ingest.port, ae_title=settings.ingest.ae_title)
+    # The listener speaks TLS only when it has a certificate: the probe must as well.
+    context = probe_context(settings.ingest.tls)
+    over = " over TLS" if context else ""
+    assoc = ae.associate(
+        host,
+        settings.ingest.port,
+        ae_title=settings.ingest.ae_title,
+        tls_args=(context, host) if context else None,
+    )
     if assoc.is_established:
         status = assoc.send_c_echo()
         assoc.release()
-        return Check("listener", bool(status) and status.Status == 0, "C-ECHO answered")
+        return Check("listener", bool(status) and status.Status == 0, f"C-ECHO answered{over}")
     if assoc.is_rejected:
         # The listener answered but refused the probe: it is not on this machine's loopback
         # (ingest.host is another interface) or is an older version.
         return Check("listener", True, "answering, but it rejected the health probe")
-    return Check("listener", False, f"no answer on {host}:{settings.ingest.port}")
+    return Check("listener", False, f"no answer on {host}:{settings.ingest.port}{over}")
 
 
 CHECKS: tuple[Callable[[Settings], Check], ...] = (

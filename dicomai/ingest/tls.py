@@ -37,3 +37,26 @@ def server_context(tls: TlsSettings) -> ssl.SSLContext | None:
     if tls.ca is not None:
         context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
     return context
+
+
+def probe_context(tls: TlsSettings) -> ssl.SSLContext | None:
+    """The TLS context `dicomai health` calls its own listener with, or None without TLS.
+
+    It checks that this machine's listener answers, not who it is: the server certificate is
+    verified against `ca` when there is one, its host name is not (the probe dials 127.0.0.1).
+    Where client certificates are required the probe presents the listener's own, which the
+    site's CA signed.
+    """
+    if tls.cert is None or tls.key is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(BCP195_CIPHERS)
+    context.check_hostname = False
+    if tls.ca is not None:
+        context.load_verify_locations(cafile=tls.ca)
+    else:
+        context.verify_mode = ssl.CERT_NONE
+    if tls.require_client_cert:
+        context.load_cert_chain(tls.cert, tls.key)
+    return context

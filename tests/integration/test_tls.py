@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from daemon import Listener
+from daemon import Listener, dicomai
 from servers import require_program, sample_copies, sample_file, storescu
 
 AET = "DICOMAI"
@@ -126,6 +126,12 @@ def test_client_without_certificate_is_refused(tls_listener: Listener, pki: Path
 
 def test_client_certificate_from_another_ca_is_refused(tls_listener: Listener, pki: Path) -> None:
     assert tls_store(tls_listener, pki, "rogue").returncode != 0
+
+
+def test_health_echoes_the_listener_over_tls(tls_listener: Listener) -> None:
+    # The TLS listener takes no plain connection: health must call it as a TLS client.
+    result = dicomai(tls_listener.config, "health", check=False)
+    assert "C-ECHO answered over TLS" in result.stdout, result.stdout + result.stderr
 
 
 def test_plain_tcp_sender_gets_nothing_stored(tls_listener: Listener) -> None:
