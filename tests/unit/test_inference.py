@@ -291,6 +291,8 @@ def test_a_worker_asked_for_fp16_on_a_cpu_stops_at_start_in_one_line(tmp_path: P
         f'[storage]\ndir = "{tmp_path / "var"}"\nmin_free_mb = 1\n[worker]\nprecision = "fp16"\n'
     )
 
+    dicomai(config, "db", "upgrade")  # a worker refuses an old schema first
+
     result = dicomai(config, "worker", "--device", "cpu", check=False)
 
     assert result.returncode == 2, result.stderr
