@@ -64,6 +64,9 @@ def attempt_deliveries(
             by_destination.setdefault(delivery.destination, []).append((delivery.id, path))
     sent = 0
     for name, items in by_destination.items():
+        # The claim lasts a lease: renewed per destination, so that a long send to the first
+        # does not let another attempt take the later ones.
+        _renew(sessions, [delivery_id for delivery_id, _ in items], settings)
         destination = next((d for d in settings.destinations if d.name == name), None)
         if destination is None:
             errors: list[str | None] = [f"destination {name!r} is no longer configured"] * len(
@@ -95,9 +98,17 @@ def claim_due(session: Session, delivery_ids: list[int], lease_seconds: float) -
         session.scalars(
             update(Delivery)
             .where(
-                Delivery.id.in_(delivery_ids),
-                Delivery.state == DeliveryState.PENDING,
-                Delivery.next_attempt_at <= now,
+                Delivery.id.in_(
+                    # One lock order, and rows another claim holds skipped (PostgreSQL).
+                    select(Delivery.id)
+                    .where(
+                        Delivery.id.in_(delivery_ids),
+                        Delivery.state == DeliveryState.PENDING,
+                        Delivery.next_attempt_at <= now,
+                    )
+                    .order_by(Delivery.id)
+                    .with_for_update(skip_locked=True)
+                )
             )
             .values(next_attempt_at=now + timedelta(seconds=lease_seconds), rung_at=None)
             .returning(Delivery.id)
@@ -106,9 +117,22 @@ def claim_due(session: Session, delivery_ids: list[int], lease_seconds: float) -
     )
 
 
+def _renew(sessions: sessionmaker[Session], delivery_ids: list[int], settings: Settings) -> None:
+    lease = timedelta(seconds=settings.worker.delivery_lease_seconds)
+    with sessions() as session, session.begin():
+        session.execute(
+            update(Delivery)
+            .where(Delivery.id.in_(delivery_ids), Delivery.state == DeliveryState.PENDING)
+            .values(next_attempt_at=utcnow() + lease)
+            .execution_options(synchronize_session=False)
+        )
+
+
 def _record_success(sessions: sessionmaker[Session], delivery_id: int) -> None:
     with sessions() as session, session.begin():
         delivery = session.get_one(Delivery, delivery_id)
+        if delivery.state != DeliveryState.PENDING:
+            return  # an attempt that outlived its lease: the other one's outcome stands
         delivery.state = DeliveryState.SENT
         delivery.attempts += 1
         delivery.delivered_at = utcnow()
@@ -131,6 +155,8 @@ def _record_failure(
     log.warning("delivery %d failed: %s", delivery_id, error)
     with sessions() as session, session.begin():
         delivery = session.get_one(Delivery, delivery_id)
+        if delivery.state != DeliveryState.PENDING:
+            return  # sent (or given up) by an attempt that overlapped this late one
         delivery.attempts += 1
         delivery.last_error = error
         if gives_up(delivery.attempts, settings.delivery):

@@ -93,13 +93,21 @@ def ring_deliveries(sessions: sessionmaker[Session], doorbell: Doorbell, leases:
     now = utcnow()
     lease = timedelta(seconds=leases.delivery_seconds)
     with sessions() as session, session.begin():
-        ids = session.scalars(
-            update(Delivery)
+        # Rows an attempt is claiming are skipped, not waited for (PostgreSQL; SQLite locks
+        # the whole database instead): the two must not deadlock over their row order.
+        due = (
+            select(Delivery.id)
             .where(
                 Delivery.state == DeliveryState.PENDING,
                 Delivery.next_attempt_at <= now,
                 or_(Delivery.rung_at.is_(None), Delivery.rung_at <= now - lease),
             )
+            .order_by(Delivery.id)
+            .with_for_update(skip_locked=True)
+        )
+        ids = session.scalars(
+            update(Delivery)
+            .where(Delivery.id.in_(due))
             .values(rung_at=now)
             .returning(Delivery.id)
             .execution_options(synchronize_session=False)
