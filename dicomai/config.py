@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import logging
 import os
 import re
 from pathlib import Path
@@ -30,8 +29,10 @@ from dicomai.inference.device import DEVICE_PATTERN
 # The number formats a worker may run its networks in (see dicomai.inference.precision).
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 # A host name as RFC 1123 allows it: labels of letters, digits and hyphens.
+# Underscores too: RFC 1123 forbids them, but hospital networks name machines pacs_1.
 _HOST_NAME = re.compile(
-    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
+    r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+    r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$"
 )
 
 
@@ -195,9 +196,7 @@ class Destination(Section):
         return self
 
 
-_LOG_LEVELS = tuple(
-    logging.getLevelName(n) for n in (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR)
-)
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL")
 
 
 class Settings(BaseSettings):

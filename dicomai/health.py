@@ -62,23 +62,36 @@ def check_worker(settings: Settings) -> Check:
     from dicomai.db.session import make_engine, make_sessionmaker
 
     lease = settings.worker.queued_lease_seconds
+    since = utcnow() - timedelta(seconds=lease)
     engine = make_engine(settings.database_url)
     try:
         with make_sessionmaker(engine)() as session:
             waiting = session.scalar(
                 select(func.count())
                 .select_from(Job)
+                .where(Job.state == JobState.QUEUED, Job.created_at < since)
+            )
+            # A backlog that workers are working through is not a failure: some job started,
+            # beat its heartbeat or finished within the lease.
+            working = session.scalar(
+                select(func.count())
+                .select_from(Job)
                 .where(
-                    Job.state == JobState.QUEUED,
-                    Job.created_at < utcnow() - timedelta(seconds=lease),
+                    (Job.started_at >= since)
+                    | (Job.heartbeat_at >= since)
+                    | (Job.finished_at >= since)
                 )
             )
     finally:
         engine.dispose()
-    if waiting:
+    if waiting and not working:
         return Check(
-            "worker", False, f"{waiting} jobs queued for over {lease:g} s: is a worker running?"
+            "worker",
+            False,
+            f"{waiting} jobs queued for over {lease:g} s and none started: is a worker running?",
         )
+    if waiting:
+        return Check("worker", True, f"{waiting} jobs queued for over {lease:g} s; workers busy")
     return Check("worker", True, f"no job queued for over {lease:g} s")
 
 
@@ -112,7 +125,10 @@ def check_listener(settings: Settings) -> Check:
         # The listener answered but refused the probe: it is not on this machine's loopback
         # (ingest.host is another interface) or is an older version.
         return Check("listener", True, "answering, but it rejected the health probe")
-    return Check("listener", False, f"no answer on {host}:{settings.ingest.port}{over}")
+    hint = ""
+    if context and settings.ingest.tls.require_client_cert:
+        hint = " (the probe presents the listener's certificate as its client certificate)"
+    return Check("listener", False, f"no answer on {host}:{settings.ingest.port}{over}{hint}")
 
 
 CHECKS: tuple[Callable[[Settings], Check], ...] = (

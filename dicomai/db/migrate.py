@@ -32,7 +32,9 @@ def migrations_folder() -> Path:
     places = [_CHECKOUT]
     places += [Path(p) / "share" / "dicomai" / "migrations" for p in _install_prefixes()]
     for place in places:
-        if (place / "env.py").is_file():
+        # Our first revision marks the folder as dicomai's: in an installed wheel the
+        # checkout's place is site-packages, where another package may have its migrations/.
+        if (place / "versions" / "0001_initial_schema.py").is_file():
             return place
     raise ConfigError(
         f"database migrations not found (looked in {', '.join(map(str, places))}): "
@@ -41,8 +43,9 @@ def migrations_folder() -> Path:
 
 
 def _install_prefixes() -> list[str]:
-    # pip's data scheme: the environment's prefix, or the user's for `pip install --user`.
-    prefixes = [sys.prefix, sysconfig.get_path("data")]
+    # pip's data scheme: the environment's prefix, the user's for `pip install --user`, and the
+    # base installation's for a venv made with --system-site-packages.
+    prefixes = [sys.prefix, sysconfig.get_path("data"), sys.base_prefix]
     with contextlib.suppress(KeyError):  # a platform without a user scheme
         prefixes.append(sysconfig.get_path("data", f"{os.name}_user"))
     return list(dict.fromkeys(prefixes))

@@ -17,10 +17,12 @@ FOLDER_MODE = 0o750
 def copy_file(path: Path, folder: Path) -> Path:
     """Copy `path` into `folder` under the same name, visible only once complete."""
     try:
-        if not folder.is_dir():
-            folder.mkdir(mode=FOLDER_MODE, parents=True, exist_ok=True)
-            # mkdir's mode passes through the umask (0077 in our systemd units): set it.
-            os.chmod(folder, FOLDER_MODE)
+        missing = [p for p in (folder, *folder.parents) if not p.exists()]
+        for level in reversed(missing):
+            level.mkdir(mode=FOLDER_MODE, exist_ok=True)
+            # mkdir's mode passes through the umask (0077 in our systemd units): set it, on
+            # every level made here, or the group could not reach the results.
+            os.chmod(level, FOLDER_MODE)
         final = folder / path.name
         tmp = folder / f".{path.name}.tmp"
         descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)

@@ -42,10 +42,11 @@ def server_context(tls: TlsSettings) -> ssl.SSLContext | None:
 def probe_context(tls: TlsSettings) -> ssl.SSLContext | None:
     """The TLS context `dicomai health` calls its own listener with, or None without TLS.
 
-    It checks that this machine's listener answers, not who it is: the server certificate is
-    verified against `ca` when there is one, its host name is not (the probe dials 127.0.0.1).
-    Where client certificates are required the probe presents the listener's own, which the
-    site's CA signed.
+    It checks that this machine's listener answers, not who it is, so the server's
+    certificate is not verified (`ca` is the CA of the *clients*' certificates). Where client
+    certificates are required the probe presents the listener's own: one signed by that CA
+    and usable for client authentication (a certificate limited to serverAuth makes the probe
+    fail; health says so).
     """
     if tls.cert is None or tls.key is None:
         return None
@@ -53,10 +54,7 @@ def probe_context(tls: TlsSettings) -> ssl.SSLContext | None:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(BCP195_CIPHERS)
     context.check_hostname = False
-    if tls.ca is not None:
-        context.load_verify_locations(cafile=tls.ca)
-    else:
-        context.verify_mode = ssl.CERT_NONE
+    context.verify_mode = ssl.CERT_NONE
     if tls.require_client_cert:
         context.load_cert_chain(tls.cert, tls.key)
     return context

@@ -33,6 +33,11 @@ HIGHER_IS_BETTER = (
 )
 
 
+# Words that make a gated name something lower is better of (``dice_loss``) or no score at all
+# (``auc_std``, ``val_auc_per_class`` is a table and skipped as such).
+_NOT_A_SCORE = {"loss", "std", "var", "error", "ece", "mce", "brier", "ci", "low", "high"}
+
+
 @dataclass(frozen=True)
 class MetricComparison:
     """One metric of the candidate beside the active version's."""
@@ -70,7 +75,8 @@ def gate_metrics(metrics: dict[str, Any]) -> dict[str, float]:
         if isinstance(value, int | float)
         and not isinstance(value, bool)
         and math.isfinite(value)
-        and any(word in HIGHER_IS_BETTER for word in key.split("_"))
+        and bool(set(key.split("_")) & set(HIGHER_IS_BETTER))
+        and not set(key.split("_")) & _NOT_A_SCORE
     }
 
 

@@ -73,8 +73,8 @@ def _user() -> str:
 
 
 def test_health_fails_when_jobs_wait_for_a_worker_past_the_lease(site: Site) -> None:
-    site.ingest_studies(1)
-    complete_quiet_studies(site.sessions, 0)  # a queued job, and no worker in this site
+    site.ingest_studies(2)
+    first, _ = complete_quiet_studies(site.sessions, 0)  # queued jobs, no worker in this site
     fresh = site.cli("health", check=False).stdout
     assert _line(fresh, "worker").split()[1] == "ok", fresh
     with site.sessions() as session, session.begin():
@@ -82,7 +82,17 @@ def test_health_fails_when_jobs_wait_for_a_worker_past_the_lease(site: Site) -> 
     stale = site.cli("health", check=False)
     assert stale.returncode == 1
     line = _line(stale.stdout, "worker")
-    assert line.split()[1] == "FAIL" and "1 jobs queued for over 300 s" in line, stale.stdout
+    assert line.split()[1] == "FAIL" and "2 jobs queued for over 300 s and none" in line, line
+
+    # A backlog that a worker is working through (a job beat its heartbeat just now) is not.
+    with site.sessions() as session, session.begin():
+        session.execute(
+            update(Job)
+            .where(Job.id == first)
+            .values(state=JobState.RUNNING, started_at=utcnow(), heartbeat_at=utcnow())
+        )
+    busy = _line(site.cli("health", check=False).stdout, "worker")
+    assert busy.split()[1] == "ok" and "1 jobs queued" in busy and "busy" in busy, busy
 
 
 def _line(table: str, check: str) -> str:

@@ -101,8 +101,9 @@ def test_log_level_in_any_case_and_peer_host_names(tmp_path: Path) -> None:
         write(
             tmp_path,
             "log_level = 'debug'\n[[ingest.peers]]\nae_title = 'CT'\n"
-            "hosts = ['ct-1.radiology.example', '10.1.2.3', 'fd00::/8']\n",
+            "hosts = ['ct-1.radiology.example', '10.1.2.3', 'fd00::/8', 'pacs_1.local']\n",
         )
     )
     assert settings.log_level == "DEBUG"
     assert settings.ingest.peers[0].hosts[0] == "ct-1.radiology.example"
+    assert load_settings(write(tmp_path, "log_level = 'critical'\n")).log_level == "CRITICAL"

@@ -17,12 +17,13 @@ def test_copies_are_0640_in_a_0750_folder_whatever_the_umask(tmp_path: Path, uma
     source.write_bytes(b"DICM result")
     previous = os.umask(umask)
     try:
-        copied = copy_file(source, tmp_path / "results" / "study")
+        copied = copy_file(source, tmp_path / "results" / "site" / "study")
     finally:
         os.umask(previous)
     assert copied.read_bytes() == b"DICM result"
     assert stat.S_IMODE(copied.stat().st_mode) == 0o640
-    assert stat.S_IMODE(copied.parent.stat().st_mode) == 0o750
+    for level in ("results", "results/site", "results/site/study"):  # every level it made
+        assert stat.S_IMODE((tmp_path / level).stat().st_mode) == 0o750, level
 
 
 def test_a_folder_the_site_made_keeps_its_mode(tmp_path: Path) -> None:
