@@ -263,6 +263,10 @@ class Settings(BaseSettings):
         return self.storage.dir / "models"
 
     @property
+    def metrics_dir(self) -> Path:
+        return self.storage.dir / "metrics"
+
+    @property
     def broker_dir(self) -> Path:
         return self.storage.dir / "broker"
 

@@ -12,9 +12,9 @@ import threading
 import time
 from pathlib import Path
 
-from prometheus_client import start_http_server
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicomai import metrics_server
 from dicomai.config import Settings
 from dicomai.db.migrate import require_current
 from dicomai.db.session import make_engine, make_sessionmaker
@@ -90,7 +90,7 @@ class Daemon:
             # Before the listener answers: whoever sees the daemon up can scrape it.
             metrics = self.settings.metrics
             if metrics.port:
-                start_http_server(metrics.port, metrics.host)
+                metrics_server.start(metrics, self.sessions)
                 log.info("metrics on http://%s:%d/metrics", metrics.host, metrics.port)
         ingest = self.settings.ingest
         # Bound before the listener children start: they accept from this socket.
@@ -146,6 +146,7 @@ class Daemon:
             if child.poll() is None:
                 continue
             if name not in self._restart_at:
+                metrics_server.process_exited(child.pid)
                 wait = self.restarts.exited(name, now)
                 self._restart_at[name] = now + wait
                 log.error(

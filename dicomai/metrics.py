@@ -15,8 +15,16 @@ STORE_SECONDS = Histogram(
     "Time from a C-STORE request to its answer",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
-SPOOL_FREE_BYTES = Gauge("dicomai_spool_free_bytes", "Free bytes on the spool's file system")
-OPEN_ASSOCIATIONS = Gauge("dicomai_open_associations", "Associations currently open")
+# Under `serve` every process counts into shared files (`dicomai.metrics_server`): the
+# modes say how the endpoint combines the processes' gauges.
+SPOOL_FREE_BYTES = Gauge(
+    "dicomai_spool_free_bytes",
+    "Free bytes on the spool's file system",
+    multiprocess_mode="livemax",
+)
+OPEN_ASSOCIATIONS = Gauge(
+    "dicomai_open_associations", "Associations currently open", multiprocess_mode="livesum"
+)
 REJECTED_ASSOCIATIONS = Counter(
     "dicomai_rejected_associations_total", "Associations rejected, by reason", ["reason"]
 )

@@ -180,3 +180,33 @@ class Listener(Daemon):
 
 
 __all__ = ["Daemon", "Listener", "dicomai", "free_port", "write_config"]
+
+
+def accepted_by_process(parent: int, port: int) -> dict[int, int]:
+    """Established connections on local `port`, counted by the process holding each (the
+    serve process `parent` and its listener children)."""
+    pids = [parent]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == parent and b"--listener-only" in cmdline:
+            pids.append(int(stat.parent.name))
+    owner = {}
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                owner[target[8:-1]] = pid
+    counts = dict.fromkeys(pids, 0)
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        columns = line.split()
+        local_port = int(columns[1].split(":")[1], 16)
+        if local_port == port and columns[3] == "01" and columns[9] in owner:
+            counts[owner[columns[9]]] += 1
+    return counts

@@ -8,6 +8,7 @@ import click
 from sqlalchemy import select
 
 from dicomai.cli.main import Context
+from dicomai.config import Settings
 
 
 @click.command()
@@ -15,6 +16,8 @@ from dicomai.cli.main import Context
 @click.pass_obj
 def serve(obj: Context, listener_only: bool) -> None:
     """Run the DICOM listener, study assembly and (embedded mode) a worker."""
+    if not listener_only:  # the children inherit the folder
+        _share_metrics(obj.settings)
     from dicomai.daemon import Daemon
 
     Daemon(obj.settings, obj.config_file, listener_only=listener_only).run()
@@ -43,6 +46,7 @@ def worker(obj: Context, device: str | None) -> None:
 @click.pass_obj
 def demo(obj: Context, model_dir: Path) -> None:
     """Upgrade the database, activate the demo model if none is active, then serve."""
+    _share_metrics(obj.settings)
     from dicomai.audit import Operator, os_user
     from dicomai.daemon import Daemon
     from dicomai.db.migrate import upgrade
@@ -67,6 +71,13 @@ def demo(obj: Context, model_dir: Path) -> None:
             activate(session, row.name, row.version, operator)
             click.echo(f"activated {row.label}")
     Daemon(settings, obj.config_file).run()
+
+
+def _share_metrics(settings: Settings) -> None:
+    if settings.metrics.port:
+        from dicomai.metrics_server import share_between_processes
+
+        share_between_processes(settings.metrics_dir)
 
 
 def register(group: click.Group) -> None:

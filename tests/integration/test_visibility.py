@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import tomllib
 import urllib.request
 from pathlib import Path
 
 import pydicom
 import pytest
-from daemon import Listener, dicomai
+from daemon import Listener, accepted_by_process, dicomai
+from pynetdicom import AE
 from servers import free_port, sample_file, storescu, wait_for
 
 AET = "DICOMAI"
@@ -42,6 +44,58 @@ def test_metrics_count_stores_by_calling_ae_and_status(listener: Listener) -> No
         'dicomai_rejected_associations_total{reason="calling AE title not in allow-list"}' in text
     )
     wait_for(lambda: "dicomai_spool_free_bytes 0.0" not in metrics(listener), 10, "spool gauge")
+
+
+def test_metrics_count_the_stores_of_every_listener_process_and_the_jobs_in_the_database(
+    tmp_path: Path,
+) -> None:
+    peers = [{"ae_title": MODALITY, "hosts": ["127.0.0.1"]}]
+    metrics_port = free_port()
+    daemon = Listener(tmp_path / "two", AET, peers, listener_processes=2)
+    daemon.config.write_text(
+        daemon.config.read_text() + f'[metrics]\nhost = "127.0.0.1"\nport = {metrics_port}\n'
+    )
+    daemon.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"  # type: ignore[attr-defined]
+    source = pydicom.dcmread(sample_file("CT_small.dcm"))
+    source.Modality = "DX"  # for the demo model's job
+    demo = Path(__file__).parents[2] / "models" / "demo-chest-nodule"
+    dicomai(daemon.config, "db", "upgrade")
+    dicomai(daemon.config, "models", "register", str(demo))
+    version = tomllib.loads((demo / "model.toml").read_text())["version"]
+    dicomai(daemon.config, "models", "activate", "demo-chest-nodule", version)
+    with daemon:
+        wait_for(lambda: daemon.log().count("listening as") == 2, 60, "a second listener")
+        ae = AE(ae_title=MODALITY)
+        ae.add_requested_context(source.SOPClassUID, source.file_meta.TransferSyntaxUID)
+        held = [ae.associate("127.0.0.1", daemon.port, ae_title=AET) for _ in range(2)]
+        try:
+            assert all(assoc.is_established for assoc in held)
+            assert daemon.process is not None
+            wait_for(
+                lambda: (
+                    sorted(accepted_by_process(daemon.process.pid, daemon.port).values()) == [1, 1]
+                ),
+                10,
+                "one association in each listener process",
+            )
+            assert "dicomai_open_associations 2.0" in metrics(daemon)
+            for number, assoc in enumerate(held):
+                for copy in range(3):
+                    source.SOPInstanceUID = f"{source.StudyInstanceUID}.{number}.{copy}"
+                    assert assoc.send_c_store(source).Status == 0x0000
+        finally:
+            for assoc in held:
+                assoc.release()
+        text = metrics(daemon)
+        assert 'dicomai_stores_total{calling_ae="MODALITY",status="0x0000"} 6.0' in text, text
+        wait_for(lambda: "dicomai_open_associations 0.0" in metrics(daemon), 10, "closed")
+        # The completed study's job (no worker runs), counted from the database.
+        wait_for(lambda: daemon.query("SELECT count(*) FROM jobs") == [(1,)], 30, "its job")
+        state = daemon.query("SELECT state FROM jobs")[0][0]
+        text = metrics(daemon)
+        assert f'dicomai_jobs_in_state{{state="{state}"}} 1.0' in text, text
+        assert 'dicomai_deliveries_in_state{state="failed"} 0.0' in text
+        assert "dicomai_database_up 1.0" in text
 
 
 def test_health_reports_every_check_and_fails_when_the_database_is_gone(

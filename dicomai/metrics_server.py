@@ -1,0 +1,127 @@
+"""The metrics endpoint of `serve`: the counts of all its processes, and job and delivery
+states read from the database.
+
+`serve` runs several processes (listener children, the embedded worker), each counting its own
+stores and jobs. prometheus-client's multiprocess mode has each process write its values to
+a file in one folder, and the endpoint sums them. It chooses where values live when it is
+imported, so `share_between_processes` must run before anything imports it; the children
+inherit the folder through their environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomai.config import MetricsSettings
+from dicomai.db.models import Delivery, DeliveryState, Job, JobState
+
+if TYPE_CHECKING:
+    from prometheus_client.core import GaugeMetricFamily
+
+log = logging.getLogger(__name__)
+
+_FOLDER_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def share_between_processes(folder: Path) -> None:
+    """Have this process and those it starts count into `folder`, emptied of an earlier run's
+    values (counters restart with the service, as Prometheus expects).
+
+    Raises
+    ------
+    RuntimeError
+        prometheus-client is imported already: this process's values would not be shared.
+    """
+    if "prometheus_client" in sys.modules:
+        raise RuntimeError("metrics must be shared before prometheus_client is imported")
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for stale in folder.glob("*.db"):
+        stale.unlink()
+    os.environ[_FOLDER_ENV] = str(folder)
+
+
+def start(settings: MetricsSettings, sessions: sessionmaker[Session]) -> None:
+    """Serve `/metrics` on `settings.host:port`."""
+    from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = REGISTRY
+    if _FOLDER_ENV in os.environ:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+    registry.register(StateCollector(sessions))
+    start_http_server(settings.port, settings.host, registry=registry)
+
+
+def process_exited(pid: int) -> None:
+    """Drop what an exited process contributed to the gauges of live processes
+    (open associations); its counters still count."""
+    if _FOLDER_ENV in os.environ:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)
+
+
+class StateCollector:
+    """Jobs and deliveries by state, counted in the database at each scrape.
+
+    The database is where every worker, on any machine, records its work, so these gauges
+    cover workers whose own counters no endpoint serves (standalone `dicomai worker`).
+    """
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.sessions = sessions
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        # Without it, registering would run `collect`, a query, at start.
+        yield from self._families({}, {}, up=False)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            with self.sessions() as session:
+                jobs = dict(
+                    session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
+                )
+                deliveries = dict(
+                    session.execute(
+                        select(Delivery.state, func.count()).group_by(Delivery.state)
+                    ).all()
+                )
+        except Exception as exc:  # a scrape must answer while the database is down
+            log.warning("metrics: database: %s", type(exc).__name__)
+            yield from self._families({}, {}, up=False)
+            return
+        yield from self._families(jobs, deliveries, up=True)
+
+    @staticmethod
+    def _families(
+        jobs: dict[JobState, int], deliveries: dict[DeliveryState, int], up: bool
+    ) -> Iterator[GaugeMetricFamily]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        database = GaugeMetricFamily(
+            "dicomai_database_up", "1 if the last scrape could read the database, else 0"
+        )
+        database.add_metric([], 1.0 if up else 0.0)
+        yield database
+        job_family = GaugeMetricFamily("dicomai_jobs_in_state", "Jobs by state", labels=["state"])
+        delivery_family = GaugeMetricFamily(
+            "dicomai_deliveries_in_state", "Deliveries of results by state", labels=["state"]
+        )
+        if up:
+            for state in JobState:
+                job_family.add_metric([state.value], float(jobs.get(state, 0)))
+            for delivery_state in DeliveryState:
+                delivery_family.add_metric(
+                    [delivery_state.value], float(deliveries.get(delivery_state, 0))
+                )
+        yield job_family
+        yield delivery_family
