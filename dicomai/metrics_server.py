@@ -31,21 +31,21 @@ log = logging.getLogger(__name__)
 _FOLDER_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
-def share_between_processes(folder: Path) -> None:
+def share_between_processes(folder: Path) -> bool:
     """Have this process and those it starts count into `folder`, emptied of an earlier run's
     values (counters restart with the service, as Prometheus expects).
 
-    Raises
-    ------
-    RuntimeError
-        prometheus-client is imported already: this process's values would not be shared.
+    Returns False, and shares nothing, if prometheus-client is imported already (`serve` run
+    inside another Python program): the endpoint then counts this process alone.
     """
     if "prometheus_client" in sys.modules:
-        raise RuntimeError("metrics must be shared before prometheus_client is imported")
+        log.warning("metrics: prometheus_client already imported; counting this process only")
+        return False
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     for stale in folder.glob("*.db"):
         stale.unlink()
     os.environ[_FOLDER_ENV] = str(folder)
+    return True
 
 
 def start(settings: MetricsSettings, sessions: sessionmaker[Session]) -> None:
