@@ -115,12 +115,15 @@ def models_canary(obj: Context, name: str, version: str, percent: float, reason:
 @click.pass_obj
 def models_activate(obj: Context, name: str, version: str, reason: str, force: bool) -> None:
     """Make NAME VERSION the active version for new jobs, if the evaluation gate allows."""
-    from dicomai.rollout.deployment import activate
+    from dicomai.rollout.deployment import activate, active_version
 
     tolerance = obj.settings.rollout.gate_tolerance
     with admin_session(obj) as session:
+        leaving = active_version(session, name)
+        queued = _queued(session, leaving)
         row = activate(session, name, version, operator(reason), tolerance=tolerance, force=force)
         click.echo(f"{row.label} is active")
+        _echo_handed_over(queued, leaving, row)
 
 
 @models.command("rollback")
@@ -129,11 +132,13 @@ def models_activate(obj: Context, name: str, version: str, reason: str, force: b
 @click.pass_obj
 def models_rollback(obj: Context, name: str, reason: str) -> None:
     """Make the version of NAME active before the current one active again; retire the current."""
-    from dicomai.rollout.deployment import rollback
+    from dicomai.rollout.deployment import active_version, rollback
 
     with admin_session(obj) as session:
+        queued = _queued(session, active_version(session, name))
         restored, retired = rollback(session, name, operator(reason))
         click.echo(f"{restored.label} is active again; {retired.label} is retired")
+        _echo_handed_over(queued, retired, restored)
 
 
 @models.command("retire")
@@ -143,11 +148,29 @@ def models_rollback(obj: Context, name: str, reason: str) -> None:
 @click.pass_obj
 def models_retire(obj: Context, name: str, version: str, reason: str) -> None:
     """Stop running NAME VERSION on new studies."""
-    from dicomai.rollout.deployment import retire
+    from dicomai.rollout.deployment import active_version, retire
+    from dicomai.rollout.registry import get
 
     with admin_session(obj) as session:
+        leaving = get(session, name, version)
+        queued, was_canary = _queued(session, leaving), leaving.state == ModelState.CANARY
         row = retire(session, name, version, operator(reason))
         click.echo(f"{row.label} is retired")
+        _echo_handed_over(queued, row, active_version(session, name) if was_canary else None)
+
+
+def _queued(session: Session, version: ModelVersion | None) -> int:
+    from dicomai.rollout.deployment import queued_jobs
+
+    return 0 if version is None else len(queued_jobs(session, version))
+
+
+def _echo_handed_over(
+    count: int, retired: ModelVersion | None, successor: ModelVersion | None
+) -> None:
+    if count and retired is not None:
+        then = f"; their studies are queued for {successor.label}" if successor else ""
+        click.echo(f"{count} queued job(s) of {retired.label} cancelled{then}")
 
 
 @models.command("evaluation")

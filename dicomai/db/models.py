@@ -76,6 +76,10 @@ class ModelState(enum.StrEnum):
     RETIRED = "retired"
 
 
+# The states in which a version runs on new studies.
+RUNNING_STATES = (ModelState.ACTIVE, ModelState.SHADOW, ModelState.CANARY)
+
+
 class JobState(enum.StrEnum):
     QUEUED = "queued"
     RUNNING = "running"

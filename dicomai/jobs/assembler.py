@@ -11,13 +11,20 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai.audit import Action, record
-from dicomai.db.models import Instance, Job, ModelState, ModelVersion, Study, StudyState, utcnow
+from dicomai.db.models import (
+    RUNNING_STATES,
+    Instance,
+    Job,
+    ModelVersion,
+    Study,
+    StudyState,
+    utcnow,
+)
 from dicomai.jobs.applicability import applies
 
 log = logging.getLogger(__name__)
 
 ASSEMBLER = "assembler"
-RUNNING_STATES = (ModelState.ACTIVE, ModelState.SHADOW, ModelState.CANARY)
 
 
 def input_digest(instances: list[Instance]) -> str:
@@ -118,35 +125,39 @@ def _complete_study(
 
 
 def _create_jobs(session: Session, study: Study) -> list[Job]:
-    instances = list(study.instances)
-    digest = input_digest(instances)
     models = session.scalars(
         select(ModelVersion).where(ModelVersion.state.in_(RUNNING_STATES))
     ).all()
-    jobs = []
-    for model in models:
-        if not any(applies(model.manifest, instance) for instance in instances):
-            continue
-        existing = session.scalar(
-            select(Job).where(
-                Job.study_id == study.id,
-                Job.model_version_id == model.id,
-                Job.input_digest == digest,
-            )
+    jobs = [create_job(session, study, model) for model in models]
+    return [job for job in jobs if job is not None]
+
+
+def create_job(session: Session, study: Study, model: ModelVersion) -> Job | None:
+    """Queue a job of `model` on the study's current instances, with its audit row; None if
+    the model takes none of them or such a job exists already."""
+    instances = list(study.instances)
+    if not any(applies(model.manifest, instance) for instance in instances):
+        return None
+    digest = input_digest(instances)
+    existing = session.scalar(
+        select(Job).where(
+            Job.study_id == study.id,
+            Job.model_version_id == model.id,
+            Job.input_digest == digest,
         )
-        if existing is not None:
-            continue
-        job = Job(study_id=study.id, model_version_id=model.id, input_digest=digest)
-        session.add(job)
-        session.flush()
-        record(
-            session,
-            Action.JOB_CREATED,
-            actor=ASSEMBLER,
-            object_type="job",
-            object_id=job.id,
-            study_uid=study.study_uid,
-            model=model.label,
-        )
-        jobs.append(job)
-    return jobs
+    )
+    if existing is not None:
+        return None
+    job = Job(study_id=study.id, model_version_id=model.id, input_digest=digest)
+    session.add(job)
+    session.flush()
+    record(
+        session,
+        Action.JOB_CREATED,
+        actor=ASSEMBLER,
+        object_type="job",
+        object_id=job.id,
+        study_uid=study.study_uid,
+        model=model.label,
+    )
+    return job

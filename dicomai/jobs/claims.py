@@ -11,7 +11,7 @@ from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai.audit import Action, record
-from dicomai.db.models import Job, JobState, ModelState, Study, utcnow
+from dicomai.db.models import RUNNING_STATES, Job, JobState, ModelState, Study, utcnow
 from dicomai.jobs.applicability import applies
 
 WORKER = "worker"
@@ -48,6 +48,22 @@ def claim_job(session: Session, job_id: int, lease_seconds: float) -> Claim | No
     if not _take(session, job_id, claimable):
         return None
     job = session.get_one(Job, job_id, populate_existing=True)
+    if job.model_version.state not in RUNNING_STATES:
+        # Retired (or rolled back) after the job was queued: its results must not reach the
+        # PACS; `dicomai.rollout.deployment` queues the study for the successor.
+        job.state = JobState.CANCELLED
+        job.error = f"{job.model_version.label} is {job.model_version.state.value}"
+        record(
+            session,
+            Action.JOB_CANCELLED,
+            actor=WORKER,
+            object_type="job",
+            object_id=job.id,
+            study_uid=job.study.study_uid,
+            model=job.model_version.label,
+            reason=job.error,
+        )
+        return None
     return _started(session, job, _applicable(job))
 
 

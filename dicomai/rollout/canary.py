@@ -29,12 +29,13 @@ def canary_selects(study_uid: str, percent: float) -> bool:
 def sends_results(session: Session, version: ModelVersion, study_uid: str) -> bool:
     """Whether `version`'s results for this study go to the destinations.
 
-    A shadow never sends. A canary sends for the studies it selects, and for those the active
-    version of the same model stays silent (its results are stored, as a shadow's are), so
-    that a radiologist gets one report per model and study, not two that may disagree.
+    A shadow never sends, nor does a retired version. A canary sends for the studies it
+    selects, and for those the active version of the same model stays silent (its results
+    are stored, as a shadow's are), so that a radiologist gets one report per model and
+    study, not two that may disagree.
     """
-    if version.state == ModelState.SHADOW:
-        return False
+    if version.state not in (ModelState.ACTIVE, ModelState.CANARY):
+        return False  # a shadow; or a version retired while its job ran
     if version.state == ModelState.CANARY:
         return canary_selects(study_uid, version.canary_percent or 0.0)
     canary = session.scalars(

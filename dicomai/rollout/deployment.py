@@ -16,8 +16,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dicomai.audit import Action, Operator, record
-from dicomai.db.models import ModelState, ModelVersion, utcnow
+from dicomai.db.models import Job, JobState, ModelState, ModelVersion, utcnow
 from dicomai.errors import DicomaiError, InvalidTransition
+from dicomai.jobs.assembler import create_job
 from dicomai.rollout.gate import GateDecision, decide
 from dicomai.rollout.registry import get
 
@@ -79,6 +80,8 @@ def activate(
         _set_state(session, current, ModelState.RETIRED, Action.MODEL_RETIRED, operator)
     row.previous_active_id = current.id if current is not None else None
     _set_state(session, row, ModelState.ACTIVE, Action.MODEL_ACTIVATED, operator, gate=decision)
+    if current is not None:
+        _hand_over(session, current, row, operator)
     return row
 
 
@@ -97,14 +100,57 @@ def rollback(session: Session, name: str, operator: Operator) -> tuple[ModelVers
         raise InvalidTransition(f"{current.label} has no earlier active version to roll back to")
     _set_state(session, current, ModelState.RETIRED, Action.MODEL_RETIRED, operator)
     _set_state(session, previous, ModelState.ACTIVE, Action.MODEL_ROLLED_BACK, operator)
+    _hand_over(session, current, previous, operator)
     return previous, current
 
 
 def retire(session: Session, name: str, version: str, operator: Operator) -> ModelVersion:
     """Stop running `name version` on new studies, for good (except by rollback)."""
     row = _checked(session, name, version, ModelState.RETIRED)
+    was = row.state
     _set_state(session, row, ModelState.RETIRED, Action.MODEL_RETIRED, operator)
+    # A canary's studies fall back to the active version; a shadow's have it already.
+    successor = _in_state(session, name, ModelState.ACTIVE) if was == ModelState.CANARY else None
+    _hand_over(session, row, successor, operator)
     return row
+
+
+def active_version(session: Session, name: str) -> ModelVersion | None:
+    return _in_state(session, name, ModelState.ACTIVE)
+
+
+def queued_jobs(session: Session, version: ModelVersion) -> list[Job]:
+    """The jobs of `version` that no worker has started."""
+    return list(
+        session.scalars(
+            select(Job)
+            .where(Job.model_version_id == version.id, Job.state == JobState.QUEUED)
+            .order_by(Job.id)
+            .with_for_update()
+        )
+    )
+
+
+def _hand_over(
+    session: Session, retired: ModelVersion, successor: ModelVersion | None, operator: Operator
+) -> None:
+    """Cancel the retired version's queued jobs (a version pulled for a fault must not send
+    results after it), and queue each of their studies for `successor`."""
+    for job in queued_jobs(session, retired):
+        job.state = JobState.CANCELLED
+        job.error = f"{retired.label} retired"
+        record(
+            session,
+            Action.JOB_CANCELLED,
+            actor=operator.user,
+            object_type="job",
+            object_id=job.id,
+            study_uid=job.study.study_uid,
+            model=retired.label,
+            reason=job.error,
+        )
+        if successor is not None:
+            create_job(session, job.study, successor)
 
 
 def _checked(session: Session, name: str, version: str, target: ModelState) -> ModelVersion:

@@ -7,10 +7,12 @@ import json
 import pytest
 from rollout_site import DEMO, NAME, Site, demo_site, package
 from sqlalchemy import select
+from sqlalchemy.exc import NoResultFound
 
 from dicomai.db.models import Instance, JobState, ModelState, ModelVersion, Prediction
 from dicomai.jobs.applicability import applies
-from dicomai.rollout.canary import canary_selects
+from dicomai.jobs.assembler import complete_quiet_studies
+from dicomai.rollout.canary import canary_selects, sends_results
 
 
 @pytest.fixture
@@ -122,6 +124,70 @@ def test_rollback_restores_the_previous_version_for_the_next_job(site: Site, tmp
     one_line_error(
         site.cli("models", "activate", NAME, "2.0.0", check=False), "retired", "rollback"
     )
+
+
+def run_every_queued_job(site: Site) -> None:
+    """As a worker would, including the tasks of jobs cancelled since they were rung."""
+    for version in ("1.0.0", "1.2.0", "2.0.0"):
+        try:
+            jobs = site.jobs(version)
+        except NoResultFound:  # a version this test did not register
+            continue
+        for job in jobs:
+            site.runner.run_job(job.id)
+
+
+def test_a_rollback_cancels_the_queued_jobs_of_the_retired_version_and_queues_the_restored(
+    site: Site, tmp_path
+) -> None:
+    site.register(package(tmp_path, "2.0.0"))
+    site.cli("models", "activate", NAME, "2.0.0", "--reason", "better")
+    studies = site.ingest_studies(2, seed=3)
+    assert len(complete_quiet_studies(site.sessions, 0)) == 2  # queued; no worker ran yet
+
+    out = site.cli("models", "rollback", NAME, "--reason", "wrong calls").stdout
+    assert f"2 queued job(s) of {NAME} 2.0.0 cancelled" in out, out
+    assert f"queued for {NAME} 1.0.0" in out, out
+    run_every_queued_job(site)
+
+    assert [j.state for j in site.jobs("2.0.0")] == [JobState.CANCELLED] * 2
+    assert not any(j.outputs for j in site.jobs("2.0.0")), "the retired version ran"
+    assert [j.state for j in site.jobs("1.0.0")] == [JobState.DONE] * 2
+    assert delivered(site, "1.0.0") == set(studies)
+    rows = site.cli("audit", "list", "--action", "job.cancelled", "--json").stdout.splitlines()
+    assert len(rows) == 2 and "retired" in json.loads(rows[0])["detail"]["reason"]
+
+
+def test_a_retired_shadow_runs_none_of_its_queued_jobs(site: Site, tmp_path) -> None:
+    site.register(package(tmp_path, "1.2.0"))
+    site.cli("models", "shadow", NAME, "1.2.0", "--reason", "try")
+    studies = site.ingest_studies(1, seed=4)
+    assert len(complete_quiet_studies(site.sessions, 0)) == 2  # the active's and the shadow's
+
+    out = site.cli("models", "retire", NAME, "1.2.0", "--reason", "done trying").stdout
+    assert f"1 queued job(s) of {NAME} 1.2.0 cancelled" in out and "queued for" not in out
+    run_every_queued_job(site)
+
+    assert [j.state for j in site.jobs("1.2.0")] == [JobState.CANCELLED]
+    assert not site.jobs("1.2.0")[0].outputs
+    assert delivered(site, "1.0.0") == set(studies)
+
+
+def test_a_job_whose_version_was_retired_after_it_was_queued_is_cancelled_when_claimed(
+    site: Site,
+) -> None:
+    site.ingest_studies(1, seed=5)
+    [job_id] = complete_quiet_studies(site.sessions, 0)
+    # As if the retirement committed between the job's creation and its hand-over.
+    with site.sessions() as session, session.begin():
+        version = session.get_one(ModelVersion, site.version_id("1.0.0"))
+        version.state = ModelState.RETIRED
+        assert not sends_results(session, version, "1.2.3")
+    site.runner.run_job(job_id)
+
+    [job] = site.jobs("1.0.0")
+    assert job.state == JobState.CANCELLED and not job.outputs
+    assert "retired" in (job.error or "")
 
 
 def test_the_gate_refuses_a_worse_version_unless_forced_with_a_reason(site: Site, tmp_path) -> None:
