@@ -73,7 +73,7 @@ def attempt_deliveries(
                 items
             )
         else:
-            errors = send_to(destination, [path for _, path in items], settings)
+            errors = _sent_or_failed(destination, [path for _, path in items], settings)
         for (delivery_id, _), error in zip(items, errors, strict=True):
             if error is None:
                 _record_success(sessions, delivery_id)
@@ -81,6 +81,18 @@ def attempt_deliveries(
             else:
                 _record_failure(sessions, settings, delivery_id, error)
     return sent
+
+
+def _sent_or_failed(
+    destination: Destination, paths: list[Path], settings: Settings
+) -> list[str | None]:
+    """`send_to`, with a failure nobody foresaw counted as a failed attempt of every object,
+    so that the backoff and `max_attempts` apply instead of the lease, forever."""
+    try:
+        return send_to(destination, paths, settings)
+    except Exception as exc:  # its message may quote the object's content: the type only
+        log.error("delivery to %s failed: %s", destination.name, type(exc).__name__)
+        return [f"sending failed: {type(exc).__name__}"] * len(paths)
 
 
 def claim_due(session: Session, delivery_ids: list[int], lease_seconds: float) -> list[int]:

@@ -50,12 +50,18 @@ def send_files(
 def _send_one(
     assoc: Association, path: Path, meta: FileMetaDataset, where: str
 ) -> DeliveryError | None:
+    if not assoc.is_established:
+        return DeliveryError(f"association with {where} ended before this object was sent")
     try:
         status = assoc.send_c_store(path)
     except ValueError:
         # pynetdicom raises when the peer accepted no context for this SOP class and syntax.
         name = meta.MediaStorageSOPClassUID.name
         return DeliveryError(f"{where} accepted no presentation context for {name}")
+    except (RuntimeError, OSError):
+        # The peer closed or aborted the association between two checks (pynetdicom says
+        # RuntimeError) or the socket failed: this object's attempt failed, like the rest.
+        return DeliveryError(f"association with {where} lost while sending")
     return _outcome(status, where)
 
 

@@ -150,3 +150,23 @@ def test_retries_wait_for_the_backoff_and_stop_at_max_attempts(refused) -> None:
             f"delivery {delivery_id} attempted again {second_at - first_at} after a failure "
             f"whose backoff is {backoff}"
         )
+
+
+def test_a_send_that_raises_is_a_failed_attempt_not_a_lost_one(refused, monkeypatch) -> None:
+    settings, sessions, ids = refused
+
+    def dropped(*_args: object) -> None:
+        # What pynetdicom raised when the PACS went away between two C-STOREs.
+        raise RuntimeError("The association with a peer SCP must be established")
+
+    monkeypatch.setattr("dicomai.delivery.dispatch.send_to", dropped)
+    assert attempt_deliveries(sessions, settings, ids) == 0
+    assert attempts_of(sessions, ids) == {i: (1, DeliveryState.PENDING) for i in ids}
+    with sessions() as session:
+        errors = {
+            d.last_error for d in session.scalars(select(Delivery).where(Delivery.id.in_(ids)))
+        }
+    assert errors == {"sending failed: RuntimeError"}
+    time.sleep(1.2)  # the backoff, then the last of max_attempts
+    attempt_deliveries(sessions, settings, ids)
+    assert attempts_of(sessions, ids) == {i: (2, DeliveryState.FAILED) for i in ids}
