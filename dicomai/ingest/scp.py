@@ -87,6 +87,8 @@ def on_requested(
         [str(c.abstract_syntax) for c in primitive.presentation_context_definition_list],
     ):
         decision = Decision(True, "health probe")
+        # Let in for C-ECHO alone: the Storer refuses anything such an association sends.
+        event.assoc.__dict__["dicomai_health_probe"] = True
     diagnostic = 0x03  # calling AE title not recognised
     if decision.allowed and called != our_title:
         decision, diagnostic = Decision(False, "called AE title is not ours"), 0x07

@@ -83,6 +83,15 @@ class Storer:
 
     def _store(self, event: evt.Event, calling: str) -> int:
         request = cast(C_STORE, event.request)
+        if event.assoc.__dict__.get("dicomai_health_probe"):
+            raise InvalidInstance("the health probe's association may not store")
+        # pynetdicom picks the service by the request's SOP class, whatever context carried
+        # it: a C-STORE on a context negotiated for another class (Verification) is refused.
+        if request.AffectedSOPClassUID != event.context.abstract_syntax:
+            raise InvalidInstance(
+                f"SOP Class {request.AffectedSOPClassUID} sent on a presentation context "
+                f"for {event.context.abstract_syntax}"
+            )
         if request.DataSet is None:
             raise InvalidInstance("C-STORE request without a dataset")
         dataset = request.DataSet.getbuffer()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import time
 import tomllib
 import urllib.request
 from pathlib import Path
@@ -135,6 +137,58 @@ def test_health_probe_is_answered_without_an_audit_row_and_cannot_store(
     sent = storescu(listener.port, [sample_file("CT_small.dcm")], aet="DICOMAI_HEALTH")
     assert sent.returncode != 0
     assert rejections(listener) == before + 1
+
+
+def store_on_context(assoc, dataset: pydicom.Dataset, context_id: int) -> int | None:
+    """Send `dataset` (implicit VR) as a C-STORE on presentation context `context_id`,
+    whatever SOP class that context was negotiated for, as a hostile peer can."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+    from pynetdicom.dimse_primitives import C_STORE
+
+    encoded = DicomBytesIO()
+    encoded.is_little_endian, encoded.is_implicit_VR = True, True
+    write_dataset(encoded, dataset)
+    request = C_STORE()
+    request.MessageID = 1
+    request.AffectedSOPClassUID = dataset.SOPClassUID
+    request.AffectedSOPInstanceUID = dataset.SOPInstanceUID
+    request.Priority = 2
+    request.DataSet = io.BytesIO(encoded.getvalue())
+    # Hold the association's reactor, which would otherwise take the response.
+    assoc._reactor_checkpoint.clear()
+    while not assoc._is_paused:
+        time.sleep(0.001)
+    try:
+        assoc.dimse.send_msg(request, context_id)
+        _, response = assoc.dimse.get_msg(block=True)
+    finally:
+        assoc._reactor_checkpoint.set()
+    return None if response is None else int(response.Status)
+
+
+@pytest.mark.parametrize("calling", ["DICOMAI_HEALTH", MODALITY])
+def test_a_store_on_a_verification_context_is_refused_and_audited(
+    listener: Listener, calling: str
+) -> None:
+    dataset = pydicom.dcmread(sample_file("CT_small.dcm"))
+    dataset.SOPInstanceUID = f"{dataset.SOPInstanceUID}.{len(calling)}"
+    ae = AE(ae_title=calling)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title=AET)
+    assert assoc.is_established  # the health probe's exemption, or an allowed sender
+    try:
+        status = store_on_context(assoc, dataset, assoc.accepted_contexts[0].context_id)
+    finally:
+        assoc.release()
+    assert status is not None and status >= 0xA000, status
+    assert listener.query(
+        "SELECT count(*) FROM instances WHERE sop_instance_uid = :u", u=dataset.SOPInstanceUID
+    ) == [(0,)]
+    assert listener.query(
+        "SELECT count(*) FROM audit_events WHERE action = 'instance.rejected' AND actor = :a",
+        a=calling,
+    ) == [(1,)]
 
 
 @pytest.mark.parametrize("name", ["rtplan.dcm", "test-SR.dcm"])
