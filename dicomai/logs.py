@@ -10,18 +10,27 @@ import structlog
 
 # pydicom 3.0.2 logs and warns invalid values verbatim ("Invalid value for VR DA: '1970-01-01'"),
 # so a value quoted in a message from these sources is replaced, whatever the field.
+# From the first quote to the last of the same kind, across lines: a value may itself hold
+# quotes or a newline ('ZZ"LEAK', "NAME\nREST"), and a lazy match stopped inside it.
 _LEAKY_LOGGERS = ("pydicom", "py.warnings", "highdicom")
-_QUOTED = re.compile(r"""(['"]).*?\1""")
+_QUOTED = re.compile(r"""(['"]).*\1""", re.DOTALL)
+# A peer's AE title or a dataset value with a newline or an escape sequence would forge
+# log lines or drive the administrator's terminal.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class PHIFilter(logging.Filter):
-    """Redacts quoted values in messages from libraries known to echo dataset contents."""
+    """Redacts quoted values in messages from libraries known to echo dataset contents, and
+    escapes control characters in every message."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, dict):  # structlog's own event: rendered, not formatted
+            return True
+        message = record.getMessage()
         if record.name.startswith(_LEAKY_LOGGERS):
-            message = record.getMessage()
-            record.msg = _QUOTED.sub("'<redacted>'", message)
-            record.args = None
+            message = _QUOTED.sub("'<redacted>'", message)
+        record.msg = _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", message)
+        record.args = None
         return True
 
 

@@ -1,0 +1,43 @@
+"""What reaches the log: no part of a patient's name, no control character from a peer."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from dicomai.logs import PHIFilter
+
+
+def filtered(name: str, message: str, *args: object) -> str:
+    record = logging.LogRecord(name, logging.WARNING, __file__, 1, message, args, None)
+    assert PHIFilter().filter(record)
+    return record.getMessage()
+
+
+WARNING = (
+    'The string "{}" is unlikely to represent the intended person name since it contains '
+    "only a single component."
+)
+
+
+@pytest.mark.parametrize("name", ['ZZ"LEAKQUOTE', "ZZLEAK\nNEWLINE", "O'LEAKBRIEN", "ZZLEAK"])
+def test_no_part_of_a_quoted_name_survives_a_library_warning(name: str) -> None:
+    text = filtered("py.warnings", WARNING.format(name))
+    assert "LEAK" not in text, text
+    assert text.startswith("The string '<redacted>' is unlikely"), text
+
+
+def test_pydicom_values_with_quotes_are_redacted_whole() -> None:
+    text = filtered("pydicom", "Invalid value for VR PN: %r", "DOE^J'LEAK\"X")
+    assert "LEAK" not in text and "Invalid value for VR PN" in text, text
+
+
+def test_control_characters_from_a_peer_are_escaped_in_every_message() -> None:
+    text = filtered("dicomai.ingest.scp", "association rejected (%s)", "EV\nFAKE LINE\x1b[2J")
+    assert "\n" not in text and "\x1b" not in text
+    assert "EV\\x0aFAKE LINE\\x1b[2J" in text, text
+
+
+def test_our_own_messages_keep_their_values() -> None:
+    assert filtered("dicomai.jobs", "job %d of '%s' done", 3, "demo") == "job 3 of 'demo' done"
