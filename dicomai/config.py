@@ -85,6 +85,8 @@ class IngestSettings(Section):
     max_pdu: int = Field(default=131072, ge=4096, le=2**32 - 1)
     max_dataset_mb: int = Field(default=2048, ge=1)
     max_associations: int = Field(default=16, ge=1)
+    # A peer silent this long, even in the middle of a PDU, loses its association.
+    network_timeout_seconds: float = Field(default=60.0, gt=0)
     listener_processes: int = Field(default=1, ge=1, le=64)
     resend_policy: Literal["keep", "replace"] = "keep"
     tls: TlsSettings = Field(default_factory=TlsSettings)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -10,16 +11,20 @@ from pynetdicom import evt
 
 from dicomai.errors import InvalidInstance
 
+log = logging.getLogger(__name__)
+
 # An A-ASSOCIATE-RQ with many presentation contexts exceeds a small negotiated PDU size.
 _MIN_PDU_ALLOWANCE = 1 << 20
 
 
 @dataclass(frozen=True)
 class Limits:
-    """max_pdu: the PDU size we negotiate; a declared length above it ends the connection."""
+    """max_pdu: the PDU size we negotiate; a declared length above it ends the connection.
+    read_timeout: seconds a read may wait for the peer's next bytes."""
 
     max_pdu: int
     max_dataset_bytes: int
+    read_timeout: float | None = None
 
     @property
     def max_pdu_read(self) -> int:
@@ -36,12 +41,26 @@ def bound_reads(event: evt.Event, limits: Limits) -> None:
     transport = event.assoc.dul.socket
     if transport is None:
         return
+    # pynetdicom reads a PDU it has begun with a blocking socket: a peer that sends half of
+    # one and stops held its thread, and an association slot, until it closed the connection
+    # (the DUL's timers only run between reads). A timed-out read ends the connection.
+    if limits.read_timeout is not None and transport.socket is not None:
+        transport.socket.settimeout(limits.read_timeout)
     counter = event.assoc.__dict__.setdefault("dicomai_bytes", [0])
 
     def recv(nr_bytes: int) -> bytearray:
         if nr_bytes > limits.max_pdu_read:
             raise OSError(f"declared PDU length {nr_bytes} exceeds {limits.max_pdu_read}")
-        data = _read_exactly(transport.socket, nr_bytes)
+        try:
+            data = _read_exactly(transport.socket, nr_bytes)
+        except TimeoutError:
+            # Returned short, as when the peer closes: pynetdicom ends the association.
+            log.warning(
+                "%s silent for %g s part-way through a PDU: connection closed",
+                event.assoc.requestor.address,
+                limits.read_timeout,
+            )
+            return bytearray()
         counter[0] += len(data)
         if counter[0] > limits.max_dataset_bytes:
             raise OSError(f"dataset exceeds {limits.max_dataset_bytes} bytes")

@@ -30,6 +30,10 @@ def build_ae(settings: Settings) -> AE:
     ae.require_called_aet = True
     # Beyond this pynetdicom answers A-ASSOCIATE-RJ transient, local limit exceeded (PS3.8 9.3.4).
     ae.maximum_associations = settings.ingest.max_associations
+    ae.network_timeout = settings.ingest.network_timeout_seconds
+    # pynetdicom's ARTIM: also how long a connection whose association request never came
+    # whole keeps its slot.
+    ae.acse_timeout = min(30.0, settings.ingest.network_timeout_seconds)
     ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
     for uid in _STORAGE_CLASSES.values():
         ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
@@ -41,7 +45,11 @@ def handlers(
 ) -> list[tuple[Any, ...]]:
     """The event handlers of the listener, bound to their dependencies."""
     policy = AccessPolicy(settings.ingest.peers, settings.ingest.allow_any)
-    limits = Limits(settings.ingest.max_pdu, settings.ingest.max_dataset_mb << 20)
+    limits = Limits(
+        settings.ingest.max_pdu,
+        settings.ingest.max_dataset_mb << 20,
+        settings.ingest.network_timeout_seconds,
+    )
     return [
         (evt.EVT_CONN_OPEN, on_connection_open, [limits]),
         (evt.EVT_CONN_CLOSE, on_connection_close),

@@ -9,9 +9,9 @@ import numpy as np
 import pydicom
 import pytest
 from daemon import Listener
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+from pydicom.uid import CTImageStorage, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 from pynetdicom import AE
-from servers import echoscu, sample_file, storescu
+from servers import echoscu, sample_file, storescu, wait_for
 
 AET = "DICOMAI"
 MODALITY = "MODALITY"
@@ -90,3 +90,50 @@ def test_pdu_declaring_a_huge_length_is_cut_off(listener: Listener) -> None:
             closed = True
     assert closed, "the listener kept reading an over-long PDU"
     assert echoscu(listener.port, aet=MODALITY, aec=AET).returncode == 0
+
+
+@pytest.mark.parametrize("stage", ["association request", "dataset"])
+def test_a_peer_that_stops_half_way_through_a_pdu_loses_its_slot(tmp_path, stage: str) -> None:
+    peers = [{"ae_title": MODALITY, "hosts": ["127.0.0.1"]}]
+    with Listener(
+        tmp_path / "stall", AET, peers, max_associations=1, network_timeout_seconds=2
+    ) as daemon:
+        if stage == "association request":
+            held = socket.create_connection(("127.0.0.1", daemon.port), timeout=30)
+            # An A-ASSOCIATE-RQ declaring 200 bytes, of which 100 come.
+            held.sendall(struct.pack(">BBL", 0x01, 0x00, 200) + b"\x00" * 100)
+        else:
+            ae = AE(ae_title=MODALITY)
+            ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+            # The readiness probe's association may still hold the one slot for a moment.
+            established = []
+            wait_for(
+                lambda: (
+                    established.append(ae.associate("127.0.0.1", daemon.port, ae_title=AET))
+                    or established[-1].is_established
+                ),
+                10,
+                "an association",
+            )
+            assoc = established[-1]
+            held = assoc.dul.socket.socket
+            # Half of a P-DATA-TF, from the association's own socket, its reactor aside.
+            assoc._reactor_checkpoint.clear()
+            held.sendall(struct.pack(">BBL", 0x04, 0x00, 1000) + b"\x00" * 500)
+        held.settimeout(30)
+        try:
+            # Whatever the listener sends (an A-ABORT), then the end of the connection, long
+            # before our 30 s: the peer has been silent for its 2 s timeout.
+            while held.recv(65536):
+                pass
+        except ConnectionResetError:
+            pass
+        finally:
+            held.close()
+        # Free once pynetdicom's association timer (ARTIM, 30 s) ends the half-made one.
+        wait_for(
+            lambda: echoscu(daemon.port, aet=MODALITY, aec=AET).returncode == 0,
+            45,
+            "the slot to be free",
+        )
+        assert "silent for 2 s part-way through a PDU" in daemon.log()
