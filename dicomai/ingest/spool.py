@@ -4,6 +4,8 @@ and its directory fsynced (after the rename, or before it for a replacement)."""
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
 import threading
 from collections.abc import Iterable
@@ -64,9 +66,10 @@ class Placed:
         """Remove the file (after any fsync in progress): no row will name it."""
         for future in self._syncs:
             future.exception()
-        self._close()
+        # Removed while our lock still says the name is in flight (see `Spool.in_flight`).
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+        self._close()
 
     def _close(self) -> None:
         if self._fd is not None:
@@ -108,6 +111,9 @@ class Spool:
 
         Raises
         ------
+        NameTaken
+            A file has the name already: another store of the same instance is in flight
+            (or a crash cut one short after its file was named); nothing is written.
         StorageUnavailable
             The spool is below its watermark, or the disk is full or not writable; no
             partial file is left behind.
@@ -116,8 +122,15 @@ class Spool:
         fd = -1
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            # Held until the file is durable or discarded: its row is committed by then.
+            fcntl.flock(fd, fcntl.LOCK_SH)
             size = _write_all(fd, chunks)
-            os.replace(tmp, final)
+            _take_name(tmp, final)
+        except NameTaken:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
         except OSError as exc:
             if fd >= 0:
                 os.close(fd)
@@ -176,6 +189,21 @@ class Spool:
                 removed += 1
         return removed
 
+    def in_flight(self, relative: str) -> bool:
+        """Whether a store that `place`d this file is still writing, recording or syncing it
+        (in any process). A file none holds, and no row names, a crash left behind."""
+        try:
+            fd = os.open(self.root / relative, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
     def remove(self, relative: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             (self.root / relative).unlink()
@@ -183,6 +211,25 @@ class Spool:
     def free_bytes(self) -> int:
         stat = os.statvfs(self.root)
         return stat.f_bavail * stat.f_frsize
+
+
+class NameTaken(Exception):
+    """The spool already has a file of that name."""
+
+
+def _take_name(tmp: Path, final: Path) -> None:
+    """Give `tmp` the name `final` unless a file has it: of two concurrent stores of one
+    instance, the second must not replace a file whose row the first is committing."""
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        raise NameTaken(str(final)) from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        os.replace(tmp, final)  # a file system without hard links: last writer wins
+        return
+    os.unlink(tmp)
 
 
 def _write_fsynced(path: Path, chunks: Iterable[bytes | memoryview]) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, cast
@@ -18,7 +19,7 @@ from dicomai.ingest.committer import GroupCommitter
 from dicomai.ingest.header import Header, encode_listener_meta, read_header
 from dicomai.ingest.limits import Limits, reset_dataset_count
 from dicomai.ingest.recorder import Received, forget_instance, known_digest, replace_instance
-from dicomai.ingest.spool import Spool
+from dicomai.ingest.spool import NameTaken, Placed, Spool
 from dicomai.metrics import STORE_SECONDS, STORED_BYTES, STORES
 
 log = logging.getLogger(__name__)
@@ -116,8 +117,8 @@ class Storer:
         )
         known = known_digest(self.sessions, header.sop_instance_uid)
         if known is None:
-            self._store_new(received, meta, dataset)
-        else:
+            known = self._store_new(received, meta, dataset)
+        if known is not None:
             digest = _content_digest(dataset)
             if known == digest or self.resend_policy == "keep":
                 self._audit_resend(header, calling, same=known == digest)
@@ -127,8 +128,11 @@ class Storer:
         event.assoc.__dict__.setdefault("dicomai_studies", set()).add(header.study_uid)
         return SUCCESS
 
-    def _store_new(self, received: Received, meta: bytes, dataset: memoryview) -> None:
+    def _store_new(self, received: Received, meta: bytes, dataset: memoryview) -> str | None:
         """Write, record and make durable a new instance; return only when all three are.
+
+        Returns None, or, if a concurrent store of the same instance named its file first,
+        the digest that store recorded (the caller treats ours as a resend of it).
 
         The row is committed while the file and its folder are fsynced, not after: the
         file system journals the three together (on this project's test VM 1.5-4 ms
@@ -137,17 +141,15 @@ class Storer:
         disk: the sender was not answered, and `dicomai.ingest.recovery` deletes such rows
         at the next start. If the fsyncs fail, the row is deleted again here.
         """
-        if len(dataset) < _HASH_ASIDE_BYTES:
-            digest = _content_digest(dataset)
-            placed = self.spool.place(received.path, (meta, dataset))
-        else:
-            # A large instance is hashed while its file is written (hashlib and the writes
-            # release the GIL); the row needs the digest, so the commit waits for it.
-            hashing = _HASHER.submit(_content_digest, dataset)
-            try:
-                placed = self.spool.place(received.path, (meta, dataset))
-            finally:
-                digest = hashing.result()
+        try:
+            placed, digest = self._place(received, meta, dataset)
+        except NameTaken:
+            known = self._concurrent_digest(received)
+            if known is not None:
+                return known
+            # A file a crash left without its row, or one a failed store is removing.
+            self.spool.remove(received.path)
+            placed, digest = self._place(received, meta, dataset)
         placed.start_sync()
         received = replace(received, sha256=digest)
         try:
@@ -170,6 +172,41 @@ class Storer:
                 placed.discard()
             raise
         STORED_BYTES.inc(placed.size)
+        return None
+
+    def _place(self, received: Received, meta: bytes, dataset: memoryview) -> tuple[Placed, str]:
+        if len(dataset) < _HASH_ASIDE_BYTES:
+            return self.spool.place(received.path, (meta, dataset)), _content_digest(dataset)
+        # A large instance is hashed while its file is written (hashlib and the writes
+        # release the GIL); the row needs the digest, so the commit waits for it.
+        hashing = _HASHER.submit(_content_digest, dataset)
+        try:
+            placed = self.spool.place(received.path, (meta, dataset))
+        finally:
+            digest = hashing.result()
+        return placed, digest
+
+    def _concurrent_digest(self, received: Received) -> str | None:
+        """The digest recorded by the store of this instance that named its file first; None
+        if that file is an orphan (a crash cut its store short: no row will come).
+
+        Raises
+        ------
+        StorageUnavailable
+            That store is still in flight after `_CONCURRENT_WAIT` seconds.
+        """
+        uid = received.header.sop_instance_uid
+        deadline = time.monotonic() + _CONCURRENT_WAIT
+        while True:
+            known = known_digest(self.sessions, uid)
+            if known is not None:
+                return known
+            if not self.spool.in_flight(received.path):
+                # Its store ended between our two looks, or none holds it: a last look.
+                return known_digest(self.sessions, uid)
+            if time.monotonic() >= deadline:
+                raise StorageUnavailable("another store of this instance is still in progress")
+            time.sleep(0.01)
 
     def _replace(self, received: Received, meta: bytes, dataset: memoryview) -> None:
         """New content for a known instance: the file is durable before it takes the name
@@ -197,6 +234,10 @@ class Storer:
                 )
         except Exception:
             log.exception("could not audit %s", action.value)
+
+
+# Longer than a store's commit can wait for the database (SQLite's busy timeout, 30 s).
+_CONCURRENT_WAIT = 40.0
 
 
 def _content_digest(dataset: memoryview) -> str:

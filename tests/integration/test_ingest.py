@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import os
 import subprocess
+import threading
 from pathlib import Path
 
 import pydicom
@@ -233,6 +236,62 @@ def test_resend_policy_replace_stores_the_new_content_and_reopens_the_study(
         assert daemon.query(
             "SELECT count(*) FROM audit_events WHERE action = 'instance.replaced'"
         ) == [(1,)]
+
+
+def _stored_dataset_digest(path: Path) -> str:
+    """SHA-256 of a spool file's data set, after its file meta (what the row records)."""
+    data = path.read_bytes()
+    group_length = int.from_bytes(data[140:144], "little")  # (0002,0000) UL, after the preamble
+    return hashlib.sha256(data[144 + group_length :]).hexdigest()
+
+
+def test_the_same_instance_sent_twice_at_once_with_different_content_keeps_file_and_row_equal(
+    tmp_path: Path,
+) -> None:
+    peers = [{"ae_title": MODALITY, "hosts": ["127.0.0.1"]}]
+    source = pydicom.dcmread(sample_file("CT_small.dcm"))
+    rounds = 8
+    with Listener(tmp_path / "race", AET, peers) as daemon:
+        ae = AE(ae_title=MODALITY)
+        ae.add_requested_context(source.SOPClassUID, ExplicitVRLittleEndian)
+        senders = [ae.associate("127.0.0.1", daemon.port, ae_title=AET) for _ in range(2)]
+        assert all(assoc.is_established for assoc in senders)
+        versions = []
+        for number in range(rounds):
+            pair = []
+            for side in range(2):
+                ds = copy.deepcopy(source)
+                ds.SOPInstanceUID = f"{source.SOPInstanceUID}.9{number}"
+                ds.SeriesDescription = f"content {side}"
+                pair.append(ds)
+            versions.append(pair)
+        start = threading.Barrier(2)
+        statuses: list[list[int]] = [[], []]
+
+        def send(side: int) -> None:
+            for pair in versions:
+                start.wait()
+                statuses[side].append(senders[side].send_c_store(pair[side]).Status)
+
+        threads = [threading.Thread(target=send, args=(side,)) for side in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        for assoc in senders:
+            assoc.release()
+        assert statuses == [[0x0000] * rounds] * 2, statuses
+        rows = dict(daemon.query("SELECT sop_instance_uid, path FROM instances"))
+        digests = dict(daemon.query("SELECT sop_instance_uid, sha256 FROM instances"))
+        for pair in versions:
+            uid = pair[0].SOPInstanceUID
+            on_disk = _stored_dataset_digest(daemon.root / "var" / "spool" / rows[uid])
+            assert on_disk == digests[uid], f"{uid}: the file is not the content its row names"
+            # Two Successes, two audit rows: stored, and the resend that was kept.
+            actions = daemon.query(
+                "SELECT action FROM audit_events WHERE object_id = :u ORDER BY id", u=uid
+            )
+            assert [a for (a,) in actions] == ["instance.stored", "instance.resend_kept"]
 
 
 def test_associations_beyond_the_limit_are_refused_until_one_ends(tmp_path: Path) -> None:

@@ -79,7 +79,8 @@ def test_a_failed_fsync_after_the_commit_deletes_the_row_and_the_file(
     real_fsync = os.fsync
 
     def fsync(fd: int) -> None:
-        if os.path.realpath(f"/proc/self/fd/{fd}").endswith(f"{STUDY}.2.dcm"):
+        # The file is opened under a temporary name that holds the final one.
+        if f"{STUDY}.2.dcm" in os.readlink(f"/proc/self/fd/{fd}"):
             raise OSError(errno.EIO, "Input/output error")
         real_fsync(fd)
 
@@ -134,3 +135,15 @@ def test_a_resend_after_recovery_is_stored_again(storer: Storer) -> None:
     assert storer.spool.path(received.path).is_file()
     assert rows(storer) == [f"{STUDY}.1"]
     assert study_count(storer) == 1
+
+
+def test_a_file_a_crash_left_without_its_row_is_replaced_by_the_resend(storer: Storer) -> None:
+    # kill -9 after the file was named, before its row: the sender never got Success.
+    orphan = storer.spool.path(f"{STUDY}/{STUDY}.3.dcm")
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    orphan.write_bytes(META + b"half of an earlier attempt")
+
+    received = store(storer, 3, size=2000)
+
+    assert storer.spool.path(received.path).read_bytes() == META + bytes([3]) * 2000
+    assert rows(storer) == [f"{STUDY}.3"]
