@@ -54,6 +54,7 @@ def handlers(
         (evt.EVT_CONN_OPEN, on_connection_open, [limits]),
         (evt.EVT_CONN_CLOSE, on_connection_close),
         (evt.EVT_REQUESTED, on_requested, [policy, settings.ingest.ae_title, sessions]),
+        (evt.EVT_REJECTED, on_rejected, [sessions]),
         (evt.EVT_C_ECHO, on_echo),
         (evt.EVT_C_STORE, Storer(spool, sessions, limits, settings.ingest.resend_policy)),
         (evt.EVT_RELEASED, on_association_end, [sessions]),
@@ -102,11 +103,26 @@ def on_requested(
         decision, diagnostic = Decision(False, "called AE title is not ours"), 0x07
     if decision.allowed:
         return
-    log.warning(
-        "association rejected: %s (%s from %s)", decision.reason, calling, requestor.address
-    )
-    REJECTED_ASSOCIATIONS.labels(reason=decision.reason).inc()
     # Audited before the peer hears of it, so the row exists once the rejection is seen.
+    _rejected(sessions, calling, requestor.address, decision.reason)
+    event.assoc.__dict__["dicomai_rejected"] = True
+    event.assoc.acse.send_reject(0x01, 0x01, diagnostic)
+    # As pynetdicom's own rejections do: wait for the DUL to send the A-ASSOCIATE-RJ,
+    # otherwise the socket may close first and the peer sees an abort.
+    event.assoc.kill()
+
+
+def on_rejected(event: evt.Event, sessions: sessionmaker[Session]) -> None:
+    """pynetdicom's own rejections: past `max_associations` (local limit exceeded)."""
+    if event.assoc.__dict__.get("dicomai_rejected"):
+        return
+    requestor = event.assoc.requestor
+    _rejected(sessions, requestor.ae_title, requestor.address, "association limit reached")
+
+
+def _rejected(sessions: sessionmaker[Session], calling: str, address: str, reason: str) -> None:
+    log.warning("association rejected: %s (%s from %s)", reason, calling, address)
+    REJECTED_ASSOCIATIONS.labels(reason=reason).inc()
     try:
         with sessions() as session, session.begin():
             record(
@@ -114,15 +130,11 @@ def on_requested(
                 Action.ASSOCIATION_REJECTED,
                 actor=calling,
                 object_type="association",
-                object_id=requestor.address,
-                reason=decision.reason,
+                object_id=address,
+                reason=reason,
             )
     except Exception:  # the rejection stands even if the audit database is down
         log.exception("could not audit a rejected association")
-    event.assoc.acse.send_reject(0x01, 0x01, diagnostic)
-    # As pynetdicom's own rejections do: wait for the DUL to send the A-ASSOCIATE-RJ,
-    # otherwise the socket may close first and the peer sees an abort.
-    event.assoc.kill()
 
 
 def on_echo(event: evt.Event) -> int:

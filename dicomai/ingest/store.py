@@ -77,6 +77,8 @@ class Storer:
             return CANNOT_UNDERSTAND
         except StorageUnavailable as exc:
             log.error("C-STORE from %s not stored: %s", calling, exc)
+            uid = cast(C_STORE, event.request).AffectedSOPInstanceUID
+            self._audit(Action.INSTANCE_REJECTED, calling, str(uid or "")[:128], reason=str(exc))
             return OUT_OF_RESOURCES
         except Exception as exc:
             log.error("C-STORE from %s failed: %s", calling, type(exc).__name__)
@@ -232,8 +234,8 @@ class Storer:
                     object_id=object_id,
                     **detail,
                 )
-        except Exception:
-            log.exception("could not audit %s", action.value)
+        except Exception as exc:  # with the database down, every refused store comes here
+            log.error("could not audit %s: %s", action.value, type(exc).__name__)
 
 
 # Longer than a store's commit can wait for the database (SQLite's busy timeout, 30 s).

@@ -205,6 +205,15 @@ def test_disk_full_answers_out_of_resources_leaves_no_partial_file_and_recovers(
         assert stack.spool_files() == []
         assert stack.scalar("SELECT count(*) FROM instances") == 0
         assert "free-space watermark" in stack.logs()
+        # Each refusal is in the audit trail, with why.
+        reasons = [
+            reason
+            for (reason,) in stack.query(
+                "SELECT detail FROM audit_events WHERE action = 'instance.rejected' ORDER BY id"
+            )
+        ]
+        assert len(reasons) == 2, reasons
+        assert "No space left" in reasons[0] and "watermark" in reasons[1], reasons
 
         filler.unlink()  # space returns: no restart needed
         assert store_status(stack.port, large) == 0
