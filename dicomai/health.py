@@ -95,6 +95,43 @@ def check_worker(settings: Settings) -> Check:
     return Check("worker", True, f"no job queued for over {lease:g} s")
 
 
+def check_deliveries(settings: Settings) -> Check:
+    """Results that gave up on reaching their destination in the last day (older failures
+    are left to `dicomai deliveries list --state failed`: a health check must be able to
+    turn green again without a resend)."""
+    from sqlalchemy import func, select
+
+    from dicomai.audit import Action
+    from dicomai.db.models import AuditEvent, Delivery, DeliveryState, utcnow
+    from dicomai.db.session import make_engine, make_sessionmaker
+
+    since = utcnow() - timedelta(days=1)
+    engine = make_engine(settings.database_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            recent = session.scalars(
+                select(AuditEvent.object_id).where(
+                    AuditEvent.action == Action.DELIVERY_FAILED.value, AuditEvent.at >= since
+                )
+            ).all()
+            ids = {int(i) for i in recent if i is not None and i.isdigit()}
+            failed = session.scalar(
+                select(func.count())
+                .select_from(Delivery)
+                .where(Delivery.state == DeliveryState.FAILED, Delivery.id.in_(ids))
+            )
+    finally:
+        engine.dispose()
+    if failed:
+        return Check(
+            "deliveries",
+            False,
+            f"{failed} failed in the last 24 h: `dicomai deliveries list --state failed`, "
+            "then `dicomai deliveries retry --failed`",
+        )
+    return Check("deliveries", True, "none failed in the last 24 h")
+
+
 def check_listener(settings: Settings) -> Check:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -136,6 +173,7 @@ CHECKS: tuple[Callable[[Settings], Check], ...] = (
     check_broker,
     check_spool,
     check_worker,
+    check_deliveries,
     check_listener,
 )
 

@@ -6,7 +6,7 @@ import click
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dicomai.audit import Action, record
+from dicomai.audit import Action, Operator, record
 from dicomai.cli.main import Context
 from dicomai.cli.session import admin_session, operator
 from dicomai.cli.tables import print_json, print_table, when
@@ -69,33 +69,73 @@ def deliveries_list(
 
 
 @deliveries.command("retry")
-@click.argument("delivery_id", type=int)
+@click.argument("delivery_ids", metavar="[ID]...", nargs=-1, type=int)
+@click.option("--failed", "all_failed", is_flag=True, help="Every failed delivery.")
+@click.option("--study", default=None, help="With --failed: only this Study Instance UID's.")
+@click.option("--destination", default=None, help="With --failed: only to this destination.")
 @click.option("--reason", default="", help="Why; recorded in the audit trail.")
 @click.pass_obj
-def deliveries_retry(obj: Context, delivery_id: int, reason: str) -> None:
-    """Send a failed delivery again (the running daemon picks it up), attempts counted anew."""
+def deliveries_retry(
+    obj: Context,
+    delivery_ids: tuple[int, ...],
+    all_failed: bool,
+    study: str | None,
+    destination: str | None,
+    reason: str,
+) -> None:
+    """Send failed deliveries again (the running daemon picks them up), attempts counted anew:
+    the IDs given, or with --failed every failed one (after a PACS outage)."""
+    if bool(delivery_ids) == all_failed:
+        raise click.UsageError("give delivery IDs or --failed, not both")
+    if (study or destination) and not all_failed:
+        raise click.UsageError("--study and --destination go with --failed")
     with admin_session(obj) as session:
-        delivery = _get(session, delivery_id)
-        if delivery.state != DeliveryState.FAILED:
-            raise InvalidTransition(
-                f"delivery {delivery_id} is {delivery.state.value}; only failed ones are retried"
+        if all_failed:
+            query = (
+                select(Delivery)
+                .join(OutputObject, Delivery.output_id == OutputObject.id)
+                .join(Job, OutputObject.job_id == Job.id)
+                .join(Study, Job.study_id == Study.id)
+                .where(Delivery.state == DeliveryState.FAILED)
+                .order_by(Delivery.id)
             )
-        delivery.state = DeliveryState.PENDING
-        delivery.attempts = 0
-        delivery.next_attempt_at = utcnow()
-        delivery.rung_at = None
+            if study:
+                query = query.where(Study.study_uid == study)
+            if destination:
+                query = query.where(Delivery.destination == destination)
+            chosen = list(session.scalars(query))
+        else:
+            chosen = [_get(session, delivery_id) for delivery_id in delivery_ids]
+            for delivery in chosen:
+                if delivery.state != DeliveryState.FAILED:
+                    raise InvalidTransition(
+                        f"delivery {delivery.id} is {delivery.state.value}; "
+                        "only failed ones are retried"
+                    )
         who = operator(reason)
-        record(
-            session,
-            Action.DELIVERY_RETRIED,
-            actor=who.user,
-            object_type="delivery",
-            object_id=delivery.id,
-            study_uid=delivery.output.job.study.study_uid,
-            destination=delivery.destination,
-            **who.detail(),
-        )
-    click.echo(f"delivery {delivery_id} pending again")
+        for delivery in chosen:
+            _pending_again(session, delivery, who)
+    if len(chosen) == 1:
+        click.echo(f"delivery {chosen[0].id} pending again")
+    else:
+        click.echo(f"{len(chosen)} deliveries pending again")
+
+
+def _pending_again(session: Session, delivery: Delivery, who: Operator) -> None:
+    delivery.state = DeliveryState.PENDING
+    delivery.attempts = 0
+    delivery.next_attempt_at = utcnow()
+    delivery.rung_at = None
+    record(
+        session,
+        Action.DELIVERY_RETRIED,
+        actor=who.user,
+        object_type="delivery",
+        object_id=delivery.id,
+        study_uid=delivery.output.job.study.study_uid,
+        destination=delivery.destination,
+        **who.detail(),
+    )
 
 
 def _get(session: Session, delivery_id: int) -> Delivery:

@@ -7,9 +7,17 @@ from datetime import timedelta
 
 import pytest
 from rollout_site import NAME, Site, demo_site
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 
-from dicomai.db.models import Delivery, DeliveryState, Job, JobState, utcnow
+from dicomai.db.models import (
+    Delivery,
+    DeliveryState,
+    Job,
+    JobState,
+    OutputObject,
+    Study,
+    utcnow,
+)
 from dicomai.jobs.assembler import complete_quiet_studies
 
 
@@ -97,3 +105,51 @@ def test_health_fails_when_jobs_wait_for_a_worker_past_the_lease(site: Site) -> 
 
 def _line(table: str, check: str) -> str:
     return next(line for line in table.splitlines() if line.startswith(check))
+
+
+def test_after_a_long_outage_health_fails_and_one_command_resends_every_failed_delivery(
+    site: Site,
+) -> None:
+    from dicomai.audit import Action, record
+
+    first, second = site.ingest_studies(2)
+    site.run_jobs()
+    # What the worker records when a delivery gives up (dispatch._record_failure).
+    with site.sessions() as session, session.begin():
+        for delivery in session.scalars(select(Delivery)):
+            delivery.state, delivery.last_error = DeliveryState.FAILED, "association refused"
+            record(
+                session,
+                Action.DELIVERY_FAILED,
+                actor="delivery",
+                object_type="delivery",
+                object_id=delivery.id,
+            )
+        per_study = {
+            uid: session.scalar(
+                select(func.count())
+                .select_from(Delivery)
+                .join(OutputObject)
+                .join(Job)
+                .join(Study)
+                .where(Study.study_uid == uid)
+            )
+            for uid in (first, second)
+        }
+    assert all(per_study.values()), per_study
+    sick = site.cli("health", check=False)
+    assert sick.returncode == 1
+    line = _line(sick.stdout, "deliveries")
+    assert line.split()[1] == "FAIL" and f"{sum(per_study.values())} failed" in line, line
+
+    usage = site.cli("deliveries", "retry", check=False)
+    assert usage.returncode == 2 and "give delivery IDs or --failed" in usage.stderr
+    one = site.cli("deliveries", "retry", "--failed", "--study", first, "--reason", "PACS back")
+    assert f"{per_study[first]} deliveries pending again" in one.stdout, one.stdout
+    with site.sessions() as session:
+        states = dict(session.execute(select(Delivery.id, Delivery.state)).all())
+    assert sorted(states.values()).count(DeliveryState.PENDING) == per_study[first]
+    rest = site.cli("deliveries", "retry", "--failed", "--reason", "PACS back").stdout
+    assert f"{per_study[second]} deliveries pending again" in rest, rest
+    healthy = _line(site.cli("health", check=False).stdout, "deliveries")
+    assert healthy.split()[1] == "ok", healthy
