@@ -145,6 +145,10 @@ def read_header(
         explicit.TransferSyntaxUID = ExplicitVRLittleEndian
         meta = encode_file_meta(explicit)
     scanned = _scanned(transfer_syntax_uid, dataset)
+    if scanned is None:
+        # What the walk could not read (an unknown VR, say) must not pass unread: a job
+        # that met it while copying the patient module into the SR failed every attempt.
+        _check_every_element(meta, dataset)
     ds = scanned if scanned is not None else _parse(meta, dataset)
     uids = {}
     for keyword in _REQUIRED:
@@ -204,6 +208,21 @@ def _parse(meta: bytes, dataset: bytes | memoryview) -> Dataset:
         return _converted(
             dcmread(BytesIO(meta + bytes(dataset)), stop_before_pixels=True, specific_tags=_TAGS)
         )
+    except Exception as exc:  # pydicom raises many types for malformed data
+        raise InvalidInstance(f"cannot parse dataset: {type(exc).__name__}") from None
+
+
+def _check_every_element(meta: bytes, dataset: bytes | memoryview) -> None:
+    """Decode every element before Pixel Data, in sequences too.
+
+    Raises
+    ------
+    InvalidInstance
+        One cannot be decoded.
+    """
+    try:
+        ds = dcmread(BytesIO(meta + bytes(dataset)), stop_before_pixels=True)
+        ds.walk(lambda _dataset, _element: None)
     except Exception as exc:  # pydicom raises many types for malformed data
         raise InvalidInstance(f"cannot parse dataset: {type(exc).__name__}") from None
 

@@ -74,6 +74,33 @@ def test_dataset_truncated_in_its_header_is_refused(listener: Listener, tmp_path
     assert echoscu(listener.port, aet=MODALITY, aec=AET).returncode == 0
 
 
+def test_an_element_with_an_unknown_vr_is_refused_at_the_door(
+    listener: Listener, tmp_path: Path
+) -> None:
+    # Accepted before, it failed every attempt of its job when the SR copied the patient
+    # module: no report, no "not evaluated", a traceback per attempt.
+    uid = "1.2.826.0.1.9004"
+    path = tmp_path / "bad-vr.dcm"
+    ds = ct(uid)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+    data = bytearray(path.read_bytes())
+    name = data.find(b"\x10\x00\x10\x00PN")  # (0010,0010) Patient's Name, explicit VR
+    assert name > 0
+    data[name + 4 : name + 6] = b"ZQ"
+    path.write_bytes(bytes(data))
+
+    assert send_raw(listener, path) == 0xC000
+    assert listener.query("SELECT count(*) FROM instances WHERE sop_instance_uid = :u", u=uid) == [
+        (0,)
+    ]
+    assert listener.query(
+        "SELECT count(*) FROM audit_events WHERE action = 'instance.rejected' AND object_id = :u",
+        u=uid,
+    ) == [(1,)]
+    no_partial_files(listener)
+
+
 def test_dataset_truncated_in_its_pixels_is_stored_for_the_worker_to_judge(
     listener: Listener, tmp_path: Path
 ) -> None:
