@@ -108,6 +108,9 @@ class Storer:
         header = read_header(syntax, meta, dataset, self.limits.max_dataset_bytes)
         if header.sop_instance_uid != request.AffectedSOPInstanceUID:
             raise InvalidInstance("SOPInstanceUID differs from the C-STORE request")
+        if header.sop_class_uid != request.AffectedSOPClassUID:
+            # The file meta is written from the request: the file would name another class.
+            raise InvalidInstance("SOPClassUID differs from the C-STORE request")
         relative = self.spool.relative_path(header.study_uid, header.sop_instance_uid)
         received = Received(
             header=header,

@@ -303,9 +303,15 @@ def test_associations_beyond_the_limit_are_refused_until_one_ends(tmp_path: Path
         assert all(a.is_established for a in held)
         refused = ae.associate("127.0.0.1", daemon.port, ae_title=AET)
         assert refused.is_rejected, "a third association was accepted over the limit of 2"
-        assert daemon.query(
-            "SELECT actor FROM audit_events WHERE action = 'association.rejected'"
-        ) == [(MODALITY,)]
+        # pynetdicom sends this rejection before it tells us: the row follows it.
+        wait_for(
+            lambda: (
+                daemon.query("SELECT actor FROM audit_events WHERE action = 'association.rejected'")
+                == [(MODALITY,)]
+            ),
+            10,
+            "the rejection's audit row",
+        )
         held.pop().release()
         wait_for(lambda: _echo_ok(ae, daemon.port), 30, "an association once another has ended")
         for assoc in held:

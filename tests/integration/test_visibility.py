@@ -139,9 +139,12 @@ def test_health_probe_is_answered_without_an_audit_row_and_cannot_store(
     assert rejections(listener) == before + 1
 
 
-def store_on_context(assoc, dataset: pydicom.Dataset, context_id: int) -> int | None:
-    """Send `dataset` (implicit VR) as a C-STORE on presentation context `context_id`,
-    whatever SOP class that context was negotiated for, as a hostile peer can."""
+def store_on_context(
+    assoc, dataset: pydicom.Dataset, context_id: int, sop_class: str | None = None
+) -> int | None:
+    """Send `dataset` (implicit VR) as a C-STORE on presentation context `context_id`, naming
+    `sop_class` (default: the dataset's) whatever that context was negotiated for, as a
+    hostile or broken peer can."""
     from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_dataset
     from pynetdicom.dimse_primitives import C_STORE
@@ -151,7 +154,7 @@ def store_on_context(assoc, dataset: pydicom.Dataset, context_id: int) -> int | 
     write_dataset(encoded, dataset)
     request = C_STORE()
     request.MessageID = 1
-    request.AffectedSOPClassUID = dataset.SOPClassUID
+    request.AffectedSOPClassUID = sop_class or dataset.SOPClassUID
     request.AffectedSOPInstanceUID = dataset.SOPInstanceUID
     request.Priority = 2
     request.DataSet = io.BytesIO(encoded.getvalue())
@@ -189,6 +192,25 @@ def test_a_store_on_a_verification_context_is_refused_and_audited(
         "SELECT count(*) FROM audit_events WHERE action = 'instance.rejected' AND actor = :a",
         a=calling,
     ) == [(1,)]
+
+
+def test_a_dataset_of_another_sop_class_than_its_request_names_is_refused(
+    listener: Listener,
+) -> None:
+    dataset = pydicom.dcmread(sample_file("MR_small.dcm"))  # an MR image ...
+    ct = "1.2.840.10008.5.1.4.1.1.2"
+    ae = AE(ae_title=MODALITY)
+    ae.add_requested_context(ct, "1.2.840.10008.1.2")
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title=AET)
+    assert assoc.is_established
+    try:  # ... sent as a CT image on the CT context
+        status = store_on_context(assoc, dataset, assoc.accepted_contexts[0].context_id, ct)
+    finally:
+        assoc.release()
+    assert status == 0xC000, status
+    assert listener.query(
+        "SELECT count(*) FROM instances WHERE sop_instance_uid = :u", u=dataset.SOPInstanceUID
+    ) == [(0,)]
 
 
 @pytest.mark.parametrize("name", ["rtplan.dcm", "test-SR.dcm"])
