@@ -19,6 +19,10 @@ class StorageUnavailable(DicomaiError):
     """The spool or database cannot take the object now; the sender should retry later."""
 
 
+class DatabaseUnavailable(StorageUnavailable):
+    """The database cannot record the object now (nor, likely, an audit row about it)."""
+
+
 class ModelPackageError(DicomaiError):
     """A model package is malformed, its weights do not match, or it cannot be loaded."""
 

@@ -50,17 +50,18 @@ class Placed:
         Raises
         ------
         StorageUnavailable
-            An fsync failed: the bytes or the name may not be on disk. The file stays,
-            for the caller to `discard`.
+            An fsync failed: the bytes or the name may not be on disk. The file stays, and
+            stays locked, for the caller to `discard` once its row is gone: a concurrent
+            store of the instance must not take the row for a durable one meanwhile.
         """
         if not self._syncs:
             self.start_sync()
         errors = [future.exception() for future in self._syncs]
-        self._close()
         error = next((e for e in errors if e is not None), None)
         if error is not None:
             message = getattr(error, "strerror", None) or error
             raise StorageUnavailable(f"spool fsync failed: {message}")
+        self.close()
 
     def discard(self) -> None:
         """Remove the file (after any fsync in progress): no row will name it."""
@@ -69,9 +70,10 @@ class Placed:
         # Removed while our lock still says the name is in flight (see `Spool.in_flight`).
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
-        self._close()
+        self.close()
 
-    def _close(self) -> None:
+    def close(self) -> None:
+        """Release the file (and the lock that says its store is in flight)."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -203,6 +205,23 @@ class Spool:
         finally:
             os.close(fd)
         return False
+
+    def remove_orphan(self, relative: str) -> None:
+        """Remove the file at `relative` if no store holds it (see `in_flight`): the file
+        checked, under the lock, not one a concurrent store put there since."""
+        path = self.root / relative
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                path.unlink()
+        except (BlockingIOError, FileNotFoundError):
+            pass  # a store holds it now, or another removed it: the caller looks again
+        finally:
+            os.close(fd)
 
     def remove(self, relative: str) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -14,7 +14,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai.audit import Action, record
-from dicomai.errors import InvalidInstance, StorageUnavailable
+from dicomai.errors import DatabaseUnavailable, InvalidInstance, StorageUnavailable
 from dicomai.ingest.committer import GroupCommitter
 from dicomai.ingest.header import Header, encode_listener_meta, read_header
 from dicomai.ingest.limits import Limits, reset_dataset_count
@@ -77,12 +77,19 @@ class Storer:
             return CANNOT_UNDERSTAND
         except StorageUnavailable as exc:
             log.error("C-STORE from %s not stored: %s", calling, exc)
-            uid = cast(C_STORE, event.request).AffectedSOPInstanceUID
-            self._audit(Action.INSTANCE_REJECTED, calling, str(uid or "")[:128], reason=str(exc))
+            # An audit row would wait for the same database (its busy timeout again),
+            # past the sender's DIMSE timeout: the log has it.
+            if not isinstance(exc, DatabaseUnavailable):
+                self._audit_refused(event, calling, str(exc))
             return OUT_OF_RESOURCES
         except Exception as exc:
             log.error("C-STORE from %s failed: %s", calling, type(exc).__name__)
+            self._audit_refused(event, calling, f"unexpected {type(exc).__name__}")
             return OUT_OF_RESOURCES
+
+    def _audit_refused(self, event: evt.Event, calling: str, reason: str) -> None:
+        uid = cast(C_STORE, event.request).AffectedSOPInstanceUID
+        self._audit(Action.INSTANCE_REJECTED, calling, str(uid or "")[:128], reason=reason)
 
     def _store(self, event: evt.Event, calling: str) -> int:
         request = cast(C_STORE, event.request)
@@ -121,6 +128,10 @@ class Storer:
             calling_ae=calling,
         )
         known = known_digest(self.sessions, header.sop_instance_uid)
+        if known is not None and self.spool.in_flight(relative):
+            # Its row is committed but its file not yet durable: should the fsync fail, that
+            # store takes both back, and this one must not have answered as a resend of it.
+            known = self._settled_digest(received)
         if known is None:
             known = self._store_new(received, meta, dataset)
         if known is not None:
@@ -146,15 +157,18 @@ class Storer:
         disk: the sender was not answered, and `dicomai.ingest.recovery` deletes such rows
         at the next start. If the fsyncs fail, the row is deleted again here.
         """
-        try:
-            placed, digest = self._place(received, meta, dataset)
-        except NameTaken:
-            known = self._concurrent_digest(received)
-            if known is not None:
-                return known
-            # A file a crash left without its row, or one a failed store is removing.
-            self.spool.remove(received.path)
-            placed, digest = self._place(received, meta, dataset)
+        for _ in range(_NAMING_TRIES):
+            try:
+                placed, digest = self._place(received, meta, dataset)
+                break
+            except NameTaken:
+                known = self._settled_digest(received)
+                if known is not None:
+                    return known
+                # A file a crash left without its row, or one a failed store is removing.
+                self.spool.remove_orphan(received.path)
+        else:
+            raise StorageUnavailable("could not name the instance's file in the spool")
         placed.start_sync()
         received = replace(received, sha256=digest)
         try:
@@ -162,7 +176,7 @@ class Storer:
             ours = self.committer.record(received)
         except Exception as exc:
             placed.discard()  # no row, no Success: the file must not outlive the commit
-            raise StorageUnavailable(f"database: {type(exc).__name__}") from None
+            raise DatabaseUnavailable(f"database: {type(exc).__name__}") from None
         try:
             placed.wait_durable()
         except StorageUnavailable:
@@ -175,6 +189,8 @@ class Storer:
                     "spool fsync failed after the row was committed",
                 )
                 placed.discard()
+            else:
+                placed.close()
             raise
         STORED_BYTES.inc(placed.size)
         return None
@@ -191,27 +207,21 @@ class Storer:
             digest = hashing.result()
         return placed, digest
 
-    def _concurrent_digest(self, received: Received) -> str | None:
-        """The digest recorded by the store of this instance that named its file first; None
-        if that file is an orphan (a crash cut its store short: no row will come).
+    def _settled_digest(self, received: Received) -> str | None:
+        """The digest recorded for this instance once no store of it is in flight: None if
+        the store that named its file failed, or a crash cut it short (an orphan file).
 
         Raises
         ------
         StorageUnavailable
-            That store is still in flight after `_CONCURRENT_WAIT` seconds.
+            A store of it is still in flight after `_CONCURRENT_WAIT` seconds.
         """
-        uid = received.header.sop_instance_uid
         deadline = time.monotonic() + _CONCURRENT_WAIT
-        while True:
-            known = known_digest(self.sessions, uid)
-            if known is not None:
-                return known
-            if not self.spool.in_flight(received.path):
-                # Its store ended between our two looks, or none holds it: a last look.
-                return known_digest(self.sessions, uid)
+        while self.spool.in_flight(received.path):
             if time.monotonic() >= deadline:
                 raise StorageUnavailable("another store of this instance is still in progress")
-            time.sleep(0.01)
+            time.sleep(0.005)
+        return known_digest(self.sessions, received.header.sop_instance_uid)
 
     def _replace(self, received: Received, meta: bytes, dataset: memoryview) -> None:
         """New content for a known instance: the file is durable before it takes the name
@@ -220,7 +230,7 @@ class Storer:
         try:
             replace_instance(self.sessions, received)
         except Exception as exc:
-            raise StorageUnavailable(f"database: {type(exc).__name__}") from None
+            raise DatabaseUnavailable(f"database: {type(exc).__name__}") from None
 
     def _audit_resend(self, header: Header, calling: str, same: bool) -> None:
         action = Action.INSTANCE_DUPLICATE if same else Action.INSTANCE_RESEND_KEPT
@@ -243,6 +253,9 @@ class Storer:
 
 # Longer than a store's commit can wait for the database (SQLite's busy timeout, 30 s).
 _CONCURRENT_WAIT = 40.0
+# A name freed by an orphan's removal may be taken again by yet another store of the same
+# instance before ours: look again, a few times.
+_NAMING_TRIES = 3
 
 
 def _content_digest(dataset: memoryview) -> str:

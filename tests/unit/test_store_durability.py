@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -147,3 +149,46 @@ def test_a_file_a_crash_left_without_its_row_is_replaced_by_the_resend(storer: S
 
     assert storer.spool.path(received.path).read_bytes() == META + bytes([3]) * 2000
     assert rows(storer) == [f"{STUDY}.3"]
+
+
+def test_a_second_store_waits_for_the_first_to_be_durable_before_taking_its_row(
+    storer: Storer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first store's row is committed while its fsync hangs, then fails: it takes row and
+    # file back. A second store of the instance meanwhile must not answer as a resend of it.
+    uid = f"{STUDY}.4"
+    header = Header(STUDY, f"{STUDY}.0", uid, "1.2.840.10008.5.1.4.1.1.2", "CT", None)
+    path = storer.spool.relative_path(STUDY, uid)
+    received = Received(header, "1.2.840.10008.1.2.1", path, len(META) + 1000, "", "CT1")
+    release = threading.Event()
+    real_fsync = os.fsync
+    failed: list[int] = []
+
+    def fsync(fd: int) -> None:
+        if f"{uid}.dcm" in os.readlink(f"/proc/self/fd/{fd}") and not failed:
+            failed.append(fd)
+            release.wait(10)  # a slow disk, which then fails
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    first: list[object] = []
+
+    def store_first() -> None:
+        try:
+            first.append(storer._store_new(received, META, memoryview(b"1" * 1000)))
+        except StorageUnavailable as exc:
+            first.append(exc)
+
+    thread = threading.Thread(target=store_first)
+    thread.start()
+    while not rows(storer):  # the first row is committed; its fsync hangs
+        time.sleep(0.01)
+    threading.Timer(0.3, release.set).start()
+    second = storer._store_new(received, META, memoryview(b"2" * 1000))
+    thread.join(10)
+
+    assert isinstance(first[0], StorageUnavailable)
+    assert second is None, "answered as a resend of a store that then failed"
+    assert rows(storer) == [uid]
+    assert storer.spool.path(path).read_bytes() == META + b"2" * 1000
