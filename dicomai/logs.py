@@ -26,7 +26,10 @@ class PHIFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.msg, dict):  # structlog's own event: rendered, not formatted
             return True
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:  # a library's mismatched % arguments: logging reports it, not us
+            return True
         if record.name.startswith(_LEAKY_LOGGERS):
             message = _QUOTED.sub("'<redacted>'", message)
         record.msg = _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", message)

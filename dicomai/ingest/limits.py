@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -20,11 +21,13 @@ _MIN_PDU_ALLOWANCE = 1 << 20
 @dataclass(frozen=True)
 class Limits:
     """max_pdu: the PDU size we negotiate; a declared length above it ends the connection.
-    read_timeout: seconds a read may wait for the peer's next bytes."""
+    read_timeout: seconds the peer has to send a whole PDU once it began one (request_timeout
+    for those before the association is established: ARTIM's role)."""
 
     max_pdu: int
     max_dataset_bytes: int
     read_timeout: float | None = None
+    request_timeout: float | None = None
 
     @property
     def max_pdu_read(self) -> int:
@@ -42,25 +45,30 @@ def bound_reads(event: evt.Event, limits: Limits) -> None:
     if transport is None:
         return
     # pynetdicom reads a PDU it has begun with a blocking socket: a peer that sends half of
-    # one and stops held its thread, and an association slot, until it closed the connection
-    # (the DUL's timers only run between reads). A timed-out read ends the connection.
-    if limits.read_timeout is not None and transport.socket is not None:
-        transport.socket.settimeout(limits.read_timeout)
+    # one and stops (or sends a byte now and then) held its thread, and an association slot,
+    # until it closed the connection (the DUL's timers only run between reads). A PDU not
+    # whole by its deadline ends the connection.
     counter = event.assoc.__dict__.setdefault("dicomai_bytes", [0])
 
     def recv(nr_bytes: int) -> bytearray:
         if nr_bytes > limits.max_pdu_read:
             raise OSError(f"declared PDU length {nr_bytes} exceeds {limits.max_pdu_read}")
+        timeout = limits.read_timeout
+        if not event.assoc.is_established and limits.request_timeout is not None:
+            timeout = limits.request_timeout
         try:
-            data = _read_exactly(transport.socket, nr_bytes)
+            data = _read_exactly(transport.socket, nr_bytes, timeout)
         except TimeoutError:
             # Returned short, as when the peer closes: pynetdicom ends the association.
             log.warning(
-                "%s silent for %g s part-way through a PDU: connection closed",
+                "%s sent no whole PDU within %g s: connection closed",
                 event.assoc.requestor.address,
-                limits.read_timeout,
+                timeout,
             )
             return bytearray()
+        finally:
+            # What the deadline left of the timeout must not bound the next send.
+            transport.socket.settimeout(limits.read_timeout)
         counter[0] += len(data)
         if counter[0] > limits.max_dataset_bytes:
             raise OSError(f"dataset exceeds {limits.max_dataset_bytes} bytes")
@@ -69,16 +77,27 @@ def bound_reads(event: evt.Event, limits: Limits) -> None:
     transport.recv = recv  # type: ignore[method-assign]
 
 
-def _read_exactly(sock: Any, nr_bytes: int) -> bytearray:
+def _read_exactly(sock: Any, nr_bytes: int, timeout: float | None = None) -> bytearray:
     """Read `nr_bytes` into one buffer; fewer only if the peer closed the connection.
 
     pynetdicom reads 4 KiB at a time and appends: for a 128 KiB PDU that is 32 calls and
     copies, where `recv_into` a buffer of the right size usually takes one or two.
+
+    Raises
+    ------
+    TimeoutError
+        Not all `nr_bytes` came within `timeout` seconds.
     """
     buffer = bytearray(nr_bytes)
     view = memoryview(buffer)
     read = 0
+    deadline = None if timeout is None else time.monotonic() + timeout
     while read < nr_bytes:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            sock.settimeout(left)
         got = sock.recv_into(view[read:], nr_bytes - read)
         if not got:
             del view

@@ -49,6 +49,7 @@ def handlers(
         settings.ingest.max_pdu,
         settings.ingest.max_dataset_mb << 20,
         settings.ingest.network_timeout_seconds,
+        min(30.0, settings.ingest.network_timeout_seconds),
     )
     return [
         (evt.EVT_CONN_OPEN, on_connection_open, [limits]),

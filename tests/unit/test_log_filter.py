@@ -41,3 +41,10 @@ def test_control_characters_from_a_peer_are_escaped_in_every_message() -> None:
 
 def test_our_own_messages_keep_their_values() -> None:
     assert filtered("dicomai.jobs", "job %d of '%s' done", 3, "demo") == "job 3 of 'demo' done"
+
+
+def test_a_record_whose_arguments_do_not_fit_its_message_does_not_raise_at_the_caller() -> None:
+    record = logging.LogRecord(
+        "pynetdicom", logging.ERROR, __file__, 1, "%s and %s", ("one",), None
+    )
+    assert PHIFilter().filter(record)
