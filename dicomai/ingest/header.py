@@ -16,22 +16,11 @@ from dicomai.ingest.limits import inflate_bounded
 from dicomai.ingest.tag_scan import scan_tags
 from dicomai.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, is_valid_uid
 
-_TAGS = [
-    "SpecificCharacterSet",
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "SOPInstanceUID",
-    "SOPClassUID",
-    "Modality",
-    "BodyPartExamined",
-    "SeriesDescription",
-    "ViewPosition",
-    "NumberOfStudyRelatedInstances",
-]
-
 PREAMBLE = b"\x00" * 128 + b"DICM"
 _REQUIRED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
 _HEAD = 64 << 10
+# (7FE0,0010) Pixel Data's tag as written in little and in big endian.
+_PIXEL_TAG_LE, _PIXEL_TAG_BE = b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10"
 
 # Enough inflated bytes to reach Pixel Data in any ordinary header.
 _DEFLATE_HEAD = 16 << 20
@@ -145,10 +134,6 @@ def read_header(
         explicit.TransferSyntaxUID = ExplicitVRLittleEndian
         meta = encode_file_meta(explicit)
     scanned = _scanned(transfer_syntax_uid, dataset)
-    if scanned is None:
-        # What the walk could not read (an unknown VR, say) must not pass unread: a job
-        # that met it while copying the patient module into the SR failed every attempt.
-        _check_every_element(meta, dataset)
     ds = scanned if scanned is not None else _parse(meta, dataset)
     uids = {}
     for keyword in _REQUIRED:
@@ -185,53 +170,36 @@ def _scanned(transfer_syntax_uid: str, dataset: bytes | memoryview) -> dict[str,
 
 
 def _parse(meta: bytes, dataset: bytes | memoryview) -> Dataset:
-    """The identifying tags, read from the first bytes when they hold them all.
+    """The header, every element before Pixel Data decoded, from the first bytes when they
+    hold it all.
 
-    Copying and walking a whole 8 MB radiograph to find six tags before its pixel data
-    costs more than the rest of the header; a prefix that ends mid-element raises, and one
-    that happens to end on an element boundary lacks a UID: both fall back to the whole.
+    Everything is decoded, not only the tags a row needs: what the walk of `tag_scan` could
+    not read (an unknown VR, say) must not pass unread, or the job that meets it while
+    copying the patient module into the SR fails every attempt. Copying and parsing a whole
+    8 MB radiograph to reach its header costs more than the header: a prefix that holds
+    Pixel Data's tag holds the header; one that ends mid-element raises, and one without
+    the tag may not hold it all: both fall back to the whole.
     """
     if len(dataset) > _HEAD:
-        try:
-            ds = _converted(
-                dcmread(
-                    BytesIO(meta + bytes(dataset[:_HEAD])),
-                    stop_before_pixels=True,
-                    specific_tags=_TAGS,
-                )
-            )
-            if all(ds.get(k) for k in _REQUIRED):
-                return ds
-        except Exception:  # a prefix may end anywhere: try the whole dataset
-            pass
+        head = bytes(dataset[:_HEAD])
+        if _PIXEL_TAG_LE in head or _PIXEL_TAG_BE in head:
+            try:
+                ds = _decoded(dcmread(BytesIO(meta + head), stop_before_pixels=True))
+                if all(ds.get(k) for k in _REQUIRED):
+                    return ds
+            except Exception:  # a prefix may end anywhere: try the whole dataset
+                pass
     try:
-        return _converted(
-            dcmread(BytesIO(meta + bytes(dataset)), stop_before_pixels=True, specific_tags=_TAGS)
-        )
+        return _decoded(dcmread(BytesIO(meta + bytes(dataset)), stop_before_pixels=True))
     except Exception as exc:  # pydicom raises many types for malformed data
         raise InvalidInstance(f"cannot parse dataset: {type(exc).__name__}") from None
 
 
-def _check_every_element(meta: bytes, dataset: bytes | memoryview) -> None:
-    """Decode every element before Pixel Data, in sequences too.
-
-    Raises
-    ------
-    InvalidInstance
-        One cannot be decoded.
-    """
-    try:
-        ds = dcmread(BytesIO(meta + bytes(dataset)), stop_before_pixels=True)
-        ds.walk(lambda _dataset, _element: None)
-    except Exception as exc:  # pydicom raises many types for malformed data
-        raise InvalidInstance(f"cannot parse dataset: {type(exc).__name__}") from None
-
-
-def _converted(ds: Dataset) -> Dataset:
-    """`ds` with every element decoded now: pydicom decodes lazily, so a corrupt value (an
-    unknown VR, say) would otherwise raise later, outside the parse's error handling."""
-    for _ in ds:
-        pass
+def _decoded(ds: Dataset) -> Dataset:
+    """`ds` with every element decoded now, in sequences too: pydicom decodes lazily, so a
+    corrupt value (an unknown VR, say) would otherwise raise later, outside the parse's
+    error handling."""
+    ds.walk(lambda _dataset, _element: None)
     return ds
 
 

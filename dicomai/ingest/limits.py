@@ -68,7 +68,8 @@ def bound_reads(event: evt.Event, limits: Limits) -> None:
             return bytearray()
         finally:
             # What the deadline left of the timeout must not bound the next send.
-            transport.socket.settimeout(limits.read_timeout)
+            if transport.socket is not None:
+                transport.socket.settimeout(limits.read_timeout)
         counter[0] += len(data)
         if counter[0] > limits.max_dataset_bytes:
             raise OSError(f"dataset exceeds {limits.max_dataset_bytes} bytes")

@@ -78,9 +78,18 @@ def scan_tags(data: bytes | memoryview, explicit: bool) -> dict[str, str] | None
 
 
 def _walk(
-    view: memoryview, position: int, end: int, explicit: bool, found: dict[str, str], top: bool
+    view: memoryview,
+    position: int,
+    end: int,
+    explicit: bool,
+    found: dict[str, str],
+    top: bool,
+    delimited: bool | None = None,
 ) -> int:
-    """Walk elements from `position` to `end` (or an item delimiter when not `top`)."""
+    """Walk elements from `position` to `end` (or an item delimiter when `delimited`, by
+    default when not `top`)."""
+    if delimited is None:
+        delimited = not top
     while position < end:
         tag, vr, length, position = _element_header(view, position, explicit)
         if tag == _ITEM_END and not top:
@@ -99,10 +108,27 @@ def _walk(
             if vr is not None and vr != expected:
                 raise _Malformed
             found[keyword] = _value(bytes(view[position : position + length]), expected)
+        elif vr == b"SQ":  # its items' VRs are read too: one pydicom cannot decode fails later
+            _check_items(view, position, position + length, explicit)
         position += length
-    if not top:
+    if delimited:
         raise _Malformed  # an undefined-length item without its delimiter
     return position
+
+
+def _check_items(view: memoryview, position: int, end: int, explicit: bool) -> None:
+    """Walk the items of a defined-length sequence."""
+    while position < end:
+        tag, _, length, position = _element_header(view, position, explicit)
+        if tag != _ITEM:
+            raise _Malformed
+        if length == _UNDEFINED:
+            position = _walk(view, position, end, explicit, {}, top=False)
+        elif position + length > end:
+            raise _Malformed
+        else:
+            _walk(view, position, position + length, explicit, {}, top=False, delimited=False)
+            position += length
 
 
 def _element_header(

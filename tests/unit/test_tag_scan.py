@@ -171,3 +171,19 @@ def test_big_endian_and_unknown_syntaxes_are_left_to_pydicom(syntax: str) -> Non
 
 def test_an_inflated_deflate_dataset_is_walked_as_explicit() -> None:
     assert header_module._scanned(DeflatedExplicitVRLittleEndian, _dataset()) is not None
+
+
+@pytest.mark.parametrize("defined_length", [True, False])
+def test_an_unknown_vr_inside_a_sequence_item_is_refused(defined_length: bool) -> None:
+    # An item's element whose VR pydicom cannot decode: stored, it failed the job later.
+    bad = struct.pack("<HH", 0x0010, 0x0010) + b"ZQ" + struct.pack("<H", 4) + b"DOE^"
+    if defined_length:
+        item = struct.pack("<HHI", 0xFFFE, 0xE000, len(bad)) + bad
+        sequence = _element(0x00081140, b"SQ", item)
+    else:
+        sequence = _undefined_sequence(0x00081140, [bad])
+    dataset = _dataset(extra=sequence)
+    assert scan_tags(dataset, explicit=True) is None  # left to pydicom, which cannot read it
+    meta = encode_listener_meta(CT_IMAGE, SOP, ExplicitVRLittleEndian, "CT1")
+    with pytest.raises(InvalidInstance, match="cannot parse dataset"):
+        read_header(ExplicitVRLittleEndian, meta, dataset, 1 << 30)
