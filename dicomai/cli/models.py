@@ -120,10 +120,9 @@ def models_activate(obj: Context, name: str, version: str, reason: str, force: b
     tolerance = obj.settings.rollout.gate_tolerance
     with admin_session(obj) as session:
         leaving = active_version(session, name)
-        queued = _queued(session, leaving)
         row = activate(session, name, version, operator(reason), tolerance=tolerance, force=force)
         click.echo(f"{row.label} is active")
-        _echo_handed_over(queued, leaving, row)
+        _echo_handed_over(session, leaving, row)
 
 
 @models.command("rollback")
@@ -132,13 +131,12 @@ def models_activate(obj: Context, name: str, version: str, reason: str, force: b
 @click.pass_obj
 def models_rollback(obj: Context, name: str, reason: str) -> None:
     """Make the version of NAME active before the current one active again; retire the current."""
-    from dicomai.rollout.deployment import active_version, rollback
+    from dicomai.rollout.deployment import rollback
 
     with admin_session(obj) as session:
-        queued = _queued(session, active_version(session, name))
         restored, retired = rollback(session, name, operator(reason))
         click.echo(f"{restored.label} is active again; {retired.label} is retired")
-        _echo_handed_over(queued, retired, restored)
+        _echo_handed_over(session, retired, restored)
 
 
 @models.command("retire")
@@ -152,25 +150,20 @@ def models_retire(obj: Context, name: str, version: str, reason: str) -> None:
     from dicomai.rollout.registry import get
 
     with admin_session(obj) as session:
-        leaving = get(session, name, version)
-        queued, was_canary = _queued(session, leaving), leaving.state == ModelState.CANARY
+        was_canary = get(session, name, version).state == ModelState.CANARY
         row = retire(session, name, version, operator(reason))
         click.echo(f"{row.label} is retired")
-        _echo_handed_over(queued, row, active_version(session, name) if was_canary else None)
-
-
-def _queued(session: Session, version: ModelVersion | None) -> int:
-    from dicomai.rollout.deployment import queued_jobs
-
-    return 0 if version is None else len(queued_jobs(session, version))
+        _echo_handed_over(session, row, active_version(session, name) if was_canary else None)
 
 
 def _echo_handed_over(
-    count: int, retired: ModelVersion | None, successor: ModelVersion | None
+    session: Session, retired: ModelVersion | None, successor: ModelVersion | None
 ) -> None:
-    if count and retired is not None:
-        then = f"; their studies are queued for {successor.label}" if successor else ""
-        click.echo(f"{count} queued job(s) of {retired.label} cancelled{then}")
+    cancelled, queued = session.info.pop("dicomai_hand_over", (0, 0))
+    if retired is not None and cancelled:
+        click.echo(f"{cancelled} queued job(s) of {retired.label} cancelled")
+    if successor is not None and queued:
+        click.echo(f"{queued} of its studies queued for {successor.label}")
 
 
 @models.command("evaluation")

@@ -15,6 +15,7 @@ from dicomai.db.models import (
     RUNNING_STATES,
     Instance,
     Job,
+    JobState,
     ModelVersion,
     Study,
     StudyState,
@@ -161,3 +162,39 @@ def create_job(session: Session, study: Study, model: ModelVersion) -> Job | Non
         model=model.label,
     )
     return job
+
+
+def ensure_report(
+    session: Session, study: Study, model: ModelVersion, actor: str, why: str
+) -> bool:
+    """See that `model` reports on the study's current instances: queue a job for it, or
+    queue its finished job again if that one sent nothing (it ran as a shadow, or silent
+    beside a canary). Return whether a job was queued.
+
+    Used when the version that was to report is retired: its results will not be sent.
+    """
+    if create_job(session, study, model) is not None:
+        return True
+    job = session.scalar(
+        select(Job).where(
+            Job.study_id == study.id,
+            Job.model_version_id == model.id,
+            Job.input_digest == input_digest(list(study.instances)),
+        )
+    )
+    if job is None or job.state != JobState.DONE or any(o.deliveries for o in job.outputs):
+        return False  # it does not apply, is yet to run (and send), or has sent
+    previous = job.state
+    job.state, job.attempts, job.enqueued_at, job.error = JobState.QUEUED, 0, None, None
+    record(
+        session,
+        Action.JOB_RETRIED,
+        actor=actor,
+        object_type="job",
+        object_id=job.id,
+        study_uid=study.study_uid,
+        model=model.label,
+        previous=previous.value,
+        reason=why,
+    )
+    return True

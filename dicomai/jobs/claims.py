@@ -11,8 +11,17 @@ from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai.audit import Action, record
-from dicomai.db.models import RUNNING_STATES, Job, JobState, ModelState, Study, utcnow
+from dicomai.db.models import (
+    RUNNING_STATES,
+    Job,
+    JobState,
+    ModelState,
+    ModelVersion,
+    Study,
+    utcnow,
+)
 from dicomai.jobs.applicability import applies
+from dicomai.jobs.assembler import ensure_report
 
 WORKER = "worker"
 
@@ -48,11 +57,13 @@ def claim_job(session: Session, job_id: int, lease_seconds: float) -> Claim | No
     if not _take(session, job_id, claimable):
         return None
     job = session.get_one(Job, job_id, populate_existing=True)
-    if job.model_version.state not in RUNNING_STATES:
-        # Retired (or rolled back) after the job was queued: its results must not reach the
-        # PACS; `dicomai.rollout.deployment` queues the study for the successor.
+    version = job.model_version
+    if version.state not in RUNNING_STATES:
+        # Retired (or rolled back) after the job was queued, and not handed over (a retry,
+        # a redelivery, a race with the retirement): its results must not reach the PACS;
+        # the version active now reports instead.
         job.state = JobState.CANCELLED
-        job.error = f"{job.model_version.label} is {job.model_version.state.value}"
+        job.error = f"{version.label} is {version.state.value}"
         record(
             session,
             Action.JOB_CANCELLED,
@@ -60,9 +71,17 @@ def claim_job(session: Session, job_id: int, lease_seconds: float) -> Claim | No
             object_type="job",
             object_id=job.id,
             study_uid=job.study.study_uid,
-            model=job.model_version.label,
+            model=version.label,
             reason=job.error,
         )
+        active = session.scalar(
+            select(ModelVersion).where(
+                ModelVersion.name == version.name, ModelVersion.state == ModelState.ACTIVE
+            )
+        )
+        if active is not None:
+            why = f"{version.label} retired; {active.label} reports instead"
+            ensure_report(session, job.study, active, WORKER, why)
         return None
     return _started(session, job, _applicable(job))
 

@@ -16,9 +16,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dicomai.audit import Action, Operator, record
-from dicomai.db.models import Job, JobState, ModelState, ModelVersion, utcnow
+from dicomai.db.models import Job, JobState, ModelState, ModelVersion, Study, utcnow
 from dicomai.errors import DicomaiError, InvalidTransition
-from dicomai.jobs.assembler import create_job
+from dicomai.jobs.assembler import ensure_report
 from dicomai.rollout.gate import GateDecision, decide
 from dicomai.rollout.registry import get
 
@@ -135,7 +135,14 @@ def _hand_over(
     session: Session, retired: ModelVersion, successor: ModelVersion | None, operator: Operator
 ) -> None:
     """Cancel the retired version's queued jobs (a version pulled for a fault must not send
-    results after it), and queue each of their studies for `successor`."""
+    results after it) and see that `successor` reports on their studies and on those of the
+    retired version's running jobs, which will store their results without sending them.
+
+    `session.info["dicomai_hand_over"]` holds (jobs cancelled, studies queued for the
+    successor), for the CLI to say.
+    """
+    studies: dict[int, Study] = {}
+    cancelled = 0
     for job in queued_jobs(session, retired):
         job.state = JobState.CANCELLED
         job.error = f"{retired.label} retired"
@@ -149,8 +156,17 @@ def _hand_over(
             model=retired.label,
             reason=job.error,
         )
-        if successor is not None:
-            create_job(session, job.study, successor)
+        cancelled += 1
+        studies[job.study_id] = job.study
+    running = select(Job).where(Job.model_version_id == retired.id, Job.state == JobState.RUNNING)
+    for job in session.scalars(running):
+        studies[job.study_id] = job.study
+    queued = 0
+    if successor is not None:
+        why = f"{retired.label} retired; {successor.label} reports instead"
+        for study in studies.values():
+            queued += ensure_report(session, study, successor, operator.user, why)
+    session.info["dicomai_hand_over"] = (cancelled, queued)
 
 
 def _checked(session: Session, name: str, version: str, target: ModelState) -> ModelVersion:

@@ -147,7 +147,7 @@ def test_a_rollback_cancels_the_queued_jobs_of_the_retired_version_and_queues_th
 
     out = site.cli("models", "rollback", NAME, "--reason", "wrong calls").stdout
     assert f"2 queued job(s) of {NAME} 2.0.0 cancelled" in out, out
-    assert f"queued for {NAME} 1.0.0" in out, out
+    assert f"2 of its studies queued for {NAME} 1.0.0" in out, out
     run_every_queued_job(site)
 
     assert [j.state for j in site.jobs("2.0.0")] == [JobState.CANCELLED] * 2
@@ -171,6 +171,26 @@ def test_a_retired_shadow_runs_none_of_its_queued_jobs(site: Site, tmp_path) -> 
     assert [j.state for j in site.jobs("1.2.0")] == [JobState.CANCELLED]
     assert not site.jobs("1.2.0")[0].outputs
     assert delivered(site, "1.0.0") == set(studies)
+
+
+def test_activating_a_shadow_that_ran_first_sends_its_report_for_the_studies_handed_over(
+    site: Site, tmp_path
+) -> None:
+    site.register(package(tmp_path, "1.2.0"))
+    site.cli("models", "shadow", NAME, "1.2.0", "--reason", "try")
+    studies = site.ingest_studies(1, seed=6)
+    complete_quiet_studies(site.sessions, 0)
+    [shadow_job] = site.jobs("1.2.0")
+    site.runner.run_job(shadow_job.id)  # the shadow ran first: stored, sent nothing
+    assert delivered(site, "1.2.0") == set()
+
+    out = site.cli("models", "activate", NAME, "1.2.0", "--reason", "better").stdout
+    assert f"1 queued job(s) of {NAME} 1.0.0 cancelled" in out, out
+    assert f"1 of its studies queued for {NAME} 1.2.0" in out, out
+    run_every_queued_job(site)
+
+    assert [j.state for j in site.jobs("1.0.0")] == [JobState.CANCELLED]
+    assert delivered(site, "1.2.0") == set(studies), "the study got no report"
 
 
 def test_a_job_whose_version_was_retired_after_it_was_queued_is_cancelled_when_claimed(
