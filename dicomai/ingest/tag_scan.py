@@ -99,7 +99,7 @@ def _walk(
         if length == _UNDEFINED:
             if vr not in (b"SQ", b"UN", None):
                 raise _Malformed
-            position = _skip_sequence(view, position, end, explicit)
+            position = _walk_items(view, position, end, explicit, delimited=True)
             continue
         if position + length > end:
             raise _Malformed
@@ -108,27 +108,12 @@ def _walk(
             if vr is not None and vr != expected:
                 raise _Malformed
             found[keyword] = _value(bytes(view[position : position + length]), expected)
-        elif vr == b"SQ":  # its items' VRs are read too: one pydicom cannot decode fails later
-            _check_items(view, position, position + length, explicit)
+        elif vr == b"SQ":
+            _walk_items(view, position, position + length, explicit, delimited=False)
         position += length
     if delimited:
         raise _Malformed  # an undefined-length item without its delimiter
     return position
-
-
-def _check_items(view: memoryview, position: int, end: int, explicit: bool) -> None:
-    """Walk the items of a defined-length sequence."""
-    while position < end:
-        tag, _, length, position = _element_header(view, position, explicit)
-        if tag != _ITEM:
-            raise _Malformed
-        if length == _UNDEFINED:
-            position = _walk(view, position, end, explicit, {}, top=False)
-        elif position + length > end:
-            raise _Malformed
-        else:
-            _walk(view, position, position + length, explicit, {}, top=False, delimited=False)
-            position += length
 
 
 def _element_header(
@@ -150,11 +135,13 @@ def _element_header(
     return tag, vr, short, position + 8
 
 
-def _skip_sequence(view: memoryview, position: int, end: int, explicit: bool) -> int:
-    """Skip the items of an undefined-length sequence; return the position after it."""
+def _walk_items(view: memoryview, position: int, end: int, explicit: bool, delimited: bool) -> int:
+    """Walk a sequence's items to `end`, or to its delimiter when `delimited` (an
+    undefined length); return the position after them. Items of either length are walked:
+    an element pydicom cannot decode would fail later, wherever it sits."""
     while position < end:
         tag, _, length, position = _element_header(view, position, explicit)
-        if tag == _SEQUENCE_END:
+        if delimited and tag == _SEQUENCE_END:
             return position
         if tag != _ITEM:
             raise _Malformed
@@ -163,8 +150,11 @@ def _skip_sequence(view: memoryview, position: int, end: int, explicit: bool) ->
         elif position + length > end:
             raise _Malformed
         else:
+            _walk(view, position, position + length, explicit, {}, top=False, delimited=False)
             position += length
-    raise _Malformed
+    if delimited:
+        raise _Malformed
+    return position
 
 
 def _value(raw: bytes, vr: bytes) -> str:

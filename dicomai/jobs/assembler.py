@@ -140,14 +140,7 @@ def create_job(session: Session, study: Study, model: ModelVersion) -> Job | Non
     if not any(applies(model.manifest, instance) for instance in instances):
         return None
     digest = input_digest(instances)
-    existing = session.scalar(
-        select(Job).where(
-            Job.study_id == study.id,
-            Job.model_version_id == model.id,
-            Job.input_digest == digest,
-        )
-    )
-    if existing is not None:
+    if current_job(session, study, model) is not None:
         return None
     job = Job(study_id=study.id, model_version_id=model.id, input_digest=digest)
     session.add(job)
@@ -164,6 +157,17 @@ def create_job(session: Session, study: Study, model: ModelVersion) -> Job | Non
     return job
 
 
+def current_job(session: Session, study: Study, model: ModelVersion) -> Job | None:
+    """`model`'s job on the study's current instances, if it has one."""
+    return session.scalar(
+        select(Job).where(
+            Job.study_id == study.id,
+            Job.model_version_id == model.id,
+            Job.input_digest == input_digest(list(study.instances)),
+        )
+    )
+
+
 def ensure_report(
     session: Session, study: Study, model: ModelVersion, actor: str, why: str
 ) -> bool:
@@ -175,13 +179,7 @@ def ensure_report(
     """
     if create_job(session, study, model) is not None:
         return True
-    job = session.scalar(
-        select(Job).where(
-            Job.study_id == study.id,
-            Job.model_version_id == model.id,
-            Job.input_digest == input_digest(list(study.instances)),
-        )
-    )
+    job = current_job(session, study, model)
     if job is None or job.state != JobState.DONE or any(o.deliveries for o in job.outputs):
         return False  # it does not apply, is yet to run (and send), or has sent
     previous = job.state

@@ -173,15 +173,18 @@ def test_an_inflated_deflate_dataset_is_walked_as_explicit() -> None:
     assert header_module._scanned(DeflatedExplicitVRLittleEndian, _dataset()) is not None
 
 
-@pytest.mark.parametrize("defined_length", [True, False])
-def test_an_unknown_vr_inside_a_sequence_item_is_refused(defined_length: bool) -> None:
+@pytest.mark.parametrize("lengths", ["defined", "undefined", "undefined, defined item"])
+def test_an_unknown_vr_inside_a_sequence_item_is_refused(lengths: str) -> None:
     # An item's element whose VR pydicom cannot decode: stored, it failed the job later.
     bad = struct.pack("<HH", 0x0010, 0x0010) + b"ZQ" + struct.pack("<H", 4) + b"DOE^"
-    if defined_length:
-        item = struct.pack("<HHI", 0xFFFE, 0xE000, len(bad)) + bad
+    item = struct.pack("<HHI", 0xFFFE, 0xE000, len(bad)) + bad
+    if lengths == "defined":
         sequence = _element(0x00081140, b"SQ", item)
-    else:
+    elif lengths == "undefined":
         sequence = _undefined_sequence(0x00081140, [bad])
+    else:
+        head = struct.pack("<HH", 0x0008, 0x1140) + b"SQ\0\0" + b"\xff\xff\xff\xff"
+        sequence = head + item + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
     dataset = _dataset(extra=sequence)
     assert scan_tags(dataset, explicit=True) is None  # left to pydicom, which cannot read it
     meta = encode_listener_meta(CT_IMAGE, SOP, ExplicitVRLittleEndian, "CT1")
