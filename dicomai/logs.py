@@ -28,7 +28,8 @@ class PHIFilter(logging.Filter):
             return True
         try:
             message = record.getMessage()
-        except Exception:  # a library's mismatched % arguments: logging reports it, not us
+        except Exception:  # a library's mismatched % arguments, which logging would print
+            record.msg, record.args = f"unformattable log message from {record.name}", None
             return True
         if record.name.startswith(_LEAKY_LOGGERS):
             message = _QUOTED.sub("'<redacted>'", message)

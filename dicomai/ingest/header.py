@@ -19,8 +19,6 @@ from dicomai.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, 
 PREAMBLE = b"\x00" * 128 + b"DICM"
 _REQUIRED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
 _HEAD = 64 << 10
-# (7FE0,0010) Pixel Data's tag as written in little and in big endian.
-_PIXEL_TAG_LE, _PIXEL_TAG_BE = b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10"
 
 # Enough inflated bytes to reach Pixel Data in any ordinary header.
 _DEFLATE_HEAD = 16 << 20
@@ -176,19 +174,19 @@ def _parse(meta: bytes, dataset: bytes | memoryview) -> Dataset:
     Everything is decoded, not only the tags a row needs: what the walk of `tag_scan` could
     not read (an unknown VR, say) must not pass unread, or the job that meets it while
     copying the patient module into the SR fails every attempt. Copying and parsing a whole
-    8 MB radiograph to reach its header costs more than the header: a prefix that holds
-    Pixel Data's tag holds the header; one that ends mid-element raises, and one without
-    the tag may not hold it all: both fall back to the whole.
+    8 MB radiograph to reach its header costs more than the header: a prefix in which
+    pydicom reaches Pixel Data holds the header; otherwise the whole is read.
     """
     if len(dataset) > _HEAD:
-        head = bytes(dataset[:_HEAD])
-        if _PIXEL_TAG_LE in head or _PIXEL_TAG_BE in head:
-            try:
-                ds = _decoded(dcmread(BytesIO(meta + head), stop_before_pixels=True))
-                if all(ds.get(k) for k in _REQUIRED):
-                    return ds
-            except Exception:  # a prefix may end anywhere: try the whole dataset
-                pass
+        prefix = BytesIO(meta + bytes(dataset[:_HEAD]))
+        try:
+            ds = _decoded(dcmread(prefix, stop_before_pixels=True))
+            # Only if pydicom stopped at Pixel Data before the prefix's end: one that ends
+            # on an element boundary, or inside a last value it reads short, holds less.
+            if prefix.tell() < len(prefix.getbuffer()) and all(ds.get(k) for k in _REQUIRED):
+                return ds
+        except Exception:  # a prefix may end anywhere: try the whole dataset
+            pass
     try:
         return _decoded(dcmread(BytesIO(meta + bytes(dataset)), stop_before_pixels=True))
     except Exception as exc:  # pydicom raises many types for malformed data

@@ -21,8 +21,8 @@ _MIN_PDU_ALLOWANCE = 1 << 20
 @dataclass(frozen=True)
 class Limits:
     """max_pdu: the PDU size we negotiate; a declared length above it ends the connection.
-    read_timeout: seconds the peer has to send a whole PDU once it began one (request_timeout
-    for those before the association is established: ARTIM's role)."""
+    read_timeout: seconds the peer has for each read pynetdicom makes of a PDU, its header and
+    then its body (request_timeout before the association is established: ARTIM's role)."""
 
     max_pdu: int
     max_dataset_bytes: int

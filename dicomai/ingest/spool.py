@@ -8,7 +8,7 @@ import errno
 import fcntl
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -206,9 +206,10 @@ class Spool:
             os.close(fd)
         return False
 
-    def remove_orphan(self, relative: str) -> None:
-        """Remove the file at `relative` if no store holds it (see `in_flight`): the file
-        checked, under the lock, not one a concurrent store put there since."""
+    def remove_orphan(self, relative: str, has_row: Callable[[], bool]) -> None:
+        """Remove the file at `relative` if no store holds it (see `in_flight`) and no row
+        names it, both decided under its lock: the file checked, not one a concurrent
+        store put there since, nor one a store made durable and recorded meanwhile."""
         path = self.root / relative
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -216,7 +217,7 @@ class Spool:
             return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino and not has_row():
                 path.unlink()
         except (BlockingIOError, FileNotFoundError):
             pass  # a store holds it now, or another removed it: the caller looks again

@@ -128,9 +128,9 @@ class Storer:
             calling_ae=calling,
         )
         known = known_digest(self.sessions, header.sop_instance_uid)
-        if known is not None and self.spool.in_flight(relative):
-            # Its row is committed but its file not yet durable: should the fsync fail, that
-            # store takes both back, and this one must not have answered as a resend of it.
+        if known is not None:
+            # Its row may be committed while its file is not yet durable: should the fsync
+            # fail, that store takes both back, and this one must not answer as its resend.
             known = self._settled_digest(received)
         if known is None:
             known = self._store_new(received, meta, dataset)
@@ -157,6 +157,11 @@ class Storer:
         disk: the sender was not answered, and `dicomai.ingest.recovery` deletes such rows
         at the next start. If the fsyncs fail, the row is deleted again here.
         """
+        uid = received.header.sop_instance_uid
+
+        def has_row() -> bool:
+            return known_digest(self.sessions, uid) is not None
+
         for _ in range(_NAMING_TRIES):
             try:
                 placed, digest = self._place(received, meta, dataset)
@@ -165,8 +170,9 @@ class Storer:
                 known = self._settled_digest(received)
                 if known is not None:
                     return known
-                # A file a crash left without its row, or one a failed store is removing.
-                self.spool.remove_orphan(received.path)
+                # A file a crash left without its row, or one a failed store is removing;
+                # whether a row has come meanwhile is decided under the file's lock.
+                self.spool.remove_orphan(received.path, has_row)
         else:
             raise StorageUnavailable("could not name the instance's file in the spool")
         placed.start_sync()
@@ -180,20 +186,34 @@ class Storer:
         try:
             placed.wait_durable()
         except StorageUnavailable:
-            # A concurrent store of the same instance that won the row keeps it and its file.
-            if ours:
-                forget_instance(
-                    self.sessions,
-                    received.header.sop_instance_uid,
-                    received.calling_ae,
-                    "spool fsync failed after the row was committed",
-                )
-                placed.discard()
-            else:
-                placed.close()
+            self._undo(received, placed, ours)
             raise
+        if not ours:
+            # A row without its file (the name was free) named the instance: ours, durable
+            # now, is its content, as a replacing resend's would be.
+            self._record_replacement(received)
         STORED_BYTES.inc(placed.size)
         return None
+
+    def _undo(self, received: Received, placed: Placed, ours: bool) -> None:
+        """A failed fsync: our row and file go; the lock goes last, so that a concurrent
+        store of the instance never takes the row for a durable one."""
+        if not ours:
+            placed.close()
+            return
+        try:
+            forget_instance(
+                self.sessions,
+                received.header.sop_instance_uid,
+                received.calling_ae,
+                "spool fsync failed after the row was committed",
+            )
+        except Exception as exc:
+            # Row and file stay, matching; the file may not be durable. Not answered
+            # Success, the sender sends it again.
+            placed.close()
+            raise DatabaseUnavailable(f"database: {type(exc).__name__}") from None
+        placed.discard()
 
     def _place(self, received: Received, meta: bytes, dataset: memoryview) -> tuple[Placed, str]:
         if len(dataset) < _HASH_ASIDE_BYTES:
@@ -227,6 +247,9 @@ class Storer:
         """New content for a known instance: the file is durable before it takes the name
         (it replaces one a job may have read) and before the row names its digest."""
         STORED_BYTES.inc(self.spool.write(received.path, (meta, dataset)))
+        self._record_replacement(received)
+
+    def _record_replacement(self, received: Received) -> None:
         try:
             replace_instance(self.sessions, received)
         except Exception as exc:

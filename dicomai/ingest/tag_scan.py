@@ -72,7 +72,7 @@ def scan_tags(data: bytes | memoryview, explicit: bool) -> dict[str, str] | None
     found: dict[str, str] = {}
     try:
         _walk(view, 0, len(view), explicit, found, top=True)
-    except (_Malformed, struct.error):
+    except (_Malformed, struct.error, RecursionError):  # sequences nested beyond reason too
         return None
     return found
 

@@ -192,3 +192,38 @@ def test_a_second_store_waits_for_the_first_to_be_durable_before_taking_its_row(
     assert second is None, "answered as a resend of a store that then failed"
     assert rows(storer) == [uid]
     assert storer.spool.path(path).read_bytes() == META + b"2" * 1000
+
+
+def test_a_failed_fsync_whose_row_cannot_be_deleted_leaves_no_lock_behind(
+    storer: Storer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if f"{STUDY}.5.dcm" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    def database_gone(*_args: object) -> None:
+        raise RuntimeError("database gone")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr("dicomai.ingest.store.forget_instance", database_gone)
+    with pytest.raises(StorageUnavailable, match="database"):
+        store(storer, 5)
+    # Row and file stay and match; nothing holds the file, so a resend is not kept
+    # waiting for a store that ended.
+    path = f"{STUDY}/{STUDY}.5.dcm"
+    assert not storer.spool.in_flight(path)
+    assert rows(storer) == [f"{STUDY}.5"]
+    assert storer.spool.path(path).read_bytes() == META + bytes([5]) * 1000
+
+
+def test_an_orphan_is_removed_only_if_no_row_names_it_when_its_lock_is_held(
+    storer: Storer,
+) -> None:
+    received = store(storer, 6)
+    storer.spool.remove_orphan(received.path, has_row=lambda: True)
+    assert storer.spool.path(received.path).exists(), "a recorded instance's file was removed"
+    storer.spool.remove_orphan(received.path, has_row=lambda: False)
+    assert not storer.spool.path(received.path).exists()
