@@ -191,6 +191,14 @@ def _record_failure(
         )
 
 
+def has_deliveries(session: Session, job_id: int) -> bool:
+    """Whether any of a job's outputs was given to a destination (its report is sending)."""
+    first = session.scalar(
+        select(Delivery.id).join(OutputObject).where(OutputObject.job_id == job_id).limit(1)
+    )
+    return first is not None
+
+
 def pending_for_job(sessions: sessionmaker[Session], job_id: int) -> list[int]:
     """The ids of a job's deliveries that are still pending."""
     with sessions() as session:

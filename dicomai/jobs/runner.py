@@ -30,7 +30,12 @@ from dicomai.db.models import (
     Study,
     utcnow,
 )
-from dicomai.delivery.dispatch import attempt_deliveries, attempt_delivery, pending_for_job
+from dicomai.delivery.dispatch import (
+    attempt_deliveries,
+    attempt_delivery,
+    has_deliveries,
+    pending_for_job,
+)
 from dicomai.errors import DicomaiError, ModelPackageError, StorageUnavailable
 from dicomai.inference.precision import autocast_dtype
 from dicomai.inference.runner import Classifier
@@ -308,7 +313,15 @@ class JobRunner:
     def _record_outputs(
         self, session: Session, job: Job, claim: Claim, outputs: list[Output]
     ) -> list[int]:
-        sends = sends_results(session, job.model_version, claim.study_uid)
+        # Read under a share lock: a retirement committing meanwhile (which locks the
+        # versions for update) waits, or is seen, never half-seen (PostgreSQL).
+        version = session.scalars(
+            select(ModelVersion)
+            .where(ModelVersion.id == job.model_version_id)
+            .with_for_update(read=True)
+        ).one()
+        # Once the SR went out the overlays follow it, whatever changed since.
+        sends = has_deliveries(session, job.id) or sends_results(session, version, claim.study_uid)
         deliveries: list[Delivery] = []
         for output in outputs:
             row = _upsert_output(session, job, output)

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from dicomai.audit import Action, Operator, record
 from dicomai.db.models import Job, JobState, ModelState, ModelVersion, Study, utcnow
+from dicomai.delivery.dispatch import has_deliveries
 from dicomai.errors import DicomaiError, InvalidTransition
 from dicomai.jobs.assembler import ensure_report
 from dicomai.rollout.gate import GateDecision, decide
@@ -158,9 +159,14 @@ def _hand_over(
         )
         cancelled += 1
         studies[job.study_id] = job.study
-    running = select(Job).where(Job.model_version_id == retired.id, Job.state == JobState.RUNNING)
+    running = (
+        select(Job)
+        .where(Job.model_version_id == retired.id, Job.state == JobState.RUNNING)
+        .with_for_update()
+    )
     for job in session.scalars(running):
-        studies[job.study_id] = job.study
+        if not has_deliveries(session, job.id):  # its SR went out before: it reports
+            studies[job.study_id] = job.study
     queued = 0
     if successor is not None:
         why = f"{retired.label} retired; {successor.label} reports instead"

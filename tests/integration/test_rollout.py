@@ -193,6 +193,34 @@ def test_activating_a_shadow_that_ran_first_sends_its_report_for_the_studies_han
     assert delivered(site, "1.2.0") == set(studies), "the study got no report"
 
 
+def test_a_version_retired_after_its_sr_went_out_keeps_the_report_and_gets_no_second(
+    site: Site, tmp_path
+) -> None:
+    site.register(package(tmp_path, "1.2.0"))
+    site.cli("models", "shadow", NAME, "1.2.0", "--reason", "try")
+    studies = site.ingest_studies(1, seed=7)
+    complete_quiet_studies(site.sessions, 0)
+    [shadow_job] = site.jobs("1.2.0")
+    site.runner.run_job(shadow_job.id)  # the shadow ran first: silent
+    [active_job] = site.jobs("1.0.0")
+    real = site.runner._conclude
+
+    def activate_meanwhile(report):  # the active job's SR is sent; its overlays are next
+        site.cli("models", "activate", NAME, "1.2.0", "--reason", "better")
+        return real(report)
+
+    site.runner._conclude = activate_meanwhile  # type: ignore[method-assign]
+    site.runner.run_job(active_job.id)
+    site.runner._conclude = real  # type: ignore[method-assign]
+    run_every_queued_job(site)
+
+    assert delivered(site, "1.0.0") == set(studies)
+    assert delivered(site, "1.2.0") == set(), "two reports from one model for the study"
+    # The overlays followed the SR that had gone out.
+    [job] = site.jobs("1.0.0")
+    assert all(o.deliveries for o in job.outputs), "overlays of a sent report were not sent"
+
+
 def test_a_job_whose_version_was_retired_after_it_was_queued_is_cancelled_when_claimed(
     site: Site,
 ) -> None:
