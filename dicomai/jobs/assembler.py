@@ -158,6 +158,22 @@ def create_job(session: Session, study: Study, model: ModelVersion) -> Job | Non
     return job
 
 
+def cancel_job(session: Session, job: Job, actor: str, reason: str) -> None:
+    """Cancel `job` (its version was retired), with its audit row."""
+    job.state = JobState.CANCELLED
+    job.error = reason
+    record(
+        session,
+        Action.JOB_CANCELLED,
+        actor=actor,
+        object_type="job",
+        object_id=job.id,
+        study_uid=job.study.study_uid,
+        model=job.model_version.label,
+        reason=reason,
+    )
+
+
 def current_job(session: Session, study: Study, model: ModelVersion) -> Job | None:
     """`model`'s job on the study's current instances, if it has one."""
     return session.scalar(

@@ -16,12 +16,12 @@ from dicomai.db.models import (
     Job,
     JobState,
     ModelState,
-    ModelVersion,
     Study,
     utcnow,
 )
 from dicomai.jobs.applicability import applies
-from dicomai.jobs.assembler import ensure_report
+from dicomai.jobs.assembler import cancel_job, ensure_report
+from dicomai.rollout.deployment import active_version
 
 WORKER = "worker"
 
@@ -62,23 +62,8 @@ def claim_job(session: Session, job_id: int, lease_seconds: float) -> Claim | No
         # Retired (or rolled back) after the job was queued, and not handed over (a retry,
         # a redelivery, a race with the retirement): its results must not reach the PACS;
         # the version active now reports instead.
-        job.state = JobState.CANCELLED
-        job.error = f"{version.label} is {version.state.value}"
-        record(
-            session,
-            Action.JOB_CANCELLED,
-            actor=WORKER,
-            object_type="job",
-            object_id=job.id,
-            study_uid=job.study.study_uid,
-            model=version.label,
-            reason=job.error,
-        )
-        active = session.scalar(
-            select(ModelVersion).where(
-                ModelVersion.name == version.name, ModelVersion.state == ModelState.ACTIVE
-            )
-        )
+        cancel_job(session, job, WORKER, f"{version.label} is {version.state.value}")
+        active = active_version(session, version.name)
         if active is not None:
             why = f"{version.label} retired; {active.label} reports instead"
             ensure_report(session, job.study, active, WORKER, why)

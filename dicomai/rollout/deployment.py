@@ -19,7 +19,7 @@ from dicomai.audit import Action, Operator, record
 from dicomai.db.models import Job, JobState, ModelState, ModelVersion, Study, utcnow
 from dicomai.delivery.dispatch import has_deliveries
 from dicomai.errors import DicomaiError, InvalidTransition
-from dicomai.jobs.assembler import ensure_report
+from dicomai.jobs.assembler import cancel_job, ensure_report
 from dicomai.rollout.gate import GateDecision, decide
 from dicomai.rollout.registry import get
 
@@ -145,18 +145,7 @@ def _hand_over(
     studies: dict[int, Study] = {}
     cancelled = 0
     for job in queued_jobs(session, retired):
-        job.state = JobState.CANCELLED
-        job.error = f"{retired.label} retired"
-        record(
-            session,
-            Action.JOB_CANCELLED,
-            actor=operator.user,
-            object_type="job",
-            object_id=job.id,
-            study_uid=job.study.study_uid,
-            model=retired.label,
-            reason=job.error,
-        )
+        cancel_job(session, job, operator.user, f"{retired.label} retired")
         cancelled += 1
         studies[job.study_id] = job.study
     running = (
