@@ -32,6 +32,8 @@ class Action(enum.StrEnum):
     """Every audited action, named `subject.action`."""
 
     ASSOCIATION_REJECTED = "association.rejected"
+    ASSOCIATION_ABORTED = "association.aborted"
+    REQUEST_REFUSED = "request.refused"
     INSTANCE_STORED = "instance.stored"
     INSTANCE_DUPLICATE = "instance.duplicate"
     INSTANCE_REJECTED = "instance.rejected"

@@ -8,6 +8,8 @@ import sys
 
 import structlog
 
+from dicomai.errors import DicomaiError
+
 # pydicom 3.0.2 logs and warns invalid values verbatim ("Invalid value for VR DA: '1970-01-01'"),
 # so a value quoted in a message from these sources is replaced, whatever the field.
 # From the first quote to the last of the same kind, across lines: a value may itself hold
@@ -16,6 +18,10 @@ _LEAKY_LOGGERS = ("pydicom", "py.warnings", "highdicom")
 _QUOTED = re.compile(r"""(['"]).*\1""", re.DOTALL)
 # A peer's AE title or a dataset value with a newline or an escape sequence would forge
 # log lines or drive the administrator's terminal.
+# Tracebacks that add nothing for the reader: our own errors carry a message made for them (a
+# library may log one with logging.exception), and pynetdicom's text decoder logs each failed
+# codec of a peer's malformed PDU before the PDU itself is reported.
+_TRACEBACK_FREE = ("pynetdicom.utils",)
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
@@ -35,6 +41,10 @@ class PHIFilter(logging.Filter):
             message = _QUOTED.sub("'<redacted>'", message)
         record.msg = _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", message)
         record.args = None
+        if record.exc_info and (
+            isinstance(record.exc_info[1], DicomaiError) or record.name in _TRACEBACK_FREE
+        ):
+            record.exc_info = record.exc_text = None
         return True
 
 

@@ -14,6 +14,7 @@ from dicomai.audit import Action, record
 from dicomai.config import Settings
 from dicomai.ingest.access import AccessPolicy, Decision, is_health_probe
 from dicomai.ingest.limits import Limits, bound_reads
+from dicomai.ingest.protocol import bad_titles, guard_protocol
 from dicomai.ingest.recorder import mark_association_ended
 from dicomai.ingest.spool import Spool
 from dicomai.ingest.store import Storer
@@ -52,7 +53,7 @@ def handlers(
         min(30.0, settings.ingest.network_timeout_seconds),
     )
     return [
-        (evt.EVT_CONN_OPEN, on_connection_open, [limits]),
+        (evt.EVT_CONN_OPEN, on_connection_open, [limits, sessions]),
         (evt.EVT_CONN_CLOSE, on_connection_close),
         (evt.EVT_REQUESTED, on_requested, [policy, settings.ingest.ae_title, sessions]),
         (evt.EVT_REJECTED, on_rejected, [sessions]),
@@ -72,10 +73,11 @@ def on_association_end(event: evt.Event, sessions: sessionmaker[Session]) -> Non
         log.error("could not record association end: %s", type(exc).__name__)
 
 
-def on_connection_open(event: evt.Event, limits: Limits) -> None:
+def on_connection_open(event: evt.Event, limits: Limits, sessions: sessionmaker[Session]) -> None:
     OPEN_ASSOCIATIONS.inc()
     set_nodelay(event)
     bound_reads(event, limits)
+    guard_protocol(event, sessions)
 
 
 def on_connection_close(event: evt.Event) -> None:
@@ -91,6 +93,11 @@ def on_requested(
     calling = primitive.calling_ae_title
     called = primitive.called_ae_title.strip()
     decision = policy.check(calling, requestor.address)
+    diagnostic = 0x03  # calling AE title not recognised
+    malformed = bad_titles(event.assoc)
+    if malformed is not None:
+        reason, diagnostic, calling = malformed
+        decision = Decision(False, reason)
     if not decision.allowed and is_health_probe(
         calling,
         requestor.address,
@@ -99,7 +106,6 @@ def on_requested(
         decision = Decision(True, "health probe")
         # Let in for C-ECHO alone: the Storer refuses anything such an association sends.
         event.assoc.__dict__["dicomai_health_probe"] = True
-    diagnostic = 0x03  # calling AE title not recognised
     if decision.allowed and called != our_title:
         decision, diagnostic = Decision(False, "called AE title is not ours"), 0x07
     if decision.allowed:

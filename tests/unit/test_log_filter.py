@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import pytest
 
+from dicomai.ingest.protocol import MalformedPDU
 from dicomai.logs import PHIFilter
 
 
@@ -48,3 +50,22 @@ def test_a_record_whose_arguments_do_not_fit_its_message_does_not_raise_at_the_c
         "pynetdicom", logging.ERROR, __file__, 1, "%s and %s", ("one",), None
     )
     assert PHIFilter().filter(record)
+
+
+def _record_of(error: Exception, name: str) -> logging.LogRecord:
+    try:
+        raise error
+    except Exception:
+        info = sys.exc_info()
+    record = logging.LogRecord(name, logging.ERROR, __file__, 1, error, (), info)
+    assert PHIFilter().filter(record)
+    return record
+
+
+def test_our_own_errors_logged_by_a_library_lose_their_traceback_not_their_message() -> None:
+    record = _record_of(MalformedPDU("aborting association: malformed PDU"), "pynetdicom.dul")
+    assert record.exc_info is None and record.getMessage() == "aborting association: malformed PDU"
+
+
+def test_unexpected_errors_keep_their_traceback() -> None:
+    assert _record_of(KeyError("x"), "pynetdicom.dul").exc_info is not None

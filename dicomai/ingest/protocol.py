@@ -1,0 +1,134 @@
+"""What a peer may say on the wire beyond C-STORE and C-ECHO: malformed association requests and
+DIMSE requests we do not serve each get an answer and an audit row, not a library traceback."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from pynetdicom import evt
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomai.audit import Action, record
+from dicomai.errors import DicomaiError
+
+log = logging.getLogger(__name__)
+
+# PS3.7 C.4: "the operation is not one of those agreed between the DIMSE-service-users".
+UNRECOGNIZED_OPERATION = 0x0211
+# A-ASSOCIATE-RQ (PS3.8 9.3.2): called AE title in bytes 10-25, calling AE title in 26-41.
+_CALLED, _CALLING = slice(10, 26), slice(26, 42)
+
+
+class MalformedPDU(DicomaiError):
+    """A peer sent a PDU that cannot be decoded; pynetdicom aborts the association."""
+
+
+def guard_protocol(event: evt.Event, sessions: sessionmaker[Session]) -> None:
+    """EVT_CONN_OPEN handler: wrap the association's PDU decoding and request dispatch."""
+    assoc = event.assoc
+    decode: Callable[[bytearray], Any] = assoc.dul._decode_pdu
+    serve: Callable[[Any, int], None] = assoc._serve_request
+
+    def decode_pdu(bytestream: bytearray) -> Any:
+        if bytestream[:1] == b"\x01" and len(bytestream) >= 42:
+            bytestream = _mark_bad_titles(assoc, bytestream)
+        try:
+            return decode(bytestream)
+        except Exception as exc:
+            # pynetdicom logs what it raises with a traceback: ours is one line.
+            kind = _PDU_NAMES.get(bytestream[0], "unknown") if bytestream else "empty"
+            reason = f"malformed {kind} PDU ({type(exc).__name__})"
+            _audit(sessions, Action.ASSOCIATION_ABORTED, assoc, reason)
+            raise MalformedPDU(f"aborting association from {_peer(assoc)}: {reason}") from None
+
+    def serve_request(msg: Any, context_id: int) -> None:
+        if isinstance(msg, (C_STORE, C_ECHO)) or not msg.is_valid_request:
+            return serve(msg, context_id)
+        if context_id not in assoc._accepted_cx:
+            return serve(msg, context_id)  # pynetdicom aborts
+        operation = type(msg).__name__.replace("_", "-")
+        reason = f"{operation} is not served here (only C-STORE and C-ECHO)"
+        _audit(sessions, Action.REQUEST_REFUSED, assoc, reason)
+        log.warning("refused a request: %s, from %s", reason, _peer(assoc))
+        response = type(msg)()
+        response.MessageIDBeingRespondedTo = msg.MessageID
+        response.Status = UNRECOGNIZED_OPERATION
+        sop_class = getattr(msg, "AffectedSOPClassUID", None) or getattr(
+            msg, "RequestedSOPClassUID", None
+        )
+        if sop_class is not None and hasattr(response, "AffectedSOPClassUID"):
+            response.AffectedSOPClassUID = sop_class
+        assoc.dimse.send_msg(response, context_id)
+        return None
+
+    assoc.dul.__dict__["_decode_pdu"] = decode_pdu
+    assoc.__dict__["_serve_request"] = serve_request
+
+
+def bad_titles(assoc: Any) -> tuple[str, int, str] | None:
+    """If the peer's AE titles were not ASCII text: why, the A-ASSOCIATE-RJ diagnostic (PS3.8
+    Table 9-21) and the calling AE title as sent, escaped for the audit row."""
+    found: tuple[str, int, str] | None = assoc.__dict__.get("dicomai_bad_titles")
+    return found
+
+
+def _mark_bad_titles(assoc: Any, bytestream: bytearray) -> bytearray:
+    """Titles that are not ASCII text make pynetdicom abort with a traceback before any handler
+    runs; they are replaced by a placeholder that cannot pass the allow-list, and noted, so that
+    the request is rejected (calling AE title not recognised) like any unknown caller's."""
+    bad = [
+        (name, diagnostic)
+        for name, place, diagnostic in (("calling", _CALLING, 0x03), ("called", _CALLED, 0x07))
+        if not all(0x20 <= byte < 0x7F and byte != 0x5C for byte in bytestream[place])
+    ]
+    if not bad:
+        return bytestream
+    patched = bytearray(bytestream)
+    patched[_CALLED] = patched[_CALLING] = b"?".ljust(16)
+    reason = " and ".join(name for name, _ in bad) + " AE title not ASCII text"
+    raw = "".join(
+        chr(byte) if 0x20 <= byte < 0x7F else f"\\x{byte:02x}"
+        for byte in bytes(bytestream[_CALLING]).strip(b" ")
+    )
+    assoc.__dict__["dicomai_bad_titles"] = (reason, bad[0][1], raw)
+    return patched
+
+
+def _audit(sessions: sessionmaker[Session], action: Action, assoc: Any, reason: str) -> None:
+    try:
+        with sessions() as session, session.begin():
+            record(
+                session,
+                action,
+                actor=_calling(assoc),
+                object_type="association",
+                object_id=assoc.requestor.address,
+                reason=reason,
+            )
+    except Exception:  # the answer stands even if the audit database is down
+        log.exception("could not audit: %s", reason)
+
+
+def _calling(assoc: Any) -> str:
+    try:
+        return str(assoc.requestor.ae_title or "") or "unknown"
+    except Exception:  # no request decoded yet
+        return "unknown"
+
+
+def _peer(assoc: Any) -> str:
+    return f"{_calling(assoc)} at {assoc.requestor.address}"
+
+
+_PDU_NAMES = {
+    0x01: "A-ASSOCIATE-RQ",
+    0x02: "A-ASSOCIATE-AC",
+    0x03: "A-ASSOCIATE-RJ",
+    0x04: "P-DATA-TF",
+    0x05: "A-RELEASE-RQ",
+    0x06: "A-RELEASE-RP",
+    0x07: "A-ABORT",
+}
