@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -156,6 +157,22 @@ def create_job(session: Session, study: Study, model: ModelVersion) -> Job | Non
         model=model.label,
     )
     return job
+
+
+def lock_studies(session: Session, study_ids: Iterable[int]) -> None:
+    """Lock these studies' rows as completing one does, in id order.
+
+    For a transaction that will queue jobs on studies the assembler may be completing at the
+    same moment. It must come before the transaction's first audit row: the assembler holds
+    the study's lock while it waits for the audit chain's, so a transaction that held the
+    chain and then waited for the study (inserting a job references it) deadlocked with it
+    on PostgreSQL. Waiting here, it sees the assembler's jobs once that commits.
+    """
+    ids = sorted(set(study_ids))
+    if ids:
+        session.execute(
+            select(Study.id).where(Study.id.in_(ids)).order_by(Study.id).with_for_update()
+        ).all()
 
 
 def cancel_job(session: Session, job: Job, actor: str, reason: str) -> None:

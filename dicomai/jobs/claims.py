@@ -20,7 +20,7 @@ from dicomai.db.models import (
     utcnow,
 )
 from dicomai.jobs.applicability import applies
-from dicomai.jobs.assembler import cancel_job, ensure_report
+from dicomai.jobs.assembler import cancel_job, ensure_report, lock_studies
 from dicomai.rollout.deployment import active_version
 
 WORKER = "worker"
@@ -62,6 +62,7 @@ def claim_job(session: Session, job_id: int, lease_seconds: float) -> Claim | No
         # Retired (or rolled back) after the job was queued, and not handed over (a retry,
         # a redelivery, a race with the retirement): its results must not reach the PACS;
         # the version active now reports instead.
+        lock_studies(session, [job.study_id])
         cancel_job(session, job, WORKER, f"{version.label} is {version.state.value}")
         active = active_version(session, version.name)
         if active is not None:

@@ -10,6 +10,7 @@ rollback, so a version pulled for a fault is not switched on again by a slip of 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
@@ -19,7 +20,7 @@ from dicomai.audit import Action, Operator, record
 from dicomai.db.models import Job, JobState, ModelState, ModelVersion, Study, utcnow
 from dicomai.delivery.dispatch import has_deliveries
 from dicomai.errors import DicomaiError, InvalidTransition
-from dicomai.jobs.assembler import cancel_job, ensure_report
+from dicomai.jobs.assembler import cancel_job, ensure_report, lock_studies
 from dicomai.rollout.gate import GateDecision, decide
 from dicomai.rollout.registry import get
 
@@ -74,6 +75,7 @@ def activate(
     """
     row = _checked(session, name, version, ModelState.ACTIVE)
     current = _in_state(session, name, ModelState.ACTIVE)
+    hand_over = _HandOver.locked(session, current) if current is not None else None
     decision = decide(row, current, tolerance)
     if not decision.passed:
         _override(session, row, decision, operator, force)
@@ -81,8 +83,8 @@ def activate(
         _set_state(session, current, ModelState.RETIRED, Action.MODEL_RETIRED, operator)
     row.previous_active_id = current.id if current is not None else None
     _set_state(session, row, ModelState.ACTIVE, Action.MODEL_ACTIVATED, operator, gate=decision)
-    if current is not None:
-        _hand_over(session, current, row, operator)
+    if hand_over is not None:
+        hand_over.run(session, row, operator)
     return row
 
 
@@ -99,9 +101,10 @@ def rollback(session: Session, name: str, operator: Operator) -> tuple[ModelVers
     )
     if previous is None:
         raise InvalidTransition(f"{current.label} has no earlier active version to roll back to")
+    hand_over = _HandOver.locked(session, current)
     _set_state(session, current, ModelState.RETIRED, Action.MODEL_RETIRED, operator)
     _set_state(session, previous, ModelState.ACTIVE, Action.MODEL_ROLLED_BACK, operator)
-    _hand_over(session, current, previous, operator)
+    hand_over.run(session, previous, operator)
     return previous, current
 
 
@@ -109,10 +112,11 @@ def retire(session: Session, name: str, version: str, operator: Operator) -> Mod
     """Stop running `name version` on new studies, for good (except by rollback)."""
     row = _checked(session, name, version, ModelState.RETIRED)
     was = row.state
+    hand_over = _HandOver.locked(session, row)
     _set_state(session, row, ModelState.RETIRED, Action.MODEL_RETIRED, operator)
     # A canary's studies fall back to the active version; a shadow's have it already.
     successor = _in_state(session, name, ModelState.ACTIVE) if was == ModelState.CANARY else None
-    _hand_over(session, row, successor, operator)
+    hand_over.run(session, successor, operator)
     return row
 
 
@@ -132,36 +136,48 @@ def queued_jobs(session: Session, version: ModelVersion) -> list[Job]:
     )
 
 
-def _hand_over(
-    session: Session, retired: ModelVersion, successor: ModelVersion | None, operator: Operator
-) -> None:
-    """Cancel the retired version's queued jobs (a version pulled for a fault must not send
-    results after it) and see that `successor` reports on their studies and on those of the
-    retired version's running jobs, which will store their results without sending them.
+@dataclass(frozen=True)
+class _HandOver:
+    """What retiring a version hands over: its queued jobs (to cancel) and the studies its
+    successor must report on, found and locked before the transaction writes an audit row
+    (see `dicomai.jobs.assembler.lock_studies`)."""
 
-    `session.info["dicomai_hand_over"]` holds (jobs cancelled, studies queued for the
-    successor), for the CLI to say.
-    """
-    studies: dict[int, Study] = {}
-    cancelled = 0
-    for job in queued_jobs(session, retired):
-        cancel_job(session, job, operator.user, f"{retired.label} retired")
-        cancelled += 1
-        studies[job.study_id] = job.study
-    running = (
-        select(Job)
-        .where(Job.model_version_id == retired.id, Job.state == JobState.RUNNING)
-        .with_for_update()
-    )
-    for job in session.scalars(running):
-        if not has_deliveries(session, job.id):  # its SR went out before: it reports
-            studies[job.study_id] = job.study
-    queued = 0
-    if successor is not None:
-        why = f"{retired.label} retired; {successor.label} reports instead"
-        for study in studies.values():
-            queued += ensure_report(session, study, successor, operator.user, why)
-    session.info["dicomai_hand_over"] = (cancelled, queued)
+    retired: ModelVersion
+    queued: list[Job]
+    studies: dict[int, Study]
+
+    @classmethod
+    def locked(cls, session: Session, retired: ModelVersion) -> _HandOver:
+        queued = queued_jobs(session, retired)
+        studies = {job.study_id: job.study for job in queued}
+        running = (
+            select(Job)
+            .where(Job.model_version_id == retired.id, Job.state == JobState.RUNNING)
+            .with_for_update()
+        )
+        for job in session.scalars(running):
+            if not has_deliveries(session, job.id):  # its SR went out before: it reports
+                studies[job.study_id] = job.study
+        lock_studies(session, studies)
+        return cls(retired, queued, studies)
+
+    def run(self, session: Session, successor: ModelVersion | None, operator: Operator) -> None:
+        """Cancel the retired version's queued jobs (a version pulled for a fault must not
+        send results after it) and see that `successor` reports on their studies and on
+        those of the retired version's running jobs, which will store their results without
+        sending them.
+
+        `session.info["dicomai_hand_over"]` holds (jobs cancelled, studies queued for the
+        successor), for the CLI to say.
+        """
+        for job in self.queued:
+            cancel_job(session, job, operator.user, f"{self.retired.label} retired")
+        queued = 0
+        if successor is not None:
+            why = f"{self.retired.label} retired; {successor.label} reports instead"
+            for study in self.studies.values():
+                queued += ensure_report(session, study, successor, operator.user, why)
+        session.info["dicomai_hand_over"] = (len(self.queued), queued)
 
 
 def _checked(session: Session, name: str, version: str, target: ModelState) -> ModelVersion:
@@ -180,8 +196,11 @@ def _checked(session: Session, name: str, version: str, target: ModelState) -> M
 
 def _lock(session: Session, name: str) -> None:
     # Two admins changing the same model at once must not leave two active versions.
+    # FOR NO KEY UPDATE: a job inserted meanwhile (the assembler's, holding its study's lock)
+    # takes a key-share lock on its version, which FOR UPDATE would make wait for us while
+    # we wait for the study (PostgreSQL).
     session.scalars(
-        select(ModelVersion.id).where(ModelVersion.name == name).with_for_update()
+        select(ModelVersion.id).where(ModelVersion.name == name).with_for_update(key_share=True)
     ).all()
 
 

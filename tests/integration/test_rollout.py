@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 from rollout_site import DEMO, NAME, Site, demo_site, package
-from sqlalchemy import select
+from servers import wait_for
+from sqlalchemy import select, text
 from sqlalchemy.exc import NoResultFound
 
-from dicomai.db.models import Instance, JobState, ModelState, ModelVersion, Prediction
+from dicomai.audit import Action, Operator, record
+from dicomai.db.models import Instance, Job, JobState, ModelState, ModelVersion, Prediction, Study
 from dicomai.jobs.applicability import applies
-from dicomai.jobs.assembler import complete_quiet_studies
+from dicomai.jobs.assembler import complete_quiet_studies, input_digest
 from dicomai.rollout.canary import canary_selects, sends_results
+from dicomai.rollout.deployment import activate
 
 
 @pytest.fixture
@@ -314,3 +318,77 @@ def _demo_manifest() -> dict:
     import tomllib
 
     return tomllib.loads((DEMO / "model.toml").read_text())
+
+
+def test_an_activation_racing_the_assembler_on_postgresql_neither_fails_nor_doubles_a_job(
+    tmp_path, postgres_url: str
+) -> None:
+    """The assembler is completing a study (its row locked; the successor's job and audit
+    row to come) when an activation hands the same study over to that successor: neither may
+    fail (deadlocked on the study's, the versions' or the audit chain's lock, or on the unique
+    job key), and the study gets one job of the successor."""
+    site = Site(tmp_path, postgres_url)
+    try:
+        site.register(DEMO)
+        site.cli("models", "activate", NAME, "1.0.0", "--reason", "first model")
+        site.register(package(tmp_path, "2.0.0"))
+        site.ingest_studies(1, seed=5)
+        assert len(complete_quiet_studies(site.sessions, 0)) == 1  # 1.0.0's job, queued
+
+        assembler = site.sessions()
+        assembler.begin()
+        study = assembler.scalars(select(Study).with_for_update()).one()
+        outcome: list[BaseException | None] = []
+
+        def activate_successor() -> None:
+            try:
+                with site.sessions() as session, session.begin():
+                    activate(session, NAME, "2.0.0", Operator("tester", "test", "race"))
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        admin = threading.Thread(target=activate_successor)
+        admin.start()
+        try:
+            wait_for(lambda: waiting_on_a_lock(site) or outcome, 30, "the activation to wait")
+            # What the assembler does next for a version it read as running (see
+            # `dicomai.jobs.assembler.create_job`).
+            successor = assembler.scalars(
+                select(ModelVersion).where(ModelVersion.version == "2.0.0")
+            ).one()
+            job = Job(
+                study_id=study.id,
+                model_version_id=successor.id,
+                input_digest=input_digest(study.instances),
+            )
+            assembler.add(job)
+            assembler.flush()
+            record(
+                assembler,
+                Action.JOB_CREATED,
+                actor="assembler",
+                object_type="job",
+                object_id=job.id,
+            )
+            assembler.commit()
+        finally:
+            assembler.close()
+            admin.join(60)
+        assert outcome == [None], outcome
+        assert [j.state for j in site.jobs("2.0.0")] == [JobState.QUEUED]
+        assert [j.state for j in site.jobs("1.0.0")] == [JobState.CANCELLED]
+    finally:
+        site.close()
+
+
+def waiting_on_a_lock(site: Site) -> bool:
+    with site.engine.connect() as connection:
+        return bool(
+            connection.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+            )
+        )
