@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import traceback
+from typing import Any
 
 import structlog
 
@@ -37,7 +39,9 @@ class PHIFilter(logging.Filter):
         except Exception:  # a library's mismatched % arguments, which logging would print
             record.msg, record.args = f"unformattable log message from {record.name}", None
             return True
-        if record.name.startswith(_LEAKY_LOGGERS):
+        # An exception logged as the message (`log.exception(exc)`) says what its traceback
+        # does; see `_redacted_traceback`.
+        if record.name.startswith(_LEAKY_LOGGERS) or isinstance(record.msg, BaseException):
             message = _QUOTED.sub("'<redacted>'", message)
         record.msg = _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", message)
         record.args = None
@@ -45,7 +49,29 @@ class PHIFilter(logging.Filter):
             isinstance(record.exc_info[1], DicomaiError) or record.name in _TRACEBACK_FREE
         ):
             record.exc_info = record.exc_text = None
+        elif record.exc_info and record.exc_info[1] is not None:
+            record.msg = f"{record.msg}\n{_redacted_traceback(record.exc_info)}"
+            record.exc_info = record.exc_text = None
         return True
+
+
+def _redacted_traceback(exc_info: Any) -> str:
+    """The traceback with quoted values in its exception lines replaced.
+
+    An unexpected error's message often quotes the value it choked on (pydicom's "Unable to
+    convert '19840211' to 'DA' object", highdicom's "'ZQ' is not a valid PatientSexValues"):
+    a birth date or a name would reach the log. Exception lines are the unindented ones; the
+    indented lines show code.
+    """
+    lines = "".join(traceback.format_exception(*exc_info)).rstrip("\n").split("\n")
+    return "\n".join(
+        line if line[:1].isspace() or line.startswith("Traceback (") else _redacted(line)
+        for line in lines
+    )
+
+
+def _redacted(line: str) -> str:
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", _QUOTED.sub("'<redacted>'", line))
 
 
 def configure_logging(level: str = "INFO", json: bool = False) -> None:

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
 import numpy as np
 from pydicom import Dataset, dcmread
+from pydicom.datadict import keyword_for_tag
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder, pixel_array
 from pydicom.uid import UID
 
 from dicomai.errors import NotEvaluable
+
+log = logging.getLogger(__name__)
+
+_PIXEL_DATA = 0x7FE00010
+_NUMBERS = frozenset({"DS", "IS"})
 
 # Larger than any detector or scanned film we know of; a header claiming more is corrupt
 # or hostile, and decoding it would exhaust memory before anything else noticed.
@@ -45,11 +53,55 @@ def read_instance(path: str | os.PathLike[str]) -> Dataset:
         If the file cannot be opened: a storage problem, not a property of the image.
     """
     try:
-        return dcmread(path)
+        dataset = dcmread(path)
     except InvalidDicomError as exc:
         raise NotEvaluable("not a DICOM file") from exc
     except (ValueError, EOFError, KeyError, TypeError) as exc:
         raise NotEvaluable("DICOM header could not be parsed") from exc
+    dropped = drop_unreadable_values(dataset)
+    if dropped:
+        log.warning(
+            "%s: values that are not what their VR says left out: %s",
+            dataset.get("SOPInstanceUID", "instance"),
+            ", ".join(dropped),
+        )
+    return dataset
+
+
+def drop_unreadable_values(dataset: Dataset) -> list[str]:
+    """Remove the numbers (DS, IS) that are not numbers, in nested items too; return their
+    keywords.
+
+    A Slice Thickness of "thin" or a Number of Frames of "1A" is stored as received and
+    pydicom reads it as text, but everything that used the source after (the image library,
+    the overlay, highdicom's copies of its header, which validate what they write) failed
+    with it: one such value in one image failed the report of the whole study. Without it
+    the image is described by what is left, like an image that never had it.
+    """
+    dropped: list[str] = []
+    for tag in list(dataset.keys()):
+        if tag == _PIXEL_DATA:
+            continue
+        try:
+            element = dataset[tag]
+            readable = element.VR not in _NUMBERS or all(
+                isinstance(value, int | float) for value in _values(element.value)
+            )
+        except (ValueError, TypeError, OverflowError, KeyError):
+            readable = False
+        if not readable:
+            dropped.append(keyword_for_tag(tag) or str(tag))
+            del dataset[tag]
+        elif element.VR == "SQ":
+            for item in element.value:
+                dropped += drop_unreadable_values(item)
+    return dropped
+
+
+def _values(value: object) -> list[object]:
+    if value is None or value == "":
+        return []
+    return list(value) if isinstance(value, MultiValue | list) else [value]
 
 
 def frame_count(ds: Dataset) -> int:

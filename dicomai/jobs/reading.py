@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from highdicom.sr.templates import _get_coded_modality  # the image library's own table
 from pydicom import Dataset
 from pydicom.uid import UID
 
@@ -51,6 +53,12 @@ def read_image(sop_uid: str, path: Path, spec: InputSpec) -> ReadImage:
     if not _is_image(dataset):
         # An SR or RT plan a broad model "applies" to: TID 1500 references images only.
         return ReadImage(sop_uid, None, None, "not an image (no Pixel Data)")
+    sop_class = str(dataset.get("SOPClassUID", ""))
+    if not _standard_image_class(sop_class):
+        # A vendor's private image class: the SR's image library (TID 1601) names an image by
+        # its standard class's modality, so the SR could not name this one, and the study's
+        # report failed with it.
+        return ReadImage(sop_uid, None, None, f"SOP class {sop_class} is not a standard image")
     try:
         display, tensor = prepare(dataset, spec)
     except NotEvaluable as exc:
@@ -67,6 +75,15 @@ def _is_image(dataset: Dataset) -> bool:
     if "PixelData" in dataset:
         return True
     return "Image Storage" in UID(str(dataset.get("SOPClassUID", ""))).name
+
+
+@functools.lru_cache(maxsize=256)
+def _standard_image_class(sop_class_uid: str) -> bool:
+    try:
+        _get_coded_modality(sop_class_uid)
+    except ValueError:
+        return False
+    return True
 
 
 def _has_size(dataset: Dataset) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from pydicom import Dataset
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select, true, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai.audit import Action, record
@@ -282,7 +282,13 @@ class JobRunner:
 
     def _predecessor(self, claim: Claim, model_name: str) -> tuple[str, str, str] | None:
         """The (study, series, SOP) UIDs of the SR that the latest earlier job of the same
-        model name made for the study, before more images arrived; None for the first."""
+        model name made for the study, before more images arrived; None for the first.
+
+        Only an SR that was sent (given deliveries), where results are sent at all: a shadow's
+        or a canary's silent SR never reached the PACS, and a reader told that it replaces it
+        would look for the report there in vain.
+        """
+        sent = select(Delivery.id).where(Delivery.output_id == OutputObject.id).exists()
         with self.sessions() as session:
             row = session.execute(
                 select(OutputObject.series_uid, OutputObject.sop_instance_uid)
@@ -295,6 +301,7 @@ class JobRunner:
                     OutputObject.kind == "sr",
                     # Earlier jobs only, so that a re-run of this job names the same one.
                     Job.id < claim.job_id,
+                    sent if self.settings.destinations else true(),
                 )
                 .order_by(Job.id.desc(), OutputObject.id.desc())
                 .limit(1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Sequence
+from datetime import datetime
 
 import highdicom as hd
 from highdicom._standard_utils import is_attribute_in_iod  # the IOD tables, no public name
@@ -14,6 +15,7 @@ from highdicom.valuerep import (  # no public name; the check its SOP classes ru
 from pydicom import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
+from pydicom.valuerep import TM
 
 from dicomai.inference.types import Code
 from dicomai.results.context import ModelIdentity
@@ -177,7 +179,63 @@ def source_header(dataset: Dataset) -> Dataset:
         if keyword not in header:
             setattr(header, keyword, None)
     _writable_character_set(header)
+    _readable_values(header)
     return header
+
+
+def _readable_values(header: Dataset) -> None:
+    """Patient and study values as highdicom reads them, or empty where they cannot be.
+
+    highdicom parses these when it builds an SR or SC, and a value it cannot parse failed the
+    whole job: "U" for sex, "00000000" for a birth date, the ACR-NEMA "2001-01-01" and
+    "14:04:38" forms (PS3.5 6.2 asks readers to accept them), a lower-case "m", a second name
+    after a backslash. Forms with a plain meaning are rewritten ("20010101", "140438", "M",
+    the first name); the rest are left empty (Type 2: unknown), not carried wrong.
+    """
+    for keyword, normalise in _READABLE.items():
+        value = header.get(keyword)
+        if value is None or value == "":
+            continue
+        try:
+            fixed = normalise(value)
+        except (ValueError, TypeError, OverflowError):
+            fixed = None
+        if fixed is not value:
+            setattr(header, keyword, fixed)
+
+
+def _date(value: object) -> object:
+    text = str(value).strip()
+    digits = text.replace("-", "").replace(".", "") if len(text) == 10 else text
+    datetime.strptime(digits, "%Y%m%d")  # a real day of a real month
+    return value if digits == str(value) else digits
+
+
+def _time(value: object) -> object:
+    text = str(value).strip()
+    digits = text.replace(":", "") if ":" in text else text
+    TM(digits)  # raises for what is not a time of day
+    return value if digits == str(value) else digits
+
+
+def _sex(value: object) -> object:
+    text = str(value).strip().upper()
+    return value if text == value and text in {"M", "F", "O"} else hd.PatientSexValues(text).value
+
+
+def _person(value: object) -> object:
+    first = value[0] if isinstance(value, MultiValue) else value
+    return value if first is value else first
+
+
+_READABLE = {
+    "PatientBirthDate": _date,
+    "StudyDate": _date,
+    "StudyTime": _time,
+    "PatientSex": _sex,
+    "PatientName": _person,
+    "ReferringPhysicianName": _person,
+}
 
 
 def _writable_character_set(header: Dataset) -> None:

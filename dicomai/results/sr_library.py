@@ -112,7 +112,7 @@ def _vm(value: Any) -> int:
 def _describable(header: Dataset) -> bool:
     try:
         hd.sr.ImageLibraryEntryDescriptors(header)
-    except (AttributeError, IndexError, TypeError):
+    except (AttributeError, IndexError, TypeError, ValueError):  # ValueError: a private class
         return False
     return True
 

@@ -67,5 +67,9 @@ def test_our_own_errors_logged_by_a_library_lose_their_traceback_not_their_messa
     assert record.exc_info is None and record.getMessage() == "aborting association: malformed PDU"
 
 
-def test_unexpected_errors_keep_their_traceback() -> None:
-    assert _record_of(KeyError("x"), "pynetdicom.dul").exc_info is not None
+def test_unexpected_errors_keep_their_traceback_without_the_values_they_quote() -> None:
+    error = ValueError("Unable to convert '19840211' to 'DA' object")
+    text = _record_of(error, "dicomai.jobs.runner").getMessage()
+    assert "Traceback (most recent call last)" in text and "raise error" in text, text
+    assert "ValueError: Unable to convert '<redacted>' object" in text, text
+    assert "19840211" not in text
