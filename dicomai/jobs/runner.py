@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,15 +270,31 @@ class JobRunner:
         )
 
     def _overlays(self, claim: Claim, context: ResultContext) -> list[Output]:
-        datasets = []
+        """The objects that follow the SR. One that cannot be built for one image (a source
+        whose geometry highdicom rejects, say) is left out, and the rest are sent: the SR
+        is already out, and failing the job would withhold every other image's overlay."""
+        datasets: list[tuple[str, Dataset]] = []
         overlays = OverlayBuilder(context)
         for i, prediction in enumerate(context.predictions):
-            if prediction.evaluated and prediction.heatmap is not None:
-                datasets.append(("sc", overlays.build(i)))
-            if has_mask(context, i):
-                datasets.append(("seg", build_seg(context, i)))
-            if supports_pmap(context, i):
-                datasets.append(("pmap", build_heatmap_pmap(context, i)))
+            wanted: list[tuple[str, bool, Callable[[int], Dataset]]] = [
+                ("sc", prediction.evaluated and prediction.heatmap is not None, overlays.build),
+                ("seg", has_mask(context, i), functools.partial(build_seg, context)),
+                ("pmap", supports_pmap(context, i), functools.partial(build_heatmap_pmap, context)),
+            ]
+            for kind, applies, build in wanted:
+                if not applies:
+                    continue
+                try:
+                    datasets.append((kind, build(i)))
+                except Exception as exc:
+                    log.error(
+                        "job %d: no %s for %s: %s",
+                        claim.job_id,
+                        kind,
+                        prediction.sop_instance_uid,
+                        exc if isinstance(exc, DicomaiError) else type(exc).__name__,
+                        exc_info=not isinstance(exc, DicomaiError),
+                    )
         return _write_outputs(self.outputs, claim.study_uid, datasets)
 
     def _predecessor(self, claim: Claim, model_name: str) -> tuple[str, str, str] | None:

@@ -6,6 +6,7 @@ import cv2
 import highdicom as hd
 import numpy as np
 from pydicom import Dataset
+from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicomai.results import codes
@@ -15,12 +16,15 @@ from dicomai.results.sc import heat_strength
 PMAP_SERIES_NUMBER = 9004
 # PS3.3 C.7.6.2: a Parametric Map lies in the patient's frame of reference; a source must say
 # where its pixels are in it (projection radiographs, CR and DX, do not).
-_GEOMETRY = (
-    "FrameOfReferenceUID",
-    "ImagePositionPatient",
-    "ImageOrientationPatient",
-    "PixelSpacing",
-)
+# Each with the number of values highdicom reads (0: one value), Slice Thickness included: it
+# copies the source's pixel measures.
+_GEOMETRY = {
+    "FrameOfReferenceUID": 0,
+    "ImagePositionPatient": 3,
+    "ImageOrientationPatient": 6,
+    "PixelSpacing": 2,
+    "SliceThickness": 0,
+}
 _HEAT_LABEL = "GRADCAM"
 
 
@@ -35,9 +39,16 @@ def supports_pmap(context: ResultContext, index: int) -> bool:
     return (
         prediction.evaluated
         and prediction.heatmap is not None
-        and all(keyword in source for keyword in _GEOMETRY)
+        and all(_has(source, keyword, count) for keyword, count in _GEOMETRY.items())
         and int(source.get("NumberOfFrames", 1) or 1) == 1
     )
+
+
+def _has(source: Dataset, keyword: str, count: int) -> bool:
+    value = source.get(keyword)
+    if value is None or value == "":
+        return False
+    return count == 0 or (isinstance(value, MultiValue | list) and len(value) == count)
 
 
 def build_heatmap_pmap(context: ResultContext, index: int) -> Dataset:

@@ -18,6 +18,7 @@ from dicomai.audit import Operator, os_user
 from dicomai.db.models import Delivery, Job, JobState, OutputObject, Prediction
 from dicomai.jobs.assembler import complete_quiet_studies
 from dicomai.jobs.runner import JobRunner
+from dicomai.results.sc import OverlayBuilder
 from dicomai.rollout.deployment import shadow
 from dicomai.rollout.registry import register
 from dicomai.training.synthetic import write_dicom_images
@@ -167,3 +168,25 @@ def test_a_superseding_sr_names_the_report_the_pacs_received_not_a_shadows(
         for reference in series.ReferencedSOPSequence
     ]
     assert named == [sent_srs[0]]
+
+
+def test_an_overlay_that_cannot_be_built_is_left_out_and_the_others_are_sent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings, sessions, _ = make_world(tmp_path)
+    written = write_dicom_images(tmp_path / "in", 2, seed=14, size=128)
+    datasets = [pydicom.dcmread(w.path) for w in written]
+    datasets[1].StudyInstanceUID = datasets[0].StudyInstanceUID
+    for ds in datasets:
+        ingest(settings, sessions, ds, tmp_path)
+    build = OverlayBuilder.build
+
+    def fails_for_the_first(self: OverlayBuilder, index: int) -> pydicom.Dataset:
+        if index == 0:
+            raise ValueError("a geometry highdicom rejects")
+        return build(self, index)
+
+    monkeypatch.setattr(OverlayBuilder, "build", fails_for_the_first)
+    (job,) = run_all(settings, sessions)
+    assert job.state == JobState.DONE, job.error
+    assert sorted(o.Modality for o in delivered(tmp_path / "delivered")) == ["OT", "SR"]

@@ -23,7 +23,7 @@ from dicomai.ingest.spool import Spool
 from dicomai.jobs.runner import _write_outputs
 from dicomai.results import sc as sc_module
 from dicomai.results.context import ModelIdentity, ResultContext, SourceImage
-from dicomai.results.pmap import build_heatmap_pmap
+from dicomai.results.pmap import build_heatmap_pmap, supports_pmap
 from dicomai.results.sc import blend_heatmap, build_sc, caption_lines, render_caption
 from dicomai.results.sr import build_sr
 
@@ -453,3 +453,14 @@ def test_a_jobs_objects_are_written_whole_and_private_under_their_uids(context, 
     assert sorted(p.name for p in spool.path(STUDY_UID).iterdir()) == sorted(
         f"{o.dataset.SOPInstanceUID}.dcm" for o in outputs
     ), "a temporary file was left behind"
+
+
+@pytest.mark.parametrize("keyword", ["SliceThickness", "PixelSpacing", "ImagePositionPatient"])
+def test_a_parametric_map_is_made_only_for_a_source_with_the_geometry_it_copies(context, keyword):
+    assert supports_pmap(context, 0)  # the CT
+    ct = context.sources[0].dataset
+    if keyword == "PixelSpacing":
+        ct.PixelSpacing = [0.5]
+    else:
+        del ct[keyword]
+    assert not supports_pmap(context, 0)
