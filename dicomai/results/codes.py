@@ -280,21 +280,38 @@ def _multi_frame_iod(sop_class_uid: str) -> bool:
         return True
 
 
-def copy_body_part(derived: Dataset, source: Dataset) -> None:
-    """Body Part Examined and Laterality (General Series, PS3.3 C.7.3.1) as the source has them.
+def series_body_part(sources: Sequence[Dataset]) -> dict[str, str | None]:
+    """Body Part Examined and Laterality for a series derived from `sources`.
 
-    Laterality is Type 2C, required unless the body part is known to be unpaired: it is
-    taken from the source's series, else from its Image Laterality (DX, MG), else left empty
-    (unknown) when the body part is not known either.
+    Both are General Series attributes (PS3.3 C.7.3.1), the same in every instance of a
+    series, and a PACS keeps the first it sees: one series of overlays of a left and a right
+    image must not say L in one instance and R in another. Each is taken as the sources all
+    have it, else left out (Body Part, Type 3) or empty (Laterality, Type 2C: unknown).
+    Laterality is the source series', else its Image Laterality (DX, MG); with neither it is
+    empty when the body part is not known either (it is required for paired parts).
     """
-    for keyword in ("BodyPartExamined", "Laterality"):
-        if keyword in source:
-            derived[keyword] = copy.deepcopy(source[keyword])
+    bodies = {_text(source.get("BodyPartExamined")) for source in sources}
+    sides = {_laterality(source) for source in sources}
+    found: dict[str, str | None] = {}
+    if len(bodies) == 1 and (body := bodies.pop()) is not None:
+        found["BodyPartExamined"] = body
+    side = sides.pop() if len(sides) == 1 else ""
+    if side is not None:
+        found["Laterality"] = side or None
+    elif "BodyPartExamined" not in found:
+        found["Laterality"] = None
+    return found
+
+
+def _laterality(source: Dataset) -> str | None:
+    if "Laterality" in source:
+        return _text(source.Laterality) or ""
     image_laterality = source.get("ImageLaterality")
-    if "Laterality" not in derived and image_laterality in ("L", "R"):
-        derived.Laterality = image_laterality
-    elif "Laterality" not in derived and "BodyPartExamined" not in derived:
-        derived.Laterality = None
+    return image_laterality if image_laterality in ("L", "R") else None
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
 
 
 def patient_orientation(source: Dataset) -> list[str]:

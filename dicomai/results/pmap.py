@@ -117,7 +117,11 @@ def build_heatmap_pmap(context: ResultContext, index: int) -> Dataset:
         transfer_syntax_uid=ExplicitVRLittleEndian,
     )
     pmap.copy_patient_and_study_information(header)
-    codes.copy_body_part(pmap, header)
+    series = [
+        context.sources[i].dataset for i in range(len(context.sources)) if supports_pmap(context, i)
+    ]
+    for keyword, value in codes.series_body_part(series).items():
+        setattr(pmap, keyword, value)
     return pmap
 
 

@@ -74,6 +74,13 @@ class OverlayBuilder:
     def __init__(self, context: ResultContext) -> None:
         self.context = context
         self._first: Dataset | None = None
+        self._series = codes.series_body_part(
+            [
+                source.dataset
+                for source, prediction in zip(context.sources, context.predictions, strict=True)
+                if prediction.evaluated and prediction.heatmap is not None
+            ]
+        )
 
     def build(self, index: int) -> Dataset:
         """The overlay of ``context.sources[index]``, as `build_sc` describes it."""
@@ -90,6 +97,8 @@ class OverlayBuilder:
             # Only highdicom needs a copy of the header; the derivation reads the source.
             sc = _copy_for_image(self._first, pixels, uid, index + 1)
         _describe_derivation(sc, source.dataset, lines[0], codes.method_label(context.model))
+        for keyword, value in self._series.items():
+            setattr(sc, keyword, value)
         return sc
 
 
@@ -329,7 +338,6 @@ def _describe_derivation(sc: Dataset, source: Dataset, finding: str, method: str
     # PS3.3 C.8.6.1: produced on a workstation, not digitized from an interface or film.
     sc.ConversionType = "WSD"
     sc.PatientOrientation = codes.patient_orientation(source)
-    codes.copy_body_part(sc, source)
     sc.DerivationDescription = f"{method} heat map ({finding}) blended over the source image"
     reference = Dataset()
     reference.ReferencedSOPClassUID = source.SOPClassUID

@@ -136,3 +136,17 @@ def test_a_study_of_mixed_sources_gets_valid_overlays_with_the_first_sources_pat
         for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex"):
             # Type 2 in the SC: empty where the first source lacks it.
             assert str(written.get(keyword) or "") == str(reference.get(keyword) or ""), keyword
+
+
+def test_one_series_of_overlays_says_one_body_part_and_laterality() -> None:
+    """General Series attributes: a PACS keeps the first instance's, so overlays of a right
+    and an unsided image must not disagree; where every source agrees, they carry its value."""
+    mixed = _slices()  # some slices say LUNG and R, the others nothing
+    overlays = [OverlayBuilder(mixed).build(i) for i in range(IMAGES)]
+    assert {(o.get("BodyPartExamined"), o.get("Laterality")) for o in overlays} == {(None, None)}
+
+    for source in mixed.sources:
+        source.dataset.BodyPartExamined = "LUNG"
+        source.dataset.Laterality = "R"
+    overlays = [OverlayBuilder(mixed).build(i) for i in range(IMAGES)]
+    assert {(o.BodyPartExamined, o.Laterality) for o in overlays} == {("LUNG", "R")}
