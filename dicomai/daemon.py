@@ -19,7 +19,7 @@ from dicomai.config import Settings
 from dicomai.db.migrate import require_current
 from dicomai.db.session import make_engine, make_sessionmaker
 from dicomai.ingest.recovery import forget_lost_instances
-from dicomai.ingest.scp import build_ae, handlers
+from dicomai.ingest.scp import build_ae, handlers, on_refused_connection
 from dicomai.ingest.server import LISTEN_FD_ENV, SharedPortServer, serve_in_thread
 from dicomai.ingest.spool import Spool
 from dicomai.ingest.tls import server_context
@@ -99,6 +99,7 @@ class Daemon:
             (ingest.host, ingest.port),
             self.ssl_context,
             handlers(self.settings, self.spool, self.sessions),
+            on_refused_connection(self.sessions),
         )
         if not self.listener_only:
             self._start_services()

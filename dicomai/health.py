@@ -143,7 +143,8 @@ def check_listener(settings: Settings) -> Check:
     # pynetdicom logs a refused connection as an error; the check's own line says it.
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     ae = AE(ae_title=HEALTH_AE_TITLE)
-    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 5
+    # connection_timeout covers the TLS handshake, which otherwise waits for ever.
+    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = ae.connection_timeout = 5
     ae.add_requested_context(Verification)
     # The listener speaks TLS only when it has a certificate: the probe must as well.
     context = probe_context(settings.ingest.tls)

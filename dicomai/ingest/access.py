@@ -39,9 +39,8 @@ class AccessPolicy:
         networks = self._networks.get(calling_ae.strip())
         if networks is None:
             return Decision(False, "calling AE title not in allow-list")
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
+        ip = peer_ip(address)
+        if ip is None:
             return Decision(False, "peer address not parseable")
         if any(ip in net for net in networks):
             return Decision(True, "allow-list")
@@ -50,16 +49,26 @@ class AccessPolicy:
 
 def is_health_probe(calling_ae: str, address: str, abstract_syntaxes: list[str]) -> bool:
     """`dicomai health`'s C-ECHO: our health title, from a loopback address, Verification only."""
-    try:
-        local = ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
+    ip = peer_ip(address)
     return (
         calling_ae.strip() == HEALTH_AE_TITLE
-        and local
+        and ip is not None
+        and ip.is_loopback
         and bool(abstract_syntaxes)
         and all(syntax == VERIFICATION for syntax in abstract_syntaxes)
     )
+
+
+def peer_ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The peer's address; an IPv4 sender seen through a dual-stack socket (`host = "::"`)
+    as ::ffff:a.b.c.d is the IPv4 address the allow-list names."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
 
 
 def _networks(host: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:

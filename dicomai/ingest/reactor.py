@@ -35,6 +35,7 @@ from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
 from dicomai.ingest.store_response import StoreResponseDIMSE
+from dicomai.ingest.tls import handshake
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +256,19 @@ class WakingAssociation(Association):
 
 class WakingRequestHandler(RequestHandler):
     """pynetdicom's handler, building a `WakingAssociation` (pynetdicom 3.0.4's
-    `_create_association` with the class changed and the contexts shared)."""
+    `_create_association` with the class changed and the contexts shared), after the TLS
+    handshake, on the connection's own thread, within the ARTIM time."""
+
+    def handle(self) -> None:
+        refused = handshake(self.request, self.ae.acse_timeout or 30.0)
+        if refused is None:
+            super().handle()
+            return
+        address = str(self.client_address[0])
+        log.warning("connection refused: %s (from %s)", refused, address)
+        on_refused = getattr(self.server, "dicomai_on_refused", None)
+        if on_refused is not None:
+            on_refused(address, refused)
 
     def _create_association(self) -> Association:
         assoc = WakingAssociation(self.ae, MODE_ACCEPTOR)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, cast
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
@@ -127,8 +128,20 @@ def on_rejected(event: evt.Event, sessions: sessionmaker[Session]) -> None:
     _rejected(sessions, requestor.ae_title, requestor.address, "association limit reached")
 
 
-def _rejected(sessions: sessionmaker[Session], calling: str, address: str, reason: str) -> None:
-    log.warning("association rejected: %s (%s from %s)", reason, calling, address)
+def on_refused_connection(sessions: sessionmaker[Session]) -> Callable[[str, str], None]:
+    """For the server: audit a connection refused before any association (TLS handshake)."""
+
+    def refused(address: str, reason: str) -> None:
+        _rejected(sessions, "unknown", address, reason, logged=True)
+
+    return refused
+
+
+def _rejected(
+    sessions: sessionmaker[Session], calling: str, address: str, reason: str, logged: bool = False
+) -> None:
+    if not logged:
+        log.warning("association rejected: %s (%s from %s)", reason, calling, address)
     REJECTED_ASSOCIATIONS.labels(reason=reason).inc()
     try:
         with sessions() as session, session.begin():

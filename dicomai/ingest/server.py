@@ -14,6 +14,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from ssl import SSLContext
 from typing import Any
 
@@ -37,6 +38,7 @@ class SharedPortServer(ThreadedAssociationServer):
     """
 
     shared = False
+    dicomai_on_refused: Callable[[str, str], None] | None = None
 
     def server_bind(self) -> None:
         inherited = os.environ.get(LISTEN_FD_ENV)
@@ -70,11 +72,18 @@ class SharedPortServer(ThreadedAssociationServer):
         self.shared = True
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """Accept a connection; its TLS handshake is left to its own thread (`tls.handshake`)."""
         if self.shared:
             busy = len(self.ae.active_associations)
             if busy:
                 time.sleep(min(busy * ACCEPT_DELAY_S, MAX_ACCEPT_DELAY_S))
-        return super().get_request()
+        assert self.socket is not None
+        connection, address = self.socket.accept()
+        if self.ssl_context:
+            connection = self.ssl_context.wrap_socket(
+                connection, server_side=True, do_handshake_on_connect=False
+            )
+        return connection, address
 
     def server_close(self) -> None:
         # pynetdicom shuts the socket down first, which would stop every process sharing it.
@@ -89,10 +98,13 @@ def serve_in_thread(
     address: tuple[str, int],
     ssl_context: SSLContext | None,
     evt_handlers: list[tuple[Any, ...]],
+    on_refused: Callable[[str, str], None] | None = None,
 ) -> SharedPortServer:
     """Start serving associations on `address` in a daemon thread; return the server.
 
     Associations run `reactor.WakingAssociation`: pynetdicom's reactors without their 1 ms sleeps.
+    `on_refused(peer address, reason)` hears of connections refused before any association
+    (a failed TLS handshake).
     """
     server: SharedPortServer = ae.make_server(  # type: ignore[assignment]
         address,
@@ -101,6 +113,7 @@ def serve_in_thread(
         server_class=SharedPortServer,
         request_handler=WakingRequestHandler,
     )
+    server.dicomai_on_refused = on_refused
     threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True).start()
     # As AE.start_server does: server.shutdown() removes itself from this list.
     ae._servers.append(server)

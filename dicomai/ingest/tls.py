@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
 
 from dicomai.config import TlsSettings
@@ -20,23 +21,80 @@ def server_context(tls: TlsSettings) -> ssl.SSLContext | None:
         A certificate, key or CA file cannot be read or does not match.
     """
     if tls.cert is None:
+        # Fail closed: a TLS setting without the certificate would run a plain listener.
+        given = [name for name in ("key", "ca") if getattr(tls, name) is not None]
+        given += ["require_client_cert"] if tls.require_client_cert else []
+        if given:
+            raise ConfigError(f"ingest.tls.cert is required with ingest.tls.{given[0]}")
         return None
     if tls.key is None:
         raise ConfigError("ingest.tls.key is required with ingest.tls.cert")
+    for name in ("cert", "key", "ca"):
+        path = getattr(tls, name)
+        try:
+            with open(path, "rb"):
+                pass
+        except TypeError:  # not given
+            continue
+        except OSError as exc:
+            raise ConfigError(f"ingest.tls.{name}: cannot read {path}: {exc.strerror}") from None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(BCP195_CIPHERS)
     try:
-        context.load_cert_chain(tls.cert, tls.key)
-        if tls.ca is not None:
-            context.load_verify_locations(cafile=tls.ca)
+        context.load_cert_chain(tls.cert, tls.key, password=_no_passphrase)
+    except _Encrypted:
+        raise ConfigError(
+            f"ingest.tls.key: {tls.key} is encrypted; give an unencrypted PEM key (readable "
+            "by the service user only)"
+        ) from None
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"ingest.tls: cannot load certificate material: {exc}") from None
+        raise ConfigError(
+            f"ingest.tls.cert and .key: {tls.cert} and {tls.key} do not make a certificate "
+            f"and its key: {exc}"
+        ) from None
+    if tls.ca is not None:
+        try:
+            context.load_verify_locations(cafile=tls.ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"ingest.tls.ca: {tls.ca} holds no CA certificate: {exc}") from None
     if tls.require_client_cert and tls.ca is None:
         raise ConfigError("ingest.tls.require_client_cert needs ingest.tls.ca")
     if tls.ca is not None:
         context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
     return context
+
+
+class _Encrypted(Exception):
+    pass
+
+
+def _no_passphrase() -> str:
+    # OpenSSL would otherwise ask for the pass phrase on the terminal, and a service has none.
+    raise _Encrypted
+
+
+def handshake(connection: socket.socket, timeout: float) -> str | None:
+    """Complete a server-side TLS handshake within `timeout` seconds; None, or why it failed.
+
+    Run on the connection's own thread: pynetdicom shakes hands on the thread that accepts
+    connections, where one peer that connected and said nothing stopped every other sender.
+    """
+    if not isinstance(connection, ssl.SSLSocket):
+        return None
+    connection.settimeout(timeout)
+    try:
+        connection.do_handshake()
+    except ssl.SSLCertVerificationError as exc:
+        return f"TLS handshake failed: client certificate {exc.verify_message}"
+    except ssl.SSLError as exc:
+        return f"TLS handshake failed: {(exc.reason or type(exc).__name__).lower()}"
+    except TimeoutError:
+        return f"TLS handshake not completed within {timeout:g} s"
+    except OSError as exc:
+        return f"TLS handshake failed: connection closed ({exc.strerror or type(exc).__name__})"
+    connection.settimeout(None)
+    return None
 
 
 def probe_context(tls: TlsSettings) -> ssl.SSLContext | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -120,12 +121,38 @@ def test_store_over_tls_with_a_client_certificate(tls_listener: Listener, pki: P
     assert tls_listener.query("SELECT count(*) FROM instances") == [(1,)]
 
 
-def test_client_without_certificate_is_refused(tls_listener: Listener, pki: Path) -> None:
-    assert tls_store(tls_listener, pki, None).returncode != 0
+def tls_refusals(daemon: Listener) -> list[str]:
+    rows = daemon.query(
+        "SELECT detail FROM audit_events WHERE action = 'association.rejected' ORDER BY id"
+    )
+    return [str(detail) for (detail,) in rows if "TLS handshake" in str(detail)]
 
 
-def test_client_certificate_from_another_ca_is_refused(tls_listener: Listener, pki: Path) -> None:
-    assert tls_store(tls_listener, pki, "rogue").returncode != 0
+@pytest.mark.parametrize(
+    ("client", "reason"),
+    [(None, "certificate"), ("rogue", "client certificate unable to get local issuer")],
+    ids=["no-certificate", "another-ca"],
+)
+def test_a_client_refused_in_the_handshake_is_audited_and_logged(
+    tls_listener: Listener, pki: Path, client: str | None, reason: str
+) -> None:
+    before = len(tls_refusals(tls_listener))
+    assert tls_store(tls_listener, pki, client).returncode != 0
+    refusals = tls_refusals(tls_listener)[before:]
+    assert len(refusals) == 1 and reason in refusals[0], refusals
+    assert "connection refused: TLS handshake failed" in tls_listener.log()
+
+
+def test_a_connection_that_never_shakes_hands_blocks_no_other_sender(
+    tls_listener: Listener, pki: Path
+) -> None:
+    """pynetdicom shook hands on the thread that accepts connections: one idle socket
+    stopped every TLS sender until it closed."""
+    with socket.create_connection(("127.0.0.1", tls_listener.port)):  # says nothing
+        result = tls_store(tls_listener, pki, "client")
+        assert result.returncode == 0, result.stderr
+        health = dicomai(tls_listener.config, "health", check=False)
+        assert "C-ECHO answered over TLS" in health.stdout, health.stdout
 
 
 def test_health_echoes_the_listener_over_tls(tls_listener: Listener) -> None:
@@ -169,3 +196,37 @@ def test_concurrent_tls_senders_are_served_by_every_listener_process(
             )
         assert [r.returncode for r in results] == [0, 0, 0, 0], [r.stderr for r in results]
         assert daemon.query("SELECT count(*) FROM instances") == [(4,)]
+
+
+@pytest.mark.parametrize(
+    ("tls", "message"),
+    [
+        ({"key": "server.key", "require_client_cert": True}, "ingest.tls.cert is required"),
+        ({"cert": "server.crt", "key": "missing.key"}, "ingest.tls.key: cannot read"),
+        ({"cert": "server.crt", "key": "server.key", "ca": "nowhere.crt"}, "ingest.tls.ca:"),
+        ({"cert": "server.crt", "key": "encrypted.key"}, "is encrypted"),
+    ],
+    ids=["no-cert", "missing-key", "missing-ca", "encrypted-key"],
+)
+def test_tls_settings_that_cannot_work_stop_serve_with_one_line(
+    tmp_path: Path, pki: Path, tls: dict[str, object], message: str
+) -> None:
+    if not (pki / "encrypted.key").exists():
+        openssl(
+            "pkey",
+            "-in",
+            "server.key",
+            "-aes256",
+            "-passout",
+            "pass:x",
+            "-out",
+            "encrypted.key",
+            cwd=pki,
+        )
+    settings = {k: str(pki / v) if isinstance(v, str) else v for k, v in tls.items()}
+    daemon = Listener(tmp_path, AET, [{"ae_title": MODALITY, "hosts": ["127.0.0.1"]}], tls=settings)
+    dicomai(daemon.config, "db", "upgrade")
+    result = dicomai(daemon.config, "serve", check=False, timeout=60)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and message in lines[0], result.stderr

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dicomai.config import Peer
-from dicomai.ingest.access import AccessPolicy
+from dicomai.ingest.access import HEALTH_AE_TITLE, VERIFICATION, AccessPolicy, is_health_probe
 
 PEERS = [Peer(ae_title="CT1", hosts=["10.1.2.3"]), Peer(ae_title="CR", hosts=["10.9.0.0/16"])]
 
@@ -26,3 +26,11 @@ def test_unknown_title_is_refused() -> None:
 
 def test_allow_any_lets_everyone_in() -> None:
     assert AccessPolicy([], allow_any=True).check("ANYONE", "192.0.2.1").allowed
+
+
+def test_an_ipv4_sender_on_a_dual_stack_listener_is_its_ipv4_address() -> None:
+    """With `host = "::"` an IPv4 peer arrives as ::ffff:a.b.c.d."""
+    policy = AccessPolicy(PEERS, allow_any=False)
+    assert policy.check("CT1", "::ffff:10.1.2.3").allowed
+    assert not policy.check("CT1", "::ffff:10.1.2.4").allowed
+    assert is_health_probe(HEALTH_AE_TITLE, "::ffff:127.0.0.1", [VERIFICATION])
