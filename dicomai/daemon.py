@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+from pynetdicom import AE
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai import metrics_server
@@ -30,6 +31,10 @@ from dicomai.metrics import SPOOL_FREE_BYTES
 from dicomai.restarts import RestartBackoff
 
 log = logging.getLogger(__name__)
+
+# How long a stopping listener lets open associations finish: under the systemd unit's
+# TimeoutStopSec (60 s), with room for the children, which drain at the same time.
+DRAIN_SECONDS = 30
 
 
 class Daemon:
@@ -161,12 +166,31 @@ class Daemon:
                 self.children[name] = self._spawn(name)
 
     def stop(self) -> None:
+        """Stop accepting, let the associations in flight finish (for `DRAIN_SECONDS` at
+        most, then abort them), and stop the children, which do the same meanwhile."""
+        for child in self.children.values():
+            if child.poll() is None:
+                child.terminate()
         try:
             if self.server is not None:
                 self.server.shutdown()
+                self._drain(self.server.ae)
         finally:
             self._stop_children()
         log.info("stopped")
+
+    @staticmethod
+    def _drain(ae: AE) -> None:
+        # A store cut off by the exit was answered nothing, and its file could stay in the
+        # spool without a row; a sender whose association is aborted knows to send again.
+        deadline = time.monotonic() + DRAIN_SECONDS
+        if ae.active_associations:
+            log.info("waiting for %d association(s) to finish", len(ae.active_associations))
+        while ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in ae.active_associations:
+            log.warning("aborting an association still open after %d s", DRAIN_SECONDS)
+            assoc.abort()
 
     def _stop_children(self) -> None:
         for child in self.children.values():

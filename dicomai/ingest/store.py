@@ -175,8 +175,12 @@ class Storer:
                 self.spool.remove_orphan(received.path, has_row)
         else:
             raise StorageUnavailable("could not name the instance's file in the spool")
-        placed.start_sync()
         received = replace(received, sha256=digest)
+        try:
+            placed.start_sync()
+        except BaseException:  # the fsync pool refuses work once the process is exiting
+            placed.discard()
+            raise
         try:
             assert self.committer is not None
             ours = self.committer.record(received)

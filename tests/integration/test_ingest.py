@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import signal
 import subprocess
 import threading
 from pathlib import Path
@@ -14,13 +15,14 @@ import pytest
 from daemon import Listener, accepted_by_process
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
-from servers import free_port, sample_copies, sample_file, storescu, wait_for
+from servers import echoscu, free_port, sample_copies, sample_file, storescu, wait_for
 
 from dicomai.ingest.server import serve_in_thread
 from dicomai.ingest.spool import Spool
 
 AET = "DICOMAI"
 MODALITY = "MODALITY"
+CT = "1.2.840.10008.5.1.4.1.1.2"
 
 # storescu proposes uncompressed syntaxes only unless told which compressed one to offer too.
 PROPOSE = {
@@ -514,3 +516,24 @@ def test_idle_association_is_ended_at_the_network_timeout() -> None:
         wait_for(lambda: not server.active_associations, 10, "the server side to end")
     finally:
         server.shutdown()
+
+
+def test_a_stopping_listener_lets_the_association_in_flight_finish(tmp_path: Path) -> None:
+    """SIGTERM (systemd's stop) while a modality is half-way through a study: the listener
+    takes no new association, but the open one is served to its release."""
+    files = sample_copies("CT_small.dcm", tmp_path, 3, "1.2.826.0.1.79")
+    daemon = Listener(tmp_path / "stopping", AET, [{"ae_title": MODALITY, "hosts": ["127.0.0.1"]}])
+    with daemon:
+        ae = AE(ae_title=MODALITY)
+        ae.add_requested_context(CT)
+        assoc = ae.associate("127.0.0.1", daemon.port, ae_title=AET)
+        assert assoc.is_established
+        assert assoc.send_c_store(pydicom.dcmread(files[0])).Status == 0
+        assert daemon.process is not None
+        daemon.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: echoscu(daemon.port, aet=MODALITY, aec=AET).returncode != 0, 30, "stop")
+        statuses = [assoc.send_c_store(pydicom.dcmread(path)).Status for path in files[1:]]
+        assoc.release()
+        assert statuses == [0, 0]
+        assert daemon.process.wait(60) == 0
+        assert daemon.query("SELECT count(*) FROM instances") == [(3,)]
