@@ -288,6 +288,7 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     ConfigError
         The file is missing or a value is invalid; the message names the key.
     """
+    _check_environment()
     path = config_file or os.environ.get("DICOMAI_CONFIG") or None
     if path is not None and not Path(path).is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -305,3 +306,23 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         raise ConfigError(f"invalid setting {where}: {message}") from None
     except ValueError as exc:
         raise ConfigError(f"invalid config file {path}: {exc}") from None
+
+
+# Variables of ours that are not settings: the config file, and the listening socket that
+# `serve` hands its listener processes.
+_NOT_SETTINGS = frozenset({"DICOMAI_CONFIG", "DICOMAI_LISTEN_FD"})
+
+
+def _check_environment() -> None:
+    """A `DICOMAI_*` variable that names no setting is an error, as a mistyped key in the file
+    is: pydantic ignores a variable of an unknown section, and a deployment configured by
+    environment (deploy/docker-compose.yml) would run on the default without a word."""
+    for name in os.environ:
+        upper = name.upper()
+        if not upper.startswith("DICOMAI_") or upper in _NOT_SETTINGS:
+            continue
+        field = upper.removeprefix("DICOMAI_").split("__")[0].lower()
+        if field not in Settings.model_fields:
+            raise ConfigError(
+                f"unknown setting in the environment: {name} (README.md lists the keys)"
+            )

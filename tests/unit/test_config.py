@@ -96,6 +96,15 @@ def test_unknown_nested_environment_key_is_an_error(
         load_settings(write(tmp_path, ""))
 
 
+@pytest.mark.parametrize("name", ["DICOMAI_INGST__PORT", "DICOMAI_LOGLEVEL"])
+def test_an_environment_variable_of_no_setting_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    monkeypatch.setenv(name, "5")
+    with pytest.raises(ConfigError, match=f"unknown setting in the environment: {name}"):
+        load_settings(write(tmp_path, ""))
+
+
 def test_log_level_in_any_case_and_peer_host_names(tmp_path: Path) -> None:
     settings = load_settings(
         write(
