@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from pynetdicom import AE
 from sqlalchemy.orm import Session, sessionmaker
@@ -183,12 +184,17 @@ class Daemon:
     def _drain(ae: AE) -> None:
         # A store cut off by the exit was answered nothing, and its file could stay in the
         # spool without a row; a sender whose association is aborted knows to send again.
+        # Only established associations are waited for: one still negotiating, or aborted
+        # and waiting for its peer to close, has nothing in flight.
+        def busy() -> list[Any]:
+            return [assoc for assoc in ae.active_associations if assoc.is_established]
+
         deadline = time.monotonic() + DRAIN_SECONDS
-        if ae.active_associations:
-            log.info("waiting for %d association(s) to finish", len(ae.active_associations))
-        while ae.active_associations and time.monotonic() < deadline:
+        if busy():
+            log.info("waiting for %d association(s) to finish", len(busy()))
+        while busy() and time.monotonic() < deadline:
             time.sleep(0.05)
-        for assoc in ae.active_associations:
+        for assoc in busy():
             log.warning("aborting an association still open after %d s", DRAIN_SECONDS)
             assoc.abort()
 

@@ -66,6 +66,30 @@ def guard_protocol(event: evt.Event, sessions: sessionmaker[Session]) -> None:
 
     assoc.dul.__dict__["_decode_pdu"] = decode_pdu
     assoc.__dict__["_serve_request"] = serve_request
+    transport = assoc.dul.socket
+    if transport is None:
+        return
+    recv: Callable[[int], bytearray] = transport.recv
+
+    def first_recv(nr_bytes: int) -> bytearray:
+        transport.recv = recv  # type: ignore[method-assign,assignment]
+        data = recv(nr_bytes)
+        if not data or data[0] in _PDU_NAMES:
+            return data
+        # pynetdicom would log each following byte as an unknown PDU type, a dozen lines
+        # per attempt of a misconfigured modality.
+        reason = "a TLS client on a plain port" if data[0] == 0x16 else "not DICOM"
+        log.warning("connection refused: %s (from %s)", reason, assoc.requestor.address)
+        _audit(sessions, Action.ASSOCIATION_REJECTED, assoc, reason)
+        transport.recv = _closed  # type: ignore[method-assign,assignment]
+        transport.close()  # which ends the association at once, as a peer's close would
+        return bytearray()
+
+    transport.recv = first_recv  # type: ignore[method-assign]
+
+
+def _closed(nr_bytes: int) -> bytearray:
+    return bytearray()
 
 
 def bad_titles(assoc: Any) -> tuple[str, int, str] | None:

@@ -22,7 +22,7 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import build_context
 from pynetdicom.transport import AddressInformation
-from servers import sample_file
+from servers import sample_file, wait_for
 
 AET = "DICOMAI"
 MODALITY = "MODALITY"
@@ -168,3 +168,18 @@ def test_c_find_on_a_storage_context_is_answered_unrecognised_and_audited(
     assert [(actor, address) for actor, address, _ in rows] == [(MODALITY, "127.0.0.1")]
     assert "C-FIND" in rows[0][2]
     no_traceback(listener)
+
+
+def test_a_tls_client_on_the_plain_port_gets_one_line_and_an_audit_row(
+    listener: Listener,
+) -> None:
+    before = len(audited(listener, "association.rejected"))
+    lines = len(listener.log_path.read_text().splitlines())
+    # The start of a TLS ClientHello: handshake record, TLS 1.0 framing.
+    assert answer_to(listener.port, bytes.fromhex("160301020001") + bytes(64)) == b""
+    rows = audited(listener, "association.rejected")[before:]
+    assert len(rows) == 1 and "TLS client on a plain port" in rows[0][2]
+    wait_for(lambda: "TLS client" in listener.log_path.read_text(), 10, "the refusal in the log")
+    new = listener.log_path.read_text().splitlines()[lines:]
+    assert len([line for line in new if "127.0.0.1" in line or "PDU" in line]) == 1, new
+    assert stores(listener)
