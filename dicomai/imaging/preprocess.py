@@ -214,7 +214,22 @@ def prepare(ds: Dataset, spec: InputSpec, frame: int = 0) -> tuple[np.ndarray, n
         If the image cannot be decoded or rendered.
     """
     image = render(ds, frame)
+    _large_enough(image.shape, spec)
     return to_display(image), to_model_input(image, spec)
+
+
+# A side this many times smaller than the model's, or more, is blown up from too few pixels
+# for the model to see anything (an 8×8 icon came out "Nodule Present, 100 %" at 128²).
+MAX_UPSCALE = 16
+
+
+def _large_enough(shape: tuple[int, ...], spec: InputSpec) -> None:
+    rows, cols = shape[:2]
+    if rows * MAX_UPSCALE <= spec.size[0] or cols * MAX_UPSCALE <= spec.size[1]:
+        raise NotEvaluable(
+            f"image too small for the model: {rows}×{cols} against its "
+            f"{spec.size[0]}×{spec.size[1]} input"
+        )
 
 
 def selected_frames(ds: Dataset, spec: InputSpec) -> list[int]:

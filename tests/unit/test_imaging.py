@@ -406,3 +406,24 @@ def test_gdcm_decodes_what_the_other_plugins_refuse(monkeypatch, name: str) -> N
     assert frames.shape == expected.shape
     # Lossy JPEG decoders may round differently by one; lossless ones agree exactly.
     assert np.abs(frames.astype(int) - expected.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize(
+    ("rows", "cols", "evaluable"), [(8, 8, False), (1, 300, False), (16, 16, True)]
+)
+def test_an_image_far_smaller_than_the_model_input_is_not_evaluated(
+    rows: int, cols: int, evaluable: bool
+) -> None:
+    ds = Dataset()
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = np.arange(rows * cols, dtype=np.uint8).tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    spec = InputSpec(size=(128, 128))
+    if evaluable:
+        assert prepare(ds, spec)[1].shape == (3, 128, 128)
+    else:
+        with pytest.raises(NotEvaluable, match="image too small for the model"):
+            prepare(ds, spec)
