@@ -219,7 +219,7 @@ def prepare(ds: Dataset, spec: InputSpec, frame: int = 0) -> tuple[np.ndarray, n
 
 
 # A side this many times smaller than the model's, or more, is blown up from too few pixels
-# for the model to see anything (an 8×8 icon came out "Nodule Present, 100 %" at 128²).
+# for the model to see anything (an 8x8 icon came out "Nodule Present, 100 %" at 128x128).
 MAX_UPSCALE = 16
 
 
