@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from pydicom import Dataset
@@ -266,7 +267,7 @@ class JobRunner:
             ),
             input_digest=claim.input_digest,
             uid_root=self.settings.uid_root,
-            predecessor=self._predecessor(claim, manifest.name),
+            **self._predecessors(claim, manifest.name),
         )
 
     def _overlays(self, claim: Claim, context: ResultContext) -> list[Output]:
@@ -297,17 +298,18 @@ class JobRunner:
                     )
         return _write_outputs(self.outputs, claim.study_uid, datasets)
 
-    def _predecessor(self, claim: Claim, model_name: str) -> tuple[str, str, str] | None:
-        """The (study, series, SOP) UIDs of the SR that the latest earlier job of the same
-        model name made for the study, before more images arrived; None for the first.
+    def _predecessors(self, claim: Claim, model_name: str) -> dict[str, Any]:
+        """`predecessor`: the (study, series, SOP) UIDs of the SR that the latest earlier job
+        of the same model name made for the study, before more images arrived (None for the
+        first); `revision`: how many such SRs came before this one, plus one.
 
-        Only an SR that was sent (given deliveries), where results are sent at all: a shadow's
-        or a canary's silent SR never reached the PACS, and a reader told that it replaces it
-        would look for the report there in vain.
+        Only SRs that were sent (given deliveries), where results are sent at all: a
+        shadow's or a canary's silent SR never reached the PACS, and a reader told that it
+        replaces it would look for the report there in vain.
         """
         sent = select(Delivery.id).where(Delivery.output_id == OutputObject.id).exists()
         with self.sessions() as session:
-            row = session.execute(
+            rows = session.execute(
                 select(OutputObject.series_uid, OutputObject.sop_instance_uid)
                 .join(Job, OutputObject.job_id == Job.id)
                 .join(ModelVersion, Job.model_version_id == ModelVersion.id)
@@ -321,9 +323,14 @@ class JobRunner:
                     sent if self.settings.destinations else true(),
                 )
                 .order_by(Job.id.desc(), OutputObject.id.desc())
-                .limit(1)
-            ).first()
-        return None if row is None else (claim.study_uid, row.series_uid, row.sop_instance_uid)
+            ).all()
+        if not rows:
+            return {"predecessor": None, "revision": 1}
+        latest = rows[0]
+        return {
+            "predecessor": (claim.study_uid, latest.series_uid, latest.sop_instance_uid),
+            "revision": len(rows) + 1,
+        }
 
     def _record_report(
         self, claim: Claim, predictions: list[ImagePrediction], outputs: list[Output]

@@ -43,6 +43,9 @@ class ResultContext:
 
     `predecessor` is the (study, series, SOP instance) UID of the SR that an earlier job of
     the same model made for the study before more images arrived; the new SR names it.
+    `revision` counts the study's reports by this model, this one included: the second and
+    later get series of their own numbers and descriptions ("AI findings #2 (...)"), so that a
+    reader tells the updated report and overlays from the earlier ones in the series list.
     """
 
     sources: tuple[SourceImage, ...]
@@ -51,6 +54,15 @@ class ResultContext:
     input_digest: str
     uid_root: str = "2.25"
     predecessor: tuple[str, str, str] | None = None
+    revision: int = 1
+
+    def series_number(self, first: int) -> int:
+        """The Series Number of an output series: `first` for the first report, then 10 up."""
+        return first + 10 * (self.revision - 1)
+
+    def series_title(self, title: str) -> str:
+        """`title` ("AI findings"), numbered from the second report on."""
+        return title if self.revision == 1 else f"{title} #{self.revision}"
 
     @property
     def study_uid(self) -> str:

@@ -94,7 +94,7 @@ def build_heatmap_pmap(context: ResultContext, index: int) -> Dataset:
         source_images=[header],
         pixel_array=heat[np.newaxis],
         series_instance_uid=context.uid("pmap-series"),
-        series_number=PMAP_SERIES_NUMBER,
+        series_number=context.series_number(PMAP_SERIES_NUMBER),
         sop_instance_uid=context.uid("pmap", str(source.SOPInstanceUID)),
         instance_number=index + 1,
         manufacturer=codes.MANUFACTURER,
@@ -111,7 +111,9 @@ def build_heatmap_pmap(context: ResultContext, index: int) -> Dataset:
             f"{codes.method_label(context.model)} heat map ({prediction.explained})"[:64]
         ),
         series_description=codes.series_description(
-            "AI heat map values", context.model, " - " + codes.NOT_FOR_DIAGNOSIS
+            context.series_title("AI heat map values"),
+            context.model,
+            " - " + codes.NOT_FOR_DIAGNOSIS,
         ),
         contributing_equipment=[codes.model_equipment(context.model, context.device_uid)],
         transfer_syntax_uid=ExplicitVRLittleEndian,

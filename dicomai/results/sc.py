@@ -114,14 +114,14 @@ def _highdicom_sc(
         # highdicom takes single letters only; the real value is set by _describe_derivation.
         patient_orientation=("L", "P"),
         series_instance_uid=context.uid("sc-series"),
-        series_number=SC_SERIES_NUMBER,
+        series_number=context.series_number(SC_SERIES_NUMBER),
         sop_instance_uid=uid,
         instance_number=number,
         manufacturer=codes.MANUFACTURER,
         transfer_syntax_uid=ExplicitVRLittleEndian,
         contributing_equipment=[codes.model_equipment(context.model, context.device_uid)],
         series_description=codes.series_description(
-            "AI heat map", context.model, " - " + codes.NOT_FOR_DIAGNOSIS
+            context.series_title("AI heat map"), context.model, " - " + codes.NOT_FOR_DIAGNOSIS
         ),
         software_versions=context.model.software_version,
     )

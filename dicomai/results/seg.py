@@ -81,7 +81,7 @@ def build_seg(context: ResultContext, index: int) -> Dataset:
             )
         ],
         series_instance_uid=context.uid("seg-series"),
-        series_number=SEG_SERIES_NUMBER,
+        series_number=context.series_number(SEG_SERIES_NUMBER),
         sop_instance_uid=context.uid("seg", str(source.SOPInstanceUID)),
         instance_number=index + 1,
         manufacturer=codes.MANUFACTURER,
@@ -90,7 +90,7 @@ def build_seg(context: ResultContext, index: int) -> Dataset:
         device_serial_number=context.device_uid,
         omit_empty_frames=False,
         series_description=codes.series_description(
-            "AI segmentation", context.model, " - " + codes.NOT_FOR_DIAGNOSIS
+            context.series_title("AI segmentation"), context.model, " - " + codes.NOT_FOR_DIAGNOSIS
         ),
         contributing_equipment=[codes.model_equipment(context.model, context.device_uid)],
         transfer_syntax_uid=ExplicitVRLittleEndian,

@@ -68,12 +68,14 @@ def build_sr(context: ResultContext, reuse_items: bool = True) -> Dataset:
         evidence=_evidence(context),
         content=_shell(root),
         series_instance_uid=context.uid("sr-series"),
-        series_number=SR_SERIES_NUMBER,
+        series_number=context.series_number(SR_SERIES_NUMBER),
         sop_instance_uid=context.uid("sr"),
         instance_number=1,
         manufacturer=codes.MANUFACTURER,
         is_complete=True,
-        series_description=codes.series_description("AI findings", context.model),
+        series_description=codes.series_description(
+            context.series_title("AI findings"), context.model
+        ),
         software_versions=context.model.software_version,
         contributing_equipment=[codes.model_equipment(context.model, context.device_uid)],
         previous_versions=_predecessors(context),

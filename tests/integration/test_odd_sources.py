@@ -168,6 +168,15 @@ def test_a_superseding_sr_names_the_report_the_pacs_received_not_a_shadows(
         for reference in series.ReferencedSOPSequence
     ]
     assert named == [sent_srs[0]]
+    # The update stands apart from the first report in the PACS's series list.
+    outputs = delivered(tmp_path / "delivered")
+    series = {(o.Modality, int(o.SeriesNumber), str(o.SeriesDescription)[:14]) for o in outputs}
+    assert series == {
+        ("SR", 9001, "AI findings (d"),
+        ("OT", 9002, "AI heat map (d"),
+        ("SR", 9011, "AI findings #2"),
+        ("OT", 9012, "AI heat map #2"),
+    }, series
 
 
 def test_an_overlay_that_cannot_be_built_is_left_out_and_the_others_are_sent(
