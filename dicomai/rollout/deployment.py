@@ -199,9 +199,20 @@ def _lock(session: Session, name: str) -> None:
     # FOR NO KEY UPDATE: a job inserted meanwhile (the assembler's, holding its study's lock)
     # takes a key-share lock on its version, which FOR UPDATE would make wait for us while
     # we wait for the study (PostgreSQL).
+    if session.get_bind().dialect.name == "sqlite":
+        _begin_writing(session)
     session.scalars(
         select(ModelVersion.id).where(ModelVersion.name == name).with_for_update(key_share=True)
     ).all()
+
+
+def _begin_writing(session: Session) -> None:
+    """Take SQLite's write lock now. SQLite ignores FOR UPDATE and pysqlite begins a
+    transaction at its first write, so two activations both read the old active version
+    before either wrote, and both made theirs active: two reports per study."""
+    driver = session.connection().connection.driver_connection
+    if not getattr(driver, "in_transaction", True):
+        session.connection().exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _in_state(session: Session, name: str, state: ModelState) -> ModelVersion | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 from rollout_site import DEMO, NAME, Site, demo_site, package
@@ -15,6 +16,7 @@ from dicomai.audit import Action, Operator, record
 from dicomai.db.models import Instance, Job, JobState, ModelState, ModelVersion, Prediction, Study
 from dicomai.jobs.applicability import applies
 from dicomai.jobs.assembler import complete_quiet_studies, input_digest
+from dicomai.rollout import deployment
 from dicomai.rollout.canary import canary_selects, sends_results
 from dicomai.rollout.deployment import activate
 
@@ -392,3 +394,37 @@ def waiting_on_a_lock(site: Site) -> bool:
                 )
             )
         )
+
+
+def test_two_activations_at_once_on_sqlite_leave_one_active_version(
+    site: Site, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    site.register(package(tmp_path, "1.1.0"))
+    site.register(package(tmp_path, "1.2.0"))
+    gate = deployment.decide
+
+    def slow_gate(*args, **kwargs):  # both admins read the versions before either writes
+        time.sleep(0.5)
+        return gate(*args, **kwargs)
+
+    monkeypatch.setattr(deployment, "decide", slow_gate)
+    errors: list[BaseException] = []
+
+    def activate_version(version: str) -> None:
+        try:
+            with site.sessions() as session, session.begin():
+                activate(session, NAME, version, Operator("admin", "test", version))
+        except BaseException as exc:
+            errors.append(exc)
+
+    admins = [threading.Thread(target=activate_version, args=(v,)) for v in ("1.1.0", "1.2.0")]
+    for admin in admins:
+        admin.start()
+    for admin in admins:
+        admin.join(60)
+    assert errors == []
+    with site.sessions() as session:
+        active = session.scalars(
+            select(ModelVersion.version).where(ModelVersion.state == ModelState.ACTIVE)
+        ).all()
+    assert len(active) == 1, active
