@@ -143,15 +143,16 @@ def models_rollback(obj: Context, name: str, reason: str) -> None:
 @click.argument("name")
 @click.argument("version")
 @_REASON
+@click.option("--force", is_flag=True, help="Retire the active version too (needs --reason).")
 @click.pass_obj
-def models_retire(obj: Context, name: str, version: str, reason: str) -> None:
+def models_retire(obj: Context, name: str, version: str, reason: str, force: bool) -> None:
     """Stop running NAME VERSION on new studies."""
     from dicomai.rollout.deployment import active_version, retire
     from dicomai.rollout.registry import get
 
     with admin_session(obj) as session:
         was_canary = get(session, name, version).state == ModelState.CANARY
-        row = retire(session, name, version, operator(reason))
+        row = retire(session, name, version, operator(reason), force=force)
         click.echo(f"{row.label} is retired")
         _echo_handed_over(session, row, active_version(session, name) if was_canary else None)
 

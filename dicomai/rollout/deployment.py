@@ -108,10 +108,26 @@ def rollback(session: Session, name: str, operator: Operator) -> tuple[ModelVers
     return previous, current
 
 
-def retire(session: Session, name: str, version: str, operator: Operator) -> ModelVersion:
-    """Stop running `name version` on new studies, for good (except by rollback)."""
+def retire(
+    session: Session, name: str, version: str, operator: Operator, force: bool = False
+) -> ModelVersion:
+    """Stop running `name version` on new studies, for good (except by rollback).
+
+    The active version only with `force` and a reason: it leaves the model without a
+    version until another is activated, and rollback cannot bring it back (it restores the
+    version before an active one).
+    """
     row = _checked(session, name, version, ModelState.RETIRED)
     was = row.state
+    if was == ModelState.ACTIVE:
+        if not force:
+            raise InvalidTransition(
+                f"{row.label} is the active version: activate another (or roll back) to "
+                f"replace it; retiring it leaves {name} without a model (--force --reason "
+                "'...' does)"
+            )
+        if not operator.reason.strip():
+            raise DicomaiError("--force needs a --reason, recorded in the audit trail")
     hand_over = _HandOver.locked(session, row)
     _set_state(session, row, ModelState.RETIRED, Action.MODEL_RETIRED, operator)
     # A canary's studies fall back to the active version; a shadow's have it already.

@@ -298,6 +298,13 @@ def test_invalid_transitions_are_one_line_errors(site: Site, tmp_path) -> None:
     )
     site.cli("models", "retire", NAME, "1.3.0", "--reason", "not needed")
     one_line_error(site.cli("models", "shadow", NAME, "1.3.0", check=False), "retired")
+    # Retiring the active version would leave the model without one, beyond rollback's reach.
+    one_line_error(
+        site.cli("models", "retire", NAME, "1.0.0", check=False), "active version", "--force"
+    )
+    one_line_error(site.cli("models", "retire", NAME, "1.0.0", "--force", check=False), "reason")
+    with site.sessions() as session:
+        assert session.get_one(ModelVersion, site.version_id("1.0.0")).state == ModelState.ACTIVE
 
 
 def test_view_position_and_series_description_route_images() -> None:
