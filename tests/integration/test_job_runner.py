@@ -137,16 +137,18 @@ def test_the_sr_is_sent_before_the_overlays_are_built_and_never_twice(world, mon
     ingest(settings, sessions, study_with_broken_images(tmp_path)[0], tmp_path)
     (job_id,) = complete_quiet_studies(sessions, 0)
     delivered = tmp_path / "delivered"
-    real = runner_module.OverlayBuilder.build
+    real = runner_module._write_outputs
     seen: list[list[str]] = []
 
-    def overlay_fails_once(builder, i):
-        seen.append(sorted(pydicom.dcmread(p).Modality for p in delivered.iterdir()))
-        if len(seen) == 1:
-            raise RuntimeError("overlay rendering broke")
-        return real(builder, i)
+    def overlays_fail_once(spool, study_uid, datasets):
+        if any(kind == "sc" for kind, _ in datasets):
+            seen.append(sorted(pydicom.dcmread(p).Modality for p in delivered.iterdir()))
+            if len(seen) == 1:
+                # A failure after the SR went out (writing the overlays): the job is retried.
+                raise RuntimeError("overlay writing broke")
+        return real(spool, study_uid, datasets)
 
-    monkeypatch.setattr(runner_module.OverlayBuilder, "build", overlay_fails_once)
+    monkeypatch.setattr(runner_module, "_write_outputs", overlays_fail_once)
     runner = JobRunner(settings, sessions, device="cpu")
     runner.run_job(job_id)
     assert seen == [["SR"]], "the SR should reach the destination before any overlay is built"
