@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -36,6 +37,12 @@ def check_database(settings: Settings) -> Check:
 def check_broker(settings: Settings) -> Check:
     from workers.app import make_app
 
+    if not settings.embedded_broker:
+        import redis
+
+        # Timeouts on every read: kombu's connection check bounds the connect only.
+        redis.Redis.from_url(settings.broker_url, socket_timeout=5, socket_connect_timeout=5).ping()
+        return Check("broker", True, "reachable")
     app = make_app(settings)
     with app.connection_for_write() as connection:
         connection.ensure_connection(max_retries=1, timeout=5)
@@ -179,13 +186,29 @@ CHECKS: tuple[Callable[[Settings], Check], ...] = (
 )
 
 
-def run_checks(settings: Settings) -> list[Check]:
-    """Run every check; a check that raises is reported as failed with the error's type."""
-    results = []
-    for check in CHECKS:
-        name = check.__name__.removeprefix("check_")
+# A server that accepts connections but does not answer (stopped, swapping, a full disk)
+# must not hang the check that monitoring runs: each check gets this long.
+CHECK_SECONDS = 20.0
+
+
+def run_checks(settings: Settings, seconds: float = CHECK_SECONDS) -> list[Check]:
+    """Run every check; a check that raises is reported as failed with the error's type, one
+    that does not finish within `seconds` as not answering."""
+    return [_bounded(check, settings, seconds) for check in CHECKS]
+
+
+def _bounded(check: Callable[[Settings], Check], settings: Settings, seconds: float) -> Check:
+    name = check.__name__.removeprefix("check_")
+    outcome: list[Check] = []
+
+    def run() -> None:
         try:
-            results.append(check(settings))
+            outcome.append(check(settings))
         except Exception as exc:  # each check's failure is a result, not a crash
-            results.append(Check(name, False, f"{type(exc).__name__}: {exc}".splitlines()[0]))
-    return results
+            outcome.append(Check(name, False, f"{type(exc).__name__}: {exc}".splitlines()[0]))
+
+    # A daemon thread: one stuck in a read that never returns does not keep the process.
+    thread = threading.Thread(target=run, name=f"health-{name}", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return outcome[0] if outcome else Check(name, False, f"no answer within {seconds:g} s")

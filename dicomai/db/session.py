@@ -28,7 +28,9 @@ def make_engine(url: str) -> Engine:
     if parsed.drivername == "postgresql":
         url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
     try:
-        return create_engine(url, pool_pre_ping=True)
+        # A server that accepts the connection but never answers (stopped, overloaded)
+        # gives an error after this long instead of hanging every command.
+        return create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 10})
     except (NoSuchModuleError, ImportError):
         # A dialect or driver this installation lacks (mysql://...): dicomai runs on
         # PostgreSQL (psycopg) and SQLite.

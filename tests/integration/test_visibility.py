@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import signal
 import time
 import tomllib
 import urllib.request
@@ -12,7 +13,7 @@ import pydicom
 import pytest
 from daemon import Listener, accepted_by_process, dicomai
 from pynetdicom import AE
-from servers import free_port, sample_file, storescu, wait_for
+from servers import RedisServer, free_port, sample_file, storescu, wait_for
 
 AET = "DICOMAI"
 MODALITY = "MODALITY"
@@ -231,3 +232,25 @@ def test_objects_models_cannot_use_are_stored_and_never_processed(
         "the study to complete",
     )
     assert listener.query("SELECT count(*) FROM jobs") == [(0,)]
+
+
+def test_health_fails_a_broker_that_accepts_connections_but_never_answers(
+    listener: Listener, redis_server: RedisServer
+) -> None:
+    """A stopped redis-server (SIGSTOP: the kernel still accepts its connections) hung
+    `dicomai health`, and the monitoring that runs it, for ever."""
+    assert redis_server._process is not None
+    redis_server._process.send_signal(signal.SIGSTOP)
+    try:
+        result = dicomai(
+            listener.config,
+            "health",
+            check=False,
+            env={"DICOMAI_BROKER__URL": redis_server.url},
+            timeout=120,
+        )
+    finally:
+        redis_server._process.send_signal(signal.SIGCONT)
+    assert result.returncode == 1, result.stdout + result.stderr
+    (row,) = [line for line in result.stdout.splitlines() if line.startswith("broker")]
+    assert "FAIL" in row, result.stdout
