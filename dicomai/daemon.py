@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import logging
 import os
 import signal
@@ -20,6 +21,7 @@ from dicomai import metrics_server
 from dicomai.config import Settings
 from dicomai.db.migrate import require_current
 from dicomai.db.session import make_engine, make_sessionmaker
+from dicomai.errors import ConfigError
 from dicomai.ingest.recovery import forget_lost_instances
 from dicomai.ingest.scp import build_ae, handlers, on_refused_connection
 from dicomai.ingest.server import LISTEN_FD_ENV, SharedPortServer, serve_in_thread
@@ -86,6 +88,7 @@ class Daemon:
 
     def start(self) -> None:
         if not self.listener_only:
+            self._lock_storage()
             # Before any listener runs (children included): no write can be in progress.
             removed = self.spool.remove_partial_files()
             if removed:
@@ -165,6 +168,20 @@ class Daemon:
             if now >= self._restart_at[name]:
                 del self._restart_at[name]
                 self.children[name] = self._spawn(name)
+
+    def _lock_storage(self) -> None:
+        """One `serve` per storage folder: a second would remove the first's partial files
+        at its start, and assemble and reconcile beside it."""
+        path = self.settings.storage.dir / "serve.lock"
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._storage_lock = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._storage_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"another `dicomai serve` is running on {self.settings.storage.dir}: stop it "
+                "first (systemctl stop dicomai-serve)"
+            ) from None
 
     def stop(self) -> None:
         """Stop accepting, let the associations in flight finish (for `DRAIN_SECONDS` at

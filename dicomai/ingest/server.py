@@ -33,8 +33,10 @@ MAX_ACCEPT_DELAY_S = 0.025
 class SharedPortServer(ThreadedAssociationServer):
     """pynetdicom's server on an inherited listening socket (`LISTEN_FD_ENV`), else on its own.
 
-    Its own socket is bound with SO_REUSEPORT, so a listener started without an inherited socket
-    still shares the port. `share` turns a bound server into one that others may inherit.
+    Its own socket is bound without SO_REUSEPORT: a second `serve` started on a port in use
+    (an old one left running while an administrator edits the allow-list) fails with
+    "address already in use" rather than quietly taking half the associations under its
+    own rules. `share` turns a bound server into one that others may inherit.
     """
 
     shared = False
@@ -43,8 +45,6 @@ class SharedPortServer(ThreadedAssociationServer):
     def server_bind(self) -> None:
         inherited = os.environ.get(LISTEN_FD_ENV)
         if inherited is None:
-            if self.socket is not None:
-                self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             super().server_bind()
             return
         if self.socket is not None:

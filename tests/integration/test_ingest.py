@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from daemon import Listener, accepted_by_process
+from daemon import Listener, accepted_by_process, dicomai
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from servers import echoscu, free_port, sample_copies, sample_file, storescu, wait_for
@@ -537,3 +537,22 @@ def test_a_stopping_listener_lets_the_association_in_flight_finish(tmp_path: Pat
         assert statuses == [0, 0]
         assert daemon.process.wait(60) == 0
         assert daemon.query("SELECT count(*) FROM instances") == [(3,)]
+
+
+def test_a_second_serve_on_the_same_storage_or_port_stops_with_one_line(tmp_path: Path) -> None:
+    """An old `serve` left running while an administrator edits the allow-list and starts a
+    new one: the new one must not take half the associations under other rules."""
+    peers = [{"ae_title": MODALITY, "hosts": ["127.0.0.1"]}]
+    with Listener(tmp_path / "first", AET, peers) as first:
+        second = dicomai(first.config, "serve", check=False, timeout=60)
+        lines = second.stderr.strip().splitlines()
+        assert second.returncode == 2 and len(lines) == 1, second.stderr
+        assert "another `dicomai serve` is running" in lines[0]
+        # Another storage folder, the same port.
+        other = Listener(tmp_path / "second", AET, peers)
+        config = other.config.read_text().replace(f"port = {other.port}", f"port = {first.port}")
+        other.config.write_text(config)
+        dicomai(other.config, "db", "upgrade")
+        third = dicomai(other.config, "serve", check=False, timeout=60)
+        assert third.returncode == 2 and "Address already in use" in third.stderr, third.stderr
+        assert echoscu(first.port, aet=MODALITY, aec=AET).returncode == 0
