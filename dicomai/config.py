@@ -25,6 +25,7 @@ from pydantic_settings import (
 
 from dicomai.errors import ConfigError
 from dicomai.inference.device import DEVICE_PATTERN
+from dicomai.uids import is_valid_uid
 
 # The number formats a worker may run its networks in (see dicomai.inference.precision).
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -132,6 +133,14 @@ class DatabaseSettings(Section):
 class BrokerSettings(Section):
     url: str = ""
 
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        scheme = value.partition("://")[0].lower()
+        if value and scheme not in ("redis", "rediss", "filesystem"):
+            raise ValueError("give a redis:// (or rediss://) URL, or leave it empty")
+        return value
+
 
 class WorkerSettings(Section):
     """The worker, and the leases after which the reconciler rings a job again."""
@@ -219,6 +228,24 @@ class Settings(BaseSettings):
     destinations: list[Destination] = Field(default_factory=list)
     uid_root: str = "2.25"
     log_level: str = "INFO"
+
+    @field_validator("uid_root")
+    @classmethod
+    def _uid_root(cls, value: str) -> str:
+        # Room for the derived number (at least 20 digits) after it: see `dicomai.uids`.
+        if not is_valid_uid(value) or len(value) > 40:
+            raise ValueError(
+                "uid_root must be a UID (digits and dots, PS3.5 9.1) of at most 40 characters"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _destination_names(self) -> Settings:
+        names = [destination.name for destination in self.destinations]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"destinations: the name {repeated[0]!r} is given twice")
+        return self
 
     @field_validator("log_level")
     @classmethod

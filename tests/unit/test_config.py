@@ -59,6 +59,15 @@ def test_config_file_named_by_environment(tmp_path: Path, monkeypatch: pytest.Mo
         ("[ingest\nport = 1\n", "invalid config file"),
         # A typo in a known table is an error, not the default silently kept.
         ("[ingest]\nstudy_quit_seconds = 3\n", "unknown setting ingest.study_quit_seconds"),
+        # Accepted before, then every job failed (or the worker would not start).
+        ("uid_root = '1.2.3.abc'\n", "uid_root must be a UID"),
+        ("uid_root = '1.2.840.10008.999999999999999999999999999999999'\n", "at most 40"),
+        (
+            "[[destinations]]\nname = 'pacs'\npath = '/tmp/a'\n"
+            "[[destinations]]\nname = 'pacs'\npath = '/tmp/b'\n",
+            "the name 'pacs' is given twice",
+        ),
+        ("[broker]\nurl = 'htp://redis:6379/0'\n", "redis://"),
         ("[ingest]\nstudy_quiet_seconds = -3\n", "ingest.study_quiet_seconds"),
         ("[ingest]\nport = 70000\n", "ingest.port"),
         ("[metrics]\nport = 99999\n", "metrics.port"),
