@@ -18,7 +18,7 @@ def db() -> None:
 @click.pass_obj
 def db_upgrade(obj: Context) -> None:
     """Bring the database up to the newest schema (any older version)."""
-    from dicomai.db.migrate import current_revision, head_revision, upgrade
+    from dicomai.db.migrate import current_revision, head_revision, newer_schema, upgrade
     from dicomai.db.session import make_engine
 
     url = obj.settings.database_url
@@ -28,6 +28,7 @@ def db_upgrade(obj: Context) -> None:
     finally:
         engine.dispose()
     head = head_revision(url)
+    newer_schema(before, url)
     if before == head:
         # The systemd unit runs this at every start: a current schema is not an event.
         click.echo(f"database at revision {head} (already current)")

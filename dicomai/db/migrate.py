@@ -80,5 +80,28 @@ def require_current(engine: Engine, url: str) -> None:
     ConfigError
         The schema is not the newest: ``dicomai db upgrade`` brings it up.
     """
-    if current_revision(engine) != head_revision(url):
+    current = current_revision(engine)
+    if current != head_revision(url):
+        newer_schema(current, url)
         raise ConfigError("the database schema is not current: run `dicomai db upgrade`")
+
+
+def newer_schema(revision: str | None, url: str) -> None:
+    """Raise if `revision` is one this dicomai does not know: a newer version's schema (after
+    a downgrade), which no command of this version can bring up.
+
+    Raises
+    ------
+    ConfigError
+        Naming the revision, and what to do.
+    """
+    if revision is None:
+        return
+    try:
+        ScriptDirectory.from_config(alembic_config(url)).get_revision(revision)
+    except Exception:  # alembic's "Can't locate revision" and kin
+        raise ConfigError(
+            f"the database schema {revision} is newer than this dicomai knows (newest "
+            f"{head_revision(url)}): run the dicomai version that wrote it, or restore the "
+            "database from before"
+        ) from None

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from alembic import command
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect
+from daemon import dicomai, write_config
+from sqlalchemy import inspect, text
 
 from dicomai.db.migrate import alembic_config, current_revision, upgrade
 from dicomai.db.session import make_engine
@@ -39,3 +40,22 @@ def test_every_older_revision_upgrades_to_head(url: str) -> None:
 def test_models_and_migrations_agree(url: str) -> None:
     upgrade(url)
     command.check(alembic_config(url))
+
+
+def test_a_schema_newer_than_this_version_is_one_line_not_a_traceback(tmp_path) -> None:
+    """After a downgrade of dicomai the database holds a revision it does not know:
+    `db upgrade` cannot help, and `serve` must not say that it can."""
+    url = f"sqlite:///{tmp_path / 'var' / 'dicomai.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    engine.dispose()
+    config = write_config(
+        tmp_path / "dicomai.toml", {"storage": {"dir": str(tmp_path / "var")}}, {}
+    )
+    for command_line in (("db", "upgrade"), ("serve",)):
+        result = dicomai(config, *command_line, check=False, timeout=60)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert "schema 0099 is newer than this dicomai knows" in lines[0], lines
