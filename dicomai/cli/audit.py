@@ -8,6 +8,7 @@ import click
 from sqlalchemy import select
 
 from dicomai.cli.main import Context
+from dicomai.cli.params import LIMIT
 from dicomai.cli.session import admin_session
 from dicomai.cli.tables import print_json, print_table, when
 from dicomai.db.models import AuditEvent, utcnow
@@ -26,7 +27,7 @@ def audit() -> None:
 @click.option("--actor", default=None, help="Only events by this user, AE title or component.")
 @click.option("--action", default=None, help="Only this action, e.g. model.activated.")
 @click.option("--study", default=None, help="Only events of this Study Instance UID.")
-@click.option("--limit", default=100, show_default=True)
+@click.option("--limit", default=100, show_default=True, type=LIMIT)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.pass_obj
 def audit_list(

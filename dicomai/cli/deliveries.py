@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session
 
 from dicomai.audit import Action, Operator, record
 from dicomai.cli.main import Context
+from dicomai.cli.params import LIMIT, ROW_ID
 from dicomai.cli.session import admin_session, operator
 from dicomai.cli.tables import print_json, print_table, when
 from dicomai.db.models import Delivery, DeliveryState, Job, OutputObject, Study, utcnow
@@ -24,7 +25,7 @@ def deliveries() -> None:
 @deliveries.command("list")
 @click.option("--state", type=_STATES, default=None, help="Only deliveries in this state.")
 @click.option("--study", default=None, help="Only deliveries of this Study Instance UID.")
-@click.option("--limit", default=50, show_default=True)
+@click.option("--limit", default=50, show_default=True, type=LIMIT)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.pass_obj
 def deliveries_list(
@@ -69,7 +70,7 @@ def deliveries_list(
 
 
 @deliveries.command("retry")
-@click.argument("delivery_ids", metavar="[ID]...", nargs=-1, type=int)
+@click.argument("delivery_ids", metavar="[ID]...", nargs=-1, type=ROW_ID)
 @click.option("--failed", "all_failed", is_flag=True, help="Every failed delivery.")
 @click.option("--study", default=None, help="With --failed: only this Study Instance UID's.")
 @click.option("--destination", default=None, help="With --failed: only to this destination.")

@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session
 
 from dicomai.audit import Action, record
 from dicomai.cli.main import Context
+from dicomai.cli.params import LIMIT, ROW_ID
 from dicomai.cli.session import admin_session, operator
 from dicomai.cli.tables import print_fields, print_json, print_table, when
 from dicomai.db.models import Job, JobState, Prediction
@@ -25,7 +26,7 @@ def jobs() -> None:
 @jobs.command("list")
 @click.option("--state", type=_STATES, default=None, help="Only jobs in this state.")
 @click.option("--study", default=None, help="Only jobs of this Study Instance UID.")
-@click.option("--limit", default=50, show_default=True)
+@click.option("--limit", default=50, show_default=True, type=LIMIT)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.pass_obj
 def jobs_list(
@@ -52,7 +53,7 @@ def jobs_list(
 
 
 @jobs.command("show")
-@click.argument("job_id", type=int)
+@click.argument("job_id", type=ROW_ID)
 @click.pass_obj
 def jobs_show(obj: Context, job_id: int) -> None:
     """Show a job: its model version, timings, error, predictions, outputs and deliveries."""
@@ -101,7 +102,7 @@ def jobs_show(obj: Context, job_id: int) -> None:
 
 
 @jobs.command("retry")
-@click.argument("job_id", type=int)
+@click.argument("job_id", type=ROW_ID)
 @_REASON
 @click.pass_obj
 def jobs_retry(obj: Context, job_id: int, reason: str) -> None:
@@ -119,7 +120,7 @@ def jobs_retry(obj: Context, job_id: int, reason: str) -> None:
 
 
 @jobs.command("cancel")
-@click.argument("job_id", type=int)
+@click.argument("job_id", type=ROW_ID)
 @_REASON
 @click.pass_obj
 def jobs_cancel(obj: Context, job_id: int, reason: str) -> None:

@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from dicomai.cli.params import SEED
 from dicomai.errors import DicomaiError
-from dicomai.models.manifest import EXPLANATION_METHODS
+from dicomai.models.manifest import EXPLANATION_METHODS, NAME_PATTERN, VERSION_PATTERN
 
 if TYPE_CHECKING:
     from dicomai.training.runs import RunSettings
@@ -24,9 +25,22 @@ _RATE = click.FloatRange(min=0, min_open=True)
 _POSITIVE_INT = click.IntRange(min=1)
 
 
+def _checked_name(_context: click.Context, _param: click.Parameter, value: str) -> str:
+    # Checked before training, not when `models register` refuses the package after it.
+    if not NAME_PATTERN.fullmatch(value):
+        raise click.BadParameter("a name of letters, digits, '.', '_' or '-' (up to 64)")
+    return value
+
+
+def _checked_version(_context: click.Context, _param: click.Parameter, value: str) -> str:
+    if not VERSION_PATTERN.fullmatch(value):
+        raise click.BadParameter("a semantic version x.y.z")
+    return value
+
+
 @click.command("train-demo")
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 def train_demo(out: Path, seed: int) -> None:
     """Train the demo model on synthetic images and write its package to OUT (not for diagnosis)."""
     from dicomai.training.demo import build_demo_package
@@ -99,8 +113,10 @@ def _epochs(text: str) -> tuple[int, ...]:
     type=click.Path(path_type=Path),
     help="Output folder: package/, training_log.csv, curves.png, checkpoints/.",
 )
-@click.option("--name", required=True, help="Model name in the package.")
-@click.option("--version", "model_version", default="1.0.0", show_default=True)
+@click.option("--name", required=True, callback=_checked_name, help="Model name in the package.")
+@click.option(
+    "--version", "model_version", default="1.0.0", show_default=True, callback=_checked_version
+)
 @click.option("--description", default="", help="Model card text.")
 @click.option("--architecture", default="tinycnn", show_default=True)
 @click.option("--dropout", type=_PROBABILITY, help="Dropout before the head.")
@@ -203,7 +219,7 @@ def _epochs(text: str) -> tuple[int, ...]:
     type=click.FloatRange(0, 1, min_open=True, max_open=True),
     show_default=True,
 )
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--rotation", default=7.0, show_default=True, help="Max rotation, degrees.")
 @click.option("--hflip/--no-hflip", default=False, show_default=True)
 @click.option("--jitter", default=0.1, show_default=True, help="Brightness/contrast jitter.")

@@ -26,6 +26,8 @@ _VERSION = re.compile(
     r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-[0-9A-Za-z-]+(\.[0-9A-Za-z-]+)*)?"
 )
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# For the commands that write a package (`dicomai train`), to check before they train.
+NAME_PATTERN, VERSION_PATTERN = _NAME, _VERSION
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 

@@ -96,3 +96,25 @@ def test_an_age_before_year_one_is_refused(config: Path) -> None:
     dicomai(config, "db", "upgrade")
     result = dicomai(config, "audit", "list", "--since", "99999999d", check=False)
     one_line_error(result, 2, "--since")
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (("jobs", "show", "99999999999999999999999"), "JOB_ID"),
+        (("jobs", "list", "--limit", "-1"), "--limit"),
+        (("deliveries", "retry", "99999999999999999999999"), "[ID]..."),
+        (("audit", "list", "--limit", "0"), "--limit"),
+        (("train-demo", "out", "--seed", "-1"), "--seed"),
+        # Refused before any training, not by `models register` after it.
+        (("train", "--name", "a b", "--data", "d", "--out", "o"), "--name"),
+        (("train", "--name", "ok", "--version", "1.0", "--data", "d", "--out", "o"), "--version"),
+    ],
+)
+def test_numbers_and_names_out_of_range_are_usage_errors(
+    config: Path, args: tuple[str, ...], words: str
+) -> None:
+    result = dicomai(config, *args, check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and "database unavailable" not in result.stderr
+    assert f"Invalid value for '{words}'" in result.stderr, result.stderr
