@@ -132,8 +132,19 @@ def read_evaluation(path: Path) -> dict[str, Any]:
         raise DicomaiError(f"{path}: not a readable JSON file: {error}") from None
     if not isinstance(data, dict):
         raise DicomaiError(f"{path}: must hold a JSON object")
-    if not gate_metrics(evaluation_metrics(data)):
+    metrics = evaluation_metrics(data)
+    for key, value in metrics.items():
+        # NaN and Infinity are JavaScript, not JSON: PostgreSQL refuses them in a JSON column.
+        if isinstance(value, float) and not math.isfinite(value):
+            raise DicomaiError(f"{path}: {key} is {value}; give a finite number or leave it out")
+    scores = gate_metrics(metrics)
+    if not scores:
         raise DicomaiError(
             f"{path}: no metric named like *_{'/'.join(HIGHER_IS_BETTER)} with a finite value"
         )
+    for key, value in scores.items():
+        if not 0.0 <= value <= 1.0:
+            raise DicomaiError(
+                f"{path}: {key} = {value:g} is not in [0, 1] (a fraction: 0.97, not 97)"
+            )
     return data

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from dicomai.rollout.gate import gate_metrics
+import re
+from pathlib import Path
+
+import pytest
+
+from dicomai.errors import DicomaiError
+from dicomai.rollout.gate import gate_metrics, read_evaluation
 
 
 def test_scores_are_gated_by_any_word_of_their_name_and_losses_or_spreads_are_not() -> None:
@@ -27,3 +33,27 @@ def test_scores_are_gated_by_any_word_of_their_name_and_losses_or_spreads_are_no
         "val_accuracy": 0.8,
         "test_sensitivity": 0.85,
     }
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ('{"auc_macro": 1.5}', "not in [0, 1]"),
+        ('{"accuracy": 97}', "0.97, not 97"),
+        ('{"auc_macro": 0.9, "sensitivity": NaN}', "sensitivity is nan"),
+        ('{"metrics": {"auc": Infinity}}', "auc is inf"),
+    ],
+)
+def test_a_site_evaluation_with_scores_that_are_not_fractions_is_refused(
+    tmp_path: Path, text: str, words: str
+) -> None:
+    path = tmp_path / "evaluation.json"
+    path.write_text(text)
+    with pytest.raises(DicomaiError, match=re.escape(words)):
+        read_evaluation(path)
+
+
+def test_a_site_evaluation_of_fractions_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "evaluation.json"
+    path.write_text('{"auc_macro": 0.93, "accuracy": 1}')
+    assert read_evaluation(path) == {"auc_macro": 0.93, "accuracy": 1}
