@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from dicomai.audit import Action, Operator, record
@@ -56,26 +57,35 @@ def check_package(folder: Path) -> dict[str, object]:
 
 
 def register(session: Session, path: Path, registry_dir: Path, operator: Operator) -> ModelVersion:
-    """Check the package at `path`, copy it into the registry and record it as registered."""
+    """Check the package at `path`, record it as registered and copy it into the registry.
+
+    The row comes first: once it is flushed this transaction holds the name and version (a
+    concurrent registration of the same waits, then fails on the unique key), so only the
+    registration that will own the folder writes it. Copied first, the loser of such a race
+    replaced the winner's files under the winner's row.
+    """
     with package_folder(path) as folder:
         manifest = check_package(folder)
         name, version = str(manifest["name"]), str(manifest["version"])
+        already = ModelPackageError(
+            f"{name} {version} is already registered; registered versions are immutable"
+        )
         if find(session, name, version) is not None:
-            raise ModelPackageError(
-                f"{name} {version} is already registered; registered versions are immutable"
-            )
-        target = registry_dir / name / version
-        _copy_atomically(folder, target)
-    row = ModelVersion(
-        name=name,
-        version=version,
-        architecture=str(manifest["architecture"]),
-        path=f"{name}/{version}",
-        weights_sha256=str(manifest["weights_sha256"]),
-        manifest=manifest,
-    )
-    session.add(row)
-    session.flush()
+            raise already
+        row = ModelVersion(
+            name=name,
+            version=version,
+            architecture=str(manifest["architecture"]),
+            path=f"{name}/{version}",
+            weights_sha256=str(manifest["weights_sha256"]),
+            manifest=manifest,
+        )
+        session.add(row)
+        try:
+            session.flush()
+        except IntegrityError:
+            raise already from None
+        _copy_atomically(folder, registry_dir / name / version)
     record(
         session,
         Action.MODEL_REGISTERED,
@@ -91,12 +101,17 @@ def register(session: Session, path: Path, registry_dir: Path, operator: Operato
 
 def _copy_atomically(folder: Path, target: Path) -> None:
     if target.exists():
-        # Left by a registration whose commit failed: no row names it.
+        # Left by a registration whose commit failed: this transaction holds the only row
+        # that may name it.
         shutil.rmtree(target)
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(folder, tmp)
-    tmp.rename(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        shutil.copytree(folder, tmp, dirs_exist_ok=True)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def find(session: Session, name: str, version: str) -> ModelVersion | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 
@@ -16,7 +17,7 @@ from dicomai.audit import Action, Operator, record
 from dicomai.db.models import Instance, Job, JobState, ModelState, ModelVersion, Prediction, Study
 from dicomai.jobs.applicability import applies
 from dicomai.jobs.assembler import complete_quiet_studies, input_digest
-from dicomai.rollout import deployment
+from dicomai.rollout import deployment, registry
 from dicomai.rollout.canary import canary_selects, sends_results
 from dicomai.rollout.deployment import activate
 
@@ -435,3 +436,58 @@ def test_two_activations_at_once_on_sqlite_leave_one_active_version(
             select(ModelVersion.version).where(ModelVersion.state == ModelState.ACTIVE)
         ).all()
     assert len(active) == 1, active
+
+
+def test_two_registrations_of_one_version_at_once_leave_the_winners_files(
+    site: Site, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loser of the race must not replace the winner's registry folder under the
+    winner's row: the worker runs whatever the folder holds."""
+    packages = []
+    for letter in "AB":
+        folder = package(tmp_path / letter, "2.0.0")
+        text = (folder / "model.toml").read_text()
+        (folder / "model.toml").write_text(
+            re.sub(r"(?m)^description = .*$", f'description = "package {letter}"', text, count=1)
+        )
+        packages.append(folder)
+    find, copy = registry.find, registry._copy_atomically
+    both_looked = threading.Barrier(2, timeout=30)
+
+    def find_together(*args):  # neither has recorded the version when both look for it
+        found = find(*args)
+        both_looked.wait()
+        return found
+
+    def late_copy(folder, target):  # and B copies after A is done
+        if "package B" in (folder / "model.toml").read_text():
+            time.sleep(1.0)
+        copy(folder, target)
+
+    monkeypatch.setattr(registry, "find", find_together)
+    monkeypatch.setattr(registry, "_copy_atomically", late_copy)
+    outcomes: dict[str, BaseException | None] = {}
+
+    def register_package(folder) -> None:
+        try:
+            with site.sessions() as session, session.begin():
+                registry.register(session, folder, site.settings.registry_dir, Operator("a"))
+            outcomes[folder.parent.name] = None
+        except BaseException as exc:
+            outcomes[folder.parent.name] = exc
+
+    admins = [threading.Thread(target=register_package, args=(p,)) for p in packages]
+    for admin in admins:
+        admin.start()
+    for admin in admins:
+        admin.join(60)
+    winners = [letter for letter, error in outcomes.items() if error is None]
+    assert len(winners) == 1, outcomes
+    (loser,) = [error for error in outcomes.values() if error is not None]
+    assert "already registered" in str(loser)
+    with site.sessions() as session:
+        row = session.get_one(ModelVersion, site.version_id("2.0.0"))
+        recorded = row.manifest["description"]
+    stored = (site.settings.registry_dir / NAME / "2.0.0" / "model.toml").read_text()
+    assert recorded == f"package {winners[0]}"
+    assert f'description = "package {winners[0]}"' in stored
