@@ -21,6 +21,7 @@ SC_SERIES_NUMBER = 9002
 # caption, which spans the image width, large enough to read on a small source (a 64² MR).
 MAX_SIDE = 1024
 MIN_SIDE = 512
+MIN_CAPTION_WIDTH = 384
 # Opacity of the heat map where it is hottest; it falls with the heat, so the anatomy the
 # model did not look at stays as the source shows it.
 MAX_ALPHA = 0.5
@@ -217,9 +218,16 @@ def render_overlay(display: np.ndarray, heatmap: np.ndarray, lines: Sequence[str
     -------
     numpy.ndarray
         uint8 RGB (rows + caption height, columns, 3), where the display was scaled so that
-        its longest side lies between ``MIN_SIDE`` and ``MAX_SIDE``.
+        its longest side lies between ``MIN_SIDE`` and ``MAX_SIDE``, and a display narrower
+        than ``MIN_CAPTION_WIDTH`` has black margins left and right: the caption below is
+        as wide as the image, and a 3000 x 400 source's was a few pixels high.
     """
     image = blend_heatmap(_fit_display(display), heatmap)
+    short = MIN_CAPTION_WIDTH - image.shape[1]
+    if short > 0:
+        image = cv2.copyMakeBorder(
+            image, 0, 0, short // 2, short - short // 2, cv2.BORDER_CONSTANT, value=(0, 0, 0)
+        )
     return np.vstack([image, render_caption(lines, image.shape[1])])
 
 

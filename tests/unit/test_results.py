@@ -464,3 +464,13 @@ def test_a_parametric_map_is_made_only_for_a_source_with_the_geometry_it_copies(
     else:
         del ct[keyword]
     assert not supports_pmap(context, 0)
+
+
+def test_a_narrow_source_gets_margins_so_that_its_caption_can_be_read() -> None:
+    tall = np.full((3000, 400), 128, dtype=np.uint8)  # a long-leg film, say
+    lines = ("Nodule: 87%", "chest-ptx 1.2.0", "not for primary diagnosis")
+    pixels = sc_module.render_overlay(tall, _heatmap(), lines)
+    assert pixels.shape[1] == sc_module.MIN_CAPTION_WIDTH
+    band = render_caption(lines, sc_module.MIN_CAPTION_WIDTH)
+    assert np.array_equal(pixels[-band.shape[0] :], band)
+    assert band.shape[0] >= 3 * 12, "three lines of at least 12 pixels"
