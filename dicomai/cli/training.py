@@ -364,11 +364,15 @@ def _run_settings(o: dict[str, Any]) -> RunSettings:
 def evaluate(
     package: Path, data: Path, labels_csv: Path | None, split: str, out: Path | None
 ) -> None:
-    """Evaluate a model package on labelled images: metrics, figures and a report."""
+    """Evaluate a model package (folder or .tar) on labelled images: metrics, figures and a
+    report."""
     from dicomai.evaluation.report import evaluate_package
+    from dicomai.rollout.registry import package_folder
 
-    target = out if out is not None else package.with_name(f"{package.name}-evaluation")
-    evaluate_package(package, data, target, labels_csv, split, log=click.echo)
+    name = package.name.removesuffix(".tar")
+    target = out if out is not None else package.with_name(f"{name}-evaluation")
+    with package_folder(package) as folder:
+        evaluate_package(folder, data, target, labels_csv, split, log=click.echo)
 
 
 def register(group: click.Group) -> None:

@@ -9,6 +9,7 @@ where the map points and nothing else.
 from __future__ import annotations
 
 import json
+import tarfile
 from pathlib import Path
 
 import cv2
@@ -38,8 +39,8 @@ def write_test_set(root: Path, mirrored_masks: bool = False) -> int:
     return int(data.labels.sum())
 
 
-def evaluate(data: Path, out: Path) -> dict[str, object]:
-    code, output = run("evaluate", str(DEMO), "--data", str(data), "--out", str(out))
+def evaluate(data: Path, out: Path, package: Path = DEMO) -> dict[str, object]:
+    code, output = run("evaluate", str(package), "--data", str(data), "--out", str(out))
     assert code == 0, output
     assert "heat maps (gradcam) on the lesion" in output, output
     report = json.loads((out / "evaluation.json").read_text())
@@ -86,3 +87,11 @@ def test_the_best_method_must_point_more_often_than_the_packages_own() -> None:
     assert best_method(pointing, "eigencam") == "eigencam"
     assert best_method(pointing, "gradcam") == "gradcam++"
     assert best_method({"gradcam": 0.8, "gradcam++": 0.8}, "gradcam") == "gradcam"
+
+
+def test_evaluate_takes_a_package_archive_as_register_does(tmp_path: Path) -> None:
+    archive = tmp_path / "demo.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(DEMO, arcname="demo-chest-nodule")
+    write_test_set(tmp_path / "data")
+    assert evaluate(tmp_path / "data", tmp_path / "report", archive)["n_lesion"]
