@@ -338,19 +338,17 @@ class JobRunner:
         """Store the predictions and the SR with its deliveries; their ids."""
         with self.sessions() as session, session.begin():
             job = session.get_one(Job, claim.job_id)
+            # The version's share lock before any row that references the job: a retirement
+            # holds the versions, then locks the running jobs, so a prediction's insert (its
+            # key-share lock on the job) before it deadlocked with one (PostgreSQL).
+            _version_shared(session, job)
             _store_predictions(session, job, predictions)
             return self._record_outputs(session, job, claim, outputs)
 
     def _record_outputs(
         self, session: Session, job: Job, claim: Claim, outputs: list[Output]
     ) -> list[int]:
-        # Read under a share lock: a retirement committing meanwhile (which locks the
-        # versions for update) waits, or is seen, never half-seen (PostgreSQL).
-        version = session.scalars(
-            select(ModelVersion)
-            .where(ModelVersion.id == job.model_version_id)
-            .with_for_update(read=True)
-        ).one()
+        version = _version_shared(session, job)
         # Once the SR went out the overlays follow it, whatever changed since.
         sends = has_deliveries(session, job.id) or sends_results(session, version, claim.study_uid)
         deliveries: list[Delivery] = []
@@ -426,6 +424,16 @@ class _Stopwatch:
 
 def _uid(source: SourceImage) -> str:
     return str(source.dataset.SOPInstanceUID)
+
+
+def _version_shared(session: Session, job: Job) -> ModelVersion:
+    """The job's version, read under a share lock: a retirement committing meanwhile (which
+    locks the versions for update) waits, or is seen, never half-seen (PostgreSQL)."""
+    return session.scalars(
+        select(ModelVersion)
+        .where(ModelVersion.id == job.model_version_id)
+        .with_for_update(read=True)
+    ).one()
 
 
 def _write_outputs(

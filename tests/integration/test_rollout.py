@@ -15,8 +15,10 @@ from sqlalchemy.exc import NoResultFound
 
 from dicomai.audit import Action, Operator, record
 from dicomai.db.models import Instance, Job, JobState, ModelState, ModelVersion, Prediction, Study
+from dicomai.inference.types import ImagePrediction
 from dicomai.jobs.applicability import applies
 from dicomai.jobs.assembler import complete_quiet_studies, input_digest
+from dicomai.jobs.claims import claim_job
 from dicomai.rollout import deployment, registry
 from dicomai.rollout.canary import canary_selects, sends_results
 from dicomai.rollout.deployment import activate
@@ -491,3 +493,54 @@ def test_two_registrations_of_one_version_at_once_leave_the_winners_files(
     stored = (site.settings.registry_dir / NAME / "2.0.0" / "model.toml").read_text()
     assert recorded == f"package {winners[0]}"
     assert f'description = "package {winners[0]}"' in stored
+
+
+def test_an_activation_while_a_worker_saves_its_report_on_postgresql_fails_neither(
+    tmp_path, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The activation holds the versions and will lock the running jobs; the worker saving
+    the retired version's report inserted rows referencing its job first, then asked for the
+    version: a deadlock, one of the two failing."""
+    site = Site(tmp_path, postgres_url)
+    try:
+        site.register(DEMO)
+        site.cli("models", "activate", NAME, "1.0.0", "--reason", "first model")
+        site.register(package(tmp_path, "2.0.0"))
+        site.ingest_studies(1, seed=5)
+        (job_id,) = complete_quiet_studies(site.sessions, 0)
+        with site.sessions() as session, session.begin():
+            claim = claim_job(session, job_id, 600)
+        assert claim is not None
+        report = [ImagePrediction(claim.instances[0][0], evaluated=False, reason="test")]
+
+        holding, in_state = threading.Event(), deployment._in_state
+
+        def held(*args, **kwargs):  # the versions are locked: let the worker go, then wait
+            found = in_state(*args, **kwargs)
+            holding.set()
+            time.sleep(1.0)
+            return found
+
+        monkeypatch.setattr(deployment, "_in_state", held)
+        outcome: dict[str, BaseException | None] = {}
+
+        def activate_successor() -> None:
+            try:
+                with site.sessions() as session, session.begin():
+                    activate(session, NAME, "2.0.0", Operator("admin", "test", "race"))
+                outcome["admin"] = None
+            except BaseException as exc:
+                outcome["admin"] = exc
+
+        admin = threading.Thread(target=activate_successor)
+        admin.start()
+        assert holding.wait(30)
+        try:
+            site.runner._record_report(claim, report, [])
+            outcome["worker"] = None
+        except BaseException as exc:
+            outcome["worker"] = exc
+        admin.join(60)
+        assert outcome == {"admin": None, "worker": None}, outcome
+    finally:
+        site.close()
