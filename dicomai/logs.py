@@ -56,22 +56,38 @@ class PHIFilter(logging.Filter):
 
 
 def _redacted_traceback(exc_info: Any) -> str:
-    """The traceback with quoted values in its exception lines replaced.
+    """The traceback, its frames as they are and each exception's own text redacted.
 
     An unexpected error's message often quotes the value it choked on (pydicom's "Unable to
     convert '19840211' to 'DA' object", highdicom's "'ZQ' is not a valid PatientSexValues"):
-    a birth date or a name would reach the log. Exception lines are the unindented ones; the
-    indented lines show code.
+    a birth date or a name would reach the log. Each exception's text (message, notes, over
+    several lines or not) is redacted as a whole, so a quoted value with a newline in it goes
+    too; chained exceptions and the members of an exception group each get theirs.
     """
-    lines = "".join(traceback.format_exception(*exc_info)).rstrip("\n").split("\n")
-    return "\n".join(
-        line if line[:1].isspace() or line.startswith("Traceback (") else _redacted(line)
-        for line in lines
-    )
+    parts: list[str] = []
+    _add_exception(traceback.TracebackException(*exc_info), parts, set())
+    return "".join(parts).rstrip("\n")
 
 
-def _redacted(line: str) -> str:
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", _QUOTED.sub("'<redacted>'", line))
+def _add_exception(
+    exception: traceback.TracebackException, parts: list[str], seen: set[int]
+) -> None:
+    if id(exception) in seen:
+        return
+    seen.add(id(exception))
+    if exception.__cause__ is not None:
+        _add_exception(exception.__cause__, parts, seen)
+        parts.append("\nThe above exception was the direct cause of the following exception:\n\n")
+    elif exception.__context__ is not None and not exception.__suppress_context__:
+        _add_exception(exception.__context__, parts, seen)
+        parts.append("\nDuring handling of the above exception, another exception occurred:\n\n")
+    if exception.stack:
+        parts.append("Traceback (most recent call last):\n")
+        parts.extend(exception.stack.format())
+    text = _QUOTED.sub("'<redacted>'", "".join(exception.format_exception_only()))
+    parts.append(text if text.endswith("\n") else text + "\n")
+    for member in exception.exceptions or ():  # an ExceptionGroup's
+        _add_exception(member, parts, seen)
 
 
 def configure_logging(level: str = "INFO", json: bool = False) -> None:

@@ -73,3 +73,14 @@ def test_unexpected_errors_keep_their_traceback_without_the_values_they_quote() 
     assert "Traceback (most recent call last)" in text and "raise error" in text, text
     assert "ValueError: Unable to convert '<redacted>' object" in text, text
     assert "19840211" not in text
+
+
+def test_a_quoted_value_with_a_newline_or_in_an_exception_group_is_redacted_whole() -> None:
+    name = "ZQ" + "DOE\nZQJOHN"
+    with_newline = ValueError(f"Unable to convert '{name}' to 'DA' object")
+    text = _record_of(with_newline, "dicomai.jobs.runner").getMessage()
+    assert "ZQDOE" not in text and "ZQJOHN" not in text, text
+    group = ExceptionGroup("2 images failed", [ValueError(f"bad '{name}'"), KeyError("x")])
+    text = _record_of(group, "dicomai.jobs.runner").getMessage()
+    assert "ZQDOE" not in text and "ZQJOHN" not in text, text
+    assert "ExceptionGroup: 2 images failed" in text and "KeyError" in text, text
