@@ -59,10 +59,12 @@ def check_package(folder: Path) -> dict[str, object]:
 def register(session: Session, path: Path, registry_dir: Path, operator: Operator) -> ModelVersion:
     """Check the package at `path`, record it as registered and copy it into the registry.
 
-    The row comes first: once it is flushed this transaction holds the name and version (a
-    concurrent registration of the same waits, then fails on the unique key), so only the
-    registration that will own the folder writes it. Copied first, the loser of such a race
-    replaced the winner's files under the winner's row.
+    The package is copied to a folder of its own first (no lock held: on SQLite the row's
+    insert holds the database's write lock, and every C-STORE waited for a copy of large
+    weights), then the row is flushed, and only then, holding the name and version (a
+    concurrent registration of the same waits, then fails on the unique key), is the copy
+    renamed into place. Copied into place first, the loser of such a race replaced the
+    winner's files under the winner's row.
     """
     with package_folder(path) as folder:
         manifest = check_package(folder)
@@ -72,6 +74,9 @@ def register(session: Session, path: Path, registry_dir: Path, operator: Operato
         )
         if find(session, name, version) is not None:
             raise already
+        target = registry_dir / name / version
+        staged = _staged_copy(folder, target)
+    try:
         row = ModelVersion(
             name=name,
             version=version,
@@ -85,7 +90,13 @@ def register(session: Session, path: Path, registry_dir: Path, operator: Operato
             session.flush()
         except IntegrityError:
             raise already from None
-        _copy_atomically(folder, registry_dir / name / version)
+        if target.exists():
+            # Left by a registration whose commit failed: this transaction holds the only
+            # row that may name it.
+            shutil.rmtree(target)
+        staged.rename(target)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)  # gone already, once renamed
     record(
         session,
         Action.MODEL_REGISTERED,
@@ -99,19 +110,16 @@ def register(session: Session, path: Path, registry_dir: Path, operator: Operato
     return row
 
 
-def _copy_atomically(folder: Path, target: Path) -> None:
-    if target.exists():
-        # Left by a registration whose commit failed: this transaction holds the only row
-        # that may name it.
-        shutil.rmtree(target)
+def _staged_copy(folder: Path, target: Path) -> Path:
+    """A copy of `folder` beside `target`, under a name no other registration uses."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staged = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        shutil.copytree(folder, tmp, dirs_exist_ok=True)
-        tmp.rename(target)
+        shutil.copytree(folder, staged, dirs_exist_ok=True)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(staged, ignore_errors=True)
         raise
+    return staged
 
 
 def find(session: Session, name: str, version: str) -> ModelVersion | None:

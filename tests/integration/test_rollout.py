@@ -453,7 +453,7 @@ def test_two_registrations_of_one_version_at_once_leave_the_winners_files(
             re.sub(r"(?m)^description = .*$", f'description = "package {letter}"', text, count=1)
         )
         packages.append(folder)
-    find, copy = registry.find, registry._copy_atomically
+    find, copy = registry.find, registry._staged_copy
     both_looked = threading.Barrier(2, timeout=30)
 
     def find_together(*args):  # neither has recorded the version when both look for it
@@ -464,10 +464,10 @@ def test_two_registrations_of_one_version_at_once_leave_the_winners_files(
     def late_copy(folder, target):  # and B copies after A is done
         if "package B" in (folder / "model.toml").read_text():
             time.sleep(1.0)
-        copy(folder, target)
+        return copy(folder, target)
 
     monkeypatch.setattr(registry, "find", find_together)
-    monkeypatch.setattr(registry, "_copy_atomically", late_copy)
+    monkeypatch.setattr(registry, "_staged_copy", late_copy)
     outcomes: dict[str, BaseException | None] = {}
 
     def register_package(folder) -> None:
