@@ -232,10 +232,10 @@ class Settings(BaseSettings):
     @field_validator("uid_root")
     @classmethod
     def _uid_root(cls, value: str) -> str:
-        # Room for the derived number (at least 20 digits) after it: see `dicomai.uids`.
-        if not is_valid_uid(value) or len(value) > 40:
+        # Room for the derived number after it (at least 16 digits: see `dicomai.uids`).
+        if not is_valid_uid(value) or len(value) > 47:
             raise ValueError(
-                "uid_root must be a UID (digits and dots, PS3.5 9.1) of at most 40 characters"
+                "uid_root must be a UID (digits and dots, PS3.5 9.1) of at most 47 characters"
             )
         return value
 

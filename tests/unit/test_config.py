@@ -61,7 +61,7 @@ def test_config_file_named_by_environment(tmp_path: Path, monkeypatch: pytest.Mo
         ("[ingest]\nstudy_quit_seconds = 3\n", "unknown setting ingest.study_quit_seconds"),
         # Accepted before, then every job failed (or the worker would not start).
         ("uid_root = '1.2.3.abc'\n", "uid_root must be a UID"),
-        ("uid_root = '1.2.840.10008.999999999999999999999999999999999'\n", "at most 40"),
+        ("uid_root = '1.2.840.10008.9999999999999999999999999999999999999'\n", "at most 47"),
         (
             "[[destinations]]\nname = 'pacs'\npath = '/tmp/a'\n"
             "[[destinations]]\nname = 'pacs'\npath = '/tmp/b'\n",
