@@ -35,7 +35,7 @@ from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
 from dicomai.ingest.store_response import StoreResponseDIMSE
-from dicomai.ingest.tls import handshake
+from dicomai.ingest.tls import CLOSED_UNSPOKEN, handshake
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +263,9 @@ class WakingRequestHandler(RequestHandler):
         refused = handshake(self.request, self.ae.acse_timeout or 30.0)
         if refused is None:
             super().handle()
+            return
+        if refused == CLOSED_UNSPOKEN:
+            log.debug("connection closed before a TLS handshake (a port check)")
             return
         address = str(self.client_address[0])
         log.warning("connection refused: %s (from %s)", refused, address)

@@ -74,6 +74,10 @@ def _no_passphrase() -> str:
     raise _Encrypted
 
 
+# What `handshake` returns for a connection closed before it sent anything.
+CLOSED_UNSPOKEN = ""
+
+
 def handshake(connection: socket.socket, timeout: float) -> str | None:
     """Complete a server-side TLS handshake within `timeout` seconds; None, or why it failed.
 
@@ -84,6 +88,10 @@ def handshake(connection: socket.socket, timeout: float) -> str | None:
         return None
     connection.settimeout(timeout)
     try:
+        # A port check (a load balancer's, monitoring's) connects and closes without a byte:
+        # not a refused client, and not worth a warning and an audit row every few seconds.
+        if not socket.socket.recv(connection, 1, socket.MSG_PEEK):
+            return CLOSED_UNSPOKEN
         connection.do_handshake()
     except ssl.SSLCertVerificationError as exc:
         return f"TLS handshake failed: client certificate {exc.verify_message}"

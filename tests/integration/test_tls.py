@@ -230,3 +230,15 @@ def test_tls_settings_that_cannot_work_stop_serve_with_one_line(
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_port_checks_on_the_tls_port_are_not_refusals(tls_listener: Listener) -> None:
+    """A load balancer's or monitoring's connect-and-close, every few seconds."""
+    before, lines = len(tls_refusals(tls_listener)), len(tls_listener.log().splitlines())
+    for _ in range(3):
+        socket.create_connection(("127.0.0.1", tls_listener.port)).close()
+    # Health takes seconds: a refusal of the port checks would be written by then.
+    health = dicomai(tls_listener.config, "health", check=False)
+    assert "C-ECHO answered over TLS" in health.stdout, health.stdout
+    assert len(tls_refusals(tls_listener)) == before
+    assert "TLS handshake" not in "".join(tls_listener.log().splitlines()[lines:])
