@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 from pydicom import Dataset, dcmread
-from pydicom.datadict import keyword_for_tag
+from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder, pixel_array
@@ -79,8 +79,11 @@ def drop_unreadable_values(dataset: Dataset) -> list[str]:
     the image is described by what is left, like an image that never had it.
     """
     dropped: list[str] = []
-    for tag in list(dataset.keys()):
-        if tag == _PIXEL_DATA:
+    for tag, raw in list(dataset._dict.items()):
+        # Only numbers and sequences are looked at: converting every element of every
+        # source cost 0.6 ms a file.
+        vr = raw.VR or _dictionary_vr(tag)
+        if vr not in _NUMBERS and vr != "SQ":
             continue
         try:
             element = dataset[tag]
@@ -96,6 +99,13 @@ def drop_unreadable_values(dataset: Dataset) -> list[str]:
             for item in element.value:
                 dropped += drop_unreadable_values(item)
     return dropped
+
+
+def _dictionary_vr(tag: int) -> str:
+    try:
+        return dictionary_VR(tag)
+    except KeyError:  # a private or unknown tag: nothing we read
+        return ""
 
 
 def _values(value: object) -> list[object]:
