@@ -37,6 +37,8 @@ class Claim:
     model_path: str
     shadow: bool
     instances: tuple[tuple[str, str], ...]  # (sop_instance_uid, spool path)
+    # The registered weights: the registry folder must still hold them.
+    weights_sha256: str = ""
 
 
 def claim_job(session: Session, job_id: int, lease_seconds: float) -> Claim | None:
@@ -185,4 +187,5 @@ def _started(session: Session, job: Job, instances: list[tuple[str, str]]) -> Cl
         model_path=model.path,
         shadow=model.state == ModelState.SHADOW,
         instances=tuple(instances),
+        weights_sha256=model.weights_sha256,
     )

@@ -195,8 +195,17 @@ class JobRunner:
             path = Path(claim.model_path)
             if not path.is_absolute():
                 path = self.settings.registry_dir / path
+            loaded = load_model(path)
+            registered = claim.weights_sha256
+            if registered and loaded.manifest.weights_sha256 != registered:
+                # A registry folder changed under its row (by hand, or a registration
+                # before this version's fix): never run other weights under this label.
+                raise ModelPackageError(
+                    f"{path} holds weights {loaded.manifest.weights_sha256[:12]}, not the "
+                    f"registered {registered[:12]}: register the package again as a new version"
+                )
             classifier = Classifier(
-                load_model(path),
+                loaded,
                 device=self.device,
                 batch_size=self.settings.worker.max_batch_images,
                 precision=self.settings.worker.precision,

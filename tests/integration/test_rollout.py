@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import threading
@@ -544,3 +545,23 @@ def test_an_activation_while_a_worker_saves_its_report_on_postgresql_fails_neith
         assert outcome == {"admin": None, "worker": None}, outcome
     finally:
         site.close()
+
+
+def test_a_registry_folder_changed_under_its_row_is_not_run(site: Site) -> None:
+    """Weights and manifest replaced together (they agree with each other, not with what was
+    registered): the worker must not run them under the registered label."""
+    folder = site.settings.registry_dir / NAME / "1.0.0"
+    weights = folder / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # the last weight's last byte: still a valid file
+    weights.write_bytes(bytes(data))
+    manifest = folder / "model.toml"
+    digest = hashlib.sha256(bytes(data)).hexdigest()
+    manifest.write_text(
+        re.sub(r'(?m)^weights_sha256 = ".*"$', f'weights_sha256 = "{digest}"', manifest.read_text())
+    )
+    site.ingest_studies(1)
+    site.run_jobs()
+    (job,) = site.jobs("1.0.0")
+    assert job.state == JobState.FAILED, job.state
+    assert "not the registered" in (job.error or ""), job.error
