@@ -186,6 +186,8 @@ CHECKS: tuple[Callable[[Settings], Check], ...] = (
 )
 
 
+_READ_THE_DATABASE = (check_worker, check_deliveries)
+
 # A server that accepts connections but does not answer (stopped, swapping, a full disk)
 # must not hang the check that monitoring runs: each check gets this long.
 CHECK_SECONDS = 20.0
@@ -194,7 +196,16 @@ CHECK_SECONDS = 20.0
 def run_checks(settings: Settings, seconds: float = CHECK_SECONDS) -> list[Check]:
     """Run every check; a check that raises is reported as failed with the error's type, one
     that does not finish within `seconds` as not answering."""
-    return [_bounded(check, settings, seconds) for check in CHECKS]
+    results: list[Check] = []
+    for check in CHECKS:
+        database = results[0] if results else None
+        if check in _READ_THE_DATABASE and database is not None and not database.ok:
+            # Their own error would be the database's again, in SQL terms.
+            name = check.__name__.removeprefix("check_")
+            results.append(Check(name, False, "not checked: the database check failed"))
+            continue
+        results.append(_bounded(check, settings, seconds))
+    return results
 
 
 def _bounded(check: Callable[[Settings], Check], settings: Settings, seconds: float) -> Check:

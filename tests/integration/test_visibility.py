@@ -116,6 +116,10 @@ def test_health_reports_every_check_and_fails_when_the_database_is_gone(
     )
     assert broken.returncode == 1
     assert "FAIL" in broken.stdout
+    # The checks that read the database say why they did not run, not the SQL error again.
+    (worker,) = [line for line in broken.stdout.splitlines() if line.startswith("worker")]
+    assert "not checked: the database check failed" in worker, broken.stdout
+    assert sum("OperationalError" in line for line in broken.stdout.splitlines()) <= 1
 
 
 def rejections(listener: Listener) -> int:
