@@ -25,6 +25,7 @@ _QUOTED = re.compile(r"""(['"]).*\1""", re.DOTALL)
 # codec of a peer's malformed PDU before the PDU itself is reported.
 _TRACEBACK_FREE = ("pynetdicom.utils",)
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_CONTROL_NOT_NEWLINE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
 class PHIFilter(logging.Filter):
@@ -62,32 +63,51 @@ def _redacted_traceback(exc_info: Any) -> str:
     convert '19840211' to 'DA' object", highdicom's "'ZQ' is not a valid PatientSexValues"):
     a birth date or a name would reach the log. Each exception's text (message, notes, over
     several lines or not) is redacted as a whole, so a quoted value with a newline in it goes
-    too; chained exceptions and the members of an exception group each get theirs.
+    too, and its control characters are escaped; chained exceptions and the members of an
+    exception group each get theirs. Never raises: a filter that raised would lose the line.
     """
+    try:
+        return _format_redacted(traceback.TracebackException(*exc_info))
+    except Exception:  # a chain too deep to format, an exception whose text raises...
+        return f"(traceback omitted: {getattr(exc_info[0], '__name__', 'exception')})"
+
+
+def _format_redacted(top: traceback.TracebackException) -> str:
     parts: list[str] = []
-    _add_exception(traceback.TracebackException(*exc_info), parts, set())
+    seen: set[int] = set()
+    # Depth-first, causes before what they caused, as Python prints a chain; a loop, not
+    # recursion, so that a chain a thousand deep cannot overflow the stack.
+    pending: list[tuple[traceback.TracebackException, str]] = [(top, "")]
+    order: list[tuple[traceback.TracebackException, str]] = []
+    while pending:
+        exception, joint = pending.pop()
+        if id(exception) in seen:
+            continue
+        seen.add(id(exception))
+        order.append((exception, joint))
+        if exception.__cause__ is not None:
+            pending.append((exception.__cause__, _CAUSE))
+        elif exception.__context__ is not None and not exception.__suppress_context__:
+            pending.append((exception.__context__, _CONTEXT))
+    for exception, joint in reversed(order):
+        _add_exception(exception, parts)
+        parts.append(joint)
     return "".join(parts).rstrip("\n")
 
 
-def _add_exception(
-    exception: traceback.TracebackException, parts: list[str], seen: set[int]
-) -> None:
-    if id(exception) in seen:
-        return
-    seen.add(id(exception))
-    if exception.__cause__ is not None:
-        _add_exception(exception.__cause__, parts, seen)
-        parts.append("\nThe above exception was the direct cause of the following exception:\n\n")
-    elif exception.__context__ is not None and not exception.__suppress_context__:
-        _add_exception(exception.__context__, parts, seen)
-        parts.append("\nDuring handling of the above exception, another exception occurred:\n\n")
+_CAUSE = "\nThe above exception was the direct cause of the following exception:\n\n"
+_CONTEXT = "\nDuring handling of the above exception, another exception occurred:\n\n"
+
+
+def _add_exception(exception: traceback.TracebackException, parts: list[str]) -> None:
     if exception.stack:
         parts.append("Traceback (most recent call last):\n")
         parts.extend(exception.stack.format())
     text = _QUOTED.sub("'<redacted>'", "".join(exception.format_exception_only()))
+    text = _CONTROL_NOT_NEWLINE.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
     parts.append(text if text.endswith("\n") else text + "\n")
     for member in exception.exceptions or ():  # an ExceptionGroup's
-        _add_exception(member, parts, seen)
+        parts.append(_format_redacted(member) + "\n")
 
 
 def configure_logging(level: str = "INFO", json: bool = False) -> None:

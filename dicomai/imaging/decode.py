@@ -82,7 +82,9 @@ def drop_unreadable_values(dataset: Dataset) -> list[str]:
     for tag, raw in list(dataset._dict.items()):
         # Only numbers and sequences are looked at: converting every element of every
         # source cost 0.6 ms a file.
-        vr = raw.VR or _dictionary_vr(tag)
+        # UN: sent by a router or archive whose dictionary lacks the tag; pydicom reads it
+        # with the dictionary's VR, so that is the one to check.
+        vr = raw.VR if raw.VR not in (None, "UN") else _dictionary_vr(tag)
         if vr not in _NUMBERS and vr != "SQ":
             continue
         try:

@@ -90,6 +90,9 @@ ONE_BAD_IMAGE = {
     "slice-thickness": (0x00180050, "DS", b"thin"),
     "number-of-frames": (0x00280008, "IS", b"1A"),
     "imager-pixel-spacing": (0x00181164, "DS", b"abc\\1 "),
+    # Sent as UN by a router whose dictionary lacks it; pydicom reads it as the DS it is.
+    "slice-thickness-as-un": (0x00180050, "UN", b"thin"),
+    "number-of-frames-as-un": (0x00280008, "UN", b"1A"),
     "private-sop-class": (0x00080016, "UI", b"1.2.840.113619.4.26\x00"),
 }
 
