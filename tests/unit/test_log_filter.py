@@ -89,17 +89,13 @@ def test_a_quoted_value_with_a_newline_or_in_an_exception_group_is_redacted_whol
 def test_an_exceptions_control_characters_are_escaped_and_a_deep_chain_does_not_raise() -> None:
     text = _record_of(ValueError("bad AE EV\x1b[2J\x07"), "dicomai.ingest").getMessage()
     assert "\x1b" not in text and "\x07" not in text and "\\x1b[2J" in text, text
+    error: BaseException = KeyError("first")
+    for depth in range(1500):  # deeper than Python's recursion limit
+        caused = ValueError(depth)
+        caused.__cause__ = error
+        error = caused
     try:
-        try:
-            raise KeyError("first")
-        except KeyError as first:
-            error: Exception = first
-            for depth in range(1500):  # deeper than Python's recursion limit
-                try:
-                    raise ValueError(depth) from error
-                except ValueError as raised:
-                    error = raised
-            raise error
+        raise error
     except ValueError:
         info = sys.exc_info()
     record = logging.LogRecord("dicomai.jobs", logging.ERROR, __file__, 1, "job failed", (), info)
