@@ -164,9 +164,11 @@ def add_instances(session: Session, batch: Sequence[Received]) -> None:
     studies: dict[str, list[Received]] = {}
     for received in batch:
         studies.setdefault(received.header.study_uid, []).append(received)
+    # In one order for every writer: two listener processes upserting the same studies in
+    # arrival order could each hold the row the other waits for (PostgreSQL).
     study_ids = {
         study_uid: int(connection.execute(upsert, _study_values(members, now)).scalar_one())
-        for study_uid, members in studies.items()
+        for study_uid, members in sorted(studies.items())
     }
     instances = [_instance_values(study_ids[r.header.study_uid], r, now) for r in batch]
     connection.execute(insert_instance, instances[0] if len(instances) == 1 else instances)
