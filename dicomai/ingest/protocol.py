@@ -11,8 +11,9 @@ from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomai.audit import Action, record
+from dicomai.audit import Action
 from dicomai.errors import DicomaiError
+from dicomai.ingest.refusals import audit_refusal
 
 log = logging.getLogger(__name__)
 
@@ -122,18 +123,7 @@ def _mark_bad_titles(assoc: Any, bytestream: bytearray) -> bytearray:
 
 
 def _audit(sessions: sessionmaker[Session], action: Action, assoc: Any, reason: str) -> None:
-    try:
-        with sessions() as session, session.begin():
-            record(
-                session,
-                action,
-                actor=_calling(assoc),
-                object_type="association",
-                object_id=assoc.requestor.address,
-                reason=reason,
-            )
-    except Exception:  # the answer stands even if the audit database is down
-        log.exception("could not audit: %s", reason)
+    audit_refusal(sessions, action, _calling(assoc), assoc.requestor.address, reason)
 
 
 def _calling(assoc: Any) -> str:

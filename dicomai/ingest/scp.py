@@ -11,15 +11,16 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import _STORAGE_CLASSES, Verification  # type: ignore[attr-defined]
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomai.audit import Action, record
+from dicomai.audit import Action
 from dicomai.config import Settings
 from dicomai.ingest.access import AccessPolicy, Decision, is_health_probe
 from dicomai.ingest.limits import Limits, bound_reads
 from dicomai.ingest.protocol import bad_titles, guard_protocol
 from dicomai.ingest.recorder import mark_association_ended
+from dicomai.ingest.refusals import audit_refusal
 from dicomai.ingest.spool import Spool
 from dicomai.ingest.store import Storer
-from dicomai.metrics import OPEN_ASSOCIATIONS, REJECTED_ASSOCIATIONS
+from dicomai.metrics import OPEN_ASSOCIATIONS
 from dicomai.sockets import set_nodelay
 
 log = logging.getLogger(__name__)
@@ -142,19 +143,7 @@ def _rejected(
 ) -> None:
     if not logged:
         log.warning("association rejected: %s (%s from %s)", reason, calling, address)
-    REJECTED_ASSOCIATIONS.labels(reason=reason).inc()
-    try:
-        with sessions() as session, session.begin():
-            record(
-                session,
-                Action.ASSOCIATION_REJECTED,
-                actor=calling,
-                object_type="association",
-                object_id=address,
-                reason=reason,
-            )
-    except Exception:  # the rejection stands even if the audit database is down
-        log.exception("could not audit a rejected association")
+    audit_refusal(sessions, Action.ASSOCIATION_REJECTED, calling, address, reason)
 
 
 def on_echo(event: evt.Event) -> int:
