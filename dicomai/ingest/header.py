@@ -9,7 +9,12 @@ from io import BytesIO
 from pydicom import Dataset, dcmread
 from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from dicomai.errors import InvalidInstance
 from dicomai.ingest.limits import inflate_bounded
@@ -103,6 +108,21 @@ def _padded(value: str, pad: bytes) -> bytes:
 def _short_element(element: int, vr: bytes, value: bytes) -> bytes:
     """An explicit VR little endian element of group 2 with a 2-byte length."""
     return struct.pack("<HH", 0x0002, element) + vr + struct.pack("<H", len(value)) + value
+
+
+def encoded_syntax(negotiated: str, dataset: bytes | memoryview) -> str:
+    """The transfer syntax the dataset is in: Implicit VR Little Endian where a sender that
+    negotiated Explicit VR sent implicit (a known vendor fault), else the negotiated one.
+
+    The bytes are stored as received; the file meta must say what they are, or readers
+    stricter than pydicom (dcmtk's, a viewer's) cannot read the stored file. In explicit VR
+    the first element's bytes 4-5 are its VR, two capital letters; in implicit VR they are
+    the low bytes of its length.
+    """
+    if negotiated != ExplicitVRLittleEndian or len(dataset) < 8:
+        return negotiated
+    vr = bytes(dataset[4:6])
+    return negotiated if vr.isalpha() and vr.isupper() else ImplicitVRLittleEndian
 
 
 def read_header(

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomai.audit import Action, record
 from dicomai.errors import DatabaseUnavailable, InvalidInstance, StorageUnavailable
 from dicomai.ingest.committer import GroupCommitter
-from dicomai.ingest.header import Header, encode_listener_meta, read_header
+from dicomai.ingest.header import Header, encode_listener_meta, encoded_syntax, read_header
 from dicomai.ingest.limits import Limits, reset_dataset_count
 from dicomai.ingest.recorder import Received, forget_instance, known_digest, replace_instance
 from dicomai.ingest.spool import NameTaken, Placed, Spool
@@ -105,7 +105,7 @@ class Storer:
         if request.DataSet is None:
             raise InvalidInstance("C-STORE request without a dataset")
         dataset = request.DataSet.getbuffer()
-        syntax = str(event.context.transfer_syntax)
+        syntax = encoded_syntax(str(event.context.transfer_syntax), dataset)
         meta = encode_listener_meta(
             str(request.AffectedSOPClassUID or ""),
             str(request.AffectedSOPInstanceUID or ""),

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pydicom
 import pytest
 from daemon import Listener
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config
 from servers import echoscu, sample_file
@@ -157,3 +160,34 @@ def test_log_never_holds_patient_data(listener: Listener) -> None:
     log = listener.log()
     for value in ("Ærøskøbing", "CompressedSamples^CT1", "1970-01-01", "DROP TABLE"):
         assert value not in log, f"{value!r} leaked into the listener log"
+
+
+def test_implicit_vr_sent_on_an_explicit_context_is_stored_readable(
+    listener: Listener, tmp_path: Path
+) -> None:
+    """A known vendor fault: Explicit VR Little Endian negotiated, the dataset sent in implicit
+    VR. Stored as received, with a file meta that says what the bytes are, so that readers
+    stricter than pydicom can read the file."""
+    ds = ct("1.2.826.0.1.9071")
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, True
+    write_dataset(body, ds)
+    head = DicomBytesIO()
+    head.is_little_endian, head.is_implicit_VR = True, False
+    head.write(b"\0" * 128 + b"DICM")
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian  # what the sender negotiates
+    write_file_meta_info(head, ds.file_meta)
+    path = tmp_path / "mislabelled.dcm"
+    path.write_bytes(head.getvalue() + body.getvalue())
+
+    assert send_raw(listener, path) == 0x0000
+    ((relative, syntax),) = listener.query(
+        "SELECT path, transfer_syntax_uid FROM instances WHERE sop_instance_uid = :u",
+        u="1.2.826.0.1.9071",
+    )
+    assert syntax == ImplicitVRLittleEndian
+    stored = listener.root / "var" / "spool" / relative
+    assert pydicom.dcmread(stored).file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+    dump = subprocess.run(["dcmdump", "-q", str(stored)], capture_output=True, text=True)
+    assert dump.returncode == 0, dump.stderr
+    assert stored.read_bytes().endswith(body.getvalue()), "the dataset is stored as received"
