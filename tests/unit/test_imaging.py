@@ -9,6 +9,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
+from pydicom.pixels import apply_voi_lut
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
 
@@ -124,6 +125,40 @@ def test_mr_window_from_header_is_used() -> None:
     assert np.allclose(render(ds), expected, atol=1e-4)
     minmax = (values - values.min()) / (values.max() - values.min())
     assert not np.allclose(render(ds), minmax, atol=0.05), "window ignored, min-max used"
+
+
+@pytest.mark.parametrize(
+    ("center", "width", "function"),
+    [
+        (500, 200, None),
+        (500.5, 2, "LINEAR"),
+        (0, 1, None),  # width 1: a threshold, left to pydicom
+        ([300, 700], [100, 400], None),  # the first window is the default
+        (-200, 3001, None),
+        (500, 200, "LINEAR_EXACT"),
+        (500, 200, "SIGMOID"),
+    ],
+)
+def test_window_renders_as_pydicom_computes_it(
+    center: object, width: object, function: str | None
+) -> None:
+    extra = {"VOILUTFunction": function} if function else {}
+    ds = synthetic(
+        ramp(top=1000),
+        WindowCenter=center,
+        WindowWidth=width,
+        RescaleSlope=1.5,
+        RescaleIntercept=-450,
+        **extra,
+    )
+    view = Dataset()
+    view.PhotometricInterpretation, view.BitsStored, view.PixelRepresentation = "MONOCHROME2", 16, 0
+    view.WindowCenter, view.WindowWidth = center, width
+    if function:
+        view.VOILUTFunction = function
+    hu = ds.pixel_array * 1.5 - 450
+    expected = apply_voi_lut(hu, view, index=0) / 65535.0
+    assert np.allclose(render(ds), expected, atol=1e-6)
 
 
 def test_voi_lut_sequence_takes_precedence_and_uses_depth_of_entries() -> None:
