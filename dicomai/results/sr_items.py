@@ -136,12 +136,21 @@ class ItemTemplates:
         The document's character sets (pydicom's names), for text values.
     reuse
         False builds every item with highdicom (the tests compare the two).
+    shared
+        Templates kept from earlier documents whose items are built alike (the same
+        character sets and whatever else a `build` takes from its document rather than from
+        its shape or values); new templates are added to it. By default, this document's own.
     """
 
-    def __init__(self, encodings: Sequence[str], reuse: bool = True) -> None:
+    def __init__(
+        self,
+        encodings: Sequence[str],
+        reuse: bool = True,
+        shared: dict[Hashable, tuple[Node, ...] | None] | None = None,
+    ) -> None:
         self._encodings = list(encodings)
         self._reuse = reuse
-        self._templates: dict[Hashable, tuple[Node, ...] | None] = {}
+        self._templates: dict[Hashable, tuple[Node, ...] | None] = {} if shared is None else shared
 
     @property
     def encodings(self) -> list[str]:

@@ -105,6 +105,16 @@ def test_reused_items_give_the_sr_that_highdicom_builds_item_by_item(tmp_path, m
     assert ok, output
 
 
+def test_templates_kept_from_another_models_sr_fill_in_this_models_identity():
+    context = _study()
+    model = dataclasses.replace(context.model, name="other-model", version="9.9")
+    other = dataclasses.replace(context, model=model)
+    first = _read(build_sr(context))
+
+    assert _read(build_sr(other)) == _read(build_sr(other, reuse_items=False))
+    assert _read(build_sr(context)) == first
+
+
 def test_sr_of_a_study_names_every_source_in_its_image_library():
     context = _study()
 
