@@ -37,6 +37,26 @@ _HOST_NAME = re.compile(
 )
 
 
+def _ae_title(value: str) -> str:
+    # PS3.5 Table 6.2-1: AE is 1-16 characters, no backslash or control characters; leading
+    # and trailing spaces are not significant.
+    value = value.strip()
+    if not 0 < len(value) <= 16 or "\\" in value or not value.isascii() or not value.isprintable():
+        raise ValueError(
+            f"ae_title must be 1 to 16 printable ASCII characters without backslash, got {value!r}"
+        )
+    return value
+
+
+def _is_host(value: str) -> bool:
+    """Whether `value` is an IP address or a host name (not a URL, not a dotted number)."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return bool(_HOST_NAME.match(value)) and not value.replace(".", "").isdigit()
+    return True
+
+
 class Section(BaseModel):
     """A table of the TOML file: a key it does not know is an error, not silently ignored
     (a typo such as ``study_quit_seconds`` would otherwise leave the default in force)."""
@@ -57,7 +77,7 @@ class Peer(Section):
             try:
                 ipaddress.ip_network(host, strict=False)
             except ValueError:
-                if "/" in host or not _HOST_NAME.match(host) or host.replace(".", "").isdigit():
+                if "/" in host or not _is_host(host):
                     raise ValueError(
                         f"{host!r} is not an IP address, network (10.0.0.0/8) or host name"
                     ) from None
@@ -95,10 +115,7 @@ class IngestSettings(Section):
     @field_validator("ae_title")
     @classmethod
     def _ae_title(cls, value: str) -> str:
-        # PS3.5 Table 6.2-1: AE is 1-16 characters, no backslash or control characters.
-        if not 0 < len(value.strip()) <= 16 or "\\" in value:
-            raise ValueError("ae_title must be 1 to 16 characters without backslash")
-        return value.strip()
+        return _ae_title(value)
 
 
 class MetricsSettings(Section):
@@ -197,10 +214,34 @@ class Destination(Section):
     # (pydantic copies a mutable default for each instance.)
     kinds: list[Literal["sr", "sc", "seg", "pmap"]] = ["sr", "sc", "seg", "pmap"]
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not value.strip() or not value.isprintable():
+            raise ValueError(f"a destination needs a name of printable characters, got {value!r}")
+        return value
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, value: str | None) -> str | None:
+        return None if value is None else _ae_title(value)
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str | None) -> str | None:
+        if value is not None and not _is_host(value):
+            raise ValueError(f"host {value!r} is not an IP address or host name")
+        return value
+
     @model_validator(mode="after")
     def _one_kind(self) -> Destination:
-        network = self.ae_title is not None and self.host is not None and self.port is not None
-        if network == (self.path is not None):
+        network = (self.ae_title, self.host, self.port)
+        complete = all(part is not None for part in network)
+        if self.path is not None and any(part is not None for part in network):
+            raise ValueError(
+                f"destination {self.name!r}: give either ae_title, host and port, or path, not both"
+            )
+        if self.path is None and not complete:
             raise ValueError(
                 f"destination {self.name!r}: give either ae_title, host and port, or path"
             )

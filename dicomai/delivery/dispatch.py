@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
@@ -22,10 +25,16 @@ log = logging.getLogger(__name__)
 DELIVERY = "delivery"
 
 
-def send_to(destination: Destination, paths: list[Path], settings: Settings) -> list[str | None]:
-    """Send files to one destination; return each file's error, or None once it is stored."""
+def send_to(
+    destination: Destination,
+    paths: list[Path],
+    settings: Settings,
+    on_sent: Callable[[], None] | None = None,
+) -> list[str | None]:
+    """Send files to one destination; return each file's error, or None once it is stored.
+    `on_sent` is called after each file."""
     if destination.path is not None:
-        return [_copy(path, destination.path) for path in paths]
+        return [_copy(path, destination.path, on_sent) for path in paths]
     assert destination.ae_title and destination.host and destination.port
     outcomes = send_files(
         paths,
@@ -34,15 +43,19 @@ def send_to(destination: Destination, paths: list[Path], settings: Settings) -> 
         port=destination.port,
         calling_ae=settings.ingest.ae_title,
         timeout=settings.delivery.timeout_seconds,
+        on_sent=on_sent,
     )
     return [None if error is None else str(error) for error in outcomes]
 
 
-def _copy(path: Path, folder: Path) -> str | None:
+def _copy(path: Path, folder: Path, on_sent: Callable[[], None] | None) -> str | None:
     try:
         copy_file(path, folder)
     except DeliveryError as exc:
         return str(exc)
+    finally:
+        if on_sent is not None:
+            on_sent()
     return None
 
 
@@ -62,34 +75,74 @@ def attempt_deliveries(
         for delivery in session.scalars(select(Delivery).where(Delivery.id.in_(claimed))):
             path = settings.outputs_dir / delivery.output.path
             by_destination.setdefault(delivery.destination, []).append((delivery.id, path))
+    groups = list(by_destination.items())
+    if len(groups) <= 1:
+        return sum(_attempt_destination(sessions, settings, name, items) for name, items in groups)
+    # A destination that does not answer holds its attempt for the timeout: each destination
+    # has its own thread, so that the others' objects are not held back behind it.
+    with ThreadPoolExecutor(len(groups), thread_name_prefix="deliver") as pool:
+        counts = pool.map(lambda group: _attempt_destination(sessions, settings, *group), groups)
+        return sum(counts)
+
+
+def _attempt_destination(
+    sessions: sessionmaker[Session], settings: Settings, name: str, items: list[tuple[int, Path]]
+) -> int:
+    """Send claimed deliveries to destination `name` and record each outcome; count sent."""
+    lease = _Lease(sessions, [delivery_id for delivery_id, _ in items], settings)
+    destination = next((d for d in settings.destinations if d.name == name), None)
+    if destination is None:
+        errors: list[str | None] = [f"destination {name!r} is no longer configured"] * len(items)
+    else:
+        errors = _sent_or_failed(destination, [path for _, path in items], settings, lease.keep)
     sent = 0
-    for name, items in by_destination.items():
-        # The claim lasts a lease: renewed per destination, so that a long send to the first
-        # does not let another attempt take the later ones.
-        _renew(sessions, [delivery_id for delivery_id, _ in items], settings)
-        destination = next((d for d in settings.destinations if d.name == name), None)
-        if destination is None:
-            errors: list[str | None] = [f"destination {name!r} is no longer configured"] * len(
-                items
-            )
+    for (delivery_id, _), error in zip(items, errors, strict=True):
+        if error is None:
+            _record_success(sessions, delivery_id)
+            sent += 1
         else:
-            errors = _sent_or_failed(destination, [path for _, path in items], settings)
-        for (delivery_id, _), error in zip(items, errors, strict=True):
-            if error is None:
-                _record_success(sessions, delivery_id)
-                sent += 1
-            else:
-                _record_failure(sessions, settings, delivery_id, error)
+            _record_failure(sessions, settings, delivery_id, error)
     return sent
 
 
+class _Lease:
+    """The claim on deliveries being sent, renewed while they are: a PACS that takes seconds
+    an object outlasted a claim renewed only before the association, and a second worker
+    sent the same objects again."""
+
+    def __init__(
+        self, sessions: sessionmaker[Session], delivery_ids: list[int], settings: Settings
+    ) -> None:
+        self._sessions = sessions
+        self._ids = delivery_ids
+        self._seconds = settings.worker.delivery_lease_seconds
+        self._renewed = time.monotonic()
+        self.renew()
+
+    def renew(self) -> None:
+        until = utcnow() + timedelta(seconds=self._seconds)
+        with self._sessions() as session, session.begin():
+            session.execute(
+                update(Delivery)
+                .where(Delivery.id.in_(self._ids), Delivery.state == DeliveryState.PENDING)
+                .values(next_attempt_at=until)
+                .execution_options(synchronize_session=False)
+            )
+        self._renewed = time.monotonic()
+
+    def keep(self) -> None:
+        """Renew once a quarter of the lease has passed (called after each object)."""
+        if time.monotonic() - self._renewed >= self._seconds / 4:
+            self.renew()
+
+
 def _sent_or_failed(
-    destination: Destination, paths: list[Path], settings: Settings
+    destination: Destination, paths: list[Path], settings: Settings, on_sent: Callable[[], None]
 ) -> list[str | None]:
     """`send_to`, with a failure nobody foresaw counted as a failed attempt of every object,
     so that the backoff and `max_attempts` apply instead of the lease, forever."""
     try:
-        return send_to(destination, paths, settings)
+        return send_to(destination, paths, settings, on_sent)
     except Exception as exc:  # its message may quote the object's content: the type only
         log.error("delivery to %s failed: %s", destination.name, type(exc).__name__)
         return [f"sending failed: {type(exc).__name__}"] * len(paths)
@@ -127,17 +180,6 @@ def claim_due(session: Session, delivery_ids: list[int], lease_seconds: float) -
             .execution_options(synchronize_session=False)
         )
     )
-
-
-def _renew(sessions: sessionmaker[Session], delivery_ids: list[int], settings: Settings) -> None:
-    lease = timedelta(seconds=settings.worker.delivery_lease_seconds)
-    with sessions() as session, session.begin():
-        session.execute(
-            update(Delivery)
-            .where(Delivery.id.in_(delivery_ids), Delivery.state == DeliveryState.PENDING)
-            .values(next_attempt_at=utcnow() + lease)
-            .execution_options(synchronize_session=False)
-        )
 
 
 def _record_success(sessions: sessionmaker[Session], delivery_id: int) -> None:

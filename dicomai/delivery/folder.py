@@ -26,6 +26,9 @@ def copy_file(path: Path, folder: Path) -> Path:
         final = folder / path.name
         tmp = folder / f".{path.name}.tmp"
         descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    except OSError as exc:
+        raise DeliveryError(f"cannot write to {folder}: {exc.strerror or exc}") from None
+    try:
         with open(descriptor, "wb") as target, open(path, "rb") as source:
             os.fchmod(target.fileno(), FILE_MODE)  # an older .tmp keeps its mode otherwise
             shutil.copyfileobj(source, target)
@@ -33,5 +36,7 @@ def copy_file(path: Path, folder: Path) -> Path:
             os.fsync(target.fileno())
         os.replace(tmp, final)
     except OSError as exc:
+        # A partial copy on a full disk kept it full until an attempt succeeded (or for good).
+        tmp.unlink(missing_ok=True)
         raise DeliveryError(f"cannot write to {folder}: {exc.strerror or exc}") from None
     return final

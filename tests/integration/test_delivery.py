@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, evt
-from servers import free_port, sample_file
+from servers import dropping_port, free_port, sample_file
 
 from dicomai.config import DeliverySettings
 from dicomai.delivery.policy import backoff_seconds, gives_up
@@ -63,7 +64,99 @@ def test_unreachable_pacs_fails_every_object(tmp_path: Path) -> None:
         calling_ae="DICOMAI",
         timeout=5,
     )
-    assert all(o is not None and "not established" in str(o) for o in outcomes)
+    assert all(o is not None and "no connection to PACS@127.0.0.1" in str(o) for o in outcomes)
+
+
+@pytest.fixture
+def ct_file(tmp_path: Path) -> Path:
+    ct = tmp_path / "ct.dcm"
+    pydicom.dcmread(sample_file("CT_small.dcm")).save_as(ct, enforce_file_format=True)
+    return ct
+
+
+@pytest.fixture
+def silent_port():
+    with dropping_port() as port:
+        yield port
+
+
+def test_a_pacs_that_drops_the_connection_request_fails_within_the_timeout(
+    ct_file: Path, silent_port: int
+) -> None:
+    # pynetdicom's connect has no timeout of its own: the kernel gave up after 130 s.
+    outcome: list[object] = []
+    sender = threading.Thread(
+        target=lambda: outcome.extend(
+            send_files(
+                [ct_file],
+                ae_title="PACS",
+                host="127.0.0.1",
+                port=silent_port,
+                calling_ae="DICOMAI",
+                timeout=2,
+            )
+        )
+    )
+    sender.start()
+    sender.join(60)
+    assert not sender.is_alive(), "the connection attempt outlived the delivery timeout"
+    assert "no connection to PACS@" in str(outcome[0])
+
+
+def test_a_rejected_association_says_why(ct_file: Path) -> None:
+    ae = AE(ae_title="PACS")
+    ae.require_called_aet = True
+    ae.add_supported_context(CT, ExplicitVRLittleEndian)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False)
+    try:
+        (outcome,) = send_files(
+            [ct_file],
+            ae_title="ARCHIVE",
+            host="127.0.0.1",
+            port=port,
+            calling_ae="DICOMAI",
+            timeout=10,
+        )
+    finally:
+        server.shutdown()
+    assert "rejected the association" in str(outcome)
+    assert "Called AE title not recognised" in str(outcome)
+
+
+def test_a_pacs_that_accepts_no_context_is_named_with_what_was_offered(ct_only_pacs, tmp_path):
+    port, received = ct_only_pacs
+    mr = tmp_path / "mr.dcm"
+    pydicom.dcmread(sample_file("MR_small.dcm")).save_as(mr, enforce_file_format=True)
+    (outcome,) = send_files(
+        [mr], ae_title="PACS", host="127.0.0.1", port=port, calling_ae="DICOMAI", timeout=10
+    )
+    assert "accepted none of the presentation contexts offered" in str(outcome)
+    assert "MR Image Storage in Explicit VR Little Endian" in str(outcome)
+    assert received == []
+
+
+@pytest.mark.parametrize("status", [0x0001, 0x0107, 0x0116, 0xB000])
+def test_a_warning_status_means_stored(ct_file: Path, status: int) -> None:
+    # PS3.7 C: the object is stored; counted failed, it was sent again and again.
+    ae = AE(ae_title="PACS")
+    ae.add_supported_context(CT, ExplicitVRLittleEndian)
+    port = free_port()
+    server = ae.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda _: status)]
+    )
+    try:
+        outcomes = send_files(
+            [ct_file],
+            ae_title="PACS",
+            host="127.0.0.1",
+            port=port,
+            calling_ae="DICOMAI",
+            timeout=10,
+        )
+    finally:
+        server.shutdown()
+    assert outcomes == [None]
 
 
 def test_backoff_doubles_up_to_its_ceiling_and_gives_up_after_max_attempts() -> None:

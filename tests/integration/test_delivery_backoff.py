@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
 import pydicom
 import pytest
 from daemon import REPO
+from pynetdicom import AE, AllStoragePresentationContexts, evt
 from recording import record_dataset
-from servers import free_port
+from servers import dropping_port, free_port, wait_for
 from sqlalchemy import select
 
 from dicomai.audit import Operator, os_user
@@ -170,3 +173,85 @@ def test_a_send_that_raises_is_a_failed_attempt_not_a_lost_one(refused, monkeypa
     time.sleep(1.2)  # the backoff, then the last of max_attempts
     attempt_deliveries(sessions, settings, ids)
     assert attempts_of(sessions, ids) == {i: (2, DeliveryState.FAILED) for i in ids}
+
+
+def _with(settings, **sections):
+    """`settings` with some sections' values replaced."""
+    update = {}
+    for name, values in sections.items():
+        current = getattr(settings, name)
+        update[name] = values if isinstance(values, list) else current.model_copy(update=values)
+    return settings.model_copy(update=update)
+
+
+@contextmanager
+def storing_pacs(port: int, seconds_per_object: float = 0.0):
+    """A PACS (pynetdicom) on `port` that takes `seconds_per_object` to store each object;
+    yields the SOP Instance UIDs it stored and an event set when its first store began."""
+    stored: list[str] = []
+    began = threading.Event()
+
+    def on_store(event: evt.Event) -> int:
+        began.set()
+        time.sleep(seconds_per_object)
+        stored.append(event.request.AffectedSOPInstanceUID)
+        return 0x0000
+
+    ae = AE(ae_title="PACS")
+    ae.supported_contexts = AllStoragePresentationContexts
+    server = ae.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    try:
+        yield stored, began
+    finally:
+        server.shutdown()
+
+
+def test_a_pacs_slower_than_the_lease_gets_each_object_once(refused) -> None:
+    # Two workers: one sends, the other is rung for the same deliveries meanwhile. The claim
+    # was renewed only before the association, so a PACS taking longer than the lease for
+    # the lot was sent everything again by the second.
+    settings, sessions, ids = refused
+    assert len(ids) >= 2, "the job needs two objects to outlast the lease"
+    settings = _with(settings, worker={"delivery_lease_seconds": 2.0})
+    with storing_pacs(settings.destinations[0].port, seconds_per_object=1.2) as (stored, began):
+        first = threading.Thread(target=attempt_deliveries, args=(sessions, settings, ids))
+        first.start()
+        assert began.wait(30), "the first worker sent nothing"
+        while first.is_alive():
+            attempt_deliveries(sessions, settings, ids)
+            time.sleep(0.1)
+        first.join()
+    assert sorted(stored) == sorted(set(stored)), f"objects stored twice: {stored}"
+    assert attempts_of(sessions, ids) == {i: (1, DeliveryState.SENT) for i in ids}
+
+
+def test_a_destination_that_does_not_answer_does_not_hold_back_another(refused) -> None:
+    settings, sessions, ids = refused
+    with dropping_port() as silent:
+        (pacs,) = settings.destinations
+        live = pacs.model_copy(update={"name": "live", "port": free_port()})
+        with storing_pacs(live.port) as (stored, _):
+            settings = _with(
+                settings,
+                destinations=[pacs.model_copy(update={"port": silent}), live],
+                delivery={"timeout_seconds": 10},
+            )
+            with sessions() as session, session.begin():
+                outputs = session.scalars(
+                    select(Delivery.output_id).where(Delivery.id.in_(ids))
+                ).all()
+                added = [Delivery(output_id=o, destination="live") for o in outputs]
+                session.add_all(added)
+            live_ids = sorted(d.id for d in added)
+            sender = threading.Thread(
+                target=attempt_deliveries, args=(sessions, settings, ids + live_ids)
+            )
+            sender.start()
+            wait_for(lambda: len(stored) == len(live_ids), 60, "the live PACS to store")
+            # Sent while the silent destination's attempt still waits for its connection.
+            assert attempts_of(sessions, ids) == {i: (0, DeliveryState.PENDING) for i in ids}
+            sender.join()
+    assert attempts_of(sessions, live_ids) == {i: (1, DeliveryState.SENT) for i in live_ids}
+    assert attempts_of(sessions, ids) == {i: (1, DeliveryState.PENDING) for i in ids}

@@ -46,6 +46,9 @@ def test_config_file_named_by_environment(tmp_path: Path, monkeypatch: pytest.Mo
     assert load_settings().storage.dir == Path("/srv/x")
 
 
+PACS = "[[destinations]]\nname = 'pacs'\nae_title = {ae}\nhost = {host}\nport = 104\n"
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -76,6 +79,17 @@ def test_config_file_named_by_environment(tmp_path: Path, monkeypatch: pytest.Mo
         ("[database]\nurl = 'notaurl'\n", "not a database URL"),
         ("log_level = 'verbose'\n", "log_level must be one of"),
         ("[delivery]\nmax_attempts = 0\n", "delivery.max_attempts"),
+        # Destinations that loaded and then failed every delivery with an exception's name.
+        (PACS.format(ae="'PACS_ARCHIVE_MAIN'", host="'pacs'"), "1 to 16 printable ASCII"),
+        (PACS.format(ae="'PACS\\\\1'", host="'pacs'"), "without backslash"),
+        (PACS.format(ae="''", host="'pacs'"), "1 to 16 printable ASCII"),
+        (PACS.format(ae="'PACS'", host="'dicom://pacs'"), "not an IP address or host name"),
+        (PACS.format(ae="'PACS'", host="'pacs main'"), "not an IP address or host name"),
+        ("[[destinations]]\nname = ''\npath = '/tmp/a'\n", "a destination needs a name"),
+        (
+            "[[destinations]]\nname = 'pacs'\npath = '/tmp/a'\nae_title = 'PACS'\n",
+            "or path, not both",
+        ),
     ],
 )
 def test_bad_configuration_is_one_clear_error(tmp_path: Path, text: str, message: str) -> None:

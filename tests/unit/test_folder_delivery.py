@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
 from dicomai.delivery.folder import copy_file
+from dicomai.errors import DeliveryError
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
@@ -34,3 +37,18 @@ def test_a_folder_the_site_made_keeps_its_mode(tmp_path: Path) -> None:
     source.write_bytes(b"x")
     copy_file(source, folder)
     assert stat.S_IMODE(folder.stat().st_mode) == 0o770
+
+
+def test_a_copy_that_fills_the_disk_leaves_no_partial_file(tmp_path: Path, monkeypatch) -> None:
+    source = tmp_path / "sr.dcm"
+    source.write_bytes(b"DICM result" * 1000)
+    folder = tmp_path / "results"
+
+    def full(_source: object, target: BinaryIO) -> None:
+        target.write(b"DICM res")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("dicomai.delivery.folder.shutil.copyfileobj", full)
+    with pytest.raises(DeliveryError, match="No space left on device"):
+        copy_file(source, folder)
+    assert list(folder.iterdir()) == [], "a partial copy kept the disk full"
