@@ -8,7 +8,9 @@ Two layouts are read:
 - a folder of images (any depth) and a labels CSV: ``file,label`` (one label per image, binary or
   multi-class) or ChestX-ray14's ``Image Index,Finding Labels`` with ``|``-separated labels
   (multi-label; ``No Finding`` is the empty set). An optional ``split`` column (``train``, ``val``,
-  ``test``) assigns images to sets.
+  ``test``) assigns images to sets; without it, a ``Patient ID`` column keeps each patient's
+  images on one side of the validation split. The CSV is UTF-8; a file name with no folder part
+  may name an image at any depth, if only one has that name.
 
 Either layout may carry lesion masks, for networks that also segment: a ``DIR/masks/`` tree
 mirroring the image folders (``masks/train/<class>/<stem>.png`` for ``train/<class>/<stem>.*``),
@@ -16,13 +18,16 @@ or a ``mask`` column naming a PNG relative to the CSV. A mask is 0 for backgroun
 lesion, the size of its image. An image without one has an empty mask only if it shows no finding
 (`require_masks`).
 
-Every problem (no class folder, a class without images, a CSV naming a file that is not there)
-is a `DatasetError` with a one-line message, raised before any training starts.
+Every problem (no class folder, a class without training or validation images, a CSV naming a
+file that is not there or an image twice) is a `DatasetError` with a one-line message, raised
+before any training starts.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +51,9 @@ SPLITS = ("train", "val", "test")
 NO_FINDING = "no finding"
 _FILE_COLUMNS = ("image index", "file", "filename", "path", "image", "image_path")
 _LABEL_COLUMNS = ("finding labels", "label", "labels", "class", "target")
+# Columns of one label per image, where an empty cell is a mistake rather than "no finding".
+_ONE_LABEL_COLUMNS = ("label", "class", "target")
+_PATIENT_COLUMNS = ("patient id", "patient_id", "patientid")
 MASKS_FOLDER = "masks"
 MASK_COLUMN = "mask"
 
@@ -134,14 +142,16 @@ def load_training_data(
         A labels CSV; without it `root` must hold the image-folder layout.
     val_fraction
         Fraction of each class held out for validation when there is no ``val/`` (or no
-        ``val`` rows in the CSV's ``split`` column).
+        ``val`` rows in the CSV's ``split`` column); whole patients where the CSV has a
+        ``Patient ID`` column.
     seed
         Seed of that split.
 
     Returns
     -------
     TrainingData
-        The sets, each non-empty but the optional test set.
+        The sets, each non-empty but the optional test set; every class has training and
+        validation images.
 
     Raises
     ------
@@ -151,10 +161,14 @@ def load_training_data(
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: not a folder")
-    data = _from_folders(root) if labels_csv is None else _from_csv(root, Path(labels_csv))
+    where = root if labels_csv is None else Path(labels_csv)
+    data = _from_folders(root) if labels_csv is None else _from_csv(root, where)
+    _refuse_case_variants(data["classes"], where)
     if data.get("val") is None:
-        train, val = _hold_out(data["train"], data["task"], val_fraction, seed)
-        note = f"stratified {round(val_fraction * 100)} % of the training images, seed {seed}"
+        patients = data.get("patients")
+        train, val = _hold_out(data["train"], data["task"], val_fraction, seed, patients)
+        unit = "images" if patients is None else "patients"
+        note = f"stratified {round(val_fraction * 100)} % of the training {unit}, seed {seed}"
     else:
         train, val, note = data["train"], data["val"], "given"
     if len(train) == 0 or len(val) == 0:
@@ -162,7 +176,7 @@ def load_training_data(
     notes = {"source": data["source"], "validation": note}
     if train.masks is not None:
         notes["masks"] = data["masks"]
-    return TrainingData(
+    loaded = TrainingData(
         classes=data["classes"],
         task=data["task"],
         train=train,
@@ -170,6 +184,8 @@ def load_training_data(
         test=data.get("test"),
         notes=notes,
     )
+    _require_every_class(loaded, where)
+    return loaded
 
 
 def require_masks(data: TrainingData, findings: Sequence[bool]) -> None:
@@ -360,36 +376,58 @@ class _Row:
     labels: tuple[str, ...]
     split: str
     mask: str | None = None
+    line: int = 0
+    patient: str = ""
 
 
 def _read_csv(path: Path) -> list[_Row]:
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.reader(handle)
-            header = [name.strip().lower() for name in next(reader, [])]
-            table = [row for row in reader if any(cell.strip() for cell in row)]
-    except OSError as error:
-        raise DatasetError(f"{path}: cannot read: {error.strerror}") from error
+    header, table = _read_table(path)
     file_col = _column(header, _FILE_COLUMNS, path, "file")
     label_col = _column(header, _LABEL_COLUMNS, path, "label")
     split_col = header.index("split") if "split" in header else None
     mask_col = header.index(MASK_COLUMN) if MASK_COLUMN in header else None
+    patient_col = next((header.index(name) for name in _PATIENT_COLUMNS if name in header), None)
+    one_label = header[label_col] in _ONE_LABEL_COLUMNS
     rows = []
-    for number, row in enumerate(table, start=2):
+    for number, row in table:
         if len(row) <= max(file_col, label_col):
             raise DatasetError(f"{path}:{number}: expected at least {len(header)} columns")
+        if one_label and not row[label_col].strip():
+            raise DatasetError(f"{path}:{number}: no label")
         labels = tuple(v.strip() for v in row[label_col].split("|") if v.strip())
         labels = tuple(v for v in labels if v.lower() != NO_FINDING)
-        split = row[split_col].strip().lower() if split_col is not None else ""
+        split = _cell(row, split_col).lower()
         if split and split not in SPLITS:
             raise DatasetError(f"{path}:{number}: split {split!r} is not train, val or test")
-        mask = None
-        if mask_col is not None:
-            mask = row[mask_col].strip() if mask_col < len(row) else ""
-        rows.append(_Row(row[file_col].strip(), labels, split, mask))
+        mask = None if mask_col is None else _cell(row, mask_col)
+        file = row[file_col].strip()
+        rows.append(_Row(file, labels, split, mask, number, _cell(row, patient_col)))
     if not rows:
         raise DatasetError(f"{path}: no rows")
     return rows
+
+
+def _read_table(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The CSV's lower-case header and its non-blank rows, each with its line number."""
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise DatasetError(f"{path}: cannot read: {error.strerror}") from error
+    # Excel's "CSV UTF-8" starts with a byte order mark; its plain "CSV" is Windows-1252.
+    raw = raw.removeprefix(codecs.BOM_UTF8)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise DatasetError(f"{path}:{line}: not UTF-8 text; save the CSV as UTF-8") from error
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = [name.strip().lower() for name in next(reader, [])]
+    table = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+    return header, table
+
+
+def _cell(row: list[str], column: int | None) -> str:
+    return row[column].strip() if column is not None and column < len(row) else ""
 
 
 def _column(header: list[str], names: tuple[str, ...], path: Path, what: str) -> int:
@@ -418,20 +456,27 @@ def _from_csv(root: Path, labels_csv: Path) -> dict[str, Any]:
         "source": f"labels CSV {labels_csv.name}",
         "masks": f"{MASK_COLUMN} column of {labels_csv.name}",
     }
+    everything = _labelled(root, rows, classes, multilabel, labels_csv)
     has_split = any(row.split for row in rows)
+    splits = np.asarray([(row.split or "train") if has_split else "train" for row in rows])
     for split in SPLITS:
-        chosen = [row for row in rows if (row.split or "train") == split] if has_split else rows
-        if chosen and (has_split or split == "train"):
-            data[split] = _labelled(root, chosen, classes, multilabel, labels_csv)
+        chosen = np.flatnonzero(splits == split)
+        if len(chosen):
+            data[split] = everything.subset(chosen)
     if "train" not in data:
         raise DatasetError(f"{labels_csv}: no training rows")
+    if any(row.patient for row in rows):
+        # An image without a patient ID is a patient of its own: nothing ties it to others.
+        patients = np.asarray([row.patient or row.file for row in rows])
+        data["patients"] = patients[splits == "train"]
     return data
 
 
 def _labelled(
     root: Path, rows: list[_Row], classes: tuple[str, ...], multilabel: bool, source: Path
 ) -> LabelledImages:
-    paths = _resolve(root, [row.file for row in rows], source)
+    paths = _resolve(root, rows, source)
+    _refuse_duplicates(rows, paths, source)
     index = {name: i for i, name in enumerate(classes)}
     unknown = sorted({label for row in rows for label in row.labels if label not in index})
     if unknown:
@@ -459,37 +504,98 @@ def _mask_files(rows: list[_Row], source: Path) -> tuple[Path | None, ...] | Non
     return masks
 
 
-def _resolve(root: Path, names: list[str], source: Path) -> list[Path]:
-    """Each CSV file name as a path under `root`: as written, or found by its name at any depth."""
-    by_name: dict[str, Path] | None = None
+def _resolve(root: Path, rows: list[_Row], source: Path) -> list[Path]:
+    """Each row's file under `root`: as written, else (a bare name only) the one file so named.
+
+    Only a bare name is looked for at any depth: a path with folders names one patient's or
+    study's image, and another folder's file of the same name is another image.
+    """
+    by_name: dict[str, list[Path]] | None = None
     paths = []
     missing = []
-    for name in names:
-        direct = root / name
+    for row in rows:
+        direct = root / row.file
         if direct.is_file():
             paths.append(direct)
             continue
+        if Path(row.file).name != row.file:
+            missing.append(row)
+            continue
         if by_name is None:
             # ChestX-ray14 ships its images in images_001/images/ ... images_012/images/.
-            by_name = {p.name: p for p in root.rglob("*") if p.is_file()}
-        found = by_name.get(Path(name).name)
-        if found is None:
-            missing.append(name)
+            by_name = {}
+            for path in sorted(p for p in root.rglob("*") if p.is_file()):
+                by_name.setdefault(path.name, []).append(path)
+        found = by_name.get(row.file, [])
+        if len(found) > 1:
+            raise DatasetError(
+                f"{source}:{row.line}: {row.file!r} matches {len(found)} files under {root} "
+                f"({found[0]}, {found[1]}, ...): write its folder in the CSV"
+            )
+        if found:
+            paths.append(found[0])
         else:
-            paths.append(found)
+            missing.append(row)
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise DatasetError(f"{source}: {missing[0]!r}{more} not found under {root}")
+        first = missing[0]
+        raise DatasetError(f"{source}:{first.line}: {first.file!r}{more} not found under {root}")
     return paths
 
 
+def _refuse_duplicates(rows: list[_Row], paths: list[Path], source: Path) -> None:
+    """Refuse an image listed twice: its copies could land in both training and validation."""
+    first: dict[Path, _Row] = {}
+    for row, path in zip(rows, paths, strict=True):
+        earlier = first.setdefault(path.resolve(), row)
+        if earlier is row:
+            continue
+        if set(earlier.labels) != set(row.labels):
+            raise DatasetError(
+                f"{source}:{row.line}: {row.file!r} is labelled {_shown(row.labels)} here "
+                f"and {_shown(earlier.labels)} on line {earlier.line}"
+            )
+        raise DatasetError(
+            f"{source}:{row.line}: {row.file!r} is listed again (first on line {earlier.line})"
+        )
+
+
+def _shown(labels: tuple[str, ...]) -> str:
+    return repr("|".join(labels) or "No Finding")
+
+
 def _hold_out(
-    images: LabelledImages, task: Task, fraction: float, seed: int
+    images: LabelledImages,
+    task: Task,
+    fraction: float,
+    seed: int,
+    patients: np.ndarray | None = None,
 ) -> tuple[LabelledImages, LabelledImages]:
+    """Split off validation; with `patients` (one ID per image), whole patients.
+
+    A patient's other images would let validation reward memorising that patient.
+    """
     if not 0.0 < fraction < 1.0:
         raise DatasetError(f"validation fraction must be in (0, 1), got {fraction}")
-    split = stratified_split(_strata(images, task), fraction, seed)
-    return images.subset(split.train), images.subset(split.val)
+    strata = _strata(images, task)
+    if patients is None:
+        split = stratified_split(strata, fraction, seed)
+        return images.subset(split.train), images.subset(split.val)
+    names, patient_of = np.unique(patients, return_inverse=True)
+    split = stratified_split(_patient_strata(strata, patient_of, len(names)), fraction, seed)
+    held = np.isin(patient_of, split.val)
+    return images.subset(np.flatnonzero(~held)), images.subset(np.flatnonzero(held))
+
+
+def _patient_strata(strata: np.ndarray, patient_of: np.ndarray, n_patients: int) -> np.ndarray:
+    """Each patient's stratum: the rarest of its images' strata, as `_strata` ranks images."""
+    counts = Counter(strata.tolist())
+    best: dict[int, tuple[float, int]] = {}
+    for patient, stratum in zip(patient_of.tolist(), strata.tolist(), strict=True):
+        # -1 (no finding, or a label too rare to stratify) gives way to any class.
+        rank = (float("inf") if stratum == -1 else counts[stratum], stratum)
+        best[patient] = min(best.get(patient, rank), rank)
+    return np.asarray([best[p][1] for p in range(n_patients)], dtype=np.int64)
 
 
 def _strata(images: LabelledImages, task: Task) -> np.ndarray:
@@ -503,3 +609,22 @@ def _strata(images: LabelledImages, task: Task) -> np.ndarray:
     strata = np.where(targets.any(axis=1), rarity.argmin(axis=1), -1)
     counts = Counter(strata.tolist())
     return np.asarray([s if counts[s] > 1 else -1 for s in strata.tolist()], dtype=np.int64)
+
+
+def _refuse_case_variants(classes: tuple[str, ...], where: Path) -> None:
+    seen: dict[str, str] = {}
+    for name in classes:
+        first = seen.setdefault(name.casefold(), name)
+        if first != name:
+            raise DatasetError(f"{where}: classes {first!r} and {name!r} differ only in case")
+
+
+def _require_every_class(data: TrainingData, where: Path) -> None:
+    """Refuse a class never learnt, or one whose validation metrics would be undefined."""
+    note = data.notes["validation"]
+    held_out = "" if note == "given" else f" (validation set: {note})"
+    for kind, images in (("training", data.train), ("validation", data.val)):
+        counts = class_counts(images, data.classes, data.task)
+        empty = [name for name, count in counts.items() if count == 0]
+        if empty:
+            raise DatasetError(f"{where}: class {empty[0]!r} has no {kind} image{held_out}")

@@ -104,8 +104,15 @@ def test_evaluation_names_a_missing_split_folder_and_warns_of_a_csv_without_spli
     ("csv", "message"),
     [
         ("name,label\na.png,x\n", "no file column"),
-        ("file,label\na.png,x\nb.png,y\nc.png,z,extra\n", "'b.png' and 1 more not found"),
+        ("file,label\na.png,x\nb.png,y\nc.png,z,extra\n", "csv:3: 'b.png' and 1 more not found"),
         ("file,label,split\na.png,x,holdout\n", "split 'holdout'"),
+        ("file,label\na.png,x\n\nsub/b.png,y\n", "csv:4: 'sub/b.png' not found"),
+        ("file,label\na.png,x\na.png,y\n", "csv:3: 'a.png' is labelled 'y' here and 'x' on line 2"),
+        (
+            "Image Index,Finding Labels\na.png,x|z\n./a.png,z|x\n",
+            "csv:3: './a.png' is listed again \\(first on line 2",
+        ),
+        ("file,label\nb.png,\na.png,x\n", "csv:2: no label"),
     ],
 )
 def test_csv_errors_name_the_problem(csv: str, message: str, tmp_path: Path) -> None:
@@ -113,6 +120,94 @@ def test_csv_errors_name_the_problem(csv: str, message: str, tmp_path: Path) -> 
     (tmp_path / "labels.csv").write_text(csv)
     with pytest.raises(DatasetError, match=message):
         load_training_data(tmp_path, tmp_path / "labels.csv")
+
+
+def labels_csv(root: Path, rows: list[str], header: str = "file,label") -> Path:
+    """`rows` of `header` as labels.csv, an image for each file named."""
+    for row in rows:
+        image(root / row.split(",")[0])
+    (root / "labels.csv").write_text("\n".join([header, *rows]) + "\n")
+    return root / "labels.csv"
+
+
+def test_only_a_bare_file_name_is_looked_for_at_any_depth_and_only_if_unique(
+    tmp_path: Path,
+) -> None:
+    rows = [f"patient{i}/IM0001.png,{'yes' if i % 2 else 'no'}" for i in range(6)]
+    labels = labels_csv(tmp_path, [*rows, "deep/only.png,yes"])
+    with open(labels, "a") as handle:
+        handle.write("patientC/IM0001.png,yes\n")
+    with pytest.raises(DatasetError, match=r"labels.csv:9: 'patientC/IM0001.png' not found"):
+        load_training_data(tmp_path, labels)
+
+    labels.write_text("\n".join(["file,label", *rows, "only.png,yes"]) + "\n")
+    data = load_training_data(tmp_path, labels)
+    assert tmp_path / "deep" / "only.png" in data.train.paths + data.val.paths
+
+    with open(labels, "a") as handle:
+        handle.write("IM0001.png,no\n")
+    with pytest.raises(DatasetError, match=r"labels.csv:9: 'IM0001.png' matches 6 files"):
+        load_training_data(tmp_path, labels)
+
+
+def test_a_patient_id_column_keeps_each_patient_on_one_side(tmp_path: Path) -> None:
+    rows = [f"{i:03d}.png,{'Nodule' if i % 3 == 0 else 'No Finding'},P{i // 4}" for i in range(60)]
+    labels = labels_csv(tmp_path, rows, "Image Index,Finding Labels,Patient ID")
+    data = load_training_data(tmp_path, labels, val_fraction=0.2, seed=2)
+
+    def patients(paths: tuple[Path, ...]) -> set[int]:
+        return {int(path.stem) // 4 for path in paths}
+
+    both = patients(data.train.paths) & patients(data.val.paths)
+    assert not both, f"patients {sorted(both)} are in both training and validation"
+    assert len(patients(data.val.paths)) == 3 and data.val.targets.sum() > 0
+    assert "training patients" in data.summary()["validation"]
+
+
+@pytest.mark.parametrize("layout", ["val-folder", "val-fraction", "csv-split"])
+def test_a_class_without_training_or_validation_images_is_refused(
+    layout: str, tmp_path: Path
+) -> None:
+    labels = None
+    if layout == "val-folder":
+        for name, n in (("normal", 6), ("nodule", 6)):
+            for i in range(n):
+                image(tmp_path / "train" / name / f"{i}.png")
+        image(tmp_path / "val" / "normal" / "0.png")
+        expected = "class 'nodule' has no validation image$"
+    elif layout == "val-fraction":
+        for name, n in (("normal", 10), ("nodule", 2)):
+            for i in range(n):
+                image(tmp_path / "train" / name / f"{i}.png")
+        expected = "class 'nodule' has no training image \\(validation set: stratified 80 %"
+    else:
+        rows = [
+            f"{i}.png,{'yes' if i % 2 else 'no'},{'val' if i % 2 else 'train'}" for i in range(8)
+        ]
+        labels = labels_csv(tmp_path, rows, "file,label,split")
+        expected = "labels.csv: class 'yes' has no training image$"
+    with pytest.raises(DatasetError, match=expected):
+        load_training_data(tmp_path, labels, val_fraction=0.8)
+
+
+def test_class_names_differing_only_in_case_are_refused(tmp_path: Path) -> None:
+    rows = [f"{i}.png,{('normal', 'Normal', 'nodule')[i % 3]}" for i in range(9)]
+    labels = labels_csv(tmp_path, rows)
+    with pytest.raises(DatasetError, match="classes 'Normal' and 'normal' differ only in case"):
+        load_training_data(tmp_path, labels)
+
+
+def test_a_csv_must_be_utf8_with_or_without_a_byte_order_mark(tmp_path: Path) -> None:
+    rows = [f"radiographie_{i}_\u00e9.png,{'yes' if i % 2 else 'no'}" for i in range(8)]
+    labels = labels_csv(tmp_path, rows)
+    text = labels.read_text()
+    labels.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert len(load_training_data(tmp_path, labels).train) == 6
+    labels.write_bytes(text.encode("cp1252"))
+    with pytest.raises(DatasetError, match=r"labels.csv:2: not UTF-8 text; save the CSV as UTF-8"):
+        load_training_data(tmp_path, labels)
+    with pytest.raises(DatasetError, match="not UTF-8"):
+        load_evaluation_data(tmp_path, ("no", "yes"), labels)
 
 
 def test_sixteen_bit_png_reads_to_unit_range(tmp_path: Path) -> None:
