@@ -45,3 +45,7 @@ class InvalidTransition(DicomaiError):
 
 class DatasetError(DicomaiError):
     """A training or evaluation data set is laid out wrongly or names files that do not exist."""
+
+
+class TrainingError(DicomaiError):
+    """Training cannot go on: the network cannot take the inputs, or it diverged."""

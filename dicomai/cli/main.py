@@ -17,6 +17,19 @@ from dicomai.errors import DicomaiError
 _MISSING_TABLE = re.compile(r"no such table|relation .* does not exist")
 
 
+def _own_words(message: str) -> str:
+    """An error's message without the traceback text torch's DataLoader wraps around an error
+    raised in one of its worker processes ("Caught DatasetError in DataLoader worker process
+    0. Original Traceback ..."): the last line, less its ``module.Class: `` prefix."""
+    if "Original Traceback" not in message:
+        return message
+    last = message.rstrip().splitlines()[-1]
+    return _EXCEPTION_PREFIX.sub("", last, count=1)
+
+
+_EXCEPTION_PREFIX = re.compile(r"^[\w.]+(Error|Exception): ")
+
+
 class Group(click.Group):
     """Turns our errors into one line on stderr and a non-zero exit, never a traceback."""
 
@@ -24,7 +37,7 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except DicomaiError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {_own_words(str(exc))}", err=True)
             sys.exit(2)
         except DatabaseError as exc:
             detail = str(exc.orig or exc).splitlines()[0]

@@ -6,6 +6,7 @@ torch is imported inside the commands: the CLI's other commands stay fast.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,24 @@ STRATEGIES = ("full", "frozen", "two-stage", "lld", "gradual")
 _PROBABILITY = click.FloatRange(0, 1, max_open=True)
 _RATE = click.FloatRange(min=0, min_open=True)
 _POSITIVE_INT = click.IntRange(min=1)
+# PS3.5 6.2, CS: capitals, digits, space and underscore, at most 16.
+_CODE_STRING = re.compile(r"[A-Z0-9_ ]{1,16}")
+
+
+def _code_strings(
+    _context: click.Context, parameter: click.Parameter, values: tuple[str, ...]
+) -> tuple[str, ...]:
+    """Values of a repeatable CS option, commas splitting them too; "DX,CR" had been kept as
+    one modality that no image has."""
+    split = [part.strip().upper() for value in values for part in value.split(",")]
+    for value in split:
+        if not _CODE_STRING.fullmatch(value):
+            raise click.BadParameter(
+                f"{value!r} is not a DICOM code string (capitals, digits, _ and space, at most "
+                "16), e.g. DX or CHEST",
+                param=parameter,
+            )
+    return tuple(dict.fromkeys(split))
 
 
 def _checked_name(_context: click.Context, _param: click.Parameter, value: str) -> str:
@@ -220,9 +239,22 @@ def _epochs(text: str) -> tuple[int, ...]:
     show_default=True,
 )
 @click.option("--seed", default=0, show_default=True, type=SEED)
-@click.option("--rotation", default=7.0, show_default=True, help="Max rotation, degrees.")
+@click.option(
+    "--rotation",
+    default=7.0,
+    type=click.FloatRange(0, 180),
+    show_default=True,
+    help="Max rotation, degrees.",
+)
 @click.option("--hflip/--no-hflip", default=False, show_default=True)
-@click.option("--jitter", default=0.1, show_default=True, help="Brightness/contrast jitter.")
+@click.option(
+    "--jitter",
+    default=0.1,
+    # Above 1 the contrast factor 1 ± jitter can be negative: the images came out inverted.
+    type=click.FloatRange(0, 1, max_open=True),
+    show_default=True,
+    help="Brightness/contrast jitter.",
+)
 @click.option(
     "--random-erasing",
     default=0.0,
@@ -246,8 +278,20 @@ def _epochs(text: str) -> tuple[int, ...]:
     type=click.Path(path_type=Path),
     help="CSV name,value,scheme,meaning[,is_finding] coding the classes.",
 )
-@click.option("--modality", "modalities", multiple=True, help="Applies to (repeatable).")
-@click.option("--body-part", "body_parts", multiple=True, help="Applies to (repeatable).")
+@click.option(
+    "--modality",
+    "modalities",
+    multiple=True,
+    callback=_code_strings,
+    help="Applies to (repeatable, or comma-separated: DX,CR).",
+)
+@click.option(
+    "--body-part",
+    "body_parts",
+    multiple=True,
+    callback=_code_strings,
+    help="Applies to (repeatable, or comma-separated).",
+)
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/last.pt.")
 @click.option(
     "--explanation",
@@ -369,6 +413,8 @@ def evaluate(
     from dicomai.evaluation.report import evaluate_package
     from dicomai.rollout.registry import package_folder
 
+    # "." has no name of its own to put the report beside.
+    package = package.resolve()
     name = package.name.removesuffix(".tar")
     target = out if out is not None else package.with_name(f"{name}-evaluation")
     with package_folder(package) as folder:

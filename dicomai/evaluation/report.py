@@ -13,7 +13,7 @@ Writes into the output folder:
       auc_micro, auc_macro
       sensitivity, specificity, ppv, npv     binary only, for the positive (finding) class
                                              at its manifest threshold
-      ece, mce         15 equal-width bins; reliability: [{lower, upper, confidence, accuracy,
+      ece, mce         10 equal-width bins; reliability: [{lower, upper, confidence, accuracy,
                        count}]
       brier            scikit-learn's brier_score_loss (binary: positive class; multi-class:
                        sum over classes; multi-label: mean over classes)
@@ -43,13 +43,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 import torch
 
+from dicomai.errors import DatasetError, NotEvaluable
 from dicomai.evaluation.localisation import LOCALISATION, localisation_metrics
 from dicomai.evaluation.metrics import compute_metrics, decisions
 from dicomai.evaluation.plots import plot_misclassified, plot_reliability, plot_roc
 from dicomai.evaluation.segmentation import SEGMENTATION, segmentation_metrics, segments
+from dicomai.imaging.decode import read_instance
 from dicomai.imaging.preprocess import prepare, to_model_input
 from dicomai.inference.runner import Classifier
 from dicomai.models.package import LoadedModel, load_model
@@ -108,6 +109,12 @@ def evaluate_package(
     classes = manifest.class_names
     images = load_evaluation_data(data, classes, labels_csv, split, log=log)
     task = _task(loaded)
+    if (images.targets.ndim == 2) != (task is Task.MULTILABEL):
+        given = "several labels per image" if images.targets.ndim == 2 else "one label per image"
+        raise DatasetError(
+            f"{labels_csv or data}: the data give {given}, but the package's model is "
+            f"{'multi-label' if task is Task.MULTILABEL else 'single-label'}"
+        )
     classifier = Classifier(loaded)
     inputs = [_model_input(path, loaded) for path in images.paths]
     probabilities = _probabilities(classifier, inputs)
@@ -173,7 +180,10 @@ def _model_input(path: Path, loaded: LoadedModel) -> np.ndarray:
     """The input the daemon would give the model: DICOM through `prepare`, else the same steps."""
     spec = loaded.manifest.input
     if path.suffix.lower() in DICOM_SUFFIXES:
-        return prepare(pydicom.dcmread(path), spec)[1]
+        try:
+            return prepare(read_instance(path), spec)[1]
+        except (NotEvaluable, OSError) as error:
+            raise DatasetError(f"{path}: unreadable DICOM image: {error}") from None
     return to_model_input(read_image01(path), spec)
 
 

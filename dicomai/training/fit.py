@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dicomai.errors import DatasetError
+from dicomai.errors import DatasetError, TrainingError
 from dicomai.evaluation.metrics import compute_metrics
 from dicomai.inference.device import resolve_device as inference_device
 from dicomai.training.batches import ImageDataset
@@ -151,7 +151,10 @@ def fit(
     if resume:
         saved = load_checkpoint(checkpoint_dir)
         if saved["fingerprint"] != fingerprint:
-            raise DatasetError(f"{checkpoint_dir / LAST}: written by a run with other settings")
+            raise DatasetError(
+                f"{checkpoint_dir / LAST}: written by a run with other settings"
+                + _differences(saved["fingerprint"], fingerprint)
+            )
         model.load_state_dict(saved["model"])
         progress = _Progress(**saved["progress"])
         log(f"resuming after epoch {progress.epoch}")
@@ -261,6 +264,18 @@ def _outputs(model: nn.Module, inputs: torch.Tensor, masks: bool) -> tuple[torch
     return (model(inputs),)
 
 
+def _differences(saved: Any, wanted: Any) -> str:
+    """Which settings a checkpoint's run had otherwise, as ``(epochs: 3, now 5)``."""
+    if not isinstance(saved, dict) or not isinstance(wanted, dict):
+        return ""
+    changed = [
+        f"{key}: {saved.get(key)!r:.40}, now {wanted.get(key)!r:.40}"
+        for key in sorted(set(saved) | set(wanted))
+        if saved.get(key) != wanted.get(key)
+    ]
+    return f" ({'; '.join(changed[:4])})" if changed else ""
+
+
 def _train_epoch(
     model: nn.Module,
     loader: DataLoader[Any],
@@ -280,6 +295,13 @@ def _train_epoch(
         with torch.autocast(device.type, dtype=torch.float16, enabled=scaler.is_enabled()):
             logits, *mask_logits = _outputs(model, inputs, bool(masks))
             loss = objective(logits, targets, *mask_logits, *masks)
+        if not torch.isfinite(loss):
+            # One NaN step spreads to every weight; the run went on and wrote a package whose
+            # temperature and thresholds were NaN.
+            raise TrainingError(
+                f"{label}: the loss became {float(loss.detach())}, training diverged "
+                "(try a lower --lr)"
+            )
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if settings.grad_clip > 0:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -54,32 +56,51 @@ def choose_thresholds(probabilities: np.ndarray, targets: np.ndarray, task: Task
     return np.array([youden_threshold(probabilities[:, c], truth[:, c]) for c in range(k)])
 
 
+_TRUE = ("1", "true", "yes", "y")
+_FALSE = ("0", "false", "no", "n")
+
+
 def read_codes(path: Path | None) -> dict[str, tuple[Code, bool | None]]:
     """A codes CSV (``name,value,scheme,meaning[,is_finding]``) as {class name: (code, finding)}.
 
     Raises
     ------
     DatasetError
-        If the file cannot be read or a row lacks a field.
+        If the file cannot be read, is not UTF-8, names a class twice, or a row lacks a field
+        or has an ``is_finding`` that is neither true (1, true, yes, y) nor false (0, false,
+        no, n), in any case; an empty one leaves the default.
     """
     if path is None:
         return {}
     codes: dict[str, tuple[Code, bool | None]] = {}
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
-            for row in csv.DictReader(handle):
-                try:
-                    code = Code(row["value"].strip(), row["scheme"].strip(), row["meaning"].strip())
-                    finding = row.get("is_finding")
-                    flag = None if not finding else finding.strip().lower() in ("1", "true", "yes")
-                    codes[row["name"].strip()] = (code, flag)
-                except (KeyError, AttributeError) as error:
-                    raise DatasetError(
-                        f"{path}: needs columns name,value,scheme,meaning"
-                    ) from error
+            for line, row in enumerate(csv.DictReader(handle), start=2):
+                name, code, flag = _code_row(path, line, row)
+                if name in codes:
+                    raise DatasetError(f"{path}, line {line}: class {name!r} is given twice")
+                codes[name] = (code, flag)
     except OSError as error:
         raise DatasetError(f"{path}: cannot read: {error.strerror}") from error
+    except UnicodeDecodeError:
+        raise DatasetError(f"{path}: not UTF-8 text (save it as CSV UTF-8)") from None
     return codes
+
+
+def _code_row(path: Path, line: int, row: dict[str, Any]) -> tuple[str, Code, bool | None]:
+    try:
+        code = Code(row["value"].strip(), row["scheme"].strip(), row["meaning"].strip())
+        name = row["name"].strip()
+    except (KeyError, AttributeError) as error:
+        raise DatasetError(f"{path}: needs columns name,value,scheme,meaning") from error
+    finding = (row.get("is_finding") or "").strip().lower()
+    if finding and finding not in _TRUE + _FALSE:
+        # "Y" read as false once: the model never reported its finding Present.
+        raise DatasetError(
+            f"{path}, line {line}: is_finding {row['is_finding']!r} is neither true "
+            "(1, true, yes) nor false (0, false, no)"
+        )
+    return name, code, (finding in _TRUE) if finding else None
 
 
 def class_specs(
@@ -89,13 +110,26 @@ def class_specs(
 ) -> tuple[ClassSpec, ...]:
     """Each class with its code (given, SNOMED CT Normal for a normal class, else a local code),
     whether it is a finding (every class but a normal one unless the codes file says) and its
-    threshold."""
+    threshold.
+
+    Raises
+    ------
+    DatasetError
+        If the codes name a class the data does not have, two classes would share a code, or
+        no class is a finding (the report would never say one is present).
+    """
+    unknown = sorted(set(codes) - set(classes))
+    if unknown:
+        raise DatasetError(
+            f"the codes name classes the data does not have: {', '.join(map(repr, unknown))} "
+            f"(classes: {', '.join(classes)})"
+        )
     specs = []
     for c, name in enumerate(classes):
         normal = name.strip().lower() in NORMAL_NAMES
         code, finding = codes.get(name, (None, None))
         if code is None:
-            code = NORMAL_CODE if normal else Code(name.upper()[:16], LOCAL_SCHEME, name)
+            code = NORMAL_CODE if normal else local_code(name)
         specs.append(
             ClassSpec(
                 name=name,
@@ -104,7 +138,33 @@ def class_specs(
                 is_finding=(not normal) if finding is None else finding,
             )
         )
+    by_code: dict[tuple[str, str], str] = {}
+    for spec in specs:
+        key = (spec.code.value, spec.code.scheme)
+        if key in by_code:
+            raise DatasetError(
+                f"classes {by_code[key]!r} and {spec.name!r} would share the code "
+                f"({key[0]}, {key[1]}): give each its own in the codes file"
+            )
+        by_code[key] = spec.name
+    if not any(spec.is_finding for spec in specs):
+        raise DatasetError(
+            "no class is a finding, so the report would never say one is present: mark the "
+            "finding classes is_finding=true in the codes file"
+        )
     return tuple(specs)
+
+
+def local_code(name: str) -> Code:
+    """A class's code in dicomai's private scheme: its name in capitals, in the characters a
+    code value (SH, default repertoire) may hold, and cut to 16; a name that had to be changed
+    or cut ends in four characters of its digest, so that names sharing their first 16
+    characters get codes of their own."""
+    value = re.sub(r"[^ -\[\]-~]", "_", name.upper())  # printable ASCII but backslash
+    if value == name.upper() and len(value) <= 16:
+        return Code(value, LOCAL_SCHEME, name)
+    digest = hashlib.sha256(name.encode()).hexdigest()[:4].upper()
+    return Code(f"{value[:11]}_{digest}", LOCAL_SCHEME, name)
 
 
 def positive_class(specs: tuple[ClassSpec, ...]) -> int:

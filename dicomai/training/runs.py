@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from dicomai.errors import DatasetError, ModelPackageError
+from dicomai.errors import DatasetError, ModelPackageError, TrainingError
 from dicomai.evaluation.metrics import compute_metrics
 from dicomai.evaluation.plots import plot_history
 from dicomai.explain.gradcam import methods_for
@@ -100,6 +101,7 @@ def train_package(settings: RunSettings, log: Log = print) -> Manifest:
             f"explanation: {settings.explanation} cannot explain {settings.architecture} "
             f"(it takes {', '.join(methods_for(model))})"
         )
+    _takes_inputs(model, settings)
     findings = [
         spec.is_finding
         for spec in class_specs(data.classes, np.full(len(data.classes), 0.5), codes)
@@ -171,6 +173,28 @@ def train_package(settings: RunSettings, log: Log = print) -> Manifest:
         f"ECE {metrics['ece']:.3f}, temperature {temperature:.3f}{dice}"
     )
     return written
+
+
+def _takes_inputs(model: nn.Module, settings: RunSettings) -> None:
+    """One forward pass of a blank batch, so that an input size the network cannot take stops
+    the run in one line before training (a 4x4 input left a ResNet's map empty, a ViT built
+    for 224² asserted on 32²: tracebacks at the first batch)."""
+    rows, cols = settings.spec.size
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(2, 3, rows, cols))
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        hint = ""
+        if settings.architecture.startswith("vit"):
+            hint = f" (give --option image_size={rows})"
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise TrainingError(
+            f"{settings.architecture} cannot take {rows}x{cols} inputs: {first}{hint}"
+        ) from None
+    finally:
+        model.train(was_training)
 
 
 def _uses_masks(

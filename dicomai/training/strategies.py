@@ -128,7 +128,12 @@ def plan(model: nn.Module, settings: StrategySettings, epochs: int) -> list[Phas
         case Strategy.TWO_STAGE:
             first = settings.freeze_epochs
             if not 0 < first < epochs:
-                raise DatasetError(f"two-stage: --freeze-epochs {first} must be in 1..{epochs - 1}")
+                raise DatasetError(
+                    f"two-stage: --freeze-epochs {first} must leave epochs for the second stage "
+                    f"(1 to {epochs - 1} of --epochs {epochs})"
+                    if epochs > 1
+                    else "two-stage needs --epochs 2 or more (one stage frozen, one not)"
+                )
             return [
                 Phase(0, first, ((head, settings.head_lr),)),
                 Phase(first, epochs, ((everything, lr),)),
@@ -152,7 +157,11 @@ def _gradual(
 ) -> list[Phase]:
     points = sorted(set(settings.unfreeze_at))
     if not points or points[0] <= 0 or points[-1] >= epochs:
-        raise DatasetError(f"gradual: --unfreeze-at epochs must be in 1..{epochs - 1}")
+        raise DatasetError(
+            f"gradual: --unfreeze-at epochs must be 1 to {epochs - 1} of --epochs {epochs}"
+            if epochs > 1
+            else "gradual unfreezing needs --epochs 2 or more"
+        )
     top_first = list(reversed(blocks))
     # Slice k of the backbone (from the top) joins at points[k]; the last slice is the rest.
     size = max(1, len(top_first) // len(points))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import cv2
@@ -160,6 +161,38 @@ def test_evaluate_writes_every_number_and_they_match_scikit_learn(
     assert "| accuracy |" in (report_dir / "report.md").read_text()
 
 
+def test_evaluate_refuses_bad_data_in_one_line_and_takes_the_package_it_is_in(
+    pngs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "run"
+    assert run("train", "--data", str(pngs), "--out", str(out), "--name", "n", *FAST)[0] == 0
+    package = out / "package"
+    monkeypatch.chdir(package)
+    # "." had no name to put the report beside: a traceback.
+    assert run("evaluate", ".", "--data", str(pngs))[0] == 0
+    assert (out / "package-evaluation" / "evaluation.json").exists()
+
+    bad = tmp_path / "bad"
+    (bad / "nodule").mkdir(parents=True)
+    (bad / "normal").mkdir()
+    shutil.copy(next((pngs / "test" / "normal").glob("*.png")), bad / "normal" / "a.png")
+    (bad / "nodule" / "b.dcm").write_bytes(b"not DICOM at all")
+    code, output = run("evaluate", str(package), "--data", str(bad), "--out", str(tmp_path / "r"))
+    assert code == 2 and output.count("\n") == 1, output
+    assert "b.dcm: unreadable DICOM image" in output
+
+    labels = tmp_path / "labels.csv"
+    names = sorted(p.name for p in (pngs / "test").rglob("*.png"))[:4]
+    labels.write_text(
+        "Image Index,Finding Labels\n" + "".join(f"{n},nodule|normal\n" for n in names)
+    )
+    code, output = run("evaluate", str(package), "--data", str(pngs / "test"),
+                       "--labels", str(labels), "--out", str(tmp_path / "r2"))  # fmt: skip
+    error = output.splitlines()[-1]
+    assert code == 2 and "Traceback" not in output, output
+    assert error.endswith("several labels per image, but the package's model is single-label")
+
+
 def write_dicom_csv(root: Path, multilabel: bool) -> tuple[Path, Path]:
     written = write_dicom_images(root / "images", 48, seed=3, size=SIZE)
     labels = root / "labels.csv"
@@ -279,6 +312,14 @@ def test_an_unknown_explanation_method_is_refused_in_one_line(pngs: Path, tmp_pa
         (["--epochs", "0"], "--epochs"),
         (["--architecture", "resnet18", "--option", "tiny=maybe"], "tiny must be true or false"),
         (["--architecture", "resnet18", "--init", "JUNK"], "not a torch state_dict"),
+        # Each of these ran into a traceback (or inverted the images) at the first batch.
+        (["--rotation", "-1"], "--rotation"),
+        (["--jitter", "5"], "--jitter"),
+        (["--size", "4"], "tinycnn cannot take 4x4 inputs"),
+        (["--architecture", "vit_b_16", "--size", "32"], "--option image_size=32"),
+        (["--modality", "DX;CR"], "not a DICOM code string"),
+        # A loss that becomes NaN: the run wrote a package with NaN temperature and thresholds.
+        (["--lr", "1e30"], "training diverged"),
     ],
 )
 def test_bad_training_values_are_refused_before_a_package_is_written(
@@ -301,3 +342,25 @@ def test_a_resume_without_a_checkpoint_is_an_error(pngs: Path, tmp_path: Path) -
     )
     with pytest.raises(DatasetError, match="no checkpoint"):
         train_package(settings, log=lambda _: None)
+
+
+def test_modalities_given_with_commas_are_each_their_own(pngs: Path, tmp_path: Path) -> None:
+    # "DX,CR" had been kept as one modality that no image has: the model never applied.
+    out = tmp_path / "run"
+    code, output = run("train", "--data", str(pngs), "--out", str(out), "--name", "nodule",
+                       *FAST, "--epochs", "1", "--modality", "DX,cr", "--modality",
+                       "DX")  # fmt: skip
+    assert code == 0, output
+    assert load_model(out / "package").manifest.applies_to.modalities == ("DX", "CR")
+
+
+def test_an_error_in_a_data_loading_process_is_one_line(tmp_path: Path) -> None:
+    data = write_png_folders(tmp_path / "data", n_train=8, n_test=2)
+    (data / "train" / "nodule" / "train-000.png").write_bytes(b"not a png")
+    out = tmp_path / "run"
+    code, output = run("train", "--data", str(data), "--out", str(out), "--name", "nodule",
+                       *FAST, "--workers", "1")  # fmt: skip
+    assert code == 2, output
+    error = output.splitlines()[-1]
+    assert error.startswith("error: ") and error.endswith("train-000.png: unreadable image")
+    assert "Traceback" not in output and "DataLoader" not in output, output
