@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -37,8 +38,9 @@ class Claim:
     model_path: str
     shadow: bool
     instances: tuple[tuple[str, str], ...]  # (sop_instance_uid, spool path)
-    # The registered weights: the registry folder must still hold them.
+    # The registered weights and manifest: the registry folder must still hold them.
     weights_sha256: str = ""
+    manifest: dict[str, Any] | None = None
 
 
 def claim_job(session: Session, job_id: int, lease_seconds: float) -> Claim | None:
@@ -188,4 +190,5 @@ def _started(session: Session, job: Job, instances: list[tuple[str, str]]) -> Cl
         shadow=model.state == ModelState.SHADOW,
         instances=tuple(instances),
         weights_sha256=model.weights_sha256,
+        manifest=model.manifest,
     )

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import threading
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -204,6 +206,7 @@ class JobRunner:
                     f"{path} holds weights {loaded.manifest.weights_sha256[:12]}, not the "
                     f"registered {registered[:12]}: register the package again as a new version"
                 )
+            _as_registered(path, claim.manifest)
             classifier = Classifier(
                 loaded,
                 device=self.device,
@@ -569,3 +572,24 @@ def _add_deliveries(
             session.add(delivery)
             added.append(delivery)
     return added
+
+
+def _as_registered(path: Path, manifest: dict[str, Any] | None) -> None:
+    """Refuse a registry folder whose manifest is not the registered one: classes swapped or a
+    threshold set to 0 by hand ran under the registered label, while `models show` showed the
+    registered manifest."""
+    if manifest is None:
+        return
+    try:
+        with open(path / "model.toml", "rb") as handle:
+            on_disk = json.loads(json.dumps(tomllib.load(handle)))
+    except (OSError, tomllib.TOMLDecodeError, TypeError, ValueError) as error:
+        raise ModelPackageError(f"{path}/model.toml cannot be read: {error}") from None
+    if on_disk != manifest:
+        changed = sorted(
+            k for k in set(on_disk) | set(manifest) if on_disk.get(k) != manifest.get(k)
+        )
+        raise ModelPackageError(
+            f"{path}/model.toml differs from the registered manifest ({', '.join(changed)}): "
+            "register the package again as a new version"
+        )

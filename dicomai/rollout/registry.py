@@ -146,6 +146,7 @@ def record_evaluation(
     replaced by a newer one (each is audited).
     """
     row = get(session, name, version)
+    _same_model(row, evaluation)
     row.evaluation = evaluation
     record(
         session,
@@ -157,6 +158,22 @@ def record_evaluation(
         **operator.detail(),
     )
     return row
+
+
+def _same_model(row: ModelVersion, evaluation: dict[str, Any]) -> None:
+    """Refuse an evaluation whose ``model`` block (as `dicomai evaluate` writes it) names another
+    model: another version's report, recorded for this one, passed the gate for it."""
+    model = evaluation.get("model")
+    if not isinstance(model, dict):
+        return
+    expected = {"name": row.name, "version": row.version, "weights_sha256": row.weights_sha256}
+    for key, value in expected.items():
+        given = model.get(key)
+        if given is not None and str(given) != value:
+            raise ModelPackageError(
+                f"the evaluation is of {model.get('name')} {model.get('version')} (its {key} is "
+                f"{str(given)[:64]!r}), not of {row.label}"
+            )
 
 
 def list_versions(session: Session) -> list[ModelVersion]:

@@ -276,6 +276,20 @@ def test_a_site_evaluation_decides_the_gate_when_both_versions_have_one(site, tm
     one_line_error(site.cli("models", "activate", NAME, "3.1.0", check=False), "site evaluation")
 
 
+def test_an_evaluation_of_another_model_is_refused(site: Site, tmp_path) -> None:
+    # The demo's evaluation.json, recorded for another version, passed that version's gate.
+    site.register(package(tmp_path, "3.3.0"))
+    path = tmp_path / "evaluation.json"
+    other = {"name": NAME, "version": "1.0.0", "weights_sha256": "0" * 64}
+    path.write_text(json.dumps({"model": other, "auc_macro": 0.987654, "n": 60}))
+    message = one_line_error(
+        site.cli("models", "evaluation", NAME, "3.3.0", str(path), check=False), "not of"
+    )
+    assert "3.3.0" in message
+    shown = site.cli("models", "show", NAME).stdout
+    assert "0.987654" not in shown, "the refused evaluation was kept"
+
+
 def test_the_gate_compares_the_macro_metrics_that_dicomai_evaluate_writes(
     site: Site, tmp_path
 ) -> None:
@@ -565,3 +579,17 @@ def test_a_registry_folder_changed_under_its_row_is_not_run(site: Site) -> None:
     (job,) = site.jobs("1.0.0")
     assert job.state == JobState.FAILED, job.state
     assert "not the registered" in (job.error or ""), job.error
+
+
+def test_a_registry_manifest_edited_by_hand_is_not_run(site: Site) -> None:
+    # A threshold set to 0 in the registry's model.toml flagged every image, under the
+    # registered label, while `models show` showed the registered threshold.
+    manifest = site.settings.registry_dir / NAME / "1.0.0" / "model.toml"
+    text, count = re.subn(r"(?m)^threshold = .*$", "threshold = 0.0", manifest.read_text())
+    assert count, "the demo manifest has no threshold to edit"
+    manifest.write_text(text)
+    site.ingest_studies(1)
+    site.run_jobs()
+    (job,) = site.jobs("1.0.0")
+    assert job.state == JobState.FAILED, job.state
+    assert "differs from the registered manifest (classes)" in (job.error or ""), job.error
