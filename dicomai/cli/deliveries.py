@@ -54,6 +54,7 @@ def deliveries_list(
                 "job_id": o.job_id,
                 "study_uid": uid,
                 "attempts": d.attempts,
+                "next_attempt": when(d.next_attempt_at) if d.state == DeliveryState.PENDING else "",
                 "delivered": when(d.delivered_at),
                 "error": d.last_error or "",
             }
@@ -64,7 +65,18 @@ def deliveries_list(
             print_json(row)
         return
     print_table(
-        ["ID", "STATE", "DESTINATION", "KIND", "JOB", "STUDY", "ATTEMPTS", "DELIVERED", "ERROR"],
+        [
+            "ID",
+            "STATE",
+            "DESTINATION",
+            "KIND",
+            "JOB",
+            "STUDY",
+            "ATTEMPTS",
+            "NEXT",
+            "DELIVERED",
+            "ERROR",
+        ],
         [list(r.values()) for r in rows],
     )
 
@@ -84,12 +96,14 @@ def deliveries_retry(
     destination: str | None,
     reason: str,
 ) -> None:
-    """Send failed deliveries again (the running daemon picks them up), attempts counted anew:
-    the IDs given, or with --failed every failed one (after a PACS outage)."""
-    if bool(delivery_ids) == all_failed:
-        raise click.UsageError("give delivery IDs or --failed, not both")
+    """Send deliveries again now (the running daemon picks them up), attempts counted anew:
+    the IDs given (failed ones, or pending ones waiting out a backoff after the PACS is back),
+    or with --failed every failed one (after a PACS outage)."""
     if (study or destination) and not all_failed:
         raise click.UsageError("--study and --destination go with --failed")
+    if bool(delivery_ids) == all_failed:
+        raise click.UsageError("give delivery IDs or --failed, not both")
+    delivery_ids = tuple(dict.fromkeys(delivery_ids))
     with admin_session(obj) as session:
         if all_failed:
             query = (
@@ -104,14 +118,18 @@ def deliveries_retry(
                 query = query.where(Study.study_uid == study)
             if destination:
                 query = query.where(Delivery.destination == destination)
+                known = session.scalar(
+                    select(Delivery.id).where(Delivery.destination == destination).limit(1)
+                )
+                if known is None:
+                    raise NotFound(f"no delivery was ever made to a destination {destination!r}")
             chosen = list(session.scalars(query))
         else:
             chosen = [_get(session, delivery_id) for delivery_id in delivery_ids]
             for delivery in chosen:
-                if delivery.state != DeliveryState.FAILED:
+                if delivery.state == DeliveryState.SENT:
                     raise InvalidTransition(
-                        f"delivery {delivery.id} is {delivery.state.value}; "
-                        "only failed ones are retried"
+                        f"delivery {delivery.id} is sent; only failed or pending ones are retried"
                     )
         who = operator(reason)
         for delivery in chosen:

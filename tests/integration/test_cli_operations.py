@@ -153,3 +153,14 @@ def test_after_a_long_outage_health_fails_and_one_command_resends_every_failed_d
     assert f"{per_study[second]} deliveries pending again" in rest, rest
     healthy = _line(site.cli("health", check=False).stdout, "deliveries")
     assert healthy.split()[1] == "ok", healthy
+
+    # A pending delivery waiting out its backoff is sent now once the PACS is back; one named
+    # twice is retried once; --study needs --failed, and says so.
+    pending = json.loads(site.cli("deliveries", "list", "--json").stdout.splitlines()[0])
+    assert pending["state"] == "pending" and pending["next_attempt"], pending
+    again = site.cli("deliveries", "retry", str(pending["id"]), str(pending["id"])).stdout
+    assert again.strip() == f"delivery {pending['id']} pending again", again
+    study_only = site.cli("deliveries", "retry", "--study", first, check=False)
+    assert "--study and --destination go with --failed" in study_only.stderr
+    nowhere = site.cli("deliveries", "retry", "--failed", "--destination", "nosuch", check=False)
+    assert nowhere.returncode == 2 and "'nosuch'" in nowhere.stderr, nowhere.stderr
