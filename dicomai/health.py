@@ -102,6 +102,10 @@ def check_worker(settings: Settings) -> Check:
     return Check("worker", True, f"no job queued for over {lease:g} s")
 
 
+# Failed attempts after which a delivery still pending makes `health` fail.
+RETRYING_ATTEMPTS = 3
+
+
 def check_deliveries(settings: Settings) -> Check:
     """Results that gave up on reaching their destination in the last day (older failures
     are left to `dicomai deliveries list --state failed`: a health check must be able to
@@ -127,6 +131,14 @@ def check_deliveries(settings: Settings) -> Check:
                 .select_from(Delivery)
                 .where(Delivery.state == DeliveryState.FAILED, Delivery.id.in_(ids))
             )
+            retrying = session.scalar(
+                select(func.count())
+                .select_from(Delivery)
+                .where(
+                    Delivery.state == DeliveryState.PENDING,
+                    Delivery.attempts >= RETRYING_ATTEMPTS,
+                )
+            )
     finally:
         engine.dispose()
     if failed:
@@ -135,6 +147,16 @@ def check_deliveries(settings: Settings) -> Check:
             False,
             f"{failed} failed in the last 24 h: `dicomai deliveries list --state failed`, "
             "then `dicomai deliveries retry --failed`",
+        )
+    if retrying:
+        # With the default backoff a delivery is given up only after about 11 hours: a PACS
+        # that is down must show here long before that.
+        return Check(
+            "deliveries",
+            False,
+            f"{retrying} still pending after {RETRYING_ATTEMPTS} or more failed attempts (is a "
+            "destination down?): `dicomai deliveries list --state pending`; once it is back, "
+            "`dicomai deliveries retry ID...` sends them now",
         )
     return Check("deliveries", True, "none failed in the last 24 h")
 

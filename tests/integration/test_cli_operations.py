@@ -164,3 +164,9 @@ def test_after_a_long_outage_health_fails_and_one_command_resends_every_failed_d
     assert "--study and --destination go with --failed" in study_only.stderr
     nowhere = site.cli("deliveries", "retry", "--failed", "--destination", "nosuch", check=False)
     assert nowhere.returncode == 2 and "'nosuch'" in nowhere.stderr, nowhere.stderr
+
+    # A PACS down for a while: health says so long before its deliveries give up (hours).
+    with site.sessions() as session, session.begin():
+        session.get_one(Delivery, pending["id"]).attempts = 3
+    retrying = _line(site.cli("health", check=False).stdout, "deliveries")
+    assert retrying.split()[1] == "FAIL" and "1 still pending after 3" in retrying, retrying
