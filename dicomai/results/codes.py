@@ -13,6 +13,7 @@ from highdicom.valuerep import (  # no public name; the check its SOP classes ru
     _check_specific_character_set as check_specific_character_set,
 )
 from pydicom import Dataset
+from pydicom.charset import convert_encodings
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.valuerep import TM
@@ -152,7 +153,7 @@ def model_equipment(model: ModelIdentity, device_uid: str) -> hd.ContributingEqu
     return equipment
 
 
-def source_header(dataset: Dataset) -> Dataset:
+def source_header(dataset: Dataset, text: Sequence[str] = ()) -> Dataset:
     """Return a copy of a source's header for highdicom to copy patient and study from.
 
     Pixel data is left out (it is large and not needed), every element is a deep copy
@@ -165,6 +166,10 @@ def source_header(dataset: Dataset) -> Dataset:
     ----------
     dataset
         A source instance.
+
+    text
+        What dicomai will write beside the source's own text (class names, reasons): where
+        the source's character set cannot hold it, the copy is UTF-8 instead.
 
     Returns
     -------
@@ -179,6 +184,10 @@ def source_header(dataset: Dataset) -> Dataset:
         if keyword not in header:
             setattr(header, keyword, None)
     _writable_character_set(header)
+    if not _holds(header.get("SpecificCharacterSet"), text):
+        # A class named in Chinese came out "LÄSION_??" in an SR of a Latin-1 source.
+        header.decode()
+        header.SpecificCharacterSet = "ISO_IR 192"
     _readable_values(header)
     return header
 
@@ -258,6 +267,27 @@ def _writable_character_set(header: Dataset) -> None:
     except ValueError:
         header.decode()
         header.SpecificCharacterSet = "ISO_IR 192"
+
+
+def _holds(charsets: str | Sequence[str] | None, text: Sequence[str]) -> bool:
+    """Whether every character of `text` is in one of `charsets` (none: ASCII only)."""
+    encodings = (
+        convert_encodings(charsets if isinstance(charsets, str) else list(charsets))
+        if charsets
+        else ["ascii"]
+    )
+    for character in {c for value in text for c in value if not c.isascii()}:
+        if not any(_encodes(character, encoding) for encoding in encodings):
+            return False
+    return True
+
+
+def _encodes(character: str, encoding: str) -> bool:
+    try:
+        character.encode(encoding)
+    except (UnicodeError, LookupError):
+        return False
+    return True
 
 
 def referenced_as_multi_frame(source: Dataset) -> bool:

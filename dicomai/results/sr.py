@@ -155,13 +155,24 @@ def _evidence(context: ResultContext) -> list[Dataset]:
     highdicom reads only the four UIDs of the others (for the Current Requested Procedure
     Evidence Sequence), so they are not copied whole.
     """
-    evidence = [codes.source_header(context.sources[0].dataset)]
+    evidence = [codes.source_header(context.sources[0].dataset, _own_text(context))]
     for source in context.sources[1:]:
         reference = Dataset()
         for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID"):
             setattr(reference, keyword, source.dataset[keyword].value)
         evidence.append(reference)
     return evidence
+
+
+def _own_text(context: ResultContext) -> list[str]:
+    """The text the report adds to the source's: the model's words and the classes' names."""
+    model = context.model
+    text = [model.name, model.version, model.architecture, model.manufacturer]
+    for prediction in context.predictions:
+        text.append(prediction.reason or "")
+        for score in prediction.scores:
+            text += [score.name, score.code.value, score.code.meaning, score.code.scheme]
+    return text
 
 
 def _shell(root: Dataset) -> Dataset:

@@ -331,6 +331,29 @@ def test_non_ascii_patient_name_is_copied_exactly(context, tmp_path):
         assert read.PatientID == PATIENT_ID, name
 
 
+def test_a_class_named_outside_the_sources_character_set_makes_the_sr_utf8(context, tmp_path):
+    # A class named in Chinese came out "LÄSION_??" in the SR of a Latin-1 source.
+    for source in context.sources:
+        source.dataset.SpecificCharacterSet = "ISO_IR 100"
+        source.dataset.PatientName = "Müller^Jürgen"
+    lesion = Code("L_SION____0210", "99DICOMAI", "läsion_结节")
+    predictions = tuple(
+        dataclasses.replace(
+            p,
+            scores=tuple(dataclasses.replace(s, name="läsion_结节", code=lesion) for s in p.scores),
+        )
+        for p in context.predictions
+    )
+    built = build_sr(dataclasses.replace(context, predictions=predictions))
+    read = pydicom.dcmread(_saved(built, tmp_path, "sr.dcm"))
+    assert read.SpecificCharacterSet == "ISO_IR 192"
+    assert str(read.PatientName) == "Müller^Jürgen"
+    report = hd.sr.Comprehensive3DSR.from_dataset(read).content
+    groups = report.get_image_measurement_groups() + report.get_planar_roi_measurement_groups()
+    found = {g.finding_type.meaning for g in groups if g.finding_type is not None}
+    assert found == {"läsion_结节"}
+
+
 def test_iso_2022_names_with_an_empty_first_character_set_are_copied(context, tmp_path):
     # The usual Japanese and Korean encodings: ['', 'ISO 2022 IR 87'] and ['', '... IR 149'].
     charsets = os.path.join(os.path.dirname(pydicom.data.__file__), "charset_files")
