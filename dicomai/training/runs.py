@@ -102,10 +102,8 @@ def train_package(settings: RunSettings, log: Log = print) -> Manifest:
             f"(it takes {', '.join(methods_for(model))})"
         )
     _takes_inputs(model, settings)
-    findings = [
-        spec.is_finding
-        for spec in class_specs(data.classes, np.full(len(data.classes), 0.5), codes)
-    ]
+    provisional = class_specs(data.classes, np.full(len(data.classes), 0.5), codes)
+    findings = [spec.is_finding for spec in provisional]
     masks = _uses_masks(settings, data, hasattr(model, "forward_multitask"), findings, log)
     settings = replace(settings, masks=masks, loss=_resolve_loss(settings, multilabel, masks))
     objective = build_objective(settings.loss, data.train.targets, multilabel)
@@ -140,7 +138,7 @@ def train_package(settings: RunSettings, log: Log = print) -> Manifest:
     logits, targets = predict_logits(model, val, device)
     temperature = calibrate(logits, targets, multilabel)
     probabilities = probabilities_of(logits, multilabel, temperature)
-    thresholds = choose_thresholds(probabilities, targets, data.task)
+    thresholds = choose_thresholds(probabilities, targets, data.task, positive_class(provisional))
     specs = class_specs(data.classes, thresholds, codes)
     metrics = compute_metrics(
         probabilities, targets, data.task, data.classes, thresholds, positive_class(specs)

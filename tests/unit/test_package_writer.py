@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from dicomai.errors import DatasetError
-from dicomai.training.package_writer import class_specs, read_codes
+from dicomai.training.datasets import Task
+from dicomai.training.package_writer import choose_thresholds, class_specs, read_codes
 
 HALF = np.array([0.5, 0.5])
 
@@ -81,3 +82,15 @@ def test_two_classes_given_one_code_are_refused(tmp_path: Path) -> None:
     rows = "a,27925004,SCT,Nodule,1\nb,27925004,SCT,Nodule,1\n"
     with pytest.raises(DatasetError, match="classes 'a' and 'b' would share the code"):
         class_specs(("a", "b"), HALF, read_codes(codes_file(tmp_path, rows)))
+
+
+@pytest.mark.parametrize("positive", [0, 1])
+def test_a_binary_models_two_thresholds_never_contradict_each_other(positive: int) -> None:
+    # Chosen apart, benign 0.48 and malignant 0.53 left images with both findings Absent.
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 2, 600)
+    score = np.clip(0.5 * targets + rng.normal(0.25, 0.2, 600), 0, 1)
+    probabilities = np.stack([1 - score, score], axis=1)
+    thresholds = choose_thresholds(probabilities, targets, Task.BINARY, positive)
+    present = probabilities >= thresholds
+    assert present.sum(axis=1).tolist() == [1] * 600, thresholds
