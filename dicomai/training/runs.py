@@ -137,6 +137,13 @@ def train_package(settings: RunSettings, log: Log = print) -> Manifest:
     )
     logits, targets = predict_logits(model, val, device)
     temperature = calibrate(logits, targets, multilabel)
+    if not 0.05 < temperature < 20.0:
+        # At its bound the fit did not converge: the validation set is too small or of one
+        # outcome, and the probabilities the package reports are not calibrated.
+        log(
+            f"warning: the temperature reached its bound ({temperature:g}): probabilities are "
+            f"not calibrated; use a larger validation set ({len(data.val)} images)"
+        )
     probabilities = probabilities_of(logits, multilabel, temperature)
     thresholds = choose_thresholds(probabilities, targets, data.task, positive_class(provisional))
     specs = class_specs(data.classes, thresholds, codes)
