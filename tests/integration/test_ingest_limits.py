@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 import time
@@ -142,6 +143,11 @@ def test_a_peer_that_stops_half_way_through_a_pdu_loses_its_slot(tmp_path, stage
                 pass
         except ConnectionResetError:
             pass
+        except OSError as error:
+            # The association's own DUL thread closes its socket when the listener's A-ABORT
+            # arrives (failed once in CI): ended by the listener all the same. A timeout is not.
+            if error.errno != errno.EBADF:
+                raise
         finally:
             held.close()
         # Free once pynetdicom's association timer (ARTIM, 30 s) ends the half-made one.
