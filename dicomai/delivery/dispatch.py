@@ -10,11 +10,11 @@ from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from dicomai.audit import Action, record
 from dicomai.config import Destination, Settings
-from dicomai.db.models import Delivery, DeliveryState, OutputObject, utcnow
+from dicomai.db.models import Delivery, DeliveryState, Job, OutputObject, utcnow
 from dicomai.delivery.folder import copy_file
 from dicomai.delivery.policy import backoff_seconds, gives_up
 from dicomai.delivery.scu import send_files
@@ -95,14 +95,8 @@ def _attempt_destination(
         errors: list[str | None] = [f"destination {name!r} is no longer configured"] * len(items)
     else:
         errors = _sent_or_failed(destination, [path for _, path in items], settings, lease.keep)
-    sent = 0
-    for (delivery_id, _), error in zip(items, errors, strict=True):
-        if error is None:
-            _record_success(sessions, delivery_id)
-            sent += 1
-        else:
-            _record_failure(sessions, settings, delivery_id, error)
-    return sent
+    outcomes = [(delivery_id, error) for (delivery_id, _), error in zip(items, errors, strict=True)]
+    return _record_outcomes(sessions, settings, outcomes)
 
 
 class _Lease:
@@ -116,8 +110,7 @@ class _Lease:
         self._sessions = sessions
         self._ids = delivery_ids
         self._seconds = settings.worker.delivery_lease_seconds
-        self._renewed = time.monotonic()
-        self.renew()
+        self._renewed = time.monotonic()  # the claim itself set the lease a moment ago
 
     def renew(self) -> None:
         until = utcnow() + timedelta(seconds=self._seconds)
@@ -182,55 +175,80 @@ def claim_due(session: Session, delivery_ids: list[int], lease_seconds: float) -
     )
 
 
-def _record_success(sessions: sessionmaker[Session], delivery_id: int) -> None:
+def _record_outcomes(
+    sessions: sessionmaker[Session], settings: Settings, outcomes: list[tuple[int, str | None]]
+) -> int:
+    """Record each attempt's outcome (None: sent) in one transaction; count those sent.
+
+    One commit for all of a destination's objects: a 100-image study's overlays took a commit
+    (and its fsync) each. The rows are locked in id order before the first audit row, the
+    order every other writer of deliveries and the audit chain takes.
+    """
+    for delivery_id, error in outcomes:
+        if error is not None:
+            log.warning("delivery %d failed: %s", delivery_id, error)
     with sessions() as session, session.begin():
-        delivery = session.get_one(Delivery, delivery_id)
-        if delivery.state != DeliveryState.PENDING:
-            return  # an attempt that outlived its lease: the other one's outcome stands
-        delivery.state = DeliveryState.SENT
-        delivery.attempts += 1
-        delivery.delivered_at = utcnow()
-        delivery.last_error = None
-        record(
-            session,
-            Action.DELIVERY_SENT,
-            actor=DELIVERY,
-            object_type="delivery",
-            object_id=delivery.id,
-            study_uid=_study_uid(delivery),
-            destination=delivery.destination,
-            sop_instance_uid=delivery.output.sop_instance_uid,
+        rows = session.scalars(
+            select(Delivery)
+            .where(Delivery.id.in_([delivery_id for delivery_id, _ in outcomes]))
+            .order_by(Delivery.id)
+            .with_for_update()
+            .options(
+                selectinload(Delivery.output).selectinload(OutputObject.job).selectinload(Job.study)
+            )
         )
+        errors = dict(outcomes)
+        sent = 0
+        for delivery in rows:
+            if delivery.state != DeliveryState.PENDING:
+                continue  # an attempt that outlived its lease: the other one's outcome stands
+            error = errors[delivery.id]
+            if error is None:
+                _sent(session, delivery)
+                sent += 1
+            else:
+                _failed(session, settings, delivery, error)
+    return sent
 
 
-def _record_failure(
-    sessions: sessionmaker[Session], settings: Settings, delivery_id: int, error: str
-) -> None:
-    log.warning("delivery %d failed: %s", delivery_id, error)
-    with sessions() as session, session.begin():
-        delivery = session.get_one(Delivery, delivery_id)
-        if delivery.state != DeliveryState.PENDING:
-            return  # sent (or given up) by an attempt that overlapped this late one
-        delivery.attempts += 1
-        delivery.last_error = error
-        if gives_up(delivery.attempts, settings.delivery):
-            delivery.state = DeliveryState.FAILED
-            action = Action.DELIVERY_FAILED
-        else:
-            wait = backoff_seconds(delivery.attempts, settings.delivery)
-            delivery.next_attempt_at = utcnow() + timedelta(seconds=wait)
-            action = Action.DELIVERY_RETRY
-        record(
-            session,
-            action,
-            actor=DELIVERY,
-            object_type="delivery",
-            object_id=delivery.id,
-            study_uid=_study_uid(delivery),
-            destination=delivery.destination,
-            attempts=delivery.attempts,
-            error=error,
-        )
+def _sent(session: Session, delivery: Delivery) -> None:
+    delivery.state = DeliveryState.SENT
+    delivery.attempts += 1
+    delivery.delivered_at = utcnow()
+    delivery.last_error = None
+    record(
+        session,
+        Action.DELIVERY_SENT,
+        actor=DELIVERY,
+        object_type="delivery",
+        object_id=delivery.id,
+        study_uid=_study_uid(delivery),
+        destination=delivery.destination,
+        sop_instance_uid=delivery.output.sop_instance_uid,
+    )
+
+
+def _failed(session: Session, settings: Settings, delivery: Delivery, error: str) -> None:
+    delivery.attempts += 1
+    delivery.last_error = error
+    if gives_up(delivery.attempts, settings.delivery):
+        delivery.state = DeliveryState.FAILED
+        action = Action.DELIVERY_FAILED
+    else:
+        wait = backoff_seconds(delivery.attempts, settings.delivery)
+        delivery.next_attempt_at = utcnow() + timedelta(seconds=wait)
+        action = Action.DELIVERY_RETRY
+    record(
+        session,
+        action,
+        actor=DELIVERY,
+        object_type="delivery",
+        object_id=delivery.id,
+        study_uid=_study_uid(delivery),
+        destination=delivery.destination,
+        attempts=delivery.attempts,
+        error=error,
+    )
 
 
 def has_deliveries(session: Session, job_id: int) -> bool:

@@ -114,7 +114,7 @@ def test_after_a_long_outage_health_fails_and_one_command_resends_every_failed_d
 
     first, second = site.ingest_studies(2)
     site.run_jobs()
-    # What the worker records when a delivery gives up (dispatch._record_failure).
+    # What the worker records when a delivery gives up (dispatch._failed).
     with site.sessions() as session, session.begin():
         for delivery in session.scalars(select(Delivery)):
             delivery.state, delivery.last_error = DeliveryState.FAILED, "association refused"
