@@ -6,7 +6,12 @@ the destination, sends studies one after another with dcmtk storescu, and prints
 next to the model's own time for the same images and the time to build and write their results
 (SR, overlays, files) without the daemon, both measured in this run, and the load average.
 
-    .venv/bin/python bench/latency.py [--studies 10] [--big-studies 3]
+    .venv/bin/python bench/latency.py [--studies 10] [--big-studies 3] [--back-to-back]
+
+Each study is sent once the daemon is idle (no job queued or running, no delivery pending), so
+that its latency is its own: sent right after the previous SR, a 100-image study waited on the
+previous job's overlays (built and sent after its SR, 2-3 s here). `--back-to-back` sends it
+then all the same, as before stop 19.
 """
 
 from __future__ import annotations
@@ -60,11 +65,17 @@ def run(
     count: int,
     details: Callable[[], str] | None = None,
     first_seed: int | None = None,
+    idle: Callable[[], bool] | None = None,
 ) -> list[float]:
     latencies = []
     for n in range(count):
         seed = (1000 * images if first_seed is None else first_seed) + n
         study, files = study_files(folder / f"{images}-{n}", images, seed=seed)
+        started = time.perf_counter()
+        while idle is not None and not idle():
+            if time.perf_counter() - started > 300:
+                raise SystemExit(f"the daemon was still busy 300 s before study {n}")
+            time.sleep(0.05)
         subprocess.run(
             ["storescu", "-aec", "DICOMAI", "127.0.0.1", str(port), *map(str, files)],
             check=True,
@@ -80,6 +91,30 @@ def run(
             time.sleep(0.01)
         latencies.append(time.perf_counter() - sent - QUIET)
     return latencies
+
+
+def daemon_idle(config: Path) -> Callable[[], bool]:
+    """Whether the daemon has no job queued or running and no delivery pending."""
+    from sqlalchemy import func, select
+
+    from dicomai.config import load_settings
+    from dicomai.db.models import Delivery, DeliveryState, Job, JobState
+    from dicomai.db.session import make_engine, make_sessionmaker
+
+    sessions = make_sessionmaker(make_engine(load_settings(config).database_url))
+    busy = (JobState.QUEUED, JobState.RUNNING)
+
+    def idle() -> bool:
+        with sessions() as session:
+            jobs = session.scalar(select(func.count()).select_from(Job).where(Job.state.in_(busy)))
+            pending = session.scalar(
+                select(func.count())
+                .select_from(Delivery)
+                .where(Delivery.state == DeliveryState.PENDING)
+            )
+        return not jobs and not pending
+
+    return idle
 
 
 def model_seconds(images: int) -> float:
@@ -157,6 +192,11 @@ def main() -> None:
     parser.add_argument(
         "--phases", action="store_true", help="print where the worker's time went, per run"
     )
+    parser.add_argument(
+        "--back-to-back",
+        action="store_true",
+        help="send each study as soon as the previous SR arrived, not once the daemon is idle",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name, OrthancServer(Path(tmp_name) / "pacs") as pacs:
         tmp = Path(tmp_name)
@@ -193,8 +233,11 @@ def main() -> None:
             daemon.wait_listening(port, "ANY", "DICOMAI")
             # Warm-up: the worker loads the model on its first job (a study of its own).
             run(pacs, port, tmp / "warm-up", 1, 1, details=daemon.log, first_seed=1)
+            idle = None if args.back_to_back else daemon_idle(config)
             for images, count in ((1, args.studies), (100, args.big_studies)):
-                latencies = sorted(run(pacs, port, tmp, images, count, details=daemon.log))
+                latencies = sorted(
+                    run(pacs, port, tmp, images, count, details=daemon.log, idle=idle)
+                )
                 p95 = latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))]
                 print(
                     f"{images:>3}-image studies (n={count}): overhead beyond the quiet period "
