@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pydicom
@@ -103,23 +105,33 @@ def test_a_pacs_that_drops_the_connection_request_fails_within_the_timeout(
     assert "no connection to PACS@" in str(outcome[0])
 
 
-def test_a_rejected_association_says_why(ct_file: Path) -> None:
+@contextmanager
+def scp(status: int = 0x0000, require_called_aet: bool = False) -> Iterator[int]:
+    """A CT storage SCP (pynetdicom) answering every C-STORE with `status`; yields its port."""
     ae = AE(ae_title="PACS")
-    ae.require_called_aet = True
+    ae.require_called_aet = require_called_aet
     ae.add_supported_context(CT, ExplicitVRLittleEndian)
     port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False)
+    server = ae.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda _: status)]
+    )
     try:
-        (outcome,) = send_files(
-            [ct_file],
-            ae_title="ARCHIVE",
-            host="127.0.0.1",
-            port=port,
-            calling_ae="DICOMAI",
-            timeout=10,
-        )
+        yield port
     finally:
         server.shutdown()
+
+
+def send(paths: list[Path], port: int, ae_title: str = "PACS") -> list[object]:
+    return list(
+        send_files(
+            paths, ae_title=ae_title, host="127.0.0.1", port=port, calling_ae="DICOMAI", timeout=10
+        )
+    )
+
+
+def test_a_rejected_association_says_why(ct_file: Path) -> None:
+    with scp(require_called_aet=True) as port:
+        (outcome,) = send([ct_file], port, ae_title="ARCHIVE")
     assert "rejected the association" in str(outcome)
     assert "Called AE title not recognised" in str(outcome)
 
@@ -128,9 +140,7 @@ def test_a_pacs_that_accepts_no_context_is_named_with_what_was_offered(ct_only_p
     port, received = ct_only_pacs
     mr = tmp_path / "mr.dcm"
     pydicom.dcmread(sample_file("MR_small.dcm")).save_as(mr, enforce_file_format=True)
-    (outcome,) = send_files(
-        [mr], ae_title="PACS", host="127.0.0.1", port=port, calling_ae="DICOMAI", timeout=10
-    )
+    (outcome,) = send([mr], port)
     assert "accepted none of the presentation contexts offered" in str(outcome)
     assert "MR Image Storage in Explicit VR Little Endian" in str(outcome)
     assert received == []
@@ -139,24 +149,8 @@ def test_a_pacs_that_accepts_no_context_is_named_with_what_was_offered(ct_only_p
 @pytest.mark.parametrize("status", [0x0001, 0x0107, 0x0116, 0xB000])
 def test_a_warning_status_means_stored(ct_file: Path, status: int) -> None:
     # PS3.7 C: the object is stored; counted failed, it was sent again and again.
-    ae = AE(ae_title="PACS")
-    ae.add_supported_context(CT, ExplicitVRLittleEndian)
-    port = free_port()
-    server = ae.start_server(
-        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda _: status)]
-    )
-    try:
-        outcomes = send_files(
-            [ct_file],
-            ae_title="PACS",
-            host="127.0.0.1",
-            port=port,
-            calling_ae="DICOMAI",
-            timeout=10,
-        )
-    finally:
-        server.shutdown()
-    assert outcomes == [None]
+    with scp(status) as port:
+        assert send([ct_file], port) == [None]
 
 
 def test_backoff_doubles_up_to_its_ceiling_and_gives_up_after_max_attempts() -> None:
