@@ -117,7 +117,15 @@ class _Lease:
         with self._sessions() as session, session.begin():
             session.execute(
                 update(Delivery)
-                .where(Delivery.id.in_(self._ids), Delivery.state == DeliveryState.PENDING)
+                .where(
+                    Delivery.id.in_(
+                        # The lock order of the claim and of recording outcomes (PostgreSQL).
+                        select(Delivery.id)
+                        .where(Delivery.id.in_(self._ids), Delivery.state == DeliveryState.PENDING)
+                        .order_by(Delivery.id)
+                        .with_for_update()
+                    )
+                )
                 .values(next_attempt_at=until)
                 .execution_options(synchronize_session=False)
             )
@@ -125,8 +133,12 @@ class _Lease:
 
     def keep(self) -> None:
         """Renew once a quarter of the lease has passed (called after each object)."""
-        if time.monotonic() - self._renewed >= self._seconds / 4:
+        if time.monotonic() - self._renewed < self._seconds / 4:
+            return
+        try:
             self.renew()
+        except Exception as exc:  # a missed renewal only risks an overlapping attempt
+            log.warning("delivery lease not renewed: %s", type(exc).__name__)
 
 
 def _sent_or_failed(
