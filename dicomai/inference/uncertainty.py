@@ -160,8 +160,10 @@ def mc_dropout_passes(
 ) -> Passes:
     """`passes` stochastic forward passes with dropout on, and their mean extra maps.
 
-    The random generator is seeded with `seed` inside a forked state, so the same batch
-    gives the same numbers again and the caller's random state is left untouched.
+    Each image's passes are one batch of `passes` copies of it, its masks drawn after seeding
+    with `seed`: an image gets the same numbers whatever else is in the batch, in whatever
+    order, at whatever batch size (drawn across a batch, a borderline nodule was Present in
+    one study and Absent in another). The random state is forked, the caller's left untouched.
 
     Parameters
     ----------
@@ -191,10 +193,25 @@ def mc_dropout_passes(
     if not dropout_layers(model):
         raise ValueError(f"MC dropout needs a dropout layer; {type(model).__name__} has none")
     devices = [batch.device] if batch.device.type == "cuda" else []
+    count = max(1, passes)
     with torch.random.fork_rng(devices=devices), _dropout_on(model), torch.inference_mode():
-        torch.manual_seed(seed)
-        outputs = [network_outputs(model, batch) for _ in range(max(1, passes))]
-        return _collect(outputs, temperature, multi_label)
+        per_image = []
+        for image in batch:
+            torch.manual_seed(seed)
+            copies = image.unsqueeze(0).expand(count, *image.shape).contiguous()
+            per_image.append(network_outputs(model, copies))
+    # Pass p of the batch: row p of every image's copies.
+    outputs = [
+        (
+            torch.stack([logits[p] for logits, _ in per_image]),
+            {
+                name: torch.stack([maps[name][p] for _, maps in per_image])
+                for name in per_image[0][1]
+            },
+        )
+        for p in range(count)
+    ]
+    return _collect(outputs, temperature, multi_label)
 
 
 def mc_dropout_probabilities(

@@ -112,7 +112,7 @@ class JobRunner:
             except Exception as exc:
                 self._fail(leader, exc)
                 return
-            claims = [leader, *self._companions(leader, classifier, running)]
+            claims = [leader, *self._companions(leader, running)]
             times = _Stopwatch()
             try:
                 classified = classify(classifier, self.reader, self.spool, claims)
@@ -140,15 +140,10 @@ class JobRunner:
     def deliver(self, delivery_id: int) -> None:
         attempt_delivery(self.sessions, self.settings, delivery_id)
 
-    def _companions(self, leader: Claim, classifier: Classifier, running: list[int]) -> list[Claim]:
+    def _companions(self, leader: Claim, running: list[int]) -> list[Claim]:
         """Queued jobs to batch with `leader`, each beating its heartbeat from its claim on."""
         worker = self.settings.worker
-        # Seeded MC dropout draws its masks per pass: batched with other jobs, a job's
-        # numbers would depend on its neighbours and change from run to run.
-        if (
-            worker.batch_window_seconds <= 0
-            or classifier.loaded.manifest.uncertainty.method == "mc_dropout"
-        ):
+        if worker.batch_window_seconds <= 0:
             return []
         companions = gather_companions(
             self.sessions,

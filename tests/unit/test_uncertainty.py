@@ -98,6 +98,18 @@ def test_mc_dropout_varies_repeats_under_its_seed_and_leaves_batchnorm_alone() -
     assert torch.equal(model.features[0][1].running_mean, stats) and not model.training
 
 
+def test_an_images_mc_dropout_numbers_do_not_depend_on_its_batch() -> None:
+    # Masks drawn across the batch: the same borderline image was 0.41 in one batch and 0.51
+    # in another, Absent in one study and Present in the next.
+    model = seeded(0)
+    batch = torch.from_numpy(np.stack([x for _, x in images(5)]))
+    together = mc_dropout_probabilities(model, batch, passes=8, seed=11)
+    reversed_order = mc_dropout_probabilities(model, batch.flip(0), passes=8, seed=11)
+    alone = mc_dropout_probabilities(model, batch[2:3], passes=8, seed=11)
+    np.testing.assert_allclose(together, reversed_order[:, ::-1], atol=1e-6)
+    np.testing.assert_allclose(together[:, 2:3], alone, atol=1e-6)
+
+
 def test_classifier_reports_mc_dropout_spread_per_class_and_image(tmp_path: Path) -> None:
     spec = UncertaintySpec(method="mc_dropout", passes=6, seed=5)
     write_package(
