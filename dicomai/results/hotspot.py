@@ -10,6 +10,11 @@ import numpy as np
 HALF_MAXIMUM = 0.5
 
 
+def has_hot_spot(heatmap: np.ndarray | None) -> bool:
+    """Whether `heatmap` has a positive maximum to outline (a map of zeros has none)."""
+    return heatmap is not None and float(np.max(np.nan_to_num(heatmap), initial=0.0)) > 0
+
+
 def hot_spot_outline(heatmap: np.ndarray, rows: int, columns: int) -> np.ndarray:
     """Return a closed polygon around the heat map's maximum, scaled to a source image.
 

@@ -18,7 +18,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from dicomai.inference.types import ClassScore, ImagePrediction
 from dicomai.results import codes, sr_library
 from dicomai.results.context import ModelIdentity, ResultContext
-from dicomai.results.hotspot import hot_spot_outline
+from dicomai.results.hotspot import has_hot_spot, hot_spot_outline
 from dicomai.results.sr_items import ItemSpec, ItemTemplates, encode_item, raw_sequence
 
 SR_SERIES_NUMBER = 9001
@@ -327,7 +327,9 @@ def _finding_group(
     if uncertainty is not None:
         values["uncertainty"] = uncertainty
     heatmap = prediction.heatmap
-    roi = score.positive and prediction.explained == score.name and heatmap is not None
+    # A map of zeros (every weighted activation cut by the ReLU) has no hot spot to outline:
+    # the finding is reported against its image, as without a map; the report failed before.
+    roi = score.positive and prediction.explained == score.name and has_hot_spot(heatmap)
     if roi and heatmap is not None:
         values["outline"] = hot_spot_outline(heatmap, int(dataset.Rows), int(dataset.Columns))
     image = _image_shape(dataset)

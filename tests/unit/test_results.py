@@ -354,6 +354,21 @@ def test_a_class_named_outside_the_sources_character_set_makes_the_sr_utf8(conte
     assert found == {"läsion_结节"}
 
 
+def test_a_present_finding_whose_map_is_all_zeros_still_gets_its_report(context, tmp_path):
+    # A map of zeros had no hot spot to outline: the whole study's SR failed.
+    positive = context.predictions[0]
+    assert positive.top_finding is not None and positive.top_finding.positive
+    assert positive.heatmap is not None
+    zeroed = dataclasses.replace(positive, heatmap=np.zeros_like(positive.heatmap))
+    built = build_sr(dataclasses.replace(context, predictions=(zeroed, *context.predictions[1:])))
+    report = hd.sr.Comprehensive3DSR.from_dataset(
+        pydicom.dcmread(_saved(built, tmp_path, "sr.dcm"))
+    ).content
+    assert report.get_planar_roi_measurement_groups() == []
+    findings = [g for g in report.get_image_measurement_groups() if g.finding_type is not None]
+    assert {g.finding_type.meaning for g in findings} >= {positive.top_finding.code.meaning}
+
+
 def test_iso_2022_names_with_an_empty_first_character_set_are_copied(context, tmp_path):
     # The usual Japanese and Korean encodings: ['', 'ISO 2022 IR 87'] and ['', '... IR 149'].
     charsets = os.path.join(os.path.dirname(pydicom.data.__file__), "charset_files")
