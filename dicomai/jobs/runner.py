@@ -226,6 +226,15 @@ class JobRunner:
                 raise job.error
             predictions = job.predictions()
             sources = job.sources
+            patients = {str(source.dataset.get("PatientID", "")) for source in sources}
+            if len(patients) > 1:
+                # A mis-filed image; the IDs themselves stay out of the log.
+                log.warning(
+                    "job %d: the study's images name %d different Patient IDs: the SR carries "
+                    "the first image's patient, each overlay its own image's",
+                    job.claim.job_id,
+                    len(patients),
+                )
             readable = {_uid(source) for source in sources}
             in_sr = [p for p in predictions if p.sop_instance_uid in readable]
             context = self._context(job.claim, classifier, sources, in_sr) if sources else None

@@ -75,6 +75,7 @@ class OverlayBuilder:
     def __init__(self, context: ResultContext) -> None:
         self.context = context
         self._first: Dataset | None = None
+        self._first_patient: tuple[str, ...] = ()
         self._series = codes.series_body_part(
             [
                 source.dataset
@@ -90,10 +91,14 @@ class OverlayBuilder:
         lines = caption_lines(context, index)
         pixels = render_overlay(source.display, _heatmap(context, index), lines)
         uid = context.uid("sc", str(source.dataset.SOPInstanceUID))
-        if self._first is None:
+        patient = _patient_of(source.dataset)
+        if self._first is None or patient != self._first_patient:
+            # A study whose images name two patients (a mis-filed image): each overlay carries
+            # its own image's patient, never a copy of the first's.
             header = codes.source_header(source.dataset)
-            self._first = _highdicom_sc(context, header, pixels, uid, index + 1)
-            sc = self._first
+            sc = _highdicom_sc(context, header, pixels, uid, index + 1)
+            if self._first is None:
+                self._first, self._first_patient = sc, patient
         else:
             # Only highdicom needs a copy of the header; the derivation reads the source.
             sc = _copy_for_image(self._first, pixels, uid, index + 1)
@@ -101,6 +106,23 @@ class OverlayBuilder:
         for keyword, value in self._series.items():
             setattr(sc, keyword, value)
         return sc
+
+
+# What the copies take from the first overlay of a patient and study (PS3.3 C.7.1.1, C.7.2.1).
+_PATIENT_KEYWORDS = (
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyID",
+    "AccessionNumber",
+)
+
+
+def _patient_of(dataset: Dataset) -> tuple[str, ...]:
+    return tuple(str(dataset.get(keyword, "")) for keyword in _PATIENT_KEYWORDS)
 
 
 def _highdicom_sc(

@@ -111,7 +111,7 @@ def test_copies_leave_the_first_overlay_as_it_was() -> None:
 
 
 @pytest.mark.parametrize("first", [0, 2], ids=["ct-first", "cr-first"])
-def test_a_study_of_mixed_sources_gets_valid_overlays_with_the_first_sources_patient(
+def test_a_study_of_mixed_sources_gets_valid_overlays_each_with_its_sources_patient(
     tmp_path, first: int
 ) -> None:
     context = make_context()  # CT (evaluated), MR (not), CR (evaluated) of one study
@@ -122,7 +122,6 @@ def test_a_study_of_mixed_sources_gets_valid_overlays_with_the_first_sources_pat
         predictions=tuple(context.predictions[i] for i in order),
     )
     builder = OverlayBuilder(context)
-    reference = context.sources[0].dataset
 
     for index in range(2):
         path = tmp_path / f"sc{index}.dcm"
@@ -134,8 +133,21 @@ def test_a_study_of_mixed_sources_gets_valid_overlays_with_the_first_sources_pat
         assert written.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
         assert written.StudyInstanceUID == source.StudyInstanceUID
         for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex"):
-            # Type 2 in the SC: empty where the first source lacks it.
-            assert str(written.get(keyword) or "") == str(reference.get(keyword) or ""), keyword
+            # Type 2 in the SC: empty where the source lacks it.
+            assert str(written.get(keyword) or "") == str(source.get(keyword) or ""), keyword
+
+
+def test_an_image_of_another_patient_in_the_study_keeps_its_own_patient_on_its_overlay() -> None:
+    # A mis-filed image: its overlay was a copy of the first one, labelled with the first
+    # image's patient.
+    context = _slices()
+    other = context.sources[4].dataset
+    other.PatientID, other.PatientName = "PAT-B", "Beta^Bob"
+    builder = OverlayBuilder(context)
+    built = [builder.build(i) for i in range(IMAGES)]
+    assert [(o.PatientID, str(o.PatientName)) for o in built].count(("PAT-B", "Beta^Bob")) == 1
+    assert built[4].PatientID == "PAT-B" and built[5].PatientID == built[0].PatientID
+    assert _differences(_read(built[5]), _read(build_sc(context, 5))) == []
 
 
 def test_one_series_of_overlays_says_one_body_part_and_laterality() -> None:
