@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, func, insert, select, update
+from sqlalchemy import Table, bindparam, case, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -59,10 +59,18 @@ def replace_instance(sessions: sessionmaker[Session], received: Received) -> Non
         instance.size = received.size
         instance.transfer_syntax_uid = received.transfer_syntax_uid
         instance.received_at = utcnow()
+        now = utcnow()
+        reopened = Study.state != StudyState.RECEIVING
         session.execute(
             update(Study)
             .where(Study.id == instance.study_id)
-            .values(last_received_at=utcnow(), state=StudyState.RECEIVING)
+            .values(
+                last_received_at=now,
+                state=StudyState.RECEIVING,
+                # As a late instance does (see `_statements`): a reopened study waits anew.
+                first_received_at=case((reopened, now), else_=Study.first_received_at),
+                expected_instances=case((reopened, None), else_=Study.expected_instances),
+            )
         )
         record(
             session,
@@ -217,15 +225,30 @@ def _statements(dialect: str) -> tuple[Any, Any]:
     upsert = dialect_insert(studies).values(
         {name: bindparam(name, type_=studies.c[name].type) for name in _STUDY_COLUMNS}
     )
-    # A late instance reopens a completed study: its new content gets a new job.
+    # A late instance reopens a completed study: its new content gets a new job. Reopened, it
+    # waits anew: the maximum wait counts from the late instance (counted from the first one,
+    # it had passed, and each late image of a trickle got a job and an SR of its own), and the
+    # sender's count of the study counts only if not reached yet (a stale one was reached at
+    # once, again a job per image).
+    receiving = studies.c.state == StudyState.RECEIVING
+    total = studies.c.instance_count + upsert.excluded.instance_count
     statement = upsert.on_conflict_do_update(
         index_elements=[studies.c.study_uid],
         set_={
-            "instance_count": studies.c.instance_count + upsert.excluded.instance_count,
+            "instance_count": total,
             "last_received_at": upsert.excluded.last_received_at,
             "state": upsert.excluded.state,
-            "expected_instances": func.coalesce(
-                studies.c.expected_instances, upsert.excluded.expected_instances
+            "first_received_at": case(
+                (receiving, studies.c.first_received_at),
+                else_=upsert.excluded.first_received_at,
+            ),
+            "expected_instances": case(
+                (
+                    receiving,
+                    func.coalesce(studies.c.expected_instances, upsert.excluded.expected_instances),
+                ),
+                (upsert.excluded.expected_instances >= total, upsert.excluded.expected_instances),
+                else_=None,
             ),
         },
     ).returning(studies.c.id)

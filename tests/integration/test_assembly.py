@@ -209,3 +209,39 @@ def test_trickling_study_is_closed_after_the_maximum_wait(sessions) -> None:
         session.execute(update(Study).values(first_received_at=utcnow() - timedelta(hours=2)))
     policy = CompletionPolicy(quiet_seconds=3600, max_wait_seconds=3600)
     assert len(complete_studies(sessions, policy)) == 1
+
+
+def test_a_study_reopened_after_its_maximum_wait_waits_anew(sessions) -> None:
+    # Counted from the first instance, the maximum wait had passed: each late image of a
+    # trickle got a job and an SR of its own.
+    add_model(sessions, [])
+    receive(sessions, "1.2.3", "1.2.3.1")
+    with sessions() as session, session.begin():
+        session.execute(update(Study).values(first_received_at=utcnow() - timedelta(hours=2)))
+    policy = CompletionPolicy(quiet_seconds=3600, max_wait_seconds=3600)
+    assert len(complete_studies(sessions, policy)) == 1
+    receive(sessions, "1.2.3", "1.2.3.2")
+    assert complete_studies(sessions, policy) == [], "the late image was closed at once"
+    with sessions() as session, session.begin():
+        session.execute(update(Study).values(first_received_at=utcnow() - timedelta(hours=2)))
+    assert len(complete_studies(sessions, policy)) == 1
+
+
+def test_a_senders_count_already_reached_does_not_close_a_reopened_study(sessions) -> None:
+    # The count of 2 was reached by the first two; each late image closed the study at once.
+    add_model(sessions, [])
+    policy = CompletionPolicy(quiet_seconds=3600)
+    for sop in ("1.2.9.1.1", "1.2.9.1.2"):
+        header = Header("1.2.9", "1.2.9.1", sop, "1.2.840.10008.5.1.4.1.1.1.1", "DX", None, 2)
+        record_instance(sessions, Received(header, "1.2.840.10008.1.2.1", sop, 1, "0", "M"))
+    assert len(complete_studies(sessions, policy)) == 1
+    late = Header("1.2.9", "1.2.9.1", "1.2.9.1.3", "1.2.840.10008.5.1.4.1.1.1.1", "DX", None, 2)
+    record_instance(sessions, Received(late, "1.2.840.10008.1.2.1", "z", 1, "0", "M"))
+    assert complete_studies(sessions, policy) == [], "a stale count closed the study again"
+    # A new count the sender gives for the whole study counts again.
+    more = Header("1.2.9", "1.2.9.1", "1.2.9.1.4", "1.2.840.10008.5.1.4.1.1.1.1", "DX", None, 5)
+    record_instance(sessions, Received(more, "1.2.840.10008.1.2.1", "w", 1, "0", "M"))
+    assert complete_studies(sessions, policy) == []
+    fifth = Header("1.2.9", "1.2.9.1", "1.2.9.1.5", "1.2.840.10008.5.1.4.1.1.1.1", "DX", None, 5)
+    record_instance(sessions, Received(fifth, "1.2.840.10008.1.2.1", "v", 1, "0", "M"))
+    assert len(complete_studies(sessions, policy)) == 1
