@@ -30,6 +30,7 @@ def make_app(settings: Settings) -> Celery:
         folders = {name: settings.broker_dir / name for name in ("queue", "processed", "control")}
         for folder in folders.values():
             folder.mkdir(parents=True, exist_ok=True)
+        app.conf.broker_transport = "workers.filesystem_broker:Transport"
         app.conf.broker_transport_options = {
             "data_folder_in": str(folders["queue"]),
             "data_folder_out": str(folders["queue"]),
