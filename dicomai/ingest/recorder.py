@@ -42,6 +42,16 @@ _INSTANCES = cast(Table, Instance.__table__)
 _KNOWN_DIGEST = select(_INSTANCES.c.sha256).where(_INSTANCES.c.sop_instance_uid == bindparam("uid"))
 
 
+def recorded_study(sessions: sessionmaker[Session], sop_instance_uid: str) -> str | None:
+    """The Study Instance UID under which the instance with this UID is recorded, if it is."""
+    with sessions() as session:
+        return session.scalar(
+            select(Study.study_uid)
+            .join(Instance, Instance.study_id == Study.id)
+            .where(Instance.sop_instance_uid == sop_instance_uid)
+        )
+
+
 def is_known(sessions: sessionmaker[Session], sop_instance_uid: str) -> bool:
     """Whether an instance with this SOP Instance UID is already recorded."""
     return known_digest(sessions, sop_instance_uid) is not None

@@ -18,7 +18,13 @@ from dicomai.errors import DatabaseUnavailable, InvalidInstance, StorageUnavaila
 from dicomai.ingest.committer import GroupCommitter
 from dicomai.ingest.header import Header, encode_listener_meta, encoded_syntax, read_header
 from dicomai.ingest.limits import Limits, reset_dataset_count
-from dicomai.ingest.recorder import Received, forget_instance, known_digest, replace_instance
+from dicomai.ingest.recorder import (
+    Received,
+    forget_instance,
+    known_digest,
+    recorded_study,
+    replace_instance,
+)
 from dicomai.ingest.spool import NameTaken, Placed, Spool
 from dicomai.metrics import STORE_SECONDS, STORED_BYTES, STORES
 
@@ -139,6 +145,13 @@ class Storer:
             if known == digest or self.resend_policy == "keep":
                 self._audit_resend(header, calling, same=known == digest)
                 return SUCCESS
+            if recorded_study(self.sessions, header.sop_instance_uid) != header.study_uid:
+                # A study merge or a patient correction: replaced in place, the row kept the
+                # old study's file and the new content went to a path no row named.
+                raise InvalidInstance(
+                    "resent under another Study Instance UID than it was stored with: "
+                    "a replace cannot move an instance between studies"
+                )
             self._replace(replace(received, sha256=digest), meta, dataset)
         # pynetdicom gives handlers no per-association state; the Association object is it.
         event.assoc.__dict__.setdefault("dicomai_studies", set()).add(header.study_uid)

@@ -239,6 +239,27 @@ def test_resend_policy_replace_stores_the_new_content_and_reopens_the_study(
             "SELECT count(*) FROM audit_events WHERE action = 'instance.replaced'"
         ) == [(1,)]
 
+        # Moved to another study (a merge, a patient correction): the row kept the old
+        # study's file and the new content went to a path no row named. Refused instead.
+        moved = pydicom.dcmread(sample_file("CT_small.dcm"))
+        moved.StudyInstanceUID, moved.PatientID = "1.2.826.0.1.3680043.8.498.99", "OTHER"
+        ae = AE(ae_title=MODALITY)
+        ae.add_requested_context(moved.SOPClassUID, moved.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", daemon.port, ae_title=AET)
+        assert assoc.is_established
+        try:
+            assert assoc.send_c_store(moved).Status == 0xC000
+        finally:
+            assoc.release()
+        assert daemon.query("SELECT count(*) FROM instances") == [(1,)]
+        assert pydicom.dcmread(daemon.root / "var" / "spool" / path).PatientID != "OTHER"
+        assert not any(
+            "1.2.826.0.1.3680043.8.498.99" in str(p) for p in (daemon.root / "var").rglob("*")
+        ), "the refused content was written"
+        assert daemon.query(
+            "SELECT count(*) FROM audit_events WHERE action = 'instance.rejected'"
+        ) == [(1,)]
+
 
 def _stored_dataset_digest(path: Path) -> str:
     """SHA-256 of a spool file's data set, after its file meta (what the row records)."""
