@@ -7,7 +7,7 @@ The Grad-CAM family explains any network with a spatial map or a token grid; rel
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
@@ -110,6 +110,7 @@ def explain_top_finding(
     *,
     target_layer: nn.Module | None = None,
     frozen: bool = True,
+    choose: Callable[[torch.Tensor], int] | None = None,
 ) -> tuple[np.ndarray, torch.Tensor]:
     """Explain each image's highest-scoring finding class, and return the logits too.
 
@@ -124,6 +125,9 @@ def explain_top_finding(
         As for :func:`gradcam`.
     findings
         The output indices that are findings; at least one.
+    choose
+        Picks the class to explain from an image's logits (detached, 1-D) instead of their
+        argmax over `findings`: the caller's decision rule, thresholds included.
 
     Returns
     -------
@@ -137,7 +141,7 @@ def explain_top_finding(
     """
     if not findings:
         raise ValueError("no finding classes to explain")
-    targets = [_TopOf(findings)] * batch.shape[0]
+    targets = [_TopOf(findings, choose)] * batch.shape[0]
     try:
         return _cam(model, batch, targets, method, target_layer, frozen)
     except IndexError as error:
@@ -145,12 +149,18 @@ def explain_top_finding(
 
 
 class _TopOf:
-    """The largest of some classes' logits: its gradient is that of the winning class."""
+    """The largest of some classes' logits (its gradient is that of the winning class), or
+    the class that `choose` picks from an image's logits."""
 
-    def __init__(self, indices: list[int]) -> None:
+    def __init__(
+        self, indices: list[int], choose: Callable[[torch.Tensor], int] | None = None
+    ) -> None:
         self.indices = list(indices)
+        self.choose = choose
 
     def __call__(self, output: torch.Tensor) -> torch.Tensor:
+        if self.choose is not None:
+            return output[self.choose(output.detach())]
         return output[self.indices].max()
 
 

@@ -149,7 +149,7 @@ class Classifier:
         heatmaps: np.ndarray | list[None] = [None] * len(inputs)
         if self._one_pass:
             heatmaps, logits = explain_top_finding(
-                self.module, batch, self._findings, method=self.cam_method
+                self.module, batch, self._findings, method=self.cam_method, choose=self._choose
             )
             manifest = self.loaded.manifest
             probabilities = tempered_probabilities(
@@ -269,8 +269,20 @@ class Classifier:
         return maps.astype(np.float32)
 
     def _explained_classes(self, probabilities: np.ndarray) -> list[int]:
-        """Per image, the finding class with the highest probability; none without findings."""
+        """Per image, the finding to explain (`ImagePrediction.top_finding`'s rule: the most
+        probable Present finding, else the most probable); none without findings."""
         if not self._findings:
             return []
-        best = np.argmax(probabilities[:, self._findings], axis=1)
-        return [self._findings[int(i)] for i in best]
+        return [self._top_finding(row) for row in probabilities]
+
+    def _top_finding(self, probabilities: np.ndarray) -> int:
+        classes = self.loaded.manifest.classes
+        present = [c for c in self._findings if float(probabilities[c]) >= classes[c].threshold]
+        return max(present or self._findings, key=lambda c: float(probabilities[c]))
+
+    def _choose(self, logits: torch.Tensor) -> int:
+        """`_top_finding` of one image's logits, for the one-pass heat map's target."""
+        manifest = self.loaded.manifest
+        return self._top_finding(
+            tempered_probabilities(logits[None], manifest.temperature, manifest.multi_label)[0]
+        )

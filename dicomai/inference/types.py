@@ -80,5 +80,12 @@ class ImagePrediction:
 
     @property
     def top_finding(self) -> ClassScore | None:
+        """The finding the image is reported and explained for: the most probable of those
+        Present, else the most probable finding. (A multi-label model's most probable finding
+        can be Absent at its own threshold while a less probable one is Present: its map and
+        overlay were drawn for the Absent one.)"""
         findings = [s for s in self.scores if s.is_finding]
-        return max(findings, key=lambda s: s.probability) if findings else None
+        if not findings:
+            return None
+        present = [s for s in findings if s.positive]
+        return max(present or findings, key=lambda s: s.probability)

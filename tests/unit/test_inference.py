@@ -100,6 +100,38 @@ def test_the_most_probable_finding_is_explained_at_input_size(loaded: LoadedMode
         assert 0.0 <= prediction.heatmap.min() <= prediction.heatmap.max() <= 1.0
 
 
+def test_a_present_finding_is_explained_before_a_more_probable_absent_one(tmp_path: Path) -> None:
+    # The most probable finding was explained even when Absent at its own threshold: the map
+    # and overlay showed it while a Present finding went without. Biased so that the nodule
+    # (about 0.38, threshold 0.5) outranks the mass (about 0.33, threshold 0.3).
+    torch.manual_seed(0)
+    network = build("tinycnn", 3)
+    head = [m for m in network.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        head.bias += torch.tensor([0.0, 0.5, 0.2])
+    manifest = Manifest(
+        name="three", version="0.1.0", architecture="tinycnn", classes=CLASSES, input=SPEC,
+        temperature=2.0,
+    )  # fmt: skip
+    write_package(tmp_path, manifest, network.state_dict())
+    loaded = load_model(tmp_path)
+    batch = inputs(8, SPEC)
+    predictions = Classifier(loaded).predict(batch)
+    contested = [
+        (i, p)
+        for i, p in enumerate(predictions)
+        if p.score("mass").positive
+        and not p.score("nodule").positive
+        and p.score("nodule").probability > p.score("mass").probability
+    ]
+    assert contested, "no image whose Absent nodule outranks its Present mass"
+    for i, prediction in contested:
+        assert prediction.explained == "mass" and prediction.top_finding is not None
+        assert prediction.top_finding.name == "mass"
+        expected = gradcam(loaded.module, torch.from_numpy(batch[i][1][None]), [2])[0]
+        np.testing.assert_allclose(prediction.heatmap, expected, atol=1e-4)
+
+
 def test_small_batches_give_the_same_results(loaded: LoadedModel) -> None:
     batch = inputs(5, SPEC)
     whole = Classifier(loaded, batch_size=16).predict(batch)
