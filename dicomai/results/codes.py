@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -18,7 +19,7 @@ from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.valuerep import TM
 
-from dicomai.inference.types import Code
+from dicomai.inference.types import ClassScore, Code
 from dicomai.results.context import ModelIdentity
 
 # PS3.16 CID 100: what the report is about.
@@ -288,6 +289,19 @@ def _encodes(character: str, encoding: str) -> bool:
     except (UnicodeError, LookupError):
         return False
     return True
+
+
+def shown_probability(score: ClassScore, decimals: int) -> float:
+    """`score`'s probability rounded to `decimals`, kept on the side of its threshold that
+    decided it: an Absent 0.49996 (threshold 0.5) read 0.5 in the SR and "50%" on the overlay."""
+    value = round(score.probability, decimals)
+    if score.is_finding:
+        scale = 10**decimals
+        if score.positive and value < score.threshold:
+            value = math.ceil(score.probability * scale) / scale
+        elif not score.positive and value >= score.threshold:
+            value = math.floor(score.probability * scale) / scale
+    return value
 
 
 def referenced_as_multi_frame(source: Dataset) -> bool:

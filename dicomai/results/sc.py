@@ -220,7 +220,7 @@ def caption_lines(context: ResultContext, index: int) -> tuple[str, str, str]:
     if prediction.explained is None:
         raise ValueError(f"source image {index + 1} has a heat map but no explained class")
     score = prediction.score(prediction.explained)
-    finding = f"{score.code.meaning}: {score.probability:.0%}"
+    finding = f"{score.code.meaning}: {codes.shown_probability(score, 2):.0%}"
     return finding, codes.model_label(context.model), DISCLAIMER
 
 

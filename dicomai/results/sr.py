@@ -322,7 +322,7 @@ def _finding_group(
 ) -> ItemSpec:
     dataset = context.sources[index].dataset
     values = _source_fields(context, index, f"finding {score.name}")
-    values["probability"] = round(float(score.probability), 4)
+    values["probability"] = codes.shown_probability(score, 4)
     uncertainty = _uncertainty(prediction, score)
     if uncertainty is not None:
         values["uncertainty"] = uncertainty

@@ -369,6 +369,34 @@ def test_a_present_finding_whose_map_is_all_zeros_still_gets_its_report(context,
     assert {g.finding_type.meaning for g in findings} >= {positive.top_finding.code.meaning}
 
 
+@pytest.mark.parametrize(
+    ("probability", "in_sr", "on_overlay"),
+    [
+        (0.49996, 0.4999, "49%"),
+        (0.4951, 0.4951, "49%"),
+        (0.5, 0.5, "50%"),
+        (0.73456, 0.7346, "73%"),
+    ],
+)
+def test_a_probability_is_shown_on_the_side_of_the_threshold_that_decided_it(
+    context, probability: float, in_sr: float, on_overlay: str
+) -> None:
+    # An Absent 0.49996 (threshold 0.5) read 0.5 in the SR and "50%" on its overlay.
+    ct = context.sources[0].dataset
+    predictions = (_evaluated(ct, probability), *context.predictions[1:])
+    changed = dataclasses.replace(context, predictions=predictions)
+    report = hd.sr.Comprehensive3DSR.from_dataset(build_sr(changed)).content
+    groups = report.get_image_measurement_groups() + report.get_planar_roi_measurement_groups()
+    values = [
+        float(m.value)
+        for g in groups
+        if g.finding_type is not None and g.finding_type.meaning == PNEUMOTHORAX.meaning
+        for m in g.get_measurements()
+    ]
+    assert in_sr in values, values
+    assert caption_lines(changed, 0)[0].endswith(f": {on_overlay}")
+
+
 def test_iso_2022_names_with_an_empty_first_character_set_are_copied(context, tmp_path):
     # The usual Japanese and Korean encodings: ['', 'ISO 2022 IR 87'] and ['', '... IR 149'].
     charsets = os.path.join(os.path.dirname(pydicom.data.__file__), "charset_files")
