@@ -114,7 +114,8 @@ class Classifier:
         return module.to(self.device).to(memory_format=self._memory_format).eval()
 
     def predict(self, inputs: Sequence[tuple[str, np.ndarray]]) -> list[ImagePrediction]:
-        """Classify images and explain each one's most probable finding.
+        """Classify images and explain each one's top finding (its most probable Present
+        finding, else its most probable).
 
         Parameters
         ----------
@@ -128,7 +129,7 @@ class Classifier:
             One per input, in order: a score per class (softmax of logits divided by the
             manifest's temperature; with an uncertainty method, the mean over its passes and
             each score's spread), the most probable class, the package's heat map (float32
-            (H, W) in [0, 1]) of the most probable finding class (an ensemble's members'
+            (H, W) in [0, 1]) of the top finding class (an ensemble's members'
             maps averaged), and the network's extra maps (a multi-task model's segmentation,
             a transformer's attention) where it has them, taken from the same forward passes
             as the scores (averaged over an uncertainty method's passes).
