@@ -3,18 +3,58 @@
 from __future__ import annotations
 
 import click
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from dicomai.cli.main import Context
+from dicomai.cli.params import LIMIT
 from dicomai.cli.session import admin_session
-from dicomai.cli.tables import print_fields, print_table, when
-from dicomai.db.models import AuditEvent, Study
+from dicomai.cli.tables import print_fields, print_json, print_table, when
+from dicomai.db.models import AuditEvent, Job, Study, StudyState
 from dicomai.errors import NotFound
 
 
 @click.group()
 def studies() -> None:
     """Studies received."""
+
+
+@studies.command("list")
+@click.option(
+    "--state",
+    type=click.Choice([state.value for state in StudyState]),
+    default=None,
+    help="Only studies in this state.",
+)
+@click.option("--limit", default=50, show_default=True, type=LIMIT)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.pass_obj
+def studies_list(obj: Context, state: str | None, limit: int, as_json: bool) -> None:
+    """List recent studies, last received first: which are still receiving, and their jobs."""
+    jobs = select(func.count()).where(Job.study_id == Study.id).scalar_subquery()
+    query = select(Study, jobs).order_by(Study.last_received_at.desc(), Study.id.desc())
+    if state:
+        query = query.where(Study.state == StudyState(state))
+    with admin_session(obj) as session:
+        rows = [
+            {
+                "study_uid": study.study_uid,
+                "state": study.state.value,
+                "modality": study.modality or "",
+                "sender": study.calling_ae or "",
+                "instances": study.instance_count,
+                "jobs": count,
+                "last_received": when(study.last_received_at),
+            }
+            for study, count in session.execute(query.limit(limit))
+        ]
+    if as_json:
+        for row in rows:
+            print_json(row)
+        return
+    print_table(
+        ["STUDY", "STATE", "MODALITY", "SENDER", "INSTANCES", "JOBS", "LAST RECEIVED"],
+        [list(row.values()) for row in rows],
+    )
 
 
 @studies.command("show")
@@ -53,6 +93,11 @@ def studies_show(obj: Context, study_uid: str) -> None:
             ],
         )
         click.echo("\njobs:")
+        if study.state == StudyState.COMPLETE and not study.jobs:
+            # Complete without a job is not a failure: no active model takes its images.
+            click.echo(
+                "none: no active, canary or shadow model took its instances when it completed"
+            )
         print_table(
             ["ID", "MODEL", "STATE", "ATTEMPTS", "OUTPUTS", "DELIVERIES", "ERROR"],
             [

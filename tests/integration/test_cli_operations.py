@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 
+import pydicom
 import pytest
+from recording import record_dataset
 from rollout_site import NAME, Site, demo_site
+from servers import sample_file
 from sqlalchemy import func, select, update
 
 from dicomai.db.models import (
@@ -18,6 +21,7 @@ from dicomai.db.models import (
     Study,
     utcnow,
 )
+from dicomai.ingest.spool import Spool
 from dicomai.jobs.assembler import complete_quiet_studies
 
 
@@ -170,3 +174,24 @@ def test_after_a_long_outage_health_fails_and_one_command_resends_every_failed_d
         session.get_one(Delivery, pending["id"]).attempts = 3
     retrying = _line(site.cli("health", check=False).stdout, "deliveries")
     assert retrying.split()[1] == "FAIL" and "1 still pending after 3" in retrying, retrying
+
+
+def test_studies_list_shows_what_is_receiving_and_a_study_no_model_takes(site: Site) -> None:
+    # There was no `studies list`, and a study no model takes showed an empty jobs table.
+    (first,) = site.ingest_studies(1)
+
+    def listed(*options: str) -> dict[str, dict[str, object]]:
+        lines = site.cli("studies", "list", "--json", *options).stdout.splitlines()
+        return {row["study_uid"]: row for row in map(json.loads, lines)}
+
+    assert listed()[first]["state"] == "receiving" and listed()[first]["jobs"] == 0
+    site.run_jobs()
+    assert (listed()[first]["state"], listed()[first]["jobs"]) == ("complete", 1)
+    assert listed("--state", "receiving") == {}
+
+    ct = pydicom.dcmread(sample_file("CT_small.dcm"))  # the demo model takes DX and CR
+    record_dataset(Spool(site.settings.spool_dir), site.sessions, ct)
+    complete_quiet_studies(site.sessions, 0)
+    assert listed()[ct.StudyInstanceUID]["jobs"] == 0
+    shown = site.cli("studies", "show", ct.StudyInstanceUID).stdout
+    assert "none: no active, canary or shadow model took its instances" in shown, shown
