@@ -10,7 +10,7 @@ from dicomai.audit import Action, Operator, record
 from dicomai.cli.main import Context
 from dicomai.cli.params import LIMIT, ROW_ID
 from dicomai.cli.session import admin_session, operator
-from dicomai.cli.tables import print_json, print_table, when
+from dicomai.cli.tables import print_rows, when
 from dicomai.db.models import Delivery, DeliveryState, Job, OutputObject, Study, utcnow
 from dicomai.errors import InvalidTransition, NotFound
 
@@ -60,11 +60,7 @@ def deliveries_list(
             }
             for d, o, uid in session.execute(query)
         ]
-    if as_json:
-        for row in rows:
-            print_json(row)
-        return
-    print_table(
+    print_rows(
         [
             "ID",
             "STATE",
@@ -77,7 +73,8 @@ def deliveries_list(
             "DELIVERED",
             "ERROR",
         ],
-        [list(r.values()) for r in rows],
+        rows,
+        as_json,
     )
 
 

@@ -10,7 +10,7 @@ from dicomai.audit import Action, record
 from dicomai.cli.main import Context
 from dicomai.cli.params import LIMIT, ROW_ID
 from dicomai.cli.session import admin_session, operator
-from dicomai.cli.tables import print_fields, print_json, print_table, when
+from dicomai.cli.tables import print_fields, print_rows, print_table, when
 from dicomai.db.models import Job, JobState, Prediction
 from dicomai.errors import InvalidTransition, NotFound
 
@@ -42,13 +42,10 @@ def jobs_list(
         if study:
             query = query.join(Study).where(Study.study_uid == study)
         rows = [_summary(j) for j in session.scalars(query)]
-    if as_json:
-        for row in rows:
-            print_json(row)
-        return
-    print_table(
+    print_rows(
         ["ID", "STATE", "STUDY", "MODEL", "ATTEMPTS", "CREATED", "ERROR"],
-        [list(r.values()) for r in rows],
+        rows,
+        as_json,
     )
 
 

@@ -8,7 +8,7 @@ from sqlalchemy import func, select
 from dicomai.cli.main import Context
 from dicomai.cli.params import LIMIT
 from dicomai.cli.session import admin_session
-from dicomai.cli.tables import print_fields, print_json, print_table, when
+from dicomai.cli.tables import print_fields, print_rows, print_table, when
 from dicomai.db.models import AuditEvent, Job, Study, StudyState
 from dicomai.errors import NotFound
 
@@ -47,13 +47,10 @@ def studies_list(obj: Context, state: str | None, limit: int, as_json: bool) -> 
             }
             for study, count in session.execute(query.limit(limit))
         ]
-    if as_json:
-        for row in rows:
-            print_json(row)
-        return
-    print_table(
+    print_rows(
         ["STUDY", "STATE", "MODALITY", "SENDER", "INSTANCES", "JOBS", "LAST RECEIVED"],
-        [list(row.values()) for row in rows],
+        rows,
+        as_json,
     )
 
 

@@ -30,3 +30,12 @@ def print_fields(fields: list[tuple[str, Any]]) -> None:
 
 def print_json(value: Any) -> None:
     click.echo(json.dumps(value, default=str, sort_keys=True))
+
+
+def print_rows(header: list[str], rows: list[dict[str, Any]], as_json: bool) -> None:
+    """A listing: one JSON object per row for scripts, else a table of the rows' values."""
+    if as_json:
+        for row in rows:
+            print_json(row)
+        return
+    print_table(header, [list(row.values()) for row in rows])

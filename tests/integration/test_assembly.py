@@ -202,28 +202,24 @@ def test_association_end_completes_when_configured(sessions) -> None:
     assert len(complete_studies(sessions, policy)) == 1
 
 
-def test_trickling_study_is_closed_after_the_maximum_wait(sessions) -> None:
+def test_trickling_study_is_closed_after_the_maximum_wait_and_reopened_waits_anew(
+    sessions,
+) -> None:
     add_model(sessions, [])
-    receive(sessions, "1.2.3", "1.2.3.1")
-    with sessions() as session, session.begin():
-        session.execute(update(Study).values(first_received_at=utcnow() - timedelta(hours=2)))
     policy = CompletionPolicy(quiet_seconds=3600, max_wait_seconds=3600)
+
+    def first_received_two_hours_ago() -> None:
+        with sessions() as session, session.begin():
+            session.execute(update(Study).values(first_received_at=utcnow() - timedelta(hours=2)))
+
+    receive(sessions, "1.2.3", "1.2.3.1")
+    first_received_two_hours_ago()
     assert len(complete_studies(sessions, policy)) == 1
-
-
-def test_a_study_reopened_after_its_maximum_wait_waits_anew(sessions) -> None:
     # Counted from the first instance, the maximum wait had passed: each late image of a
     # trickle got a job and an SR of its own.
-    add_model(sessions, [])
-    receive(sessions, "1.2.3", "1.2.3.1")
-    with sessions() as session, session.begin():
-        session.execute(update(Study).values(first_received_at=utcnow() - timedelta(hours=2)))
-    policy = CompletionPolicy(quiet_seconds=3600, max_wait_seconds=3600)
-    assert len(complete_studies(sessions, policy)) == 1
     receive(sessions, "1.2.3", "1.2.3.2")
     assert complete_studies(sessions, policy) == [], "the late image was closed at once"
-    with sessions() as session, session.begin():
-        session.execute(update(Study).values(first_received_at=utcnow() - timedelta(hours=2)))
+    first_received_two_hours_ago()
     assert len(complete_studies(sessions, policy)) == 1
 
 
