@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import struct
 from io import BytesIO
 
 from pydicom import Dataset
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomai.ingest.header import Header
+from dicomai.ingest.header import read_header
 from dicomai.ingest.recorder import Received, record_instance
 from dicomai.ingest.spool import Spool
 
@@ -18,22 +19,18 @@ def record_dataset(
 ) -> str:
     """Write `ds` as a DICOM file into `spool` and record it (row, study, audit); its path.
 
-    The row holds what the listener reads from a header (`dicomai.ingest.header`): UIDs,
-    modality and body part.
+    The row holds what the listener reads from its header (`dicomai.ingest.header`).
     """
     buffer = BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     data = buffer.getvalue()
     relative = spool.relative_path(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID))
     spool.write(relative, [data])
-    header = Header(
-        str(ds.StudyInstanceUID),
-        str(ds.SeriesInstanceUID),
-        str(ds.SOPInstanceUID),
-        str(ds.SOPClassUID),
-        ds.get("Modality"),
-        ds.get("BodyPartExamined"),
-    )
+    # As the listener reads it: the file meta group (its length at bytes 140-143), then the
+    # dataset.
+    meta_end = 144 + struct.unpack_from("<I", data, 140)[0]
+    syntax = str(ds.file_meta.TransferSyntaxUID)
+    header = read_header(syntax, data[:meta_end], data[meta_end:], max_inflated=1 << 30)
     received = Received(
         header,
         str(ds.file_meta.TransferSyntaxUID),

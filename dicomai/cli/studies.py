@@ -77,7 +77,7 @@ def studies_show(obj: Context, study_uid: str) -> None:
         )
         click.echo("\ninstances:")
         print_table(
-            ["SOP INSTANCE UID", "MODALITY", "BODY PART", "VIEW", "SERIES DESCRIPTION"],
+            ["SOP INSTANCE UID", "MODALITY", "BODY PART", "VIEW", "SERIES DESCRIPTION", "USE"],
             [
                 [
                     i.sop_instance_uid,
@@ -85,6 +85,7 @@ def studies_show(obj: Context, study_uid: str) -> None:
                     i.body_part or "",
                     i.view_position or "",
                     i.series_description or "",
+                    f"not applicable: {i.not_applicable}" if i.not_applicable else "",
                 ]
                 for i in sorted(study.instances, key=lambda i: i.id)
             ],
@@ -93,7 +94,9 @@ def studies_show(obj: Context, study_uid: str) -> None:
         if study.state == StudyState.COMPLETE and not study.jobs:
             # Complete without a job is not a failure: no active model takes its images.
             click.echo(
-                "none: no active, canary or shadow model took its instances when it completed"
+                "none: no instance is an image a model may use (see USE above)"
+                if all(i.not_applicable for i in study.instances)
+                else "none: no active, canary or shadow model took its instances when it completed"
             )
         print_table(
             ["ID", "MODEL", "STATE", "ATTEMPTS", "OUTPUTS", "DELIVERIES", "ERROR"],

@@ -127,6 +127,8 @@ class Instance(Base):
     body_part: Mapped[str | None] = mapped_column(String(64))
     view_position: Mapped[str | None] = mapped_column(String(16))
     series_description: Mapped[str | None] = mapped_column(String(64))
+    # Why no model may process it (`dicomai.ingest.usable`); None: its models' scope decides.
+    not_applicable: Mapped[str | None] = mapped_column(String(128))
     path: Mapped[str] = mapped_column(String(512))
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))

@@ -42,6 +42,7 @@ class Header:
     expected_instances: int | None = None
     view_position: str | None = None
     series_description: str | None = None
+    manufacturer: str | None = None
 
 
 def encode_file_meta(file_meta: FileMetaDataset) -> bytes:
@@ -169,6 +170,7 @@ def read_header(
         expected_instances=_count(ds.get("NumberOfStudyRelatedInstances")),
         view_position=_short_text(ds.get("ViewPosition"), 16),
         series_description=_short_text(ds.get("SeriesDescription"), 64),
+        manufacturer=_short_text(ds.get("Manufacturer"), 64),
     )
 
 

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomai.audit import Action, append, event_row, record
 from dicomai.db.models import Instance, Prediction, Study, StudyState, utcnow
 from dicomai.ingest.header import Header
+from dicomai.ingest.usable import not_applicable
 
 
 @dataclass(frozen=True)
@@ -211,15 +212,18 @@ def _study_values(members: Sequence[Received], now: datetime) -> dict[str, Any]:
 
 
 def _stored_event(received: Received) -> dict[str, Any]:
+    header = received.header
+    reason = not_applicable(header.sop_class_uid, header.manufacturer)
     return event_row(
         Action.INSTANCE_STORED,
         actor=received.calling_ae,
         object_type="instance",
-        object_id=received.header.sop_instance_uid,
-        study_uid=received.header.study_uid,
-        sop_class_uid=received.header.sop_class_uid,
+        object_id=header.sop_instance_uid,
+        study_uid=header.study_uid,
+        sop_class_uid=header.sop_class_uid,
         transfer_syntax_uid=received.transfer_syntax_uid,
         size=received.size,
+        **({"not_applicable": reason} if reason else {}),
     )
 
 
@@ -289,6 +293,7 @@ def _instance_values(study_id: int, received: Received, now: datetime) -> dict[s
         body_part=header.body_part,
         view_position=header.view_position,
         series_description=header.series_description,
+        not_applicable=not_applicable(header.sop_class_uid, header.manufacturer),
         path=received.path,
         size=received.size,
         sha256=received.sha256,

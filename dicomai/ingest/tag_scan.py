@@ -25,6 +25,7 @@ WANTED = {
     0x00080016: (b"UI", "SOPClassUID"),
     0x00080018: (b"UI", "SOPInstanceUID"),
     0x00080060: (b"CS", "Modality"),
+    0x00080070: (b"LO", "Manufacturer"),
     0x0008103E: (b"LO", "SeriesDescription"),
     0x00180015: (b"CS", "BodyPartExamined"),
     0x00185101: (b"CS", "ViewPosition"),

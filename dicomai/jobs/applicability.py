@@ -9,7 +9,10 @@ from dicomai.models.manifest import Manifest
 
 
 def applies(manifest: dict[str, Any], instance: Instance) -> bool:
-    """Whether a model with `manifest` applies to `instance` (see `AppliesTo.matches`)."""
+    """Whether a model with `manifest` applies to `instance` (see `AppliesTo.matches`); never
+    to one marked not applicable at ingest (`dicomai.ingest.usable`)."""
+    if instance.not_applicable:
+        return False
     scope = Manifest.from_dict(manifest).applies_to
     return scope.matches(
         instance.modality,

@@ -31,7 +31,7 @@ ASSEMBLER = "assembler"
 
 
 def input_digest(instances: list[Instance]) -> str:
-    """A digest of a study's input: changes when an instance is added or its bytes change."""
+    """A digest of a job's input: changes when an instance is added or its bytes change."""
     digest = hashlib.sha256()
     for instance in sorted(instances, key=lambda i: i.sop_instance_uid):
         digest.update(f"{instance.sop_instance_uid}:{instance.sha256};".encode())
@@ -138,12 +138,10 @@ def _create_jobs(session: Session, study: Study) -> list[Job]:
 def create_job(session: Session, study: Study, model: ModelVersion) -> Job | None:
     """Queue a job of `model` on the study's current instances, with its audit row; None if
     the model takes none of them or such a job exists already."""
-    instances = list(study.instances)
-    if not any(applies(model.manifest, instance) for instance in instances):
+    taken = _taken(study, model)
+    if not taken or current_job(session, study, model) is not None:
         return None
-    digest = input_digest(instances)
-    if current_job(session, study, model) is not None:
-        return None
+    digest = input_digest(taken)
     job = Job(study_id=study.id, model_version_id=model.id, input_digest=digest)
     session.add(job)
     session.flush()
@@ -197,9 +195,15 @@ def current_job(session: Session, study: Study, model: ModelVersion) -> Job | No
         select(Job).where(
             Job.study_id == study.id,
             Job.model_version_id == model.id,
-            Job.input_digest == input_digest(list(study.instances)),
+            Job.input_digest == input_digest(_taken(study, model)),
         )
     )
+
+
+def _taken(study: Study, model: ModelVersion) -> list[Instance]:
+    """The study's instances that `model` takes: only a change among them is new input for
+    it (a presentation state or a copy of our own SR arriving later gives it no new job)."""
+    return [i for i in study.instances if applies(model.manifest, i)]
 
 
 def ensure_report(

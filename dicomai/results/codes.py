@@ -20,6 +20,7 @@ from pydicom.sr.codedict import codes
 from pydicom.valuerep import TM
 
 from dicomai.inference.types import ClassScore, Code
+from dicomai.ingest.usable import OWN_MANUFACTURER
 from dicomai.results.context import ModelIdentity
 
 # PS3.16 CID 100: what the report is about.
@@ -40,7 +41,7 @@ ARTIFICIAL_INTELLIGENCE = hd.sr.CodedConcept("123110", "DCM", "Artificial Intell
 # PS3.16 CID 7150: the category of a segment or map that outlines a finding.
 ABNORMAL_STRUCTURE = hd.sr.CodedConcept("49755003", "SCT", "Morphologically Abnormal Structure")
 
-MANUFACTURER = "dicomai"
+MANUFACTURER = OWN_MANUFACTURER  # what ingest recognises as our own result
 NOT_FOR_DIAGNOSIS = "not for primary diagnosis"
 
 # PS3.3 C.7.1.1 / C.7.2.1: Type 2 patient and study attributes that highdicom reads from the

@@ -10,7 +10,16 @@ import pytest
 from sqlalchemy import select, update
 
 from dicomai.db.migrate import upgrade
-from dicomai.db.models import AuditEvent, Job, JobState, ModelState, ModelVersion, Study, utcnow
+from dicomai.db.models import (
+    AuditEvent,
+    Instance,
+    Job,
+    JobState,
+    ModelState,
+    ModelVersion,
+    Study,
+    utcnow,
+)
 from dicomai.db.session import make_engine, make_sessionmaker
 from dicomai.ingest.header import Header
 from dicomai.ingest.recorder import Received, mark_association_ended, record_instance
@@ -52,14 +61,30 @@ def sessions(request: pytest.FixtureRequest, tmp_path):
     engine.dispose()
 
 
-def receive(sessions, study: str, sop: str, modality: str = "DX", sha: str = "0") -> bool:
+DX_IMAGE = "1.2.840.10008.5.1.4.1.1.1.1"
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
+GRAYSCALE_PRESENTATION_STATE = "1.2.840.10008.5.1.4.1.1.11.1"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def receive(
+    sessions,
+    study: str,
+    sop: str,
+    modality: str = "DX",
+    sha: str = "0",
+    sop_class: str = DX_IMAGE,
+    manufacturer: str | None = None,
+) -> bool:
     header = Header(
         study_uid=study,
         series_uid=study + ".1",
         sop_instance_uid=sop,
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+        sop_class_uid=sop_class,
         modality=modality,
         body_part=None,
+        manufacturer=manufacturer,
     )
     return record_instance(
         sessions, Received(header, "1.2.840.10008.1.2.1", f"{study}/{sop}.dcm", 10, sha, "MODALITY")
@@ -241,3 +266,45 @@ def test_a_senders_count_already_reached_does_not_close_a_reopened_study(session
     fifth = Header("1.2.9", "1.2.9.1", "1.2.9.1.5", "1.2.840.10008.5.1.4.1.1.1.1", "DX", None, 5)
     record_instance(sessions, Received(fifth, "1.2.840.10008.1.2.1", "v", 1, "0", "M"))
     assert len(complete_studies(sessions, policy)) == 1
+
+
+def test_documents_and_our_own_results_are_stored_but_never_processed(sessions) -> None:
+    # A model with no scope took every instance: an SR or a PDF went to the network. And a
+    # PACS forwarding every new object back sent our SR and heat maps: each reopened the
+    # study and gave it a new job, whose results came back in turn, without end.
+    add_model(sessions, [])
+    receive(sessions, "1.2.3", "1.2.3.1", modality="SR", sop_class=COMPREHENSIVE_SR)
+    receive(sessions, "1.2.3", "1.2.3.2", modality="DOC", sop_class=ENCAPSULATED_PDF)
+    age_studies(sessions, 60)
+    assert complete_quiet_studies(sessions, 30) == [], "a model was given an SR and a PDF"
+
+    receive(sessions, "1.2.4", "1.2.4.1")
+    age_studies(sessions, 60)
+    assert len(complete_quiet_studies(sessions, 30)) == 1
+    receive(sessions, "1.2.4", "1.2.4.2", modality="PR", sop_class=GRAYSCALE_PRESENTATION_STATE)
+    receive(sessions, "1.2.4", "1.2.4.3", "SR", sop_class=COMPREHENSIVE_SR, manufacturer="dicomai")
+    receive(sessions, "1.2.4", "1.2.4.4", "OT", sop_class=SECONDARY_CAPTURE, manufacturer="dicomai")
+    age_studies(sessions, 60)
+    assert complete_quiet_studies(sessions, 30) == [], "late non-images gave the study a new job"
+
+    with sessions() as session:
+        marks = {
+            uid: mark
+            for uid, mark in session.execute(
+                select(Instance.sop_instance_uid, Instance.not_applicable)
+            )
+        }
+        stored = session.scalars(
+            select(AuditEvent.detail).where(AuditEvent.action == "instance.stored")
+        ).all()
+    assert marks == {
+        "1.2.3.1": "not an image (Comprehensive SR Storage)",
+        "1.2.3.2": "not an image (Encapsulated PDF Storage)",
+        "1.2.4.1": None,
+        "1.2.4.2": "not an image (Grayscale Softcopy Presentation State Storage)",
+        "1.2.4.3": "dicomai's own result",
+        "1.2.4.4": "dicomai's own result",
+    }
+    assert sorted(d["not_applicable"] for d in stored if "not_applicable" in d) == sorted(
+        m for m in marks.values() if m
+    )

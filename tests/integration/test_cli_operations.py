@@ -195,3 +195,26 @@ def test_studies_list_shows_what_is_receiving_and_a_study_no_model_takes(site: S
     assert listed()[ct.StudyInstanceUID]["jobs"] == 0
     shown = site.cli("studies", "show", ct.StudyInstanceUID).stdout
     assert "none: no active, canary or shadow model took its instances" in shown, shown
+
+
+def test_our_results_and_documents_sent_back_give_no_new_job(site: Site) -> None:
+    # A PACS that forwards every new object to dicomai sends our SR and heat maps back: each
+    # reopened the study and gave it a new job, whose results came back in turn, without end.
+    (study,) = site.ingest_studies(1)
+    (job_id,) = site.run_jobs()
+    with site.sessions() as session:
+        outputs = [site.settings.outputs_dir / o.path for o in session.get_one(Job, job_id).outputs]
+    assert {pydicom.dcmread(p).Modality for p in outputs} == {"SR", "OT"}, outputs
+    spool = Spool(site.settings.spool_dir)
+    for path in outputs:
+        record_dataset(spool, site.sessions, pydicom.dcmread(path), calling_ae="PACS")
+    pdf = pydicom.dcmread(outputs[0])  # a report of the study as a PDF, from elsewhere
+    pdf.SOPClassUID = pdf.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.104.1"
+    pdf.SOPInstanceUID = pdf.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    pdf.Manufacturer = "Hospital RIS"
+    record_dataset(spool, site.sessions, pdf, calling_ae="PACS")
+
+    assert site.run_jobs() == [], "our own results or a PDF gave the study a new job"
+    shown = site.cli("studies", "show", study).stdout
+    assert shown.count("not applicable: dicomai's own result") == len(outputs), shown
+    assert "not applicable: not an image (Encapsulated PDF Storage)" in shown, shown

@@ -10,12 +10,13 @@ from servers import dciodvfy
 from sqlalchemy import select
 from test_job_runner import ingest, make_world, sr_texts
 
-from dicomai.db.models import Delivery, Job, JobState, OutputObject, Prediction
+from dicomai.db.models import Delivery, Instance, Job, JobState, OutputObject, Prediction
 from dicomai.jobs.assembler import complete_quiet_studies
 from dicomai.jobs.runner import JobRunner
 from dicomai.training.synthetic import write_dicom_images
 
 RAW_DATA_STORAGE = "1.2.840.10008.5.1.4.1.1.66"
+PRIVATE_SOP_CLASS = "1.2.826.0.1.3680043.9.7433.1.1"
 
 
 def one_image(tmp_path: Path) -> pydicom.Dataset:
@@ -79,12 +80,26 @@ def test_an_only_image_that_cannot_be_evaluated_is_reported_as_not_evaluated(
     assert "not evaluated" in texts and reason in texts, texts
 
 
-def test_an_only_non_image_object_gets_no_sr(tmp_path: Path) -> None:
+def non_image(tmp_path: Path, sop_class_uid: str) -> pydicom.Dataset:
     ds = without_pixel_data(one_image(tmp_path))
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = RAW_DATA_STORAGE
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class_uid
     for keyword in ("Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit"):
         delattr(ds, keyword)
-    sessions, job_id = run_only_job(tmp_path, ds)
+    return ds
+
+
+def test_an_only_non_image_object_gets_no_job(tmp_path: Path) -> None:
+    settings, sessions, _ = make_world(tmp_path)
+    ingest(settings, sessions, non_image(tmp_path, RAW_DATA_STORAGE), tmp_path)
+    assert complete_quiet_studies(sessions, 0) == []
+    with sessions() as session:
+        (instance,) = session.scalars(select(Instance)).all()
+        assert instance.not_applicable == "not an image (Raw Data Storage)"
+
+
+def test_an_object_of_a_private_class_without_pixels_gets_no_sr(tmp_path: Path) -> None:
+    # A private SOP class is left to the model's scope: the worker finds it holds no image.
+    sessions, job_id = run_only_job(tmp_path, non_image(tmp_path, PRIVATE_SOP_CLASS))
 
     with sessions() as session:
         assert session.get_one(Job, job_id).state == JobState.DONE
