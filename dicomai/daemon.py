@@ -54,7 +54,7 @@ class Daemon:
         self.settings = settings
         self.config_file = config_file
         self.listener_only = listener_only
-        engine = make_engine(settings.database_url)
+        engine = make_engine(settings.database_url, create=False)
         require_current(engine, settings.database_url)
         self.sessions: sessionmaker[Session] = make_sessionmaker(engine)
         ingest = settings.ingest

@@ -22,7 +22,7 @@ def check_database(settings: Settings) -> Check:
     from dicomai.db.migrate import current_revision, head_revision
     from dicomai.db.session import make_engine
 
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, create=False)
     try:
         current, head = current_revision(engine), head_revision(settings.database_url)
     finally:
@@ -70,7 +70,7 @@ def check_worker(settings: Settings) -> Check:
 
     lease = settings.worker.queued_lease_seconds
     since = utcnow() - timedelta(seconds=lease)
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, create=False)
     try:
         with make_sessionmaker(engine)() as session:
             waiting = session.scalar(
@@ -117,7 +117,7 @@ def check_deliveries(settings: Settings) -> Check:
     from dicomai.db.session import make_engine, make_sessionmaker
 
     since = utcnow() - timedelta(days=1)
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, create=False)
     try:
         with make_sessionmaker(engine)() as session:
             recent = session.scalars(

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from dicomai.audit import Action, record
 from dicomai.cli.main import Context
 from dicomai.cli.session import admin_session, operator
+from dicomai.errors import ConfigError
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 
 @click.group()
@@ -25,6 +31,8 @@ def db_upgrade(obj: Context) -> None:
     engine = make_engine(url)
     try:
         before = current_revision(engine)
+        if before is None:
+            _refuse_foreign(engine)
     finally:
         engine.dispose()
     head = head_revision(url)
@@ -46,6 +54,20 @@ def db_upgrade(obj: Context) -> None:
             **who.detail(),
         )
     click.echo(f"database at revision {head}")
+
+
+def _refuse_foreign(engine: Engine) -> None:
+    """Refuse a database with tables but no schema revision: another application's (a
+    mistyped URL), which an upgrade would fill with dicomai's tables."""
+    from sqlalchemy import inspect
+
+    tables = sorted(inspect(engine).get_table_names())
+    if tables:
+        shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
+        raise ConfigError(
+            f"the database holds tables ({shown}) but not dicomai's schema: it is not a "
+            "dicomai database; point [database] url at an empty database or a dicomai one"
+        )
 
 
 def register(group: click.Group) -> None:

@@ -15,11 +15,18 @@ from dicomai.cli.main import Context
 
 @contextmanager
 def admin_session(obj: Context) -> Iterator[Session]:
-    """One transaction for the whole command: its change and its audit rows commit together."""
+    """One transaction for the whole command: its change and its audit rows commit together.
+
+    On a schema older or newer than this version's it refuses with what to do: a command's
+    query otherwise failed on the first column the schema lacked.
+    """
+    from dicomai.db.migrate import require_current
     from dicomai.db.session import make_engine, make_sessionmaker
 
-    engine = make_engine(obj.settings.database_url)
+    url = obj.settings.database_url
+    engine = make_engine(url, create=False)
     try:
+        require_current(engine, url)
         with make_sessionmaker(engine)() as session, session.begin():
             yield session
     finally:

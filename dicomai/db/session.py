@@ -16,12 +16,32 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomai.errors import ConfigError
 
 
-def make_engine(url: str) -> Engine:
-    """Create an engine; SQLite gets the pragmas that make a commit durable."""
+def make_engine(url: str, create: bool = True) -> Engine:
+    """Create an engine; SQLite gets the pragmas that make a commit durable.
+
+    Parameters
+    ----------
+    url
+        SQLAlchemy URL of a SQLite file or a PostgreSQL database.
+    create
+        Whether a SQLite file that does not exist is created (only `dicomai db upgrade` and
+        the demo do: a mistyped path must not become a new, empty database).
+
+    Raises
+    ------
+    ConfigError
+        An unsupported URL, or (`create` False) a SQLite file that does not exist.
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
-            _create_private(Path(parsed.database))
+            path = Path(parsed.database)
+            if not create and not path.exists():
+                raise ConfigError(
+                    f"database {path} does not exist: check [database] url, or run "
+                    "`dicomai db upgrade` to create it"
+                )
+            _create_private(path)
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine

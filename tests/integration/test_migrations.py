@@ -37,6 +37,60 @@ def test_every_older_revision_upgrades_to_head(url: str) -> None:
     engine.dispose()
 
 
+_SEED = (
+    "INSERT INTO model_versions (id, name, version, architecture, state, path, weights_sha256,"
+    " manifest, registered_at, state_changed_at)"
+    " VALUES (1, 'm', '1', 'tinycnn', 'active', '/m', 'ab', '{}', :t, :t)",
+    "INSERT INTO studies (id, study_uid, state, instance_count, first_received_at,"
+    " last_received_at) VALUES (1, '1.2.3', 'complete', 1, :t, :t)",
+    "INSERT INTO instances (id, study_id, sop_instance_uid, sop_class_uid, series_uid,"
+    " transfer_syntax_uid, path, size, sha256, received_at) VALUES (1, 1, '1.2.3.4',"
+    " '1.2.840.10008.5.1.4.1.1.7', '1.2.3.5', '1.2.840.10008.1.2.1', '/i', 1, 'ab', :t)",
+    "INSERT INTO jobs (id, study_id, model_version_id, input_digest, state, attempts,"
+    " created_at) VALUES (1, 1, 1, 'd', 'done', 1, :t)",
+    "INSERT INTO output_objects (id, job_id, kind, sop_instance_uid, sop_class_uid, series_uid,"
+    " path, created_at) VALUES (1, 1, 'sr', '1.2.9', '1.2.840.10008.5.1.4.1.1.88.34',"
+    " '1.2.9.1', '/o', :t)",
+    "INSERT INTO predictions (job_id, instance_id, label, probability, positive, evaluated)"
+    " VALUES (1, 1, 'nodule', 0.5, true, true)",
+    "INSERT INTO deliveries (output_id, destination, state, attempts, next_attempt_at)"
+    " VALUES (1, 'pacs', 'failed', 3, :t)",
+)
+_TABLES = ("model_versions", "studies", "instances", "jobs", "output_objects", "predictions")
+
+
+def test_a_database_in_use_at_each_older_revision_upgrades_with_its_rows(
+    url: str, tmp_path
+) -> None:
+    # On SQLite, 0003 rebuilds model_versions, which jobs reference: with foreign keys
+    # enforced the upgrade of any database holding a job failed half-way, and every later
+    # upgrade failed on the columns it had already added.
+    *older, _ = revisions(url)
+    for revision in older:
+        fresh = url if url.startswith("postgresql") else url.replace("db.sqlite", f"{revision}.db")
+        engine = make_engine(fresh)
+        if fresh.startswith("postgresql"):
+            with engine.begin() as connection:
+                connection.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+        upgrade(fresh, revision)
+        with engine.begin() as connection:
+            for statement in _SEED:
+                connection.execute(text(statement), {"t": "2026-01-01 00:00:00+00:00"})
+        config = write_config(
+            tmp_path / f"{revision}.toml",
+            {"database": {"url": fresh}, "storage": {"dir": str(tmp_path / "var")}},
+            {},
+        )
+        result = dicomai(config, "db", "upgrade", check=False, timeout=120)
+        assert result.returncode == 0, f"from {revision}: {result.stderr}"
+        with engine.connect() as connection:
+            counts = [connection.scalar(text(f"SELECT count(*) FROM {t}")) for t in _TABLES]
+            assert counts == [1] * len(_TABLES), f"from {revision}: {counts}"
+        listed = dicomai(config, "jobs", "list", check=False, timeout=120)
+        assert listed.returncode == 0 and "m 1" in listed.stdout, listed.stderr
+        engine.dispose()
+
+
 def test_models_and_migrations_agree(url: str) -> None:
     upgrade(url)
     command.check(alembic_config(url))
@@ -91,3 +145,41 @@ def test_instances_received_before_0005_are_marked_by_sop_class(url: str) -> Non
         )
     engine.dispose()
     assert marks == {"1.9.1": "not an image (Encapsulated PDF Storage)", "1.9.2": None}
+
+
+def test_commands_on_an_old_missing_or_foreign_database_say_what_to_do(tmp_path) -> None:
+    def run(url: str, *command_line: str):
+        config = write_config(
+            tmp_path / "dicomai.toml",
+            {"database": {"url": url}, "storage": {"dir": str(tmp_path / "var")}},
+            {},
+        )
+        result = dicomai(config, *command_line, check=False, timeout=120)
+        return result.returncode, result.stderr.strip()
+
+    # An old schema: `jobs list` failed on a missing column, with no word of the upgrade.
+    old = f"sqlite:///{tmp_path / 'old.db'}"
+    upgrade(old, "0002")
+    for command_line in (("jobs", "list"), ("audit", "verify")):
+        code, error = run(old, *command_line)
+        assert code == 2 and error == (
+            "error: the database schema is not current: run `dicomai db upgrade`"
+        ), error
+
+    # A mistyped path: `serve` and `health` created an empty database there.
+    missing = tmp_path / "typo" / "dicomai.db"
+    for command_line in (("serve",), ("jobs", "list")):
+        code, error = run(f"sqlite:///{missing}", *command_line)
+        assert code == 2 and f"database {missing} does not exist" in error, error
+    code, _ = run(f"sqlite:///{missing}", "health")
+    assert code == 1 and not missing.exists()
+
+    # Another application's database: `db upgrade` added dicomai's tables to it.
+    foreign = tmp_path / "ris.db"
+    engine = make_engine(f"sqlite:///{foreign}")
+    with engine.begin() as connection:
+        connection.execute(text("CREATE TABLE patients (id INTEGER PRIMARY KEY)"))
+    code, error = run(f"sqlite:///{foreign}", "db", "upgrade")
+    assert code == 2 and "holds tables (patients) but not dicomai's schema" in error, error
+    assert inspect(engine).get_table_names() == ["patients"]
+    engine.dispose()
