@@ -2,8 +2,10 @@
 
 Each row carries the hash of the row before it (`prev_hash`) and its own `hash`, the SHA-256
 of a canonical JSON of its fields and `prev_hash`. Editing or deleting a row breaks the chain
-at the row after it; `verify_chain` names the first row that does not fit. (Removing the newest
-rows is not detectable from the table alone: compare the head hash with one kept elsewhere.)
+at the row after it; `verify_chain` names the first row that does not fit. Removing the newest
+rows, or rewriting every hash after an edit, is not detectable from the table alone: the head
+hash that `dicomai audit verify` prints, kept elsewhere and passed back with `--expect-head`,
+detects both.
 """
 
 from __future__ import annotations
@@ -222,27 +224,38 @@ def _hash(row: Mapping[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class ChainReport:
-    """What `verify_chain` found: rows checked, unchained rows from before 0003, first break."""
+    """What `verify_chain` found: rows checked, unchained rows from before 0003, first break,
+    and the newest row's id and hash (the head, to keep elsewhere)."""
 
     checked: int
     unchained: int
     broken_id: int | None = None
     problem: str = ""
+    head_id: int | None = None
+    head_hash: str | None = None
 
     @property
     def ok(self) -> bool:
-        return self.broken_id is None
+        return not self.problem
 
 
-def verify_chain(events: Iterable[AuditEvent]) -> ChainReport:
+def verify_chain(events: Iterable[AuditEvent], expect_head: str | None = None) -> ChainReport:
     """Check `events`, in id order, against their hashes and each other.
 
     Rows without a hash are accepted only before the first chained row (written before the
-    migration that added the chain).
+    migration that added the chain), and only if one follows: every row written since carries
+    a hash, so a trail of unchained rows alone had its hashes removed.
+
+    The chain is a plain SHA-256 one: whoever can write the table can rewrite every hash after
+    an edit. `expect_head`, a head hash noted earlier outside the database, catches that: it
+    must still be one of the chain's hashes.
     """
     checked = unchained = 0
     previous: str | None = None
+    head_id: int | None = None
+    anchored = expect_head is None
     for event in events:
+        head_id = event.id
         if event.hash is None and previous is None:
             unchained += 1
             continue
@@ -255,4 +268,15 @@ def verify_chain(events: Iterable[AuditEvent]) -> ChainReport:
         if event_hash(event) != event.hash:
             return ChainReport(checked, unchained, event.id, "content does not match its hash")
         previous = event.hash
-    return ChainReport(checked, unchained)
+        anchored = anchored or event.hash == expect_head
+    if unchained and not checked:
+        return ChainReport(0, unchained, head_id, "no row carries a hash: the chain was removed")
+    if not anchored:
+        return ChainReport(
+            checked,
+            unchained,
+            None,
+            f"the head noted earlier ({expect_head}) is no longer in the chain: rows were "
+            "removed or rewritten since",
+        )
+    return ChainReport(checked, unchained, head_id=head_id, head_hash=previous)

@@ -84,23 +84,36 @@ def audit_list(
 
 
 @audit.command("verify")
+@click.option(
+    "--expect-head",
+    metavar="HASH",
+    help="A head hash printed by an earlier verify: fail unless the chain still holds it.",
+)
 @click.pass_obj
-def audit_verify(obj: Context) -> None:
-    """Check the hash chain of the whole trail; name the first row that does not fit."""
+def audit_verify(obj: Context, expect_head: str | None) -> None:
+    """Check the hash chain of the whole trail; name the first row that does not fit.
+
+    Prints the head (newest row's id and hash): keep it outside this database, and pass it
+    back with --expect-head to detect rows removed from the end or a rewritten chain.
+    """
     from dicomai.audit import verify_chain
 
     with admin_session(obj) as session:
         events = session.scalars(
             select(AuditEvent).order_by(AuditEvent.id).execution_options(yield_per=1000)
         )
-        report = verify_chain(events)
-    if not report.ok:
+        report = verify_chain(events, expect_head=expect_head)
+    if report.broken_id is not None:
         raise DicomaiError(
             f"audit chain broken at row {report.broken_id}: {report.problem} "
-            f"({report.checked - 1} rows before it verified)"
+            f"({max(report.checked - 1, 0)} rows before it verified)"
         )
+    if not report.ok:
+        raise DicomaiError(f"audit chain broken: {report.problem}")
     before = f"; {report.unchained} older rows predate the chain" if report.unchained else ""
     click.echo(f"audit chain intact: {report.checked} rows verified{before}")
+    if report.head_hash is not None:
+        click.echo(f"head: row {report.head_id} {report.head_hash}")
 
 
 def parse_since(value: str, now: datetime | None = None) -> datetime:

@@ -71,3 +71,48 @@ def test_a_deleted_row_is_named_by_the_row_after_it(tmp_path) -> None:
     broken = site.cli("audit", "verify", check=False)
     assert "row 6: does not follow the row before it" in broken.stderr, broken.stderr
     site.close()
+
+
+def test_a_rewritten_or_removed_chain_is_caught_by_the_head_kept_elsewhere(tmp_path) -> None:
+    # Whoever can write the table can recompute every hash after an edit, or remove them all
+    # (which verified as "intact: 0 rows"): the head noted earlier outside the database tells.
+    site = Site(tmp_path)
+    write_concurrently(site, threads=2, rows=3)
+    verified = site.cli("audit", "verify").stdout
+    head = verified.split("head: row ")[1].split()[1]
+    assert len(head) == 64, verified
+    assert site.cli("audit", "verify", "--expect-head", head).returncode == 0
+
+    with site.sessions() as session, session.begin():
+        record(session, Action.MODEL_ACTIVATED, actor="intruder", object_type="model")
+    forged = site.cli("audit", "verify").stdout  # a forged row, correctly chained
+    assert "intact" in forged and head not in forged.split("head: row ")[1], forged
+    assert site.cli("audit", "verify", "--expect-head", head).returncode == 0  # still there
+
+    with site.engine.begin() as connection:
+        connection.execute(text("UPDATE audit_events SET actor = 'x' WHERE id = 3"))
+    _rechain(site)
+    assert "intact" in site.cli("audit", "verify").stdout, "the rechained trail should verify"
+    rewritten = site.cli("audit", "verify", "--expect-head", head, check=False)
+    assert rewritten.returncode == 2 and "no longer in the chain" in rewritten.stderr, rewritten
+
+    with site.engine.begin() as connection:
+        connection.execute(text("UPDATE audit_events SET hash = NULL, prev_hash = NULL"))
+    removed = site.cli("audit", "verify", check=False)
+    assert removed.returncode == 2 and "no row carries a hash" in removed.stderr, removed.stderr
+    site.close()
+
+
+def _rechain(site: Site) -> None:
+    """Recompute every hash in order, as someone with write access to the table can."""
+    from sqlalchemy import select
+
+    from dicomai.audit import GENESIS, event_hash
+    from dicomai.db.models import AuditEvent
+
+    with site.sessions() as session, session.begin():
+        previous = GENESIS
+        for event in session.scalars(select(AuditEvent).order_by(AuditEvent.id)):
+            event.prev_hash = previous
+            event.hash = event_hash(event)
+            previous = event.hash
