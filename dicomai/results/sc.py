@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import cv2
 import highdicom as hd
@@ -26,6 +27,12 @@ MIN_CAPTION_WIDTH = 384
 # model did not look at stays as the source shows it.
 MAX_ALPHA = 0.5
 MAX_FONT_SCALE = 1.5
+# Source pixels whose height and width differ by less than this fraction count as square:
+# resampling them would change the overlay's size by a pixel or two, invisibly.
+ASPECT_TOLERANCE = 0.01
+# A stated aspect beyond this (a Pixel Aspect Ratio of 1\1000) is taken as a header error,
+# and the pixels as square: resampled by it, the overlay would be a line.
+MAX_ASPECT = 10.0
 DISCLAIMER = "AI generated - " + codes.NOT_FOR_DIAGNOSIS
 # PS3.16 CID 7202: why the SC references its source.
 _SOURCE_PURPOSE = hd.sr.CodedConcept("121322", "DCM", "Source image for image processing operation")
@@ -35,9 +42,10 @@ _FONT = cv2.FONT_HERSHEY_SIMPLEX
 def build_sc(context: ResultContext, index: int) -> Dataset:
     """Build the heat-map overlay of ``context.sources[index]`` as a Secondary Capture.
 
-    The pixels are the source's display image, scaled so that its longest side lies between
-    512 and 1024, with the heat map blended over it and a caption band below it that names
-    the finding, its probability and the model, and says it is not for primary diagnosis.
+    The pixels are the source's display image, resampled to square pixels (see
+    `pixel_aspect`) and scaled so that its longest side lies between 512 and 1024, with the
+    heat map blended over it and a caption band below it that names the finding, its
+    probability and the model, and says it is not for primary diagnosis.
     For several overlays of one context, `OverlayBuilder` builds them faster.
 
     Parameters
@@ -89,7 +97,9 @@ class OverlayBuilder:
         context = self.context
         source = context.sources[index]
         lines = caption_lines(context, index)
-        pixels = render_overlay(source.display, _heatmap(context, index), lines)
+        pixels = render_overlay(
+            source.display, _heatmap(context, index), lines, pixel_aspect(source.dataset)
+        )
         uid = context.uid("sc", str(source.dataset.SOPInstanceUID))
         patient = _patient_of(source.dataset)
         if self._first is None or patient != self._first_patient:
@@ -224,7 +234,9 @@ def caption_lines(context: ResultContext, index: int) -> tuple[str, str, str]:
     return finding, codes.model_label(context.model), DISCLAIMER
 
 
-def render_overlay(display: np.ndarray, heatmap: np.ndarray, lines: Sequence[str]) -> np.ndarray:
+def render_overlay(
+    display: np.ndarray, heatmap: np.ndarray, lines: Sequence[str], aspect: float = 1.0
+) -> np.ndarray:
     """Compose the pixels of an overlay: the scaled display, the heat map, the caption below.
 
     Parameters
@@ -235,16 +247,19 @@ def render_overlay(display: np.ndarray, heatmap: np.ndarray, lines: Sequence[str
         float heat map in [0, 1] at the model's input resolution.
     lines
         Caption lines, see `caption_lines`.
+    aspect
+        Height of a display pixel over its width, see `pixel_aspect`.
 
     Returns
     -------
     numpy.ndarray
-        uint8 RGB (rows + caption height, columns, 3), where the display was scaled so that
-        its longest side lies between ``MIN_SIDE`` and ``MAX_SIDE``, and a display narrower
-        than ``MIN_CAPTION_WIDTH`` has black margins left and right: the caption below is
-        as wide as the image, and a 3000 x 400 source's was a few pixels high.
+        uint8 RGB (rows + caption height, columns, 3), where the display was resampled to
+        square pixels and scaled so that its longest side lies between ``MIN_SIDE`` and
+        ``MAX_SIDE``, and a display narrower than ``MIN_CAPTION_WIDTH`` has black margins
+        left and right: the caption below is as wide as the image, and a 3000 x 400
+        source's was a few pixels high.
     """
-    image = blend_heatmap(_fit_display(display), heatmap)
+    image = blend_heatmap(_fit_display(display, aspect), heatmap)
     short = MIN_CAPTION_WIDTH - image.shape[1]
     if short > 0:
         image = cv2.copyMakeBorder(
@@ -345,18 +360,62 @@ def heat_strength(prediction: ImagePrediction) -> float:
     return float(min(1.0, top.probability / top.threshold))
 
 
-def _fitted_size(shape: tuple[int, ...]) -> tuple[int, int]:
-    rows, columns = shape[:2]
+def pixel_aspect(source: Dataset) -> float:
+    """Height of a source pixel over its width, 1.0 where unknown or (nearly) square.
+
+    The SC carries neither Pixel Spacing nor Pixel Aspect Ratio (PS3.3 C.7.6.3), so viewers
+    show its pixels square: the overlay is resampled by this factor, else a source of
+    0.5 x 1.25 mm pixels would show its anatomy squashed 2.5:1. Taken from the source's Pixel
+    Spacing (in an enhanced image, that of its shared functional groups), else Imager Pixel
+    Spacing (projection radiographs), else Pixel Aspect Ratio; each is row spacing (the
+    vertical size) first.
+    """
+    for pair in _pixel_sizes(source):
+        try:
+            vertical, horizontal = (float(value) for value in pair)
+        except (TypeError, ValueError):
+            continue
+        if vertical > 0 and horizontal > 0 and np.isfinite(vertical / horizontal):
+            aspect = vertical / horizontal
+            square = abs(aspect - 1.0) < ASPECT_TOLERANCE
+            plausible = 1 / MAX_ASPECT <= aspect <= MAX_ASPECT
+            return aspect if plausible and not square else 1.0
+    return 1.0
+
+
+def _pixel_sizes(source: Dataset) -> list[Any]:
+    """The source's stated pixel sizes (vertical, horizontal), most trusted first."""
+    sizes = [source.get("PixelSpacing")]
+    for group in source.get("SharedFunctionalGroupsSequence", [])[:1]:
+        for measures in group.get("PixelMeasuresSequence", [])[:1]:
+            sizes.append(measures.get("PixelSpacing"))
+    sizes += [source.get("ImagerPixelSpacing"), source.get("PixelAspectRatio")]
+    return [size for size in sizes if size is not None and not isinstance(size, str)]
+
+
+def _fitted_size(shape: tuple[int, ...], aspect: float = 1.0) -> tuple[int, int]:
+    # The display's height in widths of its pixels: its rows, were its pixels square.
+    rows, columns = shape[0] * aspect, shape[1]
     longest = max(rows, columns)
     scale = min(max(1.0, MIN_SIDE / longest), MAX_SIDE / longest)
     return max(1, round(rows * scale)), max(1, round(columns * scale))
 
 
-def _fit_display(display: np.ndarray) -> np.ndarray:
-    rows, columns = _fitted_size(display.shape)
+def _fit_display(display: np.ndarray, aspect: float = 1.0) -> np.ndarray:
+    rows, columns = _fitted_size(display.shape, aspect)
     if (rows, columns) == display.shape:
         return display
-    shrink = rows < display.shape[0]
+    if (rows < display.shape[0]) != (columns < display.shape[1]):
+        # One axis shrinks, the other grows: each with its own interpolation, so the shrunk
+        # one is averaged (INTER_AREA) rather than sampled.
+        display = _resized(display, display.shape[0], columns)
+    return _resized(display, rows, columns)
+
+
+def _resized(display: np.ndarray, rows: int, columns: int) -> np.ndarray:
+    if (rows, columns) == display.shape:
+        return display
+    shrink = rows < display.shape[0] or columns < display.shape[1]
     interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
     return cv2.resize(display, (columns, rows), interpolation=interpolation)
 

@@ -8,6 +8,7 @@ import numpy as np
 from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
+from dicomai.inference.types import ClassScore, ImagePrediction
 from dicomai.results import codes
 from dicomai.results.context import ResultContext
 
@@ -18,10 +19,36 @@ MASK_THRESHOLD = 0.5
 
 
 def has_mask(context: ResultContext, index: int) -> bool:
-    """Whether ``context.predictions[index]`` carries a segmentation mask to encode."""
+    """Whether ``context.sources[index]`` gets a Segmentation of its lesion mask.
+
+    It needs a mask, a finding the SR reports Present to label it with (a mask the model
+    drew on an image it calls negative would be sent as a segmented finding the report
+    denies), and a single-frame source: the model saw frame 1 only, and highdicom cannot
+    reference one frame of a multi-frame source (without a frame of reference it takes
+    single frames only; with one it wants the source's per-frame functional groups).
+    """
     prediction = context.predictions[index]
     maps = prediction.extra_maps or {}
-    return prediction.evaluated and maps.get(MASK_KEY) is not None
+    source = context.sources[index].dataset
+    return (
+        prediction.evaluated
+        and maps.get(MASK_KEY) is not None
+        and segmented_finding(prediction) is not None
+        and int(source.get("NumberOfFrames", 1) or 1) == 1
+    )
+
+
+def segmented_finding(prediction: ImagePrediction) -> ClassScore | None:
+    """The finding class a mask is labelled with: positive, or None.
+
+    The explained class where it is positive (the heat map and the overlay show it), else
+    the most probable positive finding; None where the image has no positive finding.
+    """
+    explained = next((s for s in prediction.scores if s.name == prediction.explained), None)
+    if explained is not None and explained.positive:
+        return explained
+    top = prediction.top_finding
+    return top if top is not None and top.positive else None
 
 
 def build_seg(context: ResultContext, index: int) -> Dataset:
@@ -39,7 +66,7 @@ def build_seg(context: ResultContext, index: int) -> Dataset:
     context
         Sources, predictions and model identity.
     index
-        Which source; ``context.predictions[index].extra_maps["segmentation"]`` is its mask.
+        Which source; `has_mask` must hold for it.
 
     Returns
     -------
@@ -50,19 +77,20 @@ def build_seg(context: ResultContext, index: int) -> Dataset:
     Raises
     ------
     ValueError
-        If the prediction has no 2-D mask, or no finding class to name the segment after.
+        If the prediction has no 2-D mask or no positive finding class to name the segment
+        after, or the source has several frames.
     """
-    if not has_mask(context, index):
-        raise ValueError(f"source image {index + 1} has no segmentation mask")
     source = context.sources[index].dataset
     prediction = context.predictions[index]
+    score = segmented_finding(prediction)
+    if score is None or not has_mask(context, index):
+        raise ValueError(
+            f"source image {index + 1} has no segmentation mask of a positive finding"
+            " on a single frame"
+        )
     mask = np.asarray((prediction.extra_maps or {})[MASK_KEY], dtype=np.float32)
     if mask.ndim != 2:
         raise ValueError(f"segmentation mask must be 2-D, not {mask.shape}")
-    name = prediction.explained or (prediction.top_finding and prediction.top_finding.name)
-    if not name:
-        raise ValueError(f"source image {index + 1} has no finding class to segment")
-    score = prediction.score(name)
     header = codes.source_header(source)
     seg = hd.seg.Segmentation(
         source_images=[header],
