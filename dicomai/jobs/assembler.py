@@ -138,7 +138,7 @@ def _create_jobs(session: Session, study: Study) -> list[Job]:
 def create_job(session: Session, study: Study, model: ModelVersion) -> Job | None:
     """Queue a job of `model` on the study's current instances, with its audit row; None if
     the model takes none of them or such a job exists already."""
-    taken = _taken(study, model)
+    taken = taken_instances(study, model)
     if not taken or current_job(session, study, model) is not None:
         return None
     digest = input_digest(taken)
@@ -195,12 +195,12 @@ def current_job(session: Session, study: Study, model: ModelVersion) -> Job | No
         select(Job).where(
             Job.study_id == study.id,
             Job.model_version_id == model.id,
-            Job.input_digest == input_digest(_taken(study, model)),
+            Job.input_digest == input_digest(taken_instances(study, model)),
         )
     )
 
 
-def _taken(study: Study, model: ModelVersion) -> list[Instance]:
+def taken_instances(study: Study, model: ModelVersion) -> list[Instance]:
     """The study's instances that `model` takes: only a change among them is new input for
     it (a presentation state or a copy of our own SR arriving later gives it no new job)."""
     return [i for i in study.instances if applies(model.manifest, i)]

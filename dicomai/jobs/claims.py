@@ -18,10 +18,17 @@ from dicomai.db.models import (
     JobState,
     ModelState,
     Study,
+    StudyState,
     utcnow,
 )
 from dicomai.jobs.applicability import applies
-from dicomai.jobs.assembler import cancel_job, ensure_report, lock_studies
+from dicomai.jobs.assembler import (
+    cancel_job,
+    ensure_report,
+    input_digest,
+    lock_studies,
+    taken_instances,
+)
 from dicomai.rollout.deployment import active_version
 
 WORKER = "worker"
@@ -73,7 +80,42 @@ def claim_job(session: Session, job_id: int, lease_seconds: float) -> Claim | No
             why = f"{version.label} retired; {active.label} reports instead"
             ensure_report(session, job.study, active, WORKER, why)
         return None
+    if _superseded(job):
+        newer = _newer_job(session, job)
+        lock_studies(session, [job.study_id])
+        cancel_job(session, job, WORKER, f"superseded: its study changed since; {newer}")
+        return None
     return _started(session, job, _applicable(job))
+
+
+def _superseded(job: Job) -> bool:
+    """Whether the study changed since `job` was queued and a newer job will report on it.
+
+    The job reads the study's instances when it starts: run, it reported on instances that
+    arrived after it was queued, and so did the job they gave the study, and the PACS got
+    both reports (a resend after a cut association did it). Where no newer job will come (the
+    digest was computed otherwise before an upgrade) it runs on what there is.
+    """
+    if input_digest(taken_instances(job.study, job.model_version)) == job.input_digest:
+        return False
+    return job.study.state == StudyState.RECEIVING or any(
+        other.id > job.id and other.model_version_id == job.model_version_id
+        for other in job.study.jobs
+    )
+
+
+def _newer_job(session: Session, job: Job) -> str:
+    newer = session.scalar(
+        select(Job.id)
+        .where(
+            Job.study_id == job.study_id,
+            Job.model_version_id == job.model_version_id,
+            Job.id > job.id,
+        )
+        .order_by(Job.id.desc())
+        .limit(1)
+    )
+    return f"job {newer} reports on it" if newer else "its next job reports on it"
 
 
 def claim_companions(
@@ -98,6 +140,8 @@ def claim_companions(
     ).all()
     claims: list[Claim] = []
     for job in candidates:
+        if _superseded(job):
+            continue  # left queued: claimed alone, it is cancelled
         instances = _applicable(job)
         if len(instances) > room or job.study.study_uid in studies:
             continue

@@ -29,6 +29,7 @@ from dicomai.jobs.assembler import (
     complete_studies,
     seconds_until_quiet,
 )
+from dicomai.jobs.claims import claim_job
 from dicomai.jobs.reconciler import Leases, ring_jobs
 
 DEMO_MANIFEST = tomllib.loads(
@@ -308,3 +309,44 @@ def test_documents_and_our_own_results_are_stored_but_never_processed(sessions) 
     assert sorted(d["not_applicable"] for d in stored if "not_applicable" in d) == sorted(
         m for m in marks.values() if m
     )
+
+
+def test_a_queued_job_whose_study_changed_is_cancelled_for_the_newer_one(sessions) -> None:
+    # A job reads the study's instances when it starts: one queued before a resend reported on
+    # the resent images too, and so did the job the resend gave the study: two reports.
+    add_model(sessions, [])
+    receive(sessions, "1.2.3", "1.2.3.1")
+    age_studies(sessions, 60)
+    (first,) = complete_quiet_studies(sessions, 30)
+    receive(sessions, "1.2.3", "1.2.3.2")  # the study is receiving again
+
+    def claim(job_id: int):
+        with sessions() as session, session.begin():
+            return claim_job(session, job_id, lease_seconds=60)
+
+    assert claim(first) is None, "the first job ran on the late image too"
+    age_studies(sessions, 60)
+    (second,) = complete_quiet_studies(sessions, 30)
+    claimed = claim(second)
+    assert claimed is not None and len(claimed.instances) == 2
+    with sessions() as session:
+        cancelled = session.get_one(Job, first)
+        assert cancelled.state == JobState.CANCELLED, cancelled.state
+        assert cancelled.error == "superseded: its study changed since; its next job reports on it"
+        assert session.scalar(
+            select(AuditEvent.id).where(
+                AuditEvent.action == "job.cancelled", AuditEvent.object_id == str(first)
+            )
+        )
+
+
+def test_a_queued_job_whose_study_did_not_change_runs(sessions) -> None:
+    add_model(sessions, [])
+    receive(sessions, "1.2.3", "1.2.3.1")
+    receive(sessions, "1.2.4", "1.2.4.1", modality="SR", sop_class=COMPREHENSIVE_SR)
+    age_studies(sessions, 60)
+    (job_id,) = complete_quiet_studies(sessions, 30)
+    receive(sessions, "1.2.3", "1.2.3.2", modality="PR", sop_class=GRAYSCALE_PRESENTATION_STATE)
+    with sessions() as session, session.begin():
+        claimed = claim_job(session, job_id, lease_seconds=60)
+    assert claimed is not None and [uid for uid, _ in claimed.instances] == ["1.2.3.1"]
