@@ -368,10 +368,16 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
+        variable = "DICOMAI_" + "__".join(str(p) for p in first["loc"]).upper()
+        if any(name.upper() == variable for name in os.environ):
+            where += f" (from the environment: {variable})"
         if first["type"] == "extra_forbidden":
             raise ConfigError(f"unknown setting {where} (README.md lists the keys)") from None
         message = first["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"invalid setting {where}: {message}") from None
+        # A check across settings (two destinations of one name) has no location of its own.
+        raise ConfigError(
+            f"invalid setting {where}: {message}" if where else f"invalid setting: {message}"
+        ) from None
     except ValueError as exc:
         raise ConfigError(f"invalid config file {path}: {exc}") from None
 

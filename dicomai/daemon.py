@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
 import fcntl
 import logging
 import os
@@ -11,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,17 +102,19 @@ class Daemon:
             # Before the listener answers: whoever sees the daemon up can scrape it.
             metrics = self.settings.metrics
             if metrics.port:
-                metrics_server.start(metrics, self.sessions)
+                with _listening("[metrics] port", metrics.host, metrics.port):
+                    metrics_server.start(metrics, self.sessions)
                 log.info("metrics on http://%s:%d/metrics", metrics.host, metrics.port)
         ingest = self.settings.ingest
         # Bound before the listener children start: they accept from this socket.
-        self.server = serve_in_thread(
-            build_ae(self.settings),
-            (ingest.host, ingest.port),
-            self.ssl_context,
-            handlers(self.settings, self.spool, self.sessions),
-            on_refused_connection(self.sessions),
-        )
+        with _listening("[ingest] port", ingest.host, ingest.port):
+            self.server = serve_in_thread(
+                build_ae(self.settings),
+                (ingest.host, ingest.port),
+                self.ssl_context,
+                handlers(self.settings, self.spool, self.sessions),
+                on_refused_connection(self.sessions),
+            )
         if not self.listener_only:
             self._start_services()
         log.info(
@@ -246,3 +251,18 @@ class Daemon:
 def _die_with_parent() -> None:
     # Linux prctl(PR_SET_PDEATHSIG, SIGTERM): a child outlives no SIGKILLed serve process.
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _listening(setting: str, host: str, port: int) -> Iterator[None]:
+    """Name the address (and the setting) a bind failed on: "Address already in use" alone
+    did not say whether the DICOM or the metrics port was taken."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno not in _BIND_ERRORS:
+            raise
+        raise ConfigError(f"cannot listen on {host}:{port} ({setting}): {exc.strerror}") from None
+
+
+_BIND_ERRORS = {errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,25 +36,29 @@ def check_database(settings: Settings) -> Check:
 
 
 def check_broker(settings: Settings) -> Check:
-    from workers.app import make_app
-
     if not settings.embedded_broker:
         import redis
 
         # Timeouts on every read: kombu's connection check bounds the connect only.
         redis.Redis.from_url(settings.broker_url, socket_timeout=5, socket_connect_timeout=5).ping()
         return Check("broker", True, "reachable")
-    app = make_app(settings)
-    with app.connection_for_write() as connection:
-        connection.ensure_connection(max_retries=1, timeout=5)
-    return Check(
-        "broker", True, "embedded folder queue" if settings.embedded_broker else "reachable"
-    )
+    # The folder queue, looked at and not created: health run by root before the service
+    # ever started left root-owned folders the service user could not write.
+    queue = settings.broker_dir / "queue"
+    if not queue.is_dir():
+        return Check("broker", False, f"{queue} does not exist (`dicomai serve` creates it)")
+    if not os.access(queue, os.W_OK | os.X_OK):
+        return Check("broker", False, f"{queue} is not writable by this user")
+    return Check("broker", True, "embedded folder queue")
 
 
 def check_spool(settings: Settings) -> Check:
     from dicomai.ingest.spool import Spool
 
+    if not settings.spool_dir.is_dir():
+        return Check(
+            "spool", False, f"{settings.spool_dir} does not exist (`dicomai serve` creates it)"
+        )
     free = Spool(settings.spool_dir).free_bytes()
     floor = settings.storage.min_free_mb * 1024 * 1024
     detail = f"{free // (1024 * 1024)} MiB free, watermark {settings.storage.min_free_mb} MiB"

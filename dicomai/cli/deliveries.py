@@ -99,7 +99,7 @@ def deliveries_retry(
     if (study or destination) and not all_failed:
         raise click.UsageError("--study and --destination go with --failed")
     if bool(delivery_ids) == all_failed:
-        raise click.UsageError("give delivery IDs or --failed, not both")
+        raise click.UsageError("give delivery IDs or --failed (one of them, not both)")
     delivery_ids = tuple(dict.fromkeys(delivery_ids))
     with admin_session(obj) as session:
         if all_failed:

@@ -78,6 +78,16 @@ def _no_passphrase() -> str:
 CLOSED_UNSPOKEN = ""
 
 
+# OpenSSL's reasons an administrator meets most, in words that say what to check.
+_PLAIN_WORDS = {
+    "WRONG_VERSION_NUMBER": "the peer does not speak TLS (a sender without TLS on the TLS port?)",
+    "HTTP_REQUEST": "the peer sent HTTP, not TLS",
+    "UNSUPPORTED_PROTOCOL": "the peer offers only a TLS version below 1.2 (BCP 195)",
+    "NO_SHARED_CIPHER": "no cipher in common with the peer (BCP 195 ciphers only)",
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "the peer sent no client certificate",
+}
+
+
 def handshake(connection: socket.socket, timeout: float) -> str | None:
     """Complete a server-side TLS handshake within `timeout` seconds; None, or why it failed.
 
@@ -96,7 +106,8 @@ def handshake(connection: socket.socket, timeout: float) -> str | None:
     except ssl.SSLCertVerificationError as exc:
         return f"TLS handshake failed: client certificate {exc.verify_message}"
     except ssl.SSLError as exc:
-        return f"TLS handshake failed: {(exc.reason or type(exc).__name__).lower()}"
+        reason = exc.reason or type(exc).__name__
+        return f"TLS handshake failed: {_PLAIN_WORDS.get(reason, reason.lower())}"
     except TimeoutError:
         return f"TLS handshake not completed within {timeout:g} s"
     except OSError as exc:

@@ -575,5 +575,8 @@ def test_a_second_serve_on_the_same_storage_or_port_stops_with_one_line(tmp_path
         other.config.write_text(config)
         dicomai(other.config, "db", "upgrade")
         third = dicomai(other.config, "serve", check=False, timeout=60)
-        assert third.returncode == 2 and "Address already in use" in third.stderr, third.stderr
+        assert third.returncode == 2 and third.stderr.strip() == (
+            f"error: cannot listen on 127.0.0.1:{first.port} ([ingest] port): "
+            "Address already in use"
+        ), third.stderr
         assert echoscu(first.port, aet=MODALITY, aec=AET).returncode == 0

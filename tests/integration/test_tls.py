@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from daemon import Listener, dicomai
-from servers import require_program, sample_copies, sample_file, storescu, wait_for
+from servers import echoscu, require_program, sample_copies, sample_file, storescu, wait_for
 
 AET = "DICOMAI"
 MODALITY = "MODALITY"
@@ -250,3 +250,13 @@ def test_port_checks_on_the_tls_port_are_not_refusals(tls_listener: Listener) ->
     assert "C-ECHO answered over TLS" in health.stdout, health.stdout
     assert len(tls_refusals(tls_listener)) == before
     assert "TLS handshake" not in "".join(tls_listener.log().splitlines()[lines:])
+
+
+def test_a_sender_without_tls_on_the_tls_port_is_told_apart(tls_listener: Listener) -> None:
+    # Audited as "wrong_version_number", which no administrator could act on.
+    before = len(tls_refusals(tls_listener))
+    assert echoscu(tls_listener.port, aet=MODALITY, aec=AET, timeout=10).returncode != 0
+    refusals = wait_for(
+        lambda: tls_refusals(tls_listener)[before:], 30, "the plain sender's audit row"
+    )
+    assert "the peer does not speak TLS" in refusals[0], refusals

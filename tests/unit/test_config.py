@@ -68,7 +68,7 @@ PACS = "[[destinations]]\nname = 'pacs'\nae_title = {ae}\nhost = {host}\nport = 
         (
             "[[destinations]]\nname = 'pacs'\npath = '/tmp/a'\n"
             "[[destinations]]\nname = 'pacs'\npath = '/tmp/b'\n",
-            "the name 'pacs' is given twice",
+            "invalid setting: destinations: the name 'pacs' is given twice",
         ),
         ("[broker]\nurl = 'htp://redis:6379/0'\n", "redis://"),
         ("[ingest]\nstudy_quiet_seconds = -3\n", "ingest.study_quiet_seconds"),
@@ -115,7 +115,11 @@ def test_unknown_nested_environment_key_is_an_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("DICOMAI_INGEST__PORTT", "1")
-    with pytest.raises(ConfigError, match=r"unknown setting ingest\.portt"):
+    # Said without naming the variable, the administrator searched the file for it.
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown setting ingest\.portt \(from the environment: DICOMAI_INGEST__PORTT\)",
+    ):
         load_settings(write(tmp_path, ""))
 
 
