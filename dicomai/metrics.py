@@ -2,7 +2,31 @@
 
 from __future__ import annotations
 
+import enum
+
 from prometheus_client import Counter, Gauge, Histogram
+
+
+class JobOutcome(enum.StrEnum):
+    """How a job's attempt ended: the `state` label of `dicomai_jobs_total`."""
+
+    DONE = "done"
+    FAILED = "failed"  # for good: a broken model package, or the last attempt
+    RETRYING = "retrying"  # back to the queue for another attempt
+
+
+class DeliveryOutcome(enum.StrEnum):
+    """How a delivery attempt ended: the `outcome` label of `dicomai_deliveries_total`."""
+
+    SENT = "sent"
+    RETRYING = "retrying"  # failed; tried again after the backoff
+    FAILED = "failed"  # failed, and the last of `[delivery] max_attempts`
+
+
+# The `calling_ae` of stores from a title the allow-list does not name: with `allow_any` a
+# peer could otherwise add a series per title it makes up.
+OTHER_SENDERS = "other"
+
 
 STORES = Counter(
     "dicomai_stores_total",
@@ -28,5 +52,27 @@ OPEN_ASSOCIATIONS = Gauge(
 REJECTED_ASSOCIATIONS = Counter(
     "dicomai_rejected_associations_total", "Associations rejected, by reason", ["reason"]
 )
-JOBS = Counter("dicomai_jobs_total", "Jobs finished, by final state", ["state"])
-DELIVERIES = Counter("dicomai_deliveries_total", "Delivery attempts, by outcome", ["outcome"])
+JOBS = Counter(
+    "dicomai_jobs_total", "Job attempts ended, by outcome (done, failed, retrying)", ["state"]
+)
+DELIVERIES = Counter(
+    "dicomai_deliveries_total",
+    "Delivery attempts, by outcome (sent, retrying, failed)",
+    ["outcome"],
+)
+# Every outcome is exposed from the start, at 0: a series that appears with its first
+# increment hides that increment from rate() and increase().
+for _job in JobOutcome:
+    JOBS.labels(state=_job)
+for _delivery in DeliveryOutcome:
+    DELIVERIES.labels(outcome=_delivery)
+
+
+def sender_label(calling_ae: str, peers: frozenset[str] | None) -> str:
+    """The `calling_ae` label of a store from `calling_ae`: the title, stripped as the access
+    policy strips it, if `peers` (the allow-list's titles) names it, else `OTHER_SENDERS`;
+    with `peers` None, the title itself."""
+    title = calling_ae.strip()
+    if peers is None or title in peers:
+        return title
+    return OTHER_SENDERS

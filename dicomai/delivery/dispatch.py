@@ -19,6 +19,7 @@ from dicomai.delivery.folder import copy_file
 from dicomai.delivery.policy import backoff_seconds, gives_up
 from dicomai.delivery.scu import send_files
 from dicomai.errors import DeliveryError
+from dicomai.metrics import DELIVERIES, DeliveryOutcome
 
 log = logging.getLogger(__name__)
 
@@ -210,17 +211,20 @@ def _record_outcomes(
             )
         )
         errors = dict(outcomes)
-        sent = 0
+        recorded: list[DeliveryOutcome] = []
         for delivery in rows:
             if delivery.state != DeliveryState.PENDING:
                 continue  # an attempt that outlived its lease: the other one's outcome stands
             error = errors[delivery.id]
             if error is None:
                 _sent(session, delivery)
-                sent += 1
+                recorded.append(DeliveryOutcome.SENT)
             else:
-                _failed(session, settings, delivery, error)
-    return sent
+                recorded.append(_failed(session, settings, delivery, error))
+    # Counted once committed, as the rows say.
+    for outcome in recorded:
+        DELIVERIES.labels(outcome=outcome).inc()
+    return recorded.count(DeliveryOutcome.SENT)
 
 
 def _sent(session: Session, delivery: Delivery) -> None:
@@ -240,16 +244,19 @@ def _sent(session: Session, delivery: Delivery) -> None:
     )
 
 
-def _failed(session: Session, settings: Settings, delivery: Delivery, error: str) -> None:
+def _failed(
+    session: Session, settings: Settings, delivery: Delivery, error: str
+) -> DeliveryOutcome:
+    """Record a failed attempt: retried after the backoff, or failed for good; which."""
     delivery.attempts += 1
     delivery.last_error = error
     if gives_up(delivery.attempts, settings.delivery):
         delivery.state = DeliveryState.FAILED
-        action = Action.DELIVERY_FAILED
+        action, outcome = Action.DELIVERY_FAILED, DeliveryOutcome.FAILED
     else:
         wait = backoff_seconds(delivery.attempts, settings.delivery)
         delivery.next_attempt_at = utcnow() + timedelta(seconds=wait)
-        action = Action.DELIVERY_RETRY
+        action, outcome = Action.DELIVERY_RETRY, DeliveryOutcome.RETRYING
     record(
         session,
         action,
@@ -261,6 +268,7 @@ def _failed(session: Session, settings: Settings, delivery: Delivery, error: str
         attempts=delivery.attempts,
         error=error,
     )
+    return outcome
 
 
 def has_deliveries(session: Session, job_id: int) -> bool:

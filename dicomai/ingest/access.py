@@ -32,6 +32,11 @@ class AccessPolicy:
             nets = self._networks.setdefault(peer.ae_title.strip(), [])
             nets.extend(_networks(host) for host in peer.hosts)
 
+    @property
+    def titles(self) -> frozenset[str]:
+        """The calling AE titles the allow-list names, stripped as `check` strips them."""
+        return frozenset(self._networks)
+
     def check(self, calling_ae: str, address: str) -> Decision:
         """Decide whether `calling_ae` connecting from `address` may associate."""
         if self.allow_any:

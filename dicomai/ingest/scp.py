@@ -60,7 +60,10 @@ def handlers(
         (evt.EVT_REQUESTED, on_requested, [policy, settings.ingest.ae_title, sessions]),
         (evt.EVT_REJECTED, on_rejected, [sessions]),
         (evt.EVT_C_ECHO, on_echo),
-        (evt.EVT_C_STORE, Storer(spool, sessions, limits, settings.ingest.resend_policy)),
+        (
+            evt.EVT_C_STORE,
+            Storer(spool, sessions, limits, settings.ingest.resend_policy, peers=policy.titles),
+        ),
         (evt.EVT_RELEASED, on_association_end, [sessions]),
         (evt.EVT_ABORTED, on_association_end, [sessions]),
     ]

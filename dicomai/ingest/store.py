@@ -26,7 +26,7 @@ from dicomai.ingest.recorder import (
     replace_instance,
 )
 from dicomai.ingest.spool import NameTaken, Placed, Spool
-from dicomai.metrics import STORE_SECONDS, STORED_BYTES, STORES
+from dicomai.metrics import STORE_SECONDS, STORED_BYTES, STORES, sender_label
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,10 @@ class Storer:
         ``keep`` the first (the default: never discard what a job may have used) or
         ``replace`` it (the study is reopened and gets a new job). Either is audited;
         an identical resend is accepted and recorded once (DESIGN.md rule 3).
+    peers
+        The allow-list's calling AE titles (`AccessPolicy.titles`): stores are counted under
+        their caller's title if it is one of them, under ``other`` if not (with ``allow_any``
+        a sender may call itself anything); None counts each title under its own.
     """
 
     spool: Spool
@@ -59,6 +63,7 @@ class Storer:
     limits: Limits
     resend_policy: str = "keep"
     committer: GroupCommitter | None = None
+    peers: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
         if self.committer is None:
@@ -70,7 +75,8 @@ class Storer:
         reset_dataset_count(event)
         with STORE_SECONDS.time():
             status = self._answer(event, calling)
-        STORES.labels(calling_ae=calling, status=f"0x{status:04X}").inc()
+        sender = sender_label(calling, self.peers)
+        STORES.labels(calling_ae=sender, status=f"0x{status:04X}").inc()
         return status
 
     def _answer(self, event: evt.Event, calling: str) -> int:

@@ -48,6 +48,7 @@ from dicomai.ingest.spool import Spool
 from dicomai.jobs.batching import Classified, classify
 from dicomai.jobs.claims import WORKER, Claim, claim_job, gather_companions
 from dicomai.jobs.reading import Reader
+from dicomai.metrics import JOBS, JobOutcome
 from dicomai.models.package import load_model
 from dicomai.results.context import ModelIdentity, ResultContext, SourceImage
 from dicomai.results.pmap import build_heatmap_pmap, supports_pmap
@@ -394,6 +395,8 @@ class JobRunner:
                 shadow=claim.shadow,
                 sent=sends_results(session, job.model_version, claim.study_uid),
             )
+        # Counted once committed: a rolled-back finish is failed instead, and counted there.
+        JOBS.labels(state=JobOutcome.DONE).inc()
 
     def _fail(self, claim: Claim, exc: Exception) -> None:
         reason = str(exc) if isinstance(exc, DicomaiError) else type(exc).__name__
@@ -407,19 +410,23 @@ class JobRunner:
             if permanent or job.attempts >= 3:
                 job.state = JobState.FAILED
                 job.finished_at = utcnow()
-                record(
-                    session,
-                    Action.JOB_FAILED,
-                    actor=WORKER,
-                    object_type="job",
-                    object_id=job.id,
-                    study_uid=claim.study_uid,
-                    reason=reason,
-                )
+                outcome, action = JobOutcome.FAILED, Action.JOB_FAILED
             else:
                 # Back to the queue; the reconciler rings it again after its lease.
                 job.state = JobState.QUEUED
                 job.enqueued_at = utcnow()
+                outcome, action = JobOutcome.RETRYING, Action.JOB_ENQUEUED
+            record(
+                session,
+                action,
+                actor=WORKER,
+                object_type="job",
+                object_id=job.id,
+                study_uid=claim.study_uid,
+                reason=reason,
+                attempt=job.attempts,
+            )
+        JOBS.labels(state=outcome).inc()
 
 
 class _Stopwatch:

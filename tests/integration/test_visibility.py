@@ -15,6 +15,8 @@ from daemon import Listener, accepted_by_process, dicomai
 from pynetdicom import AE
 from servers import RedisServer, free_port, sample_file, storescu, wait_for
 
+from dicomai.training.synthetic import write_dicom_images
+
 AET = "DICOMAI"
 MODALITY = "MODALITY"
 
@@ -258,3 +260,74 @@ def test_health_fails_a_broker_that_accepts_connections_but_never_answers(
     assert result.returncode == 1, result.stdout + result.stderr
     (row,) = [line for line in result.stdout.splitlines() if line.startswith("broker")]
     assert "FAIL" in row, result.stdout
+
+
+def test_metrics_count_the_embedded_workers_jobs_and_deliveries_by_outcome(
+    tmp_path: Path,
+) -> None:
+    peers = [{"ae_title": MODALITY, "hosts": ["127.0.0.1"]}]
+    metrics_port = free_port()
+    daemon = Listener(tmp_path / "worker", AET, peers)
+    config = daemon.config.read_text().replace(
+        "embedded = false", 'embedded = true\ndevice = "cpu"'
+    )
+    daemon.config.write_text(
+        config
+        + f'[metrics]\nhost = "127.0.0.1"\nport = {metrics_port}\n'
+        + f'[[destinations]]\nname = "folder"\npath = "{tmp_path / "delivered"}"\n'
+    )
+    daemon.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"  # type: ignore[attr-defined]
+    demo = Path(__file__).parents[2] / "models" / "demo-chest-nodule"
+    dicomai(daemon.config, "db", "upgrade")
+    dicomai(daemon.config, "models", "register", str(demo))
+    version = tomllib.loads((demo / "model.toml").read_text())["version"]
+    dicomai(daemon.config, "models", "activate", "demo-chest-nodule", version)
+    radiograph = write_dicom_images(tmp_path / "in", 2, seed=5, size=256)[0]
+    with daemon:
+        text = metrics(daemon)
+        for state in ("done", "failed", "retrying"):
+            assert f'dicomai_jobs_total{{state="{state}"}} 0.0' in text, text
+        for outcome in ("sent", "failed", "retrying"):
+            assert f'dicomai_deliveries_total{{outcome="{outcome}"}} 0.0' in text, text
+        assert storescu(daemon.port, [radiograph.path], aet=MODALITY).returncode == 0
+        # Counted by the worker process, served by `serve`'s endpoint.
+        wait_for(
+            lambda: 'dicomai_jobs_total{state="done"} 1.0' in metrics(daemon),
+            180,
+            "the job counted done",
+            details=daemon.log,
+        )
+        sent = daemon.query("SELECT count(*) FROM deliveries WHERE state = 'sent'")[0][0]
+        assert sent >= 1
+        text = metrics(daemon)
+        assert f'dicomai_deliveries_total{{outcome="sent"}} {float(sent)}' in text, text
+        assert 'dicomai_deliveries_total{outcome="retrying"} 0.0' in text, text
+
+
+def test_stores_from_senders_the_allow_list_does_not_name_share_one_label(
+    tmp_path: Path,
+) -> None:
+    """With `allow_any` a hostile sender could make a label series per title it invents."""
+    metrics_port = free_port()
+    peers = [{"ae_title": MODALITY, "hosts": ["127.0.0.1"]}]
+    daemon = Listener(tmp_path / "any", AET, peers, allow_any=True)
+    daemon.config.write_text(
+        daemon.config.read_text() + f'[metrics]\nhost = "127.0.0.1"\nport = {metrics_port}\n'
+    )
+    daemon.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"  # type: ignore[attr-defined]
+    source = pydicom.dcmread(sample_file("CT_small.dcm"))
+    with daemon:
+        for number, calling in enumerate((MODALITY, "FORGED-1", "FORGED-2")):
+            ae = AE(ae_title=calling)
+            ae.add_requested_context(source.SOPClassUID, source.file_meta.TransferSyntaxUID)
+            assoc = ae.associate("127.0.0.1", daemon.port, ae_title=AET)
+            assert assoc.is_established, calling
+            try:
+                source.SOPInstanceUID = f"{source.StudyInstanceUID}.{number}"
+                assert assoc.send_c_store(source).Status == 0x0000
+            finally:
+                assoc.release()
+        text = metrics(daemon)
+    assert 'dicomai_stores_total{calling_ae="MODALITY",status="0x0000"} 1.0' in text, text
+    assert 'dicomai_stores_total{calling_ae="other",status="0x0000"} 2.0' in text, text
+    assert "FORGED" not in text, text
