@@ -298,6 +298,13 @@ def _epochs(text: str) -> tuple[int, ...]:
     type=click.Choice(EXPLANATION_METHODS),
     help="Heat-map method kept in the package (default: the architecture's own).",
 )
+@click.option(
+    "--mc-dropout",
+    "mc_passes",
+    type=click.IntRange(2, 200),
+    help="Estimate each prediction's uncertainty from this many passes with dropout on "
+    "(MC dropout); the network needs dropout (--dropout). Default: one deterministic pass.",
+)
 def train(**options: Any) -> None:
     """Train a classifier on labelled images and write a model package the daemon runs."""
     from dicomai.training.runs import train_package
@@ -310,7 +317,7 @@ def train(**options: Any) -> None:
 
 def _run_settings(o: dict[str, Any]) -> RunSettings:
     from dicomai.imaging.spec import InputSpec
-    from dicomai.models.manifest import AppliesTo
+    from dicomai.models.manifest import AppliesTo, UncertaintySpec
     from dicomai.training.augment import NO_AUGMENTATION, Augmentation
     from dicomai.training.fit import FitSettings
     from dicomai.training.objectives import LossSettings
@@ -385,6 +392,11 @@ def _run_settings(o: dict[str, Any]) -> RunSettings:
         resume=bool(o["resume"]),
         masks=not o["no_masks"],
         explanation=o["explanation"] or "",
+        uncertainty=(
+            UncertaintySpec("mc_dropout", passes=int(o["mc_passes"]))
+            if o["mc_passes"]
+            else UncertaintySpec()
+        ),
     )
 
 

@@ -65,6 +65,21 @@ def plot_reliability(path: Path, reliability: list[dict[str, Any]], ece: float) 
     _save(figure, path)
 
 
+def plot_risk_coverage(path: Path, curves: dict[str, np.ndarray], error_rate: float) -> None:
+    """Risk (error rate) of the answers kept against the share kept, least uncertain first, per
+    uncertainty measure, with the constant risk of an uncertainty that tells nothing."""
+    figure, axes = plt.subplots(figsize=(5.5, 5))
+    for name, risks in curves.items():
+        coverage = np.arange(1, len(risks) + 1) / len(risks)
+        axes.plot(coverage, risks, "-", label=f"{name} (AURC {risks.mean():.3f})")
+    axes.axhline(error_rate, linestyle=":", color="grey", label="uninformative")
+    top = max(0.05, error_rate * 2.5)
+    axes.set(xlabel="coverage (share of images answered)", ylabel="risk (error rate)",
+             title="Risk against coverage", xlim=(0, 1), ylim=(0, top))  # fmt: skip
+    axes.legend(loc="upper left", fontsize="small")
+    _save(figure, path)
+
+
 def plot_misclassified(
     path: Path, items: list[tuple[np.ndarray, np.ndarray | None, str]], columns: int = 4
 ) -> None:

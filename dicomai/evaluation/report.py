@@ -20,6 +20,13 @@ Writes into the output folder:
       per_class        {name: {precision, recall, f1, support, auc, threshold}}
       confusion_matrix rows true, columns predicted; multi-label: per class [[TN, FP], [FN, TP]]
       decision         how classes were decided (threshold or argmax)
+      uncertainty      {method, samples (passes per image), answers (images; multi-label:
+                       image-class pairs), errors, measures {entropy, and with samples > 1 std
+                       (of the predicted class) and mutual_information (single-label): {auroc
+                       (of the measure as a detector of errors), aurc (area under the risk-
+                       coverage curve, lower is better), spearman (rho with the errors),
+                       risk_at_coverage {"0.5", "0.8", "0.9", "1": error rate among the
+                       answers least uncertain}}}}
       segmentation     only for a network that segments, on data with lesion masks:
                        {dice_mean, dice_median (images with a lesion; mask probability > 0.5,
                        at the model's input size), n_lesion, empty_predicted_on_clear}
@@ -29,7 +36,8 @@ Writes into the output folder:
                        best (the method that pointed most often; the package's on a tie)}
 
 - ``predictions.csv``: per image its file, truth, decision and every class's probability;
-- ``roc.png``, ``reliability.png``, ``misclassified.png`` (up to 16, with their heat maps);
+- ``roc.png``, ``reliability.png``, ``risk_coverage.png`` (the error rate among the answers
+  the model is surest of, by share kept), ``misclassified.png`` (up to 16, with their heat maps);
 - ``report.md`` and ``report.html``: the same numbers for people.
 """
 
@@ -39,6 +47,7 @@ import csv
 import html
 import json
 import math
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +57,23 @@ import torch
 from dicomai.errors import DatasetError, NotEvaluable
 from dicomai.evaluation.localisation import LOCALISATION, localisation_metrics
 from dicomai.evaluation.metrics import compute_metrics, decisions
-from dicomai.evaluation.plots import plot_misclassified, plot_reliability, plot_roc
+from dicomai.evaluation.plots import (
+    plot_misclassified,
+    plot_reliability,
+    plot_risk_coverage,
+    plot_roc,
+)
 from dicomai.evaluation.segmentation import SEGMENTATION, segmentation_metrics, segments
+from dicomai.evaluation.uncertainty_quality import (
+    COVERAGES,
+    measures,
+    risk_coverage,
+    uncertainty_report,
+)
 from dicomai.imaging.decode import read_instance
 from dicomai.imaging.preprocess import prepare, to_model_input
 from dicomai.inference.runner import Classifier
+from dicomai.inference.uncertainty import Summary
 from dicomai.models.package import LoadedModel, load_model
 from dicomai.training.datasets import (
     DICOM_SUFFIXES,
@@ -117,10 +138,12 @@ def evaluate_package(
         )
     classifier = Classifier(loaded)
     inputs = [_model_input(path, loaded) for path in images.paths]
-    probabilities = _probabilities(classifier, inputs)
+    summary = _summary(classifier, inputs)
+    probabilities = summary.mean
     thresholds = np.array([spec.threshold for spec in manifest.classes])
     positive = positive_class(manifest.classes)
     metrics = compute_metrics(probabilities, images.targets, task, classes, thresholds, positive)
+    predicted = decisions(probabilities, task, thresholds, positive)
     report: dict[str, Any] = {
         "model": {
             "name": manifest.name,
@@ -137,15 +160,22 @@ def evaluate_package(
         },
         "decision": "argmax" if task is Task.MULTICLASS else "probability >= class threshold",
         **metrics,
+        UNCERTAINTY: uncertainty_report(
+            summary,
+            predicted,
+            images.targets,
+            task,
+            manifest.uncertainty.method,
+            classifier.samples,
+        ),
     }
     if images.masks is not None and segments(classifier):
         report[SEGMENTATION] = segmentation_metrics(classifier, images, inputs)
     if images.masks is not None and any(spec.is_finding for spec in manifest.classes):
         report[LOCALISATION] = localisation_metrics(classifier, images, inputs)
     out.mkdir(parents=True, exist_ok=True)
-    predicted = decisions(probabilities, task, thresholds, positive)
     _write_predictions(out / "predictions.csv", images, classes, probabilities, predicted, task)
-    _write_figures(out, report, images, inputs, probabilities, predicted, classifier, task)
+    _write_figures(out, report, images, inputs, summary, predicted, classifier, task)
     (out / "evaluation.json").write_text(json.dumps(_json_safe(rounded(report, 8)), indent=2))
     (out / "report.md").write_text(markdown(report))
     (out / "report.html").write_text(to_html(report))
@@ -170,6 +200,9 @@ def evaluate_package(
     return report
 
 
+UNCERTAINTY = "uncertainty"
+
+
 def _task(loaded: LoadedModel) -> Task:
     if loaded.manifest.multi_label:
         return Task.MULTILABEL
@@ -187,12 +220,12 @@ def _model_input(path: Path, loaded: LoadedModel) -> np.ndarray:
     return to_model_input(read_image01(path), spec)
 
 
-def _probabilities(classifier: Classifier, inputs: list[np.ndarray]) -> np.ndarray:
+def _summary(classifier: Classifier, inputs: list[np.ndarray]) -> Summary:
     chunks = []
     for start in range(0, len(inputs), 64):
         batch = torch.from_numpy(np.stack(inputs[start : start + 64]))
-        chunks.append(classifier.probabilities(batch.to(classifier.device)))
-    return np.concatenate(chunks)
+        chunks.append(classifier.summary(batch.to(classifier.device)))
+    return Summary(*(np.concatenate([getattr(c, f.name) for c in chunks]) for f in fields(Summary)))
 
 
 def _write_predictions(
@@ -221,15 +254,19 @@ def _write_figures(
     report: dict[str, Any],
     images: LabelledImages,
     inputs: list[np.ndarray],
-    probabilities: np.ndarray,
+    summary: Summary,
     predicted: np.ndarray,
     classifier: Classifier,
     task: Task,
 ) -> None:
+    probabilities = summary.mean
     classes = classifier.loaded.manifest.class_names
     onehot = images.targets if task is Task.MULTILABEL else np.eye(len(classes))[images.targets]
     plot_roc(out / "roc.png", probabilities, np.asarray(onehot), classes)
     plot_reliability(out / "reliability.png", report["reliability"], report["ece"])
+    found, errors = measures(summary, predicted, images.targets, task, classifier.samples)
+    curves = {name: risk_coverage(values, errors) for name, values in found.items()}
+    plot_risk_coverage(out / "risk_coverage.png", curves, float(errors.mean()))
     wrong = predicted != images.targets
     if wrong.ndim == 2:
         wrong = wrong.any(axis=1)
@@ -303,6 +340,18 @@ def _tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
     if SEGMENTATION in report:
         rows = [[key, _number(value)] for key, value in report[SEGMENTATION].items()]
         tables.append(("Lesion segmentation", ["metric", "value"], rows))
+    quality = report[UNCERTAINTY]
+    rows = [
+        [name, _number(q["auroc"]), _number(q["aurc"]), _number(q["spearman"])]
+        + [_number(q["risk_at_coverage"].get(f"{c:g}")) for c in COVERAGES]
+        for name, q in quality["measures"].items()
+    ]
+    title = (
+        f"Uncertainty against errors ({quality['method']}, {quality['samples']} pass(es); "
+        f"{quality['errors']} errors in {quality['answers']} answers)"
+    )
+    header = ["measure", "AUROC", "AURC", "Spearman"] + [f"risk at {c:.0%}" for c in COVERAGES]
+    tables.append((title, header, rows))
     if LOCALISATION in report:
         found = report[LOCALISATION]
         rows = [
@@ -340,6 +389,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["| " + " | ".join("---" for _ in header) + " |"]
         lines += ["| " + " | ".join(row) + " |" for row in rows] + [""]
     lines += ["## Figures", "", "![ROC curves](roc.png)", "![Reliability](reliability.png)"]
+    lines += ["![Risk against coverage](risk_coverage.png)"]
     lines += ["![Misclassified images with their heat maps](misclassified.png)", ""]
     return "\n".join(lines)
 
@@ -354,6 +404,6 @@ def to_html(report: dict[str, Any]) -> str:
         parts.append("<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
         parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows]
         parts.append("</table>")
-    for figure in ("roc.png", "reliability.png", "misclassified.png"):
+    for figure in ("roc.png", "reliability.png", "risk_coverage.png", "misclassified.png"):
         parts.append(f'<p><img src="{figure}" alt="{figure}"></p>')
     return "\n".join(parts) + "\n"

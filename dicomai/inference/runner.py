@@ -250,13 +250,25 @@ class Classifier:
         """Calibrated class probabilities as `predict` scores them, float64 (N, classes): one
         deterministic pass, or the mean of the package's MC-dropout passes or ensemble members,
         so that `dicomai evaluate` measures the model that runs."""
+        return self.summary(batch).mean
+
+    def summary(self, batch: torch.Tensor) -> Summary:
+        """`probabilities` with the spread, entropy and mutual information of the passes (one
+        pass: no spread), as `predict` computes its uncertainty."""
         if self._samples > 1:
             with autocast(self.device, self.autocast_dtype):
-                return summarize(self._passes(batch).probabilities).mean
+                return summarize(self._passes(batch).probabilities)
         with torch.inference_mode(), autocast(self.device, self.autocast_dtype):
             logits = self.module(batch)
         manifest = self.loaded.manifest
-        return tempered_probabilities(logits, manifest.temperature, manifest.multi_label)
+        return summarize(
+            tempered_probabilities(logits, manifest.temperature, manifest.multi_label)[None]
+        )
+
+    @property
+    def samples(self) -> int:
+        """Passes per image: MC-dropout passes, ensemble members, or 1."""
+        return self._samples
 
     def _heatmaps(self, batch: torch.Tensor, explained: list[int]) -> np.ndarray:
         """The heat map of each image's explained class; an ensemble's maps averaged, rescaled."""

@@ -25,9 +25,10 @@ from dicomai.evaluation.metrics import compute_metrics
 from dicomai.evaluation.plots import plot_history
 from dicomai.explain.gradcam import methods_for
 from dicomai.imaging.spec import InputSpec
+from dicomai.inference.uncertainty import dropout_layers
 from dicomai.models.architectures import build
 from dicomai.models.initial import load_initial_weights
-from dicomai.models.manifest import AppliesTo, Manifest
+from dicomai.models.manifest import AppliesTo, Manifest, UncertaintySpec
 from dicomai.models.package import write_package
 from dicomai.training.augment import Augmentation
 from dicomai.training.batches import ImageDataset
@@ -74,6 +75,7 @@ class RunSettings:
     resume: bool = False
     masks: bool = True
     explanation: str = ""
+    uncertainty: UncertaintySpec = field(default_factory=UncertaintySpec)
 
 
 def train_package(settings: RunSettings, log: Log = print) -> Manifest:
@@ -102,6 +104,11 @@ def train_package(settings: RunSettings, log: Log = print) -> Manifest:
             f"(it takes {', '.join(methods_for(model))})"
         )
     _takes_inputs(model, settings)
+    if settings.uncertainty.method == "mc_dropout" and not dropout_layers(model):
+        raise TrainingError(
+            f"MC dropout needs dropout in the network: {settings.architecture} has none as "
+            "configured; give --dropout P"
+        )
     provisional = class_specs(data.classes, np.full(len(data.classes), 0.5), codes)
     findings = [spec.is_finding for spec in provisional]
     masks = _uses_masks(settings, data, hasattr(model, "forward_multitask"), findings, log)
@@ -167,6 +174,7 @@ def train_package(settings: RunSettings, log: Log = print) -> Manifest:
         metrics=rounded(_headline(metrics)),
         multi_label=multilabel,
         explanation=settings.explanation,
+        uncertainty=settings.uncertainty,
     )
     written = write_package(settings.out / "package", manifest, model.cpu().state_dict())
     write_history(settings.out / "training_log.csv", result.history)

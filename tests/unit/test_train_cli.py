@@ -156,9 +156,23 @@ def test_evaluate_writes_every_number_and_they_match_scikit_learn(
     assert report["auc_macro"] == pytest.approx(skm.roc_auc_score(truth == 0, nodule), abs=1e-6)
     assert report["brier"] == pytest.approx(skm.brier_score_loss(truth == 0, nodule), abs=1e-6)
     assert report["confusion_matrix"] == skm.confusion_matrix(truth, said).tolist()
-    for name in ("roc.png", "reliability.png", "misclassified.png", "report.md", "report.html"):
+    for name in ("roc.png", "reliability.png", "risk_coverage.png", "misclassified.png",
+                 "report.md", "report.html"):  # fmt: skip
         assert (report_dir / name).stat().st_size > 0, name
     assert "| accuracy |" in (report_dir / "report.md").read_text()
+
+    # Seed 002's uncertainty quality: does the entropy rank the errors first?
+    quality = report["uncertainty"]
+    p = np.clip(np.array([[float(r[c]) for c in classes] for r in rows]), 1e-12, 1)
+    entropy, wrong = -(p * np.log(p)).sum(axis=1), truth != said
+    assert (quality["method"], quality["samples"]) == ("none", 1)
+    assert (quality["answers"], quality["errors"]) == (24, int(wrong.sum()))
+    measured = quality["measures"]["entropy"]
+    if wrong.any():
+        assert measured["auroc"] == pytest.approx(skm.roc_auc_score(wrong, entropy), abs=1e-6)
+    kept = wrong[np.argsort(entropy, kind="stable")]
+    assert measured["aurc"] == pytest.approx(np.mean(np.cumsum(kept) / np.arange(1, 25)), abs=1e-6)
+    assert "Uncertainty against errors" in (report_dir / "report.md").read_text()
 
 
 def test_evaluate_refuses_bad_data_in_one_line_and_takes_the_package_it_is_in(
@@ -364,3 +378,25 @@ def test_an_error_in_a_data_loading_process_is_one_line(tmp_path: Path) -> None:
     error = output.splitlines()[-1]
     assert error.startswith("error: ") and error.endswith("train-000.png: unreadable image")
     assert "Traceback" not in output and "DataLoader" not in output, output
+
+
+def test_mc_dropout_from_train_reaches_the_package_and_evaluate_judges_its_spread(
+    pngs: Path, tmp_path: Path
+) -> None:
+    # Seed 002's MC dropout was set only by editing model.toml after training.
+    out = tmp_path / "run"
+    code, output = run("train", "--data", str(pngs), "--out", str(out), "--name", "mc",
+                       "--dropout", "0.3", "--mc-dropout", "5", *FAST)  # fmt: skip
+    assert code == 0, output
+    manifest = load_model(out / "package").manifest
+    assert (manifest.uncertainty.method, manifest.uncertainty.passes) == ("mc_dropout", 5)
+    code, output = run("evaluate", str(out / "package"), "--data", str(pngs),
+                       "--out", str(tmp_path / "report"))  # fmt: skip
+    assert code == 0, output
+    quality = json.loads((tmp_path / "report" / "evaluation.json").read_text())["uncertainty"]
+    assert (quality["method"], quality["samples"]) == ("mc_dropout", 5)
+    assert set(quality["measures"]) == {"entropy", "std", "mutual_information"}
+
+    code, output = run("train", "--data", str(pngs), "--out", str(tmp_path / "none"), "--name",
+                       "mc", "--dropout", "0", "--mc-dropout", "5", *FAST)  # fmt: skip
+    assert code != 0 and "MC dropout needs dropout in the network" in output, output
