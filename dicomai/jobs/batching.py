@@ -7,12 +7,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from dicomai.inference.runner import Classifier
 from dicomai.inference.types import ImagePrediction
 from dicomai.ingest.spool import Spool
 from dicomai.jobs.claims import Claim
-from dicomai.jobs.reading import Reader, ReadImage
+from dicomai.jobs.reading import Reader, ReadImage, with_frame
 from dicomai.results.context import SourceImage
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,8 @@ def classify(
         try:
             for future in reads:
                 image = future.result()
+                if image.frames:
+                    image = _reported_frame(classifier, image)
                 job.images.append(image)
                 if image.tensor is not None:
                     pending.append((owner, image.sop_uid, image.tensor))
@@ -77,6 +80,24 @@ def classify(
     if pending:
         _run_pass(classifier, jobs, pending)
     return jobs
+
+
+def _reported_frame(classifier: Classifier, image: ReadImage) -> ReadImage:
+    """`image` with the frame it is reported by: that whose most probable finding is the most
+    probable of all frames (a finding on any frame is a finding of the image), the first of
+    equals. Only that frame is explained; the others are classified, not explained.
+    """
+    manifest = classifier.loaded.manifest
+    findings = [i for i, spec in enumerate(manifest.classes) if spec.is_finding]
+    columns = findings or list(range(len(manifest.classes)))
+    scores = []
+    for start in range(0, len(image.frames), classifier.batch_size):
+        chunk = np.stack(image.frames[start : start + classifier.batch_size])
+        batch = torch.from_numpy(chunk).to(classifier.device)
+        scores.append(classifier.summary(batch).mean[:, columns].max(axis=1))
+    frame = int(np.argmax(np.concatenate(scores)))
+    log.debug("%s: reported by frame %d of %d", image.sop_uid, frame + 1, len(image.frames))
+    return with_frame(image, frame, manifest.input)
 
 
 def _run_pass(

@@ -15,7 +15,7 @@ from pydicom.uid import UID
 
 from dicomai.errors import NotEvaluable
 from dicomai.imaging.decode import read_instance
-from dicomai.imaging.preprocess import prepare
+from dicomai.imaging.preprocess import prepare, selected_frames
 from dicomai.imaging.spec import InputSpec
 from dicomai.results.context import SourceImage
 
@@ -33,6 +33,9 @@ class ReadImage:
     source: SourceImage | None
     tensor: np.ndarray | None
     reason: str | None = None
+    # With ``frames = "all"``, the model input of every frame of a multi-frame image, from
+    # which `dicomai.jobs.batching` picks the one reported; `tensor` is the first's.
+    frames: tuple[np.ndarray, ...] = ()
 
 
 def read_image(sop_uid: str, path: Path, spec: InputSpec) -> ReadImage:
@@ -61,10 +64,47 @@ def read_image(sop_uid: str, path: Path, spec: InputSpec) -> ReadImage:
         return ReadImage(sop_uid, None, None, f"SOP class {sop_class} is not a standard image")
     try:
         display, tensor = prepare(dataset, spec)
+        frames = _other_frames(dataset, spec, tensor)
     except NotEvaluable as exc:
         source = SourceImage(dataset=dataset, display=NO_DISPLAY) if _has_size(dataset) else None
         return ReadImage(sop_uid, source, None, str(exc))
-    return ReadImage(sop_uid, SourceImage(dataset=dataset, display=display), tensor)
+    return ReadImage(sop_uid, SourceImage(dataset=dataset, display=display), tensor, None, frames)
+
+
+def _other_frames(dataset: Dataset, spec: InputSpec, first: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Every frame's model input where the package asks for all frames and there are several
+    (the first given); none otherwise.
+
+    Raises
+    ------
+    NotEvaluable
+        A frame cannot be rendered: the image is not evaluated (its other frames alone could
+        report a finding Absent that the unreadable one shows).
+    """
+    indices = selected_frames(dataset, spec)
+    if len(indices) < 2:
+        return ()
+    inputs = [first]
+    for index in indices[1:]:
+        try:
+            inputs.append(prepare(dataset, spec, index)[1])
+        except NotEvaluable as exc:
+            raise NotEvaluable(f"frame {index + 1}: {exc}") from None
+    return tuple(inputs)
+
+
+def with_frame(image: ReadImage, frame: int, spec: InputSpec) -> ReadImage:
+    """`image` reported by its frame `frame` (zero-based): that frame's input and display."""
+    source = image.source
+    if source is None or not image.frames:
+        raise ValueError("only an image read with all its frames has a frame to choose")
+    display, _ = prepare(source.dataset, spec, frame)
+    return ReadImage(
+        image.sop_uid,
+        SourceImage(dataset=source.dataset, display=display, frame=frame),
+        image.frames[frame],
+        image.reason,
+    )
 
 
 def _is_image(dataset: Dataset) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dicomai.errors import ModelPackageError
-from dicomai.imaging.spec import FrameSelection, InputSpec
+from dicomai.imaging.spec import InputSpec
 from dicomai.inference.types import Code
 
 MANIFEST_NAME = "model.toml"
@@ -368,15 +368,7 @@ def _weights_file(data: dict[str, Any], where: str = "weights_file") -> str:
 
 def _input(data: dict[str, Any]) -> InputSpec:
     # InputSpec validates itself; its messages already name the field ("input spec: size ...").
-    spec = InputSpec.from_dict(_table(data, "input"))
-    if spec.frames is FrameSelection.ALL:
-        # Accepted, the worker still read frame 1 alone: a finding in a later frame of a
-        # multi-frame image was reported Absent without being looked at.
-        raise ModelPackageError(
-            'input.frames = "all" is not supported yet: the worker evaluates the first frame '
-            'of a multi-frame image only; set frames = "first"'
-        )
-    return spec
+    return InputSpec.from_dict(_table(data, "input"))
 
 
 def _temperature(data: dict[str, Any]) -> float:

@@ -306,7 +306,7 @@ def shown_probability(score: ClassScore, decimals: int) -> float:
 
 
 def referenced_as_multi_frame(source: Dataset) -> bool:
-    """Whether a reference to `source` names its frame (the model saw frame 1).
+    """Whether a reference to `source` names its frame (`SourceImage.frame`).
 
     Only an instance of several frames whose IOD is a multi-frame one: a reference to a
     single-frame IOD must not carry a frame number (PS3.3 C.10.1), even if the source

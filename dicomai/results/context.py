@@ -16,11 +16,14 @@ class SourceImage:
     """A classified source image: its dataset (with pixel data) and an 8-bit rendering.
 
     `display` is uint8 (rows, columns), the image as a viewer shows it: modality and VOI LUT
-    applied, MONOCHROME1 inverted, at the source resolution (first frame of a multi-frame).
+    applied, MONOCHROME1 inverted, at the source resolution, of the frame the model's result
+    is for: `frame`, zero-based (the first, or with ``frames = "all"`` the one whose finding
+    was most probable).
     """
 
     dataset: Dataset
     display: np.ndarray
+    frame: int = 0
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from dicomai.inference.types import ImagePrediction
 from dicomai.results import codes
-from dicomai.results.context import ResultContext
+from dicomai.results.context import ResultContext, SourceImage
 
 SC_SERIES_NUMBER = 9002
 # Longest side of the overlay: at most 1024 keeps an object near 3 MB; at least 512 leaves the
@@ -112,7 +112,7 @@ class OverlayBuilder:
         else:
             # Only highdicom needs a copy of the header; the derivation reads the source.
             sc = _copy_for_image(self._first, pixels, uid, index + 1)
-        _describe_derivation(sc, source.dataset, lines[0], codes.method_label(context.model))
+        _describe_derivation(sc, source, lines[0], codes.method_label(context.model))
         for keyword, value in self._series.items():
             setattr(sc, keyword, value)
         return sc
@@ -420,8 +420,9 @@ def _resized(display: np.ndarray, rows: int, columns: int) -> np.ndarray:
     return cv2.resize(display, (columns, rows), interpolation=interpolation)
 
 
-def _describe_derivation(sc: Dataset, source: Dataset, finding: str, method: str) -> None:
-    """Set what makes the SC a derived, annotated image of `source` (PS3.3 C.7.6.1, C.8.6)."""
+def _describe_derivation(sc: Dataset, image: SourceImage, finding: str, method: str) -> None:
+    """Set what makes the SC a derived, annotated image of `image` (PS3.3 C.7.6.1, C.8.6)."""
+    source = image.dataset
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.BurnedInAnnotation = "YES"
     # PS3.3 C.8.6.1: produced on a workstation, not digitized from an interface or film.
@@ -432,7 +433,7 @@ def _describe_derivation(sc: Dataset, source: Dataset, finding: str, method: str
     reference.ReferencedSOPClassUID = source.SOPClassUID
     reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
     if codes.referenced_as_multi_frame(source):
-        reference.ReferencedFrameNumber = 1
+        reference.ReferencedFrameNumber = image.frame + 1
     reference.PurposeOfReferenceCodeSequence = [_SOURCE_PURPOSE]
     sc.SourceImageSequence = [reference]
     # PS3.3 C.7.6.1.1.5: an image derived from a lossy compressed one stays marked lossy.

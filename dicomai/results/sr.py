@@ -17,7 +17,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from dicomai.inference.types import ClassScore, ImagePrediction
 from dicomai.results import codes, sr_library
-from dicomai.results.context import ModelIdentity, ResultContext
+from dicomai.results.context import ModelIdentity, ResultContext, SourceImage
 from dicomai.results.hotspot import has_hot_spot, hot_spot_outline
 from dicomai.results.sr_items import ItemSpec, ItemTemplates, encode_item, raw_sequence
 
@@ -293,19 +293,22 @@ def _source_fields(context: ResultContext, index: int, kind: str) -> dict[str, A
     }
 
 
-def _image_shape(dataset: Dataset) -> tuple[str, bool]:
-    # The model saw the first frame of a multi-frame source (see SourceImage.display).
-    return str(dataset.SOPClassUID), codes.referenced_as_multi_frame(dataset)
+def _image_shape(source: SourceImage) -> tuple[str, int | None]:
+    """The source's SOP class and, for a multi-frame one, the number of the frame the result
+    is for (see `SourceImage.frame`)."""
+    dataset = source.dataset
+    frame = source.frame + 1 if codes.referenced_as_multi_frame(dataset) else None
+    return str(dataset.SOPClassUID), frame
 
 
 def _source_reference(
-    image: tuple[str, bool], fields: Mapping[str, Any]
+    image: tuple[str, int | None], fields: Mapping[str, Any]
 ) -> hd.sr.SourceImageForMeasurementGroup:
-    sop_class, multi_frame = image
+    sop_class, frame = image
     return hd.sr.SourceImageForMeasurementGroup(
         referenced_sop_class_uid=sop_class,
         referenced_sop_instance_uid=fields["sop_instance_uid"],
-        referenced_frame_numbers=[1] if multi_frame else None,
+        referenced_frame_numbers=None if frame is None else [frame],
     )
 
 
@@ -332,7 +335,7 @@ def _finding_group(
     roi = score.positive and prediction.explained == score.name and has_hot_spot(heatmap)
     if roi and heatmap is not None:
         values["outline"] = hot_spot_outline(heatmap, int(dataset.Rows), int(dataset.Columns))
-    image = _image_shape(dataset)
+    image = _image_shape(context.sources[index])
     present = (codes.PRESENT if score.positive else codes.ABSENT) if score.is_finding else None
 
     def build(fields: Mapping[str, Any]) -> Group:
@@ -396,16 +399,16 @@ def _uncertainty(prediction: ImagePrediction, score: ClassScore) -> float | None
     return round(float(value), 4)
 
 
-def _hot_spot_region(image: tuple[str, bool], fields: Mapping[str, Any]) -> hd.sr.ImageRegion:
+def _hot_spot_region(image: tuple[str, int | None], fields: Mapping[str, Any]) -> hd.sr.ImageRegion:
     """The heat map's hot spot as a closed POLYLINE on the source image (TID 1410)."""
-    sop_class, multi_frame = image
+    sop_class, frame = image
     return hd.sr.ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
         graphic_data=np.asarray(fields["outline"]),
         source_image=hd.sr.SourceImageForRegion(
             referenced_sop_class_uid=sop_class,
             referenced_sop_instance_uid=fields["sop_instance_uid"],
-            referenced_frame_numbers=[1] if multi_frame else None,
+            referenced_frame_numbers=None if frame is None else [frame],
         ),
     )
 
@@ -418,7 +421,7 @@ def _not_evaluated_group(
 ) -> ItemSpec:
     values = _source_fields(context, index, "not-evaluated")
     values["reason"] = prediction.reason or "not evaluated"
-    image = _image_shape(context.sources[index].dataset)
+    image = _image_shape(context.sources[index])
 
     def build(fields: Mapping[str, Any]) -> Group:
         group = hd.sr.MeasurementsAndQualitativeEvaluations(

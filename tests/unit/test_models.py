@@ -107,8 +107,7 @@ def test_written_package_loads_in_eval_mode_and_passes_smoke_test(package: Path)
             "weights_file",
         ),
         ("size = [48, 64]", "size = [48]", "size"),
-        # Accepted before, and the worker still evaluated frame 1 alone.
-        ('frames = "first"', 'frames = "all"', 'input.frames = "all" is not'),
+        ('frames = "first"', 'frames = "every"', "frames"),
         ('modalities = ["CR", "DX"]', 'modalities = "CR"', "applies_to.modalities"),
         ('name = "nodule"', 'name = "normal"', "classes: duplicate name 'normal'"),
         ("weights_sha256 = ", "weights_sha = ", "weights_sha: unknown field"),
