@@ -36,6 +36,8 @@ OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
 
 RESEND_POLICIES = ("keep", "replace")
+# The spool folder of resent contents kept aside (no UID is a word: no study is named so).
+RESENDS = "resends"
 
 # Shared by the listener's handler threads; hashing holds no lock, so a few suffice.
 _HASHER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="digest")
@@ -148,8 +150,18 @@ class Storer:
             known = self._store_new(received, meta, dataset)
         if known is not None:
             digest = _content_digest(dataset)
-            if known == digest or self.resend_policy == "keep":
-                self._audit_resend(header, calling, same=known == digest)
+            if known == digest:
+                self._audit(
+                    Action.INSTANCE_DUPLICATE, calling, header.sop_instance_uid,
+                    study_uid=header.study_uid,
+                )  # fmt: skip
+                return SUCCESS
+            if self.resend_policy == "keep":
+                aside = self._keep_aside(header, digest, meta, dataset)
+                self._audit(
+                    Action.INSTANCE_RESEND_KEPT, calling, header.sop_instance_uid,
+                    study_uid=header.study_uid, kept_aside=aside, sha256=digest,
+                )  # fmt: skip
                 return SUCCESS
             if recorded_study(self.sessions, header.sop_instance_uid) != header.study_uid:
                 # A study merge or a patient correction: replaced in place, the row kept the
@@ -278,9 +290,17 @@ class Storer:
         except Exception as exc:
             raise DatabaseUnavailable(f"database: {type(exc).__name__}") from None
 
-    def _audit_resend(self, header: Header, calling: str, same: bool) -> None:
-        action = Action.INSTANCE_DUPLICATE if same else Action.INSTANCE_RESEND_KEPT
-        self._audit(action, calling, header.sop_instance_uid, study_uid=header.study_uid)
+    def _keep_aside(self, header: Header, digest: str, meta: bytes, dataset: memoryview) -> str:
+        """Write a resend's different content durably beside the spool's instances; its path.
+
+        Under ``keep`` the first content stays the instance's; the other, answered Success,
+        was dropped before, with only a row saying that it came (a corrected image lost).
+        Kept under ``resends/``, named by its digest, an administrator can look at it and
+        send it again under ``replace``.
+        """
+        relative = f"{RESENDS}/{header.study_uid}/{header.sop_instance_uid}.{digest[:16]}.dcm"
+        STORED_BYTES.inc(self.spool.write(relative, (meta, dataset)))
+        return relative
 
     def _audit(self, action: Action, calling: str, object_id: str, **detail: Any) -> None:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -216,11 +217,16 @@ def test_resend_with_different_content_keeps_the_first_by_default(
     assert stored.get("SeriesDescription") != "changed on resend"
     kept = query(
         listener,
-        "SELECT count(*) FROM audit_events WHERE action = "
+        "SELECT detail FROM audit_events WHERE action = "
         "'instance.resend_kept' AND object_id = :u",
         u=ds.SOPInstanceUID,
     )
-    assert kept[0][0] >= 1
+    # The other content was answered Success and dropped: a corrected image lost.
+    aside = json.loads(kept[-1][0])["kept_aside"]
+    assert aside.startswith(f"resends/{ds.StudyInstanceUID}/{ds.SOPInstanceUID}.")
+    assert pydicom.dcmread(listener.root / "var" / "spool" / aside).SeriesDescription == (
+        "changed on resend"
+    )
 
 
 def test_resend_policy_replace_stores_the_new_content_and_reopens_the_study(
