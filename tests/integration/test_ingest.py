@@ -217,8 +217,7 @@ def test_resend_with_different_content_keeps_the_first_by_default(
     assert stored.get("SeriesDescription") != "changed on resend"
     kept = query(
         listener,
-        "SELECT detail FROM audit_events WHERE action = "
-        "'instance.resend_kept' AND object_id = :u",
+        "SELECT detail FROM audit_events WHERE action = 'instance.resend_kept' AND object_id = :u",
         u=ds.SOPInstanceUID,
     )
     # The other content was answered Success and dropped: a corrected image lost.
