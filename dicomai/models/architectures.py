@@ -102,8 +102,12 @@ def build(name: str, num_classes: int, **options: Any) -> nn.Module:
     _check_option_types(name, builder, options)
     try:
         return builder(num_classes, **options)
-    except (TypeError, ValueError) as error:  # ValueError: e.g. torch's dropout range
-        raise ModelPackageError(f"options: not accepted by {name}: {error}") from error
+    # ValueError: e.g. torch's dropout range; AssertionError: torch's and torchvision's own
+    # checks (heads dividing the width, the image size the patch size); RuntimeError: a
+    # negative width.
+    except (TypeError, ValueError, AssertionError, RuntimeError) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ModelPackageError(f"options: not accepted by {name}: {message}") from error
 
 
 def _check_option_types(name: str, builder: Builder, options: dict[str, Any]) -> None:

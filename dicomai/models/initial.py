@@ -23,9 +23,13 @@ _CHEXNET_PREFIX = "module.densenet121."
 _OLD_DENSE_LAYER_NAME = re.compile(r"\.(norm|relu|conv)\.(\d)\.")
 
 
+# What DataParallel puts before every key of a model saved while wrapped in it.
+_PARALLEL_PREFIX = "module."
+
+
 def chexnet_key(key: str) -> str:
     """A CheXNet checkpoint key under torchvision's DenseNet-121 names."""
-    key = key.removeprefix(_CHEXNET_PREFIX)
+    key = key.removeprefix(_CHEXNET_PREFIX).removeprefix(_PARALLEL_PREFIX)
     return _OLD_DENSE_LAYER_NAME.sub(r".\1\2.", key)
 
 
@@ -61,11 +65,14 @@ def load_initial_weights(
     state = _read_state(Path(path))
     if kind == "chexnet":
         state = {chexnet_key(key): value for key, value in state.items()}
-    elif kind != "torchvision":
+    elif kind == "torchvision":
+        state = {key.removeprefix(_PARALLEL_PREFIX): value for key, value in state.items()}
+    else:
         raise ModelPackageError(f"initial weights: unknown kind {kind!r} (torchvision, chexnet)")
     own = model.state_dict()
     prefixes = ["", *(f"{name}." for name, _ in model.named_children())]
     updates: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
     for key, value in state.items():
         if key.startswith(_HEAD_PREFIXES):
             continue
@@ -73,12 +80,42 @@ def load_initial_weights(
             target = prefix + key
             if target in own and own[target].shape == value.shape:
                 updates[target] = value
+                used.add(prefix)
     if not updates:
         raise ModelPackageError(
             f"initial weights: no tensor of {path} fits {type(model).__name__} (kind {kind})"
         )
+    _refuse_partial(own, updates, used, path)
     model.load_state_dict(updates, strict=False)
     return sorted(updates)
+
+
+def _refuse_partial(
+    own: dict[str, torch.Tensor], updates: dict[str, torch.Tensor], used: set[str], path: Path
+) -> None:
+    """Refuse a file that fits a backbone in part: the rest would train from random values
+    under a package that says it started from these weights (a ResNet-18 file in a ResNet-34
+    left 82 tensors random; a ViT file for another image size, its position embeddings).
+
+    Every tensor of each part the file initialised (the whole network, or one backbone of a
+    composite) must come from it, its head excepted.
+    """
+    for prefix in sorted(used):
+        expected = [
+            key
+            for key in own
+            if key.startswith(prefix)
+            and not key.removeprefix(prefix).startswith((*_HEAD_PREFIXES, "head."))
+        ]
+        missing = [key for key in expected if key not in updates]
+        if missing:
+            where = f"`{prefix.rstrip('.')}`" if prefix else "the network"
+            raise ModelPackageError(
+                f"initial weights: {path} fits only {len(expected) - len(missing)} of the "
+                f"{len(expected)} tensors of {where} ({missing[0]} and {len(missing) - 1} "
+                "more would start random): weights of another architecture, size or input "
+                "size"
+            )
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:

@@ -185,3 +185,36 @@ def test_missing_or_unfitting_initial_weights_are_package_errors(tmp_path: Path)
     torch.save({"unrelated.weight": torch.zeros(3)}, path)
     with pytest.raises(ModelPackageError, match="no tensor"):
         load_initial_weights(model, path)
+
+
+def test_weights_that_fit_a_backbone_in_part_are_refused(tmp_path: Path) -> None:
+    # A ResNet-18 file in a ResNet-34 loaded 120 of its tensors, left the rest random, silently.
+    path = tmp_path / "resnet18.pth"
+    torch.save(build("resnet18", 1000).state_dict(), path)
+    with pytest.raises(ModelPackageError, match=r"fits only 120 of the 216 tensors of the netw"):
+        load_initial_weights(build("resnet34", 2), path)
+
+
+def test_a_data_parallel_checkpoint_loads_under_either_kind(tmp_path: Path) -> None:
+    # "module.features..." (a DenseNet-121 saved inside DataParallel) fitted no tensor.
+    source = build("densenet121", 14, tiny=True)
+    path = tmp_path / "parallel.pth"
+    torch.save({f"module.{k}": v for k, v in source.state_dict().items()}, path)
+    for kind in ("torchvision", "chexnet"):
+        model = build("densenet121_transformer", 2, tiny=True)
+        loaded = load_initial_weights(model, path, kind=kind)  # type: ignore[arg-type]
+        assert "densenet.features.norm5.weight" in loaded, kind
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "words"),
+    [
+        ("densenet121_transformer", {"tiny": True, "heads": 7}, "divisible by num_heads"),
+        ("vit_b_16", {"image_size": 100}, "patch size"),
+        ("resnet50_multitask", {"tiny": True, "fpn_channels": -3}, "resnet50_multitask"),
+    ],
+)
+def test_options_torch_refuses_are_one_line_errors(name: str, options: dict, words: str) -> None:
+    # They came out as an AssertionError's or a RuntimeError's traceback.
+    with pytest.raises(ModelPackageError, match=words):
+        build(name, 2, **options)
