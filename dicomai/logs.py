@@ -142,6 +142,9 @@ def configure_logging(level: str = "INFO", json: bool = False) -> None:
     root.setLevel(level.upper())
     # pynetdicom at INFO logs every association in detail; its warnings are what an admin needs.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # Except a warning per UID of a request that is not a transfer syntax: a peer's request of
+    # thousands of them wrote megabytes (its rejection or the missing context says enough).
+    logging.getLogger("pynetdicom.presentation").setLevel(logging.ERROR)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     logging.captureWarnings(True)

@@ -9,8 +9,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from pynetdicom import evt
+from sqlalchemy.orm import Session, sessionmaker
 
+from dicomai.audit import Action
 from dicomai.errors import InvalidInstance
+from dicomai.ingest.refusals import audit_refusal
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +37,15 @@ class Limits:
         return max(self.max_pdu, _MIN_PDU_ALLOWANCE)
 
 
-def bound_reads(event: evt.Event, limits: Limits) -> None:
+def bound_reads(
+    event: evt.Event, limits: Limits, sessions: sessionmaker[Session] | None = None
+) -> None:
     """EVT_CONN_OPEN handler: wrap the socket's reads before the association reads anything.
 
     pynetdicom reads a PDU of whatever length the peer declares, and gathers a dataset of any
     size in memory. A PDU longer than we negotiated, or more bytes for one dataset than
-    `max_dataset_bytes`, closes the connection instead (the peer sees the transport close).
+    `max_dataset_bytes`, closes the connection instead (the peer sees the transport close),
+    with a warning and an `association.aborted` audit row (in `sessions`).
     """
     transport = event.assoc.dul.socket
     if transport is None:
@@ -52,9 +58,19 @@ def bound_reads(event: evt.Event, limits: Limits) -> None:
         transport.socket.settimeout(limits.read_timeout)
     counter = event.assoc.__dict__.setdefault("dicomai_bytes", [0])
 
+    def refuse(reason: str) -> bytearray:
+        # Returned short, as when the peer closes: pynetdicom ends the association. Raised,
+        # the error was logged with pynetdicom's traceback and left no audit row.
+        address = event.assoc.requestor.address
+        log.warning("connection from %s closed: %s", address, reason)
+        if sessions is not None:
+            calling = str(getattr(event.assoc.requestor, "ae_title", "") or "") or "unknown"
+            audit_refusal(sessions, Action.ASSOCIATION_ABORTED, calling, address, reason)
+        return bytearray()
+
     def recv(nr_bytes: int) -> bytearray:
         if nr_bytes > limits.max_pdu_read:
-            raise OSError(f"declared PDU length {nr_bytes} exceeds {limits.max_pdu_read}")
+            return refuse(f"declared PDU length {nr_bytes} exceeds {limits.max_pdu_read}")
         timeout = limits.read_timeout
         if not event.assoc.is_established and limits.request_timeout is not None:
             timeout = limits.request_timeout
@@ -70,7 +86,7 @@ def bound_reads(event: evt.Event, limits: Limits) -> None:
             return bytearray()
         counter[0] += len(data)
         if counter[0] > limits.max_dataset_bytes:
-            raise OSError(f"dataset exceeds {limits.max_dataset_bytes} bytes")
+            return refuse(f"dataset exceeds {limits.max_dataset_bytes} bytes")
         return data
 
     transport.recv = recv  # type: ignore[method-assign]

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai.audit import Action
 from dicomai.errors import DicomaiError
+from dicomai.ingest.access import HEALTH_AE_TITLE, AccessPolicy
 from dicomai.ingest.refusals import audit_refusal
 
 log = logging.getLogger(__name__)
@@ -21,13 +22,16 @@ log = logging.getLogger(__name__)
 UNRECOGNIZED_OPERATION = 0x0211
 # A-ASSOCIATE-RQ (PS3.8 9.3.2): called AE title in bytes 10-25, calling AE title in 26-41.
 _CALLED, _CALLING = slice(10, 26), slice(26, 42)
+# Its fixed part (through the reserved 32 bytes), then variable items: type, reserved, length.
+_FIXED = 74
+_PRESENTATION_CONTEXT = 0x20
 
 
 class MalformedPDU(DicomaiError):
     """A peer sent a PDU that cannot be decoded; pynetdicom aborts the association."""
 
 
-def guard_protocol(event: evt.Event, sessions: sessionmaker[Session]) -> None:
+def guard_protocol(event: evt.Event, sessions: sessionmaker[Session], policy: AccessPolicy) -> None:
     """EVT_CONN_OPEN handler: wrap the association's PDU decoding and request dispatch."""
     assoc = event.assoc
     decode: Callable[[bytearray], Any] = assoc.dul._decode_pdu
@@ -36,6 +40,7 @@ def guard_protocol(event: evt.Event, sessions: sessionmaker[Session]) -> None:
     def decode_pdu(bytestream: bytearray) -> Any:
         if bytestream[:1] == b"\x01" and len(bytestream) >= 42:
             bytestream = _mark_bad_titles(assoc, bytestream)
+            bytestream = _unless_allowed(bytestream, policy, assoc.requestor.address)
         try:
             return decode(bytestream)
         except Exception as exc:
@@ -120,6 +125,32 @@ def _mark_bad_titles(assoc: Any, bytestream: bytearray) -> bytearray:
     )
     assoc.__dict__["dicomai_bad_titles"] = (reason, bad[0][1], raw)
     return patched
+
+
+def _unless_allowed(bytestream: bytearray, policy: AccessPolicy, address: str) -> bytearray:
+    """An A-ASSOCIATE-RQ of a caller the allow-list refuses, without its presentation contexts.
+
+    pynetdicom decodes the whole request before the allow-list is asked: one request of a
+    megabyte from anyone, thousands of bogus transfer syntaxes, took six seconds of CPU and
+    wrote six megabytes of warnings before its rejection. Refused all the same (with its
+    reason and audit row, by `dicomai.ingest.scp.on_requested`), it needs no contexts.
+    `dicomai health`'s probe keeps its own: its Verification context is what lets it in.
+    """
+    calling = bytes(bytestream[_CALLING]).decode("ascii", "replace").strip()
+    if calling == HEALTH_AE_TITLE or policy.check(calling, address).allowed:
+        return bytestream
+    kept = bytearray(bytestream[:_FIXED])
+    position = _FIXED
+    while position + 4 <= len(bytestream):
+        kind = bytestream[position]
+        end = position + 4 + int.from_bytes(bytestream[position + 2 : position + 4], "big")
+        if end > len(bytestream):
+            return bytestream  # malformed: pynetdicom's decoding says so
+        if kind != _PRESENTATION_CONTEXT:
+            kept += bytestream[position:end]
+        position = end
+    kept[2:6] = (len(kept) - 6).to_bytes(4, "big")
+    return kept
 
 
 def _audit(sessions: sessionmaker[Session], action: Action, assoc: Any, reason: str) -> None:

@@ -265,7 +265,7 @@ class WakingRequestHandler(RequestHandler):
             super().handle()
             return
         if refused == CLOSED_UNSPOKEN:
-            log.debug("connection closed before a TLS handshake (a port check)")
+            log.debug("connection closed or silent before a TLS handshake (a port check?)")
             return
         address = str(self.client_address[0])
         log.warning("connection refused: %s (from %s)", refused, address)

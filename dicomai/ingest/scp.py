@@ -55,7 +55,7 @@ def handlers(
         min(30.0, settings.ingest.network_timeout_seconds),
     )
     return [
-        (evt.EVT_CONN_OPEN, on_connection_open, [limits, sessions]),
+        (evt.EVT_CONN_OPEN, on_connection_open, [limits, sessions, policy]),
         (evt.EVT_CONN_CLOSE, on_connection_close),
         (evt.EVT_REQUESTED, on_requested, [policy, settings.ingest.ae_title, sessions]),
         (evt.EVT_REJECTED, on_rejected, [sessions]),
@@ -78,11 +78,13 @@ def on_association_end(event: evt.Event, sessions: sessionmaker[Session]) -> Non
         log.error("could not record association end: %s", type(exc).__name__)
 
 
-def on_connection_open(event: evt.Event, limits: Limits, sessions: sessionmaker[Session]) -> None:
+def on_connection_open(
+    event: evt.Event, limits: Limits, sessions: sessionmaker[Session], policy: AccessPolicy
+) -> None:
     OPEN_ASSOCIATIONS.inc()
     set_nodelay(event)
-    bound_reads(event, limits)
-    guard_protocol(event, sessions)
+    bound_reads(event, limits, sessions)
+    guard_protocol(event, sessions, policy)
 
 
 def on_connection_close(event: evt.Event) -> None:

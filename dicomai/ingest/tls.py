@@ -74,7 +74,8 @@ def _no_passphrase() -> str:
     raise _Encrypted
 
 
-# What `handshake` returns for a connection closed before it sent anything.
+# What `handshake` returns for a connection closed, or silent until the timeout, before it
+# sent anything.
 CLOSED_UNSPOKEN = ""
 
 
@@ -100,8 +101,13 @@ def handshake(connection: socket.socket, timeout: float) -> str | None:
     try:
         # A port check (a load balancer's, monitoring's) connects and closes without a byte:
         # not a refused client, and not worth a warning and an audit row every few seconds.
+        # Nor is a connection that says nothing until the timeout: anyone able to reach the
+        # port grew the audit trail by a row per such connection.
         if not socket.socket.recv(connection, 1, socket.MSG_PEEK):
             return CLOSED_UNSPOKEN
+    except (TimeoutError, OSError):
+        return CLOSED_UNSPOKEN
+    try:
         connection.do_handshake()
     except ssl.SSLCertVerificationError as exc:
         return f"TLS handshake failed: client certificate {exc.verify_message}"

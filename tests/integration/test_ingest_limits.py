@@ -92,6 +92,16 @@ def test_pdu_declaring_a_huge_length_is_cut_off(listener: Listener) -> None:
             closed = True
     assert closed, "the listener kept reading an over-long PDU"
     assert echoscu(listener.port, aet=MODALITY, aec=AET).returncode == 0
+    # Said in one line and an audit row: it was pynetdicom's traceback, and no row.
+    rows = wait_for(
+        lambda: listener.query(
+            "SELECT detail FROM audit_events WHERE action = 'association.aborted'"
+        ),
+        30,
+        "the aborted association's audit row",
+    )
+    assert any("declared PDU length 2147483647 exceeds" in str(d) for (d,) in rows), rows
+    assert "Traceback" not in listener.log(), listener.log()[-2000:]
 
 
 @pytest.mark.parametrize("stage", ["association request", "dripped request", "dataset"])

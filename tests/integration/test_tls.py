@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -260,3 +261,19 @@ def test_a_sender_without_tls_on_the_tls_port_is_told_apart(tls_listener: Listen
         lambda: tls_refusals(tls_listener)[before:], 30, "the plain sender's audit row"
     )
     assert "the peer does not speak TLS" in refusals[0], refusals
+
+
+def test_a_connection_silent_until_the_timeout_leaves_no_audit_row(
+    tmp_path: Path, pki: Path
+) -> None:
+    # Anyone able to reach the port grew the audit trail by a row per silent connection.
+    peers = [{"ae_title": MODALITY, "hosts": ["127.0.0.1"]}]
+    tls = {"cert": str(pki / "server.crt"), "key": str(pki / "server.key")}
+    daemon = Listener(tmp_path / "quiet", AET, peers, tls=tls, network_timeout_seconds=1)
+    with daemon.started(ready=lambda: tls_store(daemon, pki, "client").returncode == 0):
+        silent = [socket.create_connection(("127.0.0.1", daemon.port)) for _ in range(3)]
+        time.sleep(3)  # past the handshake's timeout
+        for connection in silent:
+            connection.close()
+        assert tls_store(daemon, pki, "client").returncode == 0
+        assert tls_refusals(daemon) == []

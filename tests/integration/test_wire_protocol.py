@@ -183,3 +183,38 @@ def test_a_tls_client_on_the_plain_port_gets_one_line_and_an_audit_row(
     new = listener.log_path.read_text().splitlines()[lines:]
     assert len([line for line in new if "127.0.0.1" in line or "PDU" in line]) == 1, new
     assert stores(listener)
+
+
+def _item(kind: int, payload: bytes) -> bytes:
+    return bytes([kind, 0]) + len(payload).to_bytes(2, "big") + payload
+
+
+def test_an_unknown_callers_huge_request_is_rejected_without_a_flood_of_log(
+    listener: Listener,
+) -> None:
+    # A megabyte of request from a caller not on the allow-list (thousands of bogus transfer
+    # syntaxes) was decoded in full first: six seconds of CPU, six megabytes of warnings.
+    syntaxes = b"".join(_item(0x40, b"1.2.840.10008.9.%d" % i) for i in range(1000, 3600))
+    contexts = b"".join(
+        _item(0x20, bytes([2 * k + 1, 0, 0, 0]) + _item(0x30, CT.encode()) + syntaxes)
+        for k in range(15)
+    )
+    user = _item(0x50, _item(0x51, (16384).to_bytes(4, "big")) + _item(0x52, b"1.2.3.4"))
+    body = (
+        (1).to_bytes(2, "big") + bytes(2) + AET.encode().ljust(16) + b"NOBODY".ljust(16)
+        + bytes(32) + _item(0x10, b"1.2.840.10008.3.1.1.1") + contexts + user
+    )  # fmt: skip
+    request = bytes([0x01, 0]) + len(body).to_bytes(4, "big") + body
+    assert len(request) > 900_000
+    lines = len(listener.log().splitlines())
+    before = len(audited(listener, "association.rejected"))
+
+    answer = answer_to(listener.port, request)
+    assert answer[:1] == bytes([A_ASSOCIATE_RJ]), answer
+    rows = wait_for(
+        lambda: audited(listener, "association.rejected")[before:], 30, "the rejection's row"
+    )
+    assert rows[0][0] == "NOBODY" and "not in allow-list" in rows[0][2], rows
+    logged = listener.log().splitlines()[lines:]
+    assert len(logged) < 10, f"{len(logged)} lines logged, first: {logged[:3]}"
+    assert stores(listener), "the listener stopped serving the allowed sender"
