@@ -98,6 +98,14 @@ def _closed(nr_bytes: int) -> bytearray:
     return bytearray()
 
 
+def drop_connection(assoc: Any) -> None:
+    """End a connection before its association request is read, as a peer's close would."""
+    transport = assoc.dul.socket
+    if transport is not None:
+        transport.recv = _closed
+        transport.close()
+
+
 def bad_titles(assoc: Any) -> tuple[str, int, str] | None:
     """If the peer's AE titles were not ASCII text: why, the A-ASSOCIATE-RJ diagnostic (PS3.8
     Table 9-21) and the calling AE title as sent, escaped for the audit row."""

@@ -15,7 +15,7 @@ from dicomai.audit import Action
 from dicomai.config import Settings
 from dicomai.ingest.access import AccessPolicy, Decision, is_health_probe
 from dicomai.ingest.limits import Limits, bound_reads
-from dicomai.ingest.protocol import bad_titles, guard_protocol
+from dicomai.ingest.protocol import bad_titles, drop_connection, guard_protocol
 from dicomai.ingest.recorder import mark_association_ended
 from dicomai.ingest.refusals import audit_refusal
 from dicomai.ingest.spool import Spool
@@ -26,13 +26,26 @@ from dicomai.sockets import set_nodelay
 log = logging.getLogger(__name__)
 
 
+# Connections one address may have open before its associations are accepted: a modality
+# opens one or two at once; idle sockets of one peer must not take every slot.
+PENDING_PER_ADDRESS = 4
+
+
+def connection_cap(max_associations: int) -> int:
+    """Open connections a listener process takes: the associations and room for callers still
+    asking (bounded per address by `PENDING_PER_ADDRESS`)."""
+    return 4 * max_associations + 8
+
+
 def build_ae(settings: Settings) -> AE:
     """An AE that accepts every storage SOP class in every transfer syntax, and Verification."""
     ae = AE(ae_title=settings.ingest.ae_title)
     ae.maximum_pdu_size = settings.ingest.max_pdu
     ae.require_called_aet = True
-    # Beyond this pynetdicom answers A-ASSOCIATE-RJ transient, local limit exceeded (PS3.8 9.3.4).
-    ae.maximum_associations = settings.ingest.max_associations
+    # pynetdicom counts every connection against its limit, one that has said nothing yet too:
+    # anyone able to connect held every slot with idle sockets. Its limit is only the hard cap
+    # of connections; `max_associations` counts associations let in (`on_requested`).
+    ae.maximum_associations = connection_cap(settings.ingest.max_associations)
     ae.network_timeout = settings.ingest.network_timeout_seconds
     # pynetdicom's ARTIM: also how long a connection whose association request never came
     # whole keeps its slot.
@@ -57,7 +70,11 @@ def handlers(
     return [
         (evt.EVT_CONN_OPEN, on_connection_open, [limits, sessions, policy]),
         (evt.EVT_CONN_CLOSE, on_connection_close),
-        (evt.EVT_REQUESTED, on_requested, [policy, settings.ingest.ae_title, sessions]),
+        (
+            evt.EVT_REQUESTED,
+            on_requested,
+            [policy, settings.ingest.ae_title, sessions, settings.ingest.max_associations],
+        ),
         (evt.EVT_REJECTED, on_rejected, [sessions]),
         (evt.EVT_C_ECHO, on_echo),
         (
@@ -85,6 +102,23 @@ def on_connection_open(
     set_nodelay(event)
     bound_reads(event, limits, sessions)
     guard_protocol(event, sessions, policy)
+    if _pending_from(event.assoc) > PENDING_PER_ADDRESS:
+        log.warning(
+            "connection from %s closed: more than %d of its connections wait for an association",
+            event.assoc.requestor.address,
+            PENDING_PER_ADDRESS,
+        )
+        drop_connection(event.assoc)
+
+
+def _pending_from(assoc: Any) -> int:
+    """Connections from `assoc`'s address, itself included, not yet an association."""
+    address = assoc.requestor.address
+    return sum(
+        1
+        for other in assoc.ae.active_associations
+        if other.is_acceptor and not other.is_established and other.requestor.address == address
+    )
 
 
 def on_connection_close(event: evt.Event) -> None:
@@ -92,9 +126,14 @@ def on_connection_close(event: evt.Event) -> None:
 
 
 def on_requested(
-    event: evt.Event, policy: AccessPolicy, our_title: str, sessions: sessionmaker[Session]
+    event: evt.Event,
+    policy: AccessPolicy,
+    our_title: str,
+    sessions: sessionmaker[Session],
+    max_associations: int | None = None,
 ) -> None:
-    """Reject a caller not on the allow-list, or calling another AE (PS3.8 Table 9-21)."""
+    """Reject a caller not on the allow-list, or calling another AE (PS3.8 Table 9-21), and
+    one past `max_associations` associations (local limit exceeded)."""
     requestor = event.assoc.requestor
     primitive = cast(A_ASSOCIATE, requestor.primitive)
     calling = primitive.calling_ae_title
@@ -115,12 +154,23 @@ def on_requested(
         event.assoc.__dict__["dicomai_health_probe"] = True
     if decision.allowed and called != our_title:
         decision, diagnostic = Decision(False, "called AE title is not ours"), 0x07
+    result, source = 0x01, 0x01  # rejected-permanent, by the service-user
+    if decision.allowed and max_associations is not None:
+        established = sum(
+            1 for other in event.assoc.ae.active_associations
+            if other.is_acceptor and other.is_established
+        )  # fmt: skip
+        if established >= max_associations:
+            decision = Decision(False, "association limit reached")
+            # PS3.8 Table 9-21: rejected-transient, service-provider (presentation), local
+            # limit exceeded, as pynetdicom answered it.
+            result, source, diagnostic = 0x02, 0x03, 0x02
     if decision.allowed:
         return
     # Audited before the peer hears of it, so the row exists once the rejection is seen.
     _rejected(sessions, calling, requestor.address, decision.reason)
     event.assoc.__dict__["dicomai_rejected"] = True
-    event.assoc.acse.send_reject(0x01, 0x01, diagnostic)
+    event.assoc.acse.send_reject(result, source, diagnostic)
     # As pynetdicom's own rejections do: wait for the DUL to send the A-ASSOCIATE-RJ,
     # otherwise the socket may close first and the peer sees an abort.
     event.assoc.kill()

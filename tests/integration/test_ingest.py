@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import threading
 from pathlib import Path
@@ -350,6 +351,27 @@ def test_associations_beyond_the_limit_are_refused_until_one_ends(tmp_path: Path
         wait_for(lambda: _echo_ok(ae, daemon.port), 30, "an association once another has ended")
         for assoc in held:
             assoc.release()
+
+
+def test_idle_connections_take_no_association_slot(tmp_path: Path) -> None:
+    # pynetdicom counted every connection against the limit: two sockets that said nothing
+    # kept the modality out for the whole association timeout, and reconnecting, for ever.
+    peers = [{"ae_title": MODALITY, "hosts": ["127.0.0.1"]}]
+    with Listener(tmp_path / "idle", AET, peers, max_associations=2) as daemon:
+        ae = AE(ae_title=MODALITY)
+        ae.add_requested_context("1.2.840.10008.1.1")
+        idle = [socket.create_connection(("127.0.0.1", daemon.port)) for _ in range(3)]
+        try:
+            assert _echo_ok(ae, daemon.port), "idle sockets kept the modality out"
+            # One address may keep only a few connections waiting: the next is closed.
+            extra = [socket.create_connection(("127.0.0.1", daemon.port)) for _ in range(2)]
+            extra[-1].settimeout(10)
+            assert extra[-1].recv(1) == b"", "a fifth waiting connection was kept"
+            idle += extra
+        finally:
+            for connection in idle:
+                connection.close()
+        assert "more than 4 of its connections wait" in daemon.log()
 
 
 def _echo_ok(ae: AE, port: int) -> bool:
