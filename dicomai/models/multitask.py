@@ -61,7 +61,10 @@ class ResNetMultiTask(nn.Module):
         self.encoder = resnet_backbone(tiny)
         self.encoder.fc = nn.Identity()
         widths = resnet_stage_widths(self.encoder)
-        kernel = attention_kernel or (3 if tiny else 7)
+        kernel = (3 if tiny else 7) if attention_kernel is None else attention_kernel
+        if kernel < 1 or kernel % 2 == 0:
+            # An even kernel's padding shifts the map by a cell: the forward pass failed.
+            raise ValueError(f"attention_kernel must be an odd number >= 1, got {kernel}")
         self.attention = nn.ModuleList(CBAM(width, kernel_size=kernel) for width in widths)
         hidden = 128 if tiny else 1024
         self.classifier = nn.Sequential(
@@ -70,7 +73,9 @@ class ResNetMultiTask(nn.Module):
             nn.Dropout(dropout),
             nn.Linear(hidden, num_classes),
         )
-        channels = fpn_channels or (32 if tiny else 256)
+        channels = (32 if tiny else 256) if fpn_channels is None else fpn_channels
+        if channels < 1:
+            raise ValueError(f"fpn_channels must be at least 1, got {channels}")
         self.lateral = nn.ModuleList(nn.Conv2d(w, channels, kernel_size=1) for w in widths)
         self.smooth = nn.Sequential(
             nn.Conv2d(channels, channels, kernel_size=3, padding=1, bias=False),

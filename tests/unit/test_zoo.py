@@ -218,3 +218,17 @@ def test_options_torch_refuses_are_one_line_errors(name: str, options: dict, wor
     # They came out as an AssertionError's or a RuntimeError's traceback.
     with pytest.raises(ModelPackageError, match=words):
         build(name, 2, **options)
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"attention_kernel": 4}, "attention_kernel must be an odd number"),
+        ({"attention_kernel": 0}, "attention_kernel must be an odd number"),
+        ({"fpn_channels": 0}, "fpn_channels must be at least 1"),
+    ],
+)
+def test_multitask_options_that_cannot_work_are_refused_at_build(options: dict, words: str) -> None:
+    # An even kernel built, then failed every forward pass; 0 silently meant the default.
+    with pytest.raises(ModelPackageError, match=words):
+        build("resnet50_multitask", 2, tiny=True, **options)
