@@ -70,6 +70,9 @@ class HybridResNetDenseNet(nn.Module):
             nn.Linear(hidden, num_classes),
         )
         self.gradcam_target_layer = "resnet.layer4"
+        # New on pretrained backbones, so trained by the "frozen" strategy and the first stage
+        # of "two-stage" too (the projections and the gate stayed at their random values).
+        self.head_modules = ("project", "head") + (("gate",) if attention_gate else ())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self._features(x)

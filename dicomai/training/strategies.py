@@ -109,15 +109,25 @@ def _own(module: nn.Module, head: set[int]) -> tuple[nn.Parameter, ...]:
 
 
 def plan(model: nn.Module, settings: StrategySettings, epochs: int) -> list[Phase]:
-    """The phases of `settings.strategy` over `epochs` epochs for this network.
+    """The phases of `settings.strategy` over `epochs` epochs for this network; parameters the
+    network froze when it was built train in none.
 
     Raises
     ------
     DatasetError
         If the strategy's epochs do not fit in `epochs` (the message says which).
     """
-    head = tuple(find_head(model).parameters())
-    blocks = backbone_blocks(model)
+    # Frozen by the network itself when built (DenseNet-Transformer's `frozen_blocks`): kept so
+    # in every phase; the phases switched them back on, and their BatchNorm statistics moved.
+    fixed = {id(p) for p in model.parameters() if not p.requires_grad}
+    head = tuple(p for p in find_head(model).parameters() if id(p) not in fixed)
+    blocks = [
+        kept
+        for kept in (
+            tuple(p for p in block if id(p) not in fixed) for block in backbone_blocks(model)
+        )
+        if kept
+    ]
     everything = tuple(p for block in blocks for p in block) + head
     lr = settings.lr
     match settings.strategy:

@@ -26,6 +26,7 @@ from dicomai.training.strategies import (
     backbone_blocks,
     find_head,
     plan,
+    set_trainable,
 )
 
 
@@ -259,3 +260,31 @@ def test_frozen_multitask_trains_its_attention_classifier_and_decoder_not_its_en
     assert not {id(p) for p in model.encoder.parameters()} & trained
     blocks = {id(p) for block in backbone_blocks(model) for p in block}
     assert blocks == {id(p) for p in model.parameters()} - trained
+
+
+def test_frozen_hybrid_trains_its_projections_and_gate_not_its_backbones() -> None:
+    # Only `head` was trained: the projections to 512 and the attention gate stayed random.
+    model = build("hybrid_resnet50_densenet121", 2, tiny=True, attention_gate=True)
+    (phase,) = plan(model, StrategySettings(Strategy.FROZEN), 2)
+    trained = phase.parameters()
+    for name in ("project", "gate", "head"):
+        part = {id(p) for p in getattr(model, name).parameters()}
+        assert part and part <= trained, f"{name} would stay untrained"
+    assert not {id(p) for p in model.resnet.parameters()} & trained
+
+
+def test_blocks_the_network_froze_stay_frozen_in_every_phase() -> None:
+    # `frozen_blocks = 2` was undone: every phase switched the blocks' gradients back on.
+    model = build("densenet121_transformer", 2, tiny=True, frozen_blocks=2)
+    frozen = {id(p) for p in model.densenet.features.denseblock1.parameters()}
+    assert frozen
+    for strategy in (Strategy.FULL, Strategy.LLD, Strategy.FROZEN):
+        for phase in plan(model, StrategySettings(strategy), 2):
+            assert not frozen & phase.parameters(), strategy
+            set_trainable(model.train(), phase)
+            norms = [
+                m
+                for m in model.densenet.features.denseblock1.modules()
+                if isinstance(m, torch.nn.BatchNorm2d)
+            ]
+            assert norms and not any(m.training for m in norms), strategy
