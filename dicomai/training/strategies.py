@@ -18,6 +18,7 @@ its own optimiser and a fresh warm-up + cosine schedule over the phase's epochs.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -92,16 +93,46 @@ def backbone_blocks(model: nn.Module) -> list[tuple[nn.Parameter, ...]]:
         if len(holders) != 1 or list(module.parameters(recurse=False)):
             break
         module = holders[0]
+    blocks = [block for block in _blocks(module, head) if block]
+    return _merged(blocks, MAX_BLOCKS)
+
+
+# Layer-wise decay and gradual unfreezing count depth in blocks: DenseNet-121's 58 dense
+# layers, one block each, left its stem a learning rate 0.75^64 of the head's (frozen in all
+# but name). Consecutive blocks are merged down to this many.
+MAX_BLOCKS = 16
+
+
+def _blocks(module: nn.Module, head: set[int]) -> list[tuple[nn.Parameter, ...]]:
+    """One block per child, a repeated layer of a container one each (a ResNet stage's
+    bottlenecks, a ViT encoder's layers, found where they are nested: ``encoder.layers``)."""
     blocks = [tuple(p for p in module.parameters(recurse=False) if id(p) not in head)]
     for child in module.children():
-        parts = list(child.children())
-        if isinstance(child, nn.Sequential | nn.ModuleList | nn.ModuleDict) and any(
-            list(part.children()) for part in parts
-        ):
-            blocks += [_own(part, head) for part in parts]
+        if _is_stack(child):
+            blocks += [_own(part, head) for part in child.children()]
+        elif any(_is_stack(inner) for inner in child.modules()):
+            blocks += _blocks(child, head)
         else:
             blocks.append(_own(child, head))
-    return [block for block in blocks if block]
+    return blocks
+
+
+def _is_stack(module: nn.Module) -> bool:
+    parts = list(module.children())
+    return isinstance(module, nn.Sequential | nn.ModuleList | nn.ModuleDict) and any(
+        list(part.children()) for part in parts
+    )
+
+
+def _merged(blocks: list[tuple[nn.Parameter, ...]], most: int) -> list[tuple[nn.Parameter, ...]]:
+    """`blocks` with consecutive ones joined into at most `most`, as even as they divide."""
+    if len(blocks) <= most:
+        return blocks
+    edges = [round(i * len(blocks) / most) for i in range(most + 1)]
+    return [
+        tuple(p for block in blocks[start:stop] for p in block)
+        for start, stop in itertools.pairwise(edges)
+    ]
 
 
 def _own(module: nn.Module, head: set[int]) -> tuple[nn.Parameter, ...]:

@@ -21,6 +21,7 @@ from dicomai.training.datasets import (
     read_image01,
 )
 from dicomai.training.strategies import (
+    MAX_BLOCKS,
     Strategy,
     StrategySettings,
     backbone_blocks,
@@ -288,3 +289,18 @@ def test_blocks_the_network_froze_stay_frozen_in_every_phase() -> None:
                 if isinstance(m, torch.nn.BatchNorm2d)
             ]
             assert norms and not any(m.training for m in norms), strategy
+
+
+def test_layer_wise_decay_reaches_each_vit_layer_and_leaves_no_stem_at_zero() -> None:
+    # The ViT's twelve encoder layers were one block (one rate); DenseNet-121's 58 dense
+    # layers were a block each, its stem at 0.75^64 of the head's rate.
+    settings = StrategySettings(Strategy.LLD, lr=1.0, layer_decay=0.75)
+    vit = build("vit_b_16", 2)
+    (phase,) = plan(vit, settings, 2)
+    rates = {id(p): lr for group, lr in phase.groups for p in group}
+    layers = [rates[id(next(layer.parameters()))] for layer in vit.encoder.layers]
+    assert layers == sorted(layers) and len(set(layers)) == 12, layers
+    dense = build("densenet121", 2)
+    (phase,) = plan(dense, settings, 2)
+    stem = {id(p): lr for group, lr in phase.groups for p in group}[id(dense.features.conv0.weight)]
+    assert stem >= 0.75**MAX_BLOCKS, stem
