@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import struct
 from dataclasses import dataclass
 from io import BytesIO
+from typing import Any
 
 from pydicom import Dataset, dcmread
 from pydicom.dataset import FileMetaDataset
@@ -210,9 +212,65 @@ def _parse(meta: bytes, dataset: bytes | memoryview) -> Dataset:
         except Exception:  # a prefix may end anywhere: try the whole dataset
             pass
     try:
-        return _decoded(dcmread(BytesIO(meta + bytes(dataset)), stop_before_pixels=True))
+        return _decoded(dcmread(_Joined(meta, dataset), stop_before_pixels=True))
     except Exception as exc:  # pydicom raises many types for malformed data
         raise InvalidInstance(f"cannot parse dataset: {type(exc).__name__}") from None
+
+
+class _Joined(io.RawIOBase):
+    """`meta` then `dataset` read as one file, neither copied.
+
+    ``BytesIO(meta + bytes(dataset))`` made two copies of a dataset pydicom could not reach
+    the end of the header of in its first bytes: a peer's 50 MB store with a large element
+    before Pixel Data held three times its size while the header was read.
+    """
+
+    def __init__(self, meta: bytes, dataset: bytes | memoryview) -> None:
+        super().__init__()
+        self._parts = (memoryview(meta), memoryview(dataset).cast("B"))
+        self._size = len(self._parts[0]) + len(self._parts[1])
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def read(self, size: int = -1) -> bytes:
+        # One copy of what is asked for (RawIOBase's read fills a bytearray, then copies it).
+        end = self._size if size is None or size < 0 else min(self._size, self._position + size)
+        first = len(self._parts[0])
+        start, self._position = self._position, max(self._position, end)
+        if start >= first:
+            return bytes(self._parts[1][start - first : end - first])
+        if end <= first:
+            return bytes(self._parts[0][start:end])
+        return bytes(self._parts[0][start:]) + bytes(self._parts[1][: end - first])
+
+    def readinto(self, buffer: Any) -> int:
+        target = memoryview(buffer).cast("B")
+        done = 0
+        first = len(self._parts[0])
+        while done < len(target) and self._position < self._size:
+            part, start = (
+                (self._parts[0], self._position)
+                if self._position < first
+                else (self._parts[1], self._position - first)
+            )
+            count = min(len(target) - done, len(part) - start)
+            target[done : done + count] = part[start : start + count]
+            done += count
+            self._position += count
+        return done
 
 
 def _decoded(ds: Dataset) -> Dataset:

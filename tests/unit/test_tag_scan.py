@@ -190,3 +190,37 @@ def test_an_unknown_vr_inside_a_sequence_item_is_refused(lengths: str) -> None:
     meta = encode_listener_meta(CT_IMAGE, SOP, ExplicitVRLittleEndian, "CT1")
     with pytest.raises(InvalidInstance, match="cannot parse dataset"):
         read_header(ExplicitVRLittleEndian, meta, dataset, 1 << 30)
+
+
+def test_a_header_pydicom_must_read_whole_is_not_copied_to_read_it() -> None:
+    # A large private element before Pixel Data, and a header the walk leaves to pydicom (a
+    # second character set): the dataset was copied twice, a peer's 50 MB store held 150 MB.
+    import tracemalloc
+
+    from pydicom import Dataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    size = 8 << 20
+    ds = Dataset()
+    ds.SpecificCharacterSet = ["ISO_IR 100", "ISO_IR 192"]
+    ds.SOPClassUID, ds.SOPInstanceUID = CT_IMAGE, SOP
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = STUDY, SERIES
+    ds.add_new(0x00091010, "LO", "VENDOR")
+    ds.add_new(0x00091011, "OB", bytes(size))
+    ds.BitsAllocated = 8
+    ds.add_new(0x7FE00010, "OB", bytes(16))
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, ds)
+    dataset = buffer.getvalue()
+    meta = encode_listener_meta(CT_IMAGE, SOP, ExplicitVRLittleEndian, "TEST")
+
+    tracemalloc.start()
+    try:
+        header = read_header(ExplicitVRLittleEndian, meta, dataset, LIMIT)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert header.sop_instance_uid == SOP
+    assert peak < 1.5 * size, f"reading the header allocated {peak / size:.1f} times the dataset"
