@@ -30,7 +30,8 @@ class AccessPolicy:
         self._networks: dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network]] = {}
         for peer in peers:
             nets = self._networks.setdefault(peer.ae_title.strip(), [])
-            nets.extend(_networks(host) for host in peer.hosts)
+            for host in peer.hosts:
+                nets.extend(_networks(host))
 
     @property
     def titles(self) -> frozenset[str]:
@@ -76,12 +77,17 @@ def peer_ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | Non
     return ip
 
 
-def _networks(host: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+def _networks(host: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """The networks of an address, a network, or every address a host name resolves to."""
     try:
-        return ipaddress.ip_network(host, strict=False)
+        return [ipaddress.ip_network(host, strict=False)]
     except ValueError:
         # A host name is resolved once at start: the allow-list must not change under us.
+        # Every address, IPv6 too (gethostbyname gave one IPv4 address: a modality with two,
+        # or an IPv6-only one, was refused).
         try:
-            return ipaddress.ip_network(socket.gethostbyname(host))
+            found = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
         except OSError:
             raise ConfigError(f"ingest.peers: cannot resolve host name {host!r}") from None
+        addresses = {str(info[4][0]).split("%")[0] for info in found}
+        return [ipaddress.ip_network(address) for address in sorted(addresses)]

@@ -34,3 +34,22 @@ def test_an_ipv4_sender_on_a_dual_stack_listener_is_its_ipv4_address() -> None:
     assert policy.check("CT1", "::ffff:10.1.2.3").allowed
     assert not policy.check("CT1", "::ffff:10.1.2.4").allowed
     assert is_health_probe(HEALTH_AE_TITLE, "::ffff:127.0.0.1", [VERIFICATION])
+
+
+def test_a_host_name_allows_every_address_it_resolves_to(monkeypatch) -> None:
+    # gethostbyname gave one IPv4 address: the modality's second one, or IPv6, was refused.
+    import socket
+
+    def resolve(host, port, *args, **kwargs):
+        assert host == "ct-scanner.hospital.example"
+        return [
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.1.2.3", 0)),
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.1.2.4", 0)),
+            (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("fd00::7", 0, 0, 0)),
+        ]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    policy = AccessPolicy([Peer(ae_title="CT1", hosts=["ct-scanner.hospital.example"])], False)
+    for address in ("10.1.2.3", "10.1.2.4", "fd00::7"):
+        assert policy.check("CT1", address).allowed, address
+    assert not policy.check("CT1", "10.1.2.5").allowed
