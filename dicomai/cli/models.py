@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from sqlalchemy import select
@@ -13,6 +13,9 @@ from dicomai.cli.main import Context
 from dicomai.cli.session import admin_session, operator
 from dicomai.cli.tables import print_fields, print_table, when
 from dicomai.db.models import AuditEvent, ModelState, ModelVersion
+
+if TYPE_CHECKING:
+    from dicomai.rollout.gate import GateDecision
 
 _REASON = click.option("--reason", default="", help="Why; recorded in the audit trail.")
 
@@ -90,6 +93,7 @@ def models_shadow(obj: Context, name: str, version: str, reason: str) -> None:
     with admin_session(obj) as session:
         row = shadow(session, name, version, operator(reason))
         click.echo(f"{row.label} is shadow: it runs on new studies and sends nothing")
+        _echo_handed_over(session, None)
 
 
 @models.command("canary")
@@ -104,7 +108,12 @@ def models_canary(obj: Context, name: str, version: str, percent: float, reason:
 
     with admin_session(obj) as session:
         row = canary(session, name, version, percent, operator(reason))
-        click.echo(f"{row.label} is canary: it sends for {percent:g} % of new studies")
+        # Queued studies too, but never a second report: see `sends_results`.
+        click.echo(
+            f"{row.label} is canary: it reports on {percent:g} % of the studies it runs on, "
+            "except where another version's report went out already"
+        )
+        _echo_handed_over(session, None)
 
 
 @models.command("activate")
@@ -121,8 +130,8 @@ def models_activate(obj: Context, name: str, version: str, reason: str, force: b
     with admin_session(obj) as session:
         leaving = active_version(session, name)
         row = activate(session, name, version, operator(reason), tolerance=tolerance, force=force)
-        click.echo(f"{row.label} is active")
-        _echo_handed_over(session, leaving, row)
+        click.echo(f"{row.label} is active{_gate_text(session.info.pop('dicomai_gate', None))}")
+        _echo_handed_over(session, leaving)
 
 
 @models.command("rollback")
@@ -136,7 +145,7 @@ def models_rollback(obj: Context, name: str, reason: str) -> None:
     with admin_session(obj) as session:
         restored, retired = rollback(session, name, operator(reason))
         click.echo(f"{restored.label} is active again; {retired.label} is retired")
-        _echo_handed_over(session, retired, restored)
+        _echo_handed_over(session, retired)
 
 
 @models.command("retire")
@@ -147,24 +156,29 @@ def models_rollback(obj: Context, name: str, reason: str) -> None:
 @click.pass_obj
 def models_retire(obj: Context, name: str, version: str, reason: str, force: bool) -> None:
     """Stop running NAME VERSION on new studies."""
-    from dicomai.rollout.deployment import active_version, retire
-    from dicomai.rollout.registry import get
+    from dicomai.rollout.deployment import retire
 
     with admin_session(obj) as session:
-        was_canary = get(session, name, version).state == ModelState.CANARY
         row = retire(session, name, version, operator(reason), force=force)
         click.echo(f"{row.label} is retired")
-        _echo_handed_over(session, row, active_version(session, name) if was_canary else None)
+        _echo_handed_over(session, row)
 
 
-def _echo_handed_over(
-    session: Session, retired: ModelVersion | None, successor: ModelVersion | None
-) -> None:
-    cancelled, queued = session.info.pop("dicomai_hand_over", (0, 0))
+def _gate_text(gate: GateDecision | None) -> str:
+    """The gate's evidence and verdict, for an activation that went through."""
+    if gate is None:
+        return ""
+    return f"; gate {'passed' if gate.passed else 'overridden (--force)'}: {gate.message}"
+
+
+def _echo_handed_over(session: Session, retired: ModelVersion | None) -> None:
+    """Say what the change did to jobs in flight (`deployment._HandOver`)."""
+    cancelled, queued = session.info.pop("dicomai_hand_over", (0, {}))
     if retired is not None and cancelled:
         click.echo(f"{cancelled} queued job(s) of {retired.label} cancelled")
-    if successor is not None and queued:
-        click.echo(f"{queued} of its studies queued for {successor.label}")
+    whose = "of its studies" if retired is not None else "studies in flight"
+    for label, count in sorted(queued.items()):
+        click.echo(f"{count} {whose} queued for {label}, which reports on them now")
 
 
 @models.command("evaluation")

@@ -1,4 +1,5 @@
-"""Which studies a canary version sends results for: a fixed fraction, chosen by study UID."""
+"""Which version of a model reports on a study: the canary for the fraction of studies it
+selects by study UID, the active version for the rest, and never two of them."""
 
 from __future__ import annotations
 
@@ -7,10 +8,18 @@ import hashlib
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dicomai.db.models import ModelState, ModelVersion
+from dicomai.db.models import Delivery, Job, JobState, ModelState, ModelVersion, OutputObject, Study
+from dicomai.jobs.assembler import current_job, input_digest, taken_instances
 
 # Selection in hundredths of a percent, so that 0.5 % canaries are possible.
 _BUCKETS = 10_000
+
+# The smallest share a canary can select: one bucket.
+MIN_PERCENT = 100 / _BUCKETS
+
+# A canary's job in these states still gives (or gave) it the study; a failed or cancelled
+# one leaves the study to the active version.
+_LIVE = (JobState.QUEUED, JobState.RUNNING, JobState.DONE)
 
 
 def canary_bucket(study_uid: str) -> int:
@@ -26,21 +35,65 @@ def canary_selects(study_uid: str, percent: float) -> bool:
     return canary_bucket(study_uid) < round(percent * _BUCKETS / 100)
 
 
+def reporter(session: Session, name: str, study: Study) -> ModelVersion | None:
+    """The version of `name` whose report the study is to get, by the states of now.
+
+    The canary, if it selects the study and has a job on its current instances (a study
+    completed before the version became canary stays with the active version, whose job it
+    has); otherwise the active version. None if neither exists.
+    """
+    canary = _in_state(session, name, ModelState.CANARY)
+    if canary is not None and canary_selects(study.study_uid, canary.canary_percent or 0.0):
+        job = current_job(session, study, canary)
+        if job is not None and job.state in _LIVE:
+            return canary
+    return _in_state(session, name, ModelState.ACTIVE)
+
+
+def sent_by(session: Session, name: str, study: Study) -> ModelVersion | None:
+    """The version of `name` whose report on the study's current instances went to the
+    destinations (deliveries were created for its job), if one did."""
+    sent = select(Delivery.id).join(OutputObject).where(OutputObject.job_id == Job.id).exists()
+    jobs = session.scalars(
+        select(Job)
+        .join(ModelVersion, Job.model_version_id == ModelVersion.id)
+        .where(Job.study_id == study.id, ModelVersion.name == name, sent)
+        .order_by(Job.id)
+    )
+    for job in jobs:
+        # An earlier report, on fewer images, does not answer for the study as it is now.
+        if job.input_digest == input_digest(taken_instances(study, job.model_version)):
+            return job.model_version
+    return None
+
+
 def sends_results(session: Session, version: ModelVersion, study_uid: str) -> bool:
     """Whether `version`'s results for this study go to the destinations.
 
-    A shadow never sends, nor does a retired version. A canary sends for the studies it
-    selects, and for those the active version of the same model stays silent (its results
-    are stored, as a shadow's are), so that a radiologist gets one report per model and
-    study, not two that may disagree.
+    Only the study's reporter (`reporter`) sends, and only if no other version of the model
+    has sent its report on the study's current instances: the states may have changed while
+    the jobs were queued (a canary's share lowered or raised, a shadow made canary or
+    active), and a radiologist gets one report per model and study, not two that may
+    disagree, and not none. A shadow never sends, nor does a retired version; a silent
+    version's results are stored all the same. The transitions in
+    `dicomai.rollout.deployment` queue the reporter again where a version that ran silent
+    became the reporter.
     """
     if version.state not in (ModelState.ACTIVE, ModelState.CANARY):
         return False  # a shadow; or a version retired while its job ran
-    if version.state == ModelState.CANARY:
-        return canary_selects(study_uid, version.canary_percent or 0.0)
-    canary = session.scalars(
-        select(ModelVersion).where(
-            ModelVersion.name == version.name, ModelVersion.state == ModelState.CANARY
-        )
+    study = session.scalar(select(Study).where(Study.study_uid == study_uid))
+    if study is None:
+        return False
+    chosen = reporter(session, version.name, study)
+    if chosen is None or chosen.id != version.id:
+        return False
+    other = sent_by(session, version.name, study)
+    return other is None or other.id == version.id
+
+
+def _in_state(session: Session, name: str, state: ModelState) -> ModelVersion | None:
+    return session.scalars(
+        select(ModelVersion)
+        .where(ModelVersion.name == name, ModelVersion.state == state)
+        .order_by(ModelVersion.state_changed_at.desc())
     ).first()
-    return canary is None or not canary_selects(study_uid, canary.canary_percent or 0.0)

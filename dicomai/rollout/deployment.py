@@ -18,9 +18,9 @@ from sqlalchemy.orm import Session
 
 from dicomai.audit import Action, Operator, record
 from dicomai.db.models import Job, JobState, ModelState, ModelVersion, Study, utcnow
-from dicomai.delivery.dispatch import has_deliveries
 from dicomai.errors import DicomaiError, InvalidTransition
 from dicomai.jobs.assembler import cancel_job, ensure_report, lock_studies
+from dicomai.rollout.canary import MIN_PERCENT, reporter, sent_by
 from dicomai.rollout.gate import GateDecision, decide
 from dicomai.rollout.registry import get
 
@@ -38,21 +38,35 @@ ALLOWED: dict[ModelState, frozenset[ModelState]] = {
 def shadow(session: Session, name: str, version: str, operator: Operator) -> ModelVersion:
     """Run `name version` on new studies beside the active version, storing and never sending."""
     row = _checked(session, name, version, ModelState.SHADOW)
+    was = _describe(row)
+    hand_over = _HandOver.locked(session, name)
     _set_state(session, row, ModelState.SHADOW, Action.MODEL_SHADOWED, operator)
+    hand_over.run(session, operator, f"{row.label} {was} -> shadow")
     return row
 
 
 def canary(
     session: Session, name: str, version: str, percent: float, operator: Operator
 ) -> ModelVersion:
-    """Run `name version` on new studies and send its results for `percent` % of them."""
-    if not 0 < percent <= 100:
-        raise DicomaiError(f"--percent must be in (0, 100], got {percent:g}")
+    """Run `name version` on new studies and send its results for `percent` % of them.
+
+    Also changes a canary's percentage. The studies whose jobs are queued or running are
+    looked at again: one whose report is now due from a version that ran silent for it gets
+    that version's job queued again, and none gets a second report (`sends_results`).
+    """
+    if not MIN_PERCENT <= percent <= 100:  # also refuses NaN
+        raise DicomaiError(
+            f"--percent must be in [{MIN_PERCENT:g}, 100] (studies are selected in steps of "
+            f"{MIN_PERCENT:g} %), got {percent:g}"
+        )
     row = _checked(session, name, version, ModelState.CANARY)
     other = _in_state(session, name, ModelState.CANARY)
     if other is not None and other.id != row.id:
         raise InvalidTransition(f"{other.label} is already the canary of {name}; retire it first")
+    was = _describe(row)
+    hand_over = _HandOver.locked(session, name)
     _set_state(session, row, ModelState.CANARY, Action.MODEL_CANARIED, operator, percent)
+    hand_over.run(session, operator, f"{row.label} {was} -> canary {percent:g} %")
     return row
 
 
@@ -75,16 +89,17 @@ def activate(
     """
     row = _checked(session, name, version, ModelState.ACTIVE)
     current = _in_state(session, name, ModelState.ACTIVE)
-    hand_over = _HandOver.locked(session, current) if current is not None else None
+    was = _describe(row)
+    hand_over = _HandOver.locked(session, name, current)
     decision = decide(row, current, tolerance)
+    session.info["dicomai_gate"] = decision
     if not decision.passed:
         _override(session, row, decision, operator, force)
     if current is not None:
         _set_state(session, current, ModelState.RETIRED, Action.MODEL_RETIRED, operator)
     row.previous_active_id = current.id if current is not None else None
     _set_state(session, row, ModelState.ACTIVE, Action.MODEL_ACTIVATED, operator, gate=decision)
-    if hand_over is not None:
-        hand_over.run(session, row, operator)
+    hand_over.run(session, operator, f"{row.label} {was} -> active")
     return row
 
 
@@ -101,10 +116,10 @@ def rollback(session: Session, name: str, operator: Operator) -> tuple[ModelVers
     )
     if previous is None:
         raise InvalidTransition(f"{current.label} has no earlier active version to roll back to")
-    hand_over = _HandOver.locked(session, current)
+    hand_over = _HandOver.locked(session, name, current)
     _set_state(session, current, ModelState.RETIRED, Action.MODEL_RETIRED, operator)
     _set_state(session, previous, ModelState.ACTIVE, Action.MODEL_ROLLED_BACK, operator)
-    hand_over.run(session, previous, operator)
+    hand_over.run(session, operator, f"{current.label} rolled back to {previous.label}")
     return previous, current
 
 
@@ -128,11 +143,10 @@ def retire(
             )
         if not operator.reason.strip():
             raise DicomaiError("--force needs a --reason, recorded in the audit trail")
-    hand_over = _HandOver.locked(session, row)
+    hand_over = _HandOver.locked(session, name, row)
     _set_state(session, row, ModelState.RETIRED, Action.MODEL_RETIRED, operator)
     # A canary's studies fall back to the active version; a shadow's have it already.
-    successor = _in_state(session, name, ModelState.ACTIVE) if was == ModelState.CANARY else None
-    hand_over.run(session, successor, operator)
+    hand_over.run(session, operator, f"{row.label} retired")
     return row
 
 
@@ -154,45 +168,59 @@ def queued_jobs(session: Session, version: ModelVersion) -> list[Job]:
 
 @dataclass(frozen=True)
 class _HandOver:
-    """What retiring a version hands over: its queued jobs (to cancel) and the studies its
-    successor must report on, found and locked before the transaction writes an audit row
-    (see `dicomai.jobs.assembler.lock_studies`)."""
+    """The studies a change of `name`'s states may give another reporting version: those
+    with a job of `name` queued or running, found and locked before the transaction writes
+    an audit row (see `dicomai.jobs.assembler.lock_studies`); and the queued jobs of the
+    version retired by the change, to cancel.
 
-    retired: ModelVersion
+    Which version sends is decided when a job finishes (`sends_results`). A version may
+    have run silent for a study whose report the change now gives to it (a canary lowered
+    or made shadow: the active version ran silent where the canary was to speak), so the
+    change has to look again at every study still in flight.
+    """
+
+    name: str
+    retired: ModelVersion | None
     queued: list[Job]
     studies: dict[int, Study]
 
     @classmethod
-    def locked(cls, session: Session, retired: ModelVersion) -> _HandOver:
-        queued = queued_jobs(session, retired)
-        studies = {job.study_id: job.study for job in queued}
-        running = (
+    def locked(cls, session: Session, name: str, retired: ModelVersion | None = None) -> _HandOver:
+        queued = queued_jobs(session, retired) if retired is not None else []
+        in_flight = (
             select(Job)
-            .where(Job.model_version_id == retired.id, Job.state == JobState.RUNNING)
-            .with_for_update()
+            .join(ModelVersion, Job.model_version_id == ModelVersion.id)
+            .where(ModelVersion.name == name, Job.state.in_((JobState.QUEUED, JobState.RUNNING)))
+            .order_by(Job.id)
+            .with_for_update(of=Job)
         )
-        for job in session.scalars(running):
-            if not has_deliveries(session, job.id):  # its SR went out before: it reports
-                studies[job.study_id] = job.study
+        studies = {job.study_id: job.study for job in session.scalars(in_flight)}
         lock_studies(session, studies)
-        return cls(retired, queued, studies)
+        return cls(name, retired, queued, studies)
 
-    def run(self, session: Session, successor: ModelVersion | None, operator: Operator) -> None:
+    def run(self, session: Session, operator: Operator, why: str) -> None:
         """Cancel the retired version's queued jobs (a version pulled for a fault must not
-        send results after it) and see that `successor` reports on their studies and on
-        those of the retired version's running jobs, which will store their results without
-        sending them.
+        send results after it), and see that each study in flight gets its reporter's
+        report where no version has sent one: a job queued for the reporter, or its finished
+        silent job queued again (`job.retried`, with `why`). A running job of the retired
+        version stores its results without sending them, unless its SR went out before.
 
-        `session.info["dicomai_hand_over"]` holds (jobs cancelled, studies queued for the
-        successor), for the CLI to say.
+        `session.info["dicomai_hand_over"]` holds (jobs cancelled, {version label: studies
+        queued for it}), for the CLI to say.
         """
-        for job in self.queued:
-            cancel_job(session, job, operator.user, f"{self.retired.label} retired")
-        queued = 0
-        if successor is not None:
-            why = f"{self.retired.label} retired; {successor.label} reports instead"
-            for study in self.studies.values():
-                queued += ensure_report(session, study, successor, operator.user, why)
+        if self.retired is not None:
+            for job in self.queued:
+                cancel_job(session, job, operator.user, f"{self.retired.label} retired")
+        queued: dict[str, int] = {}
+        for study in self.studies.values():
+            if sent_by(session, self.name, study) is not None:
+                continue  # its report went out: another would be a second one
+            version = reporter(session, self.name, study)
+            if version is None:
+                continue
+            reason = f"{why}; {version.label} reports on the study"
+            if ensure_report(session, study, version, operator.user, reason):
+                queued[version.label] = queued.get(version.label, 0) + 1
         session.info["dicomai_hand_over"] = (len(self.queued), queued)
 
 
@@ -237,6 +265,12 @@ def _in_state(session: Session, name: str, state: ModelState) -> ModelVersion | 
         .where(ModelVersion.name == name, ModelVersion.state == state)
         .order_by(ModelVersion.state_changed_at.desc())
     ).first()
+
+
+def _describe(row: ModelVersion) -> str:
+    if row.state == ModelState.CANARY:
+        return f"canary {row.canary_percent or 0:g} %"
+    return row.state.value
 
 
 def _override(

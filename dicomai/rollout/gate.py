@@ -1,13 +1,23 @@
 """The evaluation gate: a version is activated only if it is not worse than the active one.
 
-The rule. Metrics are compared where both versions have them: the site's own evaluation on its
-reference set when both versions have one registered (`dicomai models evaluation`), otherwise
-the `[metrics]` the packages carry. Compared are the numeric metrics whose name has one of
-`HIGHER_IS_BETTER` as a word between underscores (`test_accuracy`, `val_auc_macro`,
-`f1_macro`, `sensitivity`, ...). The candidate passes if
-none of them is lower than the active version's by more than the tolerance (`[rollout]
-gate_tolerance`, default 0.02). With no metric in common it does not pass: nothing shows it is
-not worse. With no active version there is nothing to compare and it passes.
+The rule. Metrics are compared where both versions have them, from the best evidence there is:
+
+- both versions have a site evaluation on the site's reference set (`dicomai models
+  evaluation`): those two;
+- only the candidate has one: the candidate's site evaluation against the active version's
+  package `[metrics]`. A bad site evaluation must not be outvoted by the vendor's numbers, and
+  a site evaluation is seldom better than a package's own test set, so this errs towards
+  refusing; evaluating the active version on the same reference set gives a fair comparison;
+- only the active version has one: refused. The site judges its models on its own data; the
+  candidate's package numbers, from other data, cannot show it is not worse;
+- neither: the packages' `[metrics]`.
+
+Compared are the numeric metrics whose name has one of `HIGHER_IS_BETTER` as a word between
+underscores (`test_accuracy`, `val_auc_macro`, `f1_macro`, `sensitivity`, ...). The candidate
+passes if none of them is lower than the active version's by more than the tolerance
+(`[rollout] gate_tolerance`, default 0.02). With no metric in common it does not pass: nothing
+shows it is not worse. With no active version there is nothing to compare and it passes. The
+decision names the evidence it used (`GateDecision.source`), and the CLI says it.
 """
 
 from __future__ import annotations
@@ -92,20 +102,26 @@ def decide(candidate: ModelVersion, active: ModelVersion | None, tolerance: floa
     """Apply the gate rule (module docstring) to `candidate` against `active`."""
     if active is None:
         return GateDecision(True, "none", (), "no active version to compare with")
-    if candidate.evaluation and active.evaluation:
-        source = "site evaluation"
-        mine = gate_metrics(evaluation_metrics(candidate.evaluation))
-        theirs = gate_metrics(evaluation_metrics(active.evaluation))
-    else:
-        source = "package metrics"
-        mine = gate_metrics(candidate.manifest.get("metrics", {}))
-        theirs = gate_metrics(active.manifest.get("metrics", {}))
+    if active.evaluation and not candidate.evaluation:
+        source = f"site evaluation of the active {active.label} only"
+        message = (
+            f"{active.label} has a site evaluation and {candidate.label} has none: record one "
+            f"on the same reference set (dicomai models evaluation {candidate.name} "
+            f"{candidate.version} FILE)"
+        )
+        return GateDecision(False, source, (), message)
+    source, mine, theirs = _evidence(candidate, active)
     comparisons = tuple(
         MetricComparison(key, mine[key], theirs[key], mine[key] >= theirs[key] - tolerance)
         for key in sorted(set(mine) & set(theirs))
     )
     if not comparisons:
-        message = f"{candidate.label} has no {source} in common with the active {active.label}"
+        message = f"{candidate.label} and the active {active.label} share no metric ({source})"
+        if candidate.evaluation and not active.evaluation:
+            message += (
+                f"; record a site evaluation of {active.label} on the same reference set "
+                f"(dicomai models evaluation {active.name} {active.version} FILE)"
+            )
         return GateDecision(False, source, (), message)
     worse = [c for c in comparisons if not c.ok]
     if worse:
@@ -116,6 +132,20 @@ def decide(candidate: ModelVersion, active: ModelVersion | None, tolerance: floa
         )
         return GateDecision(False, source, comparisons, message)
     return GateDecision(True, source, comparisons, f"not worse than {active.label} ({source})")
+
+
+def _evidence(
+    candidate: ModelVersion, active: ModelVersion
+) -> tuple[str, dict[str, float], dict[str, float]]:
+    """What the gate compares: a description, the candidate's metrics, the active's."""
+    packaged = gate_metrics(active.manifest.get("metrics", {}))
+    if candidate.evaluation and active.evaluation:
+        site = gate_metrics(evaluation_metrics(active.evaluation))
+        return "site evaluation", gate_metrics(evaluation_metrics(candidate.evaluation)), site
+    if candidate.evaluation:
+        source = f"site evaluation of {candidate.label} against the package metrics of the active"
+        return source, gate_metrics(evaluation_metrics(candidate.evaluation)), packaged
+    return "package metrics", gate_metrics(candidate.manifest.get("metrics", {})), packaged
 
 
 def read_evaluation(path: Path) -> dict[str, Any]:
