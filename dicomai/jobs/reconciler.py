@@ -12,7 +12,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomai.audit import Action, record
 from dicomai.config import WorkerSettings
 from dicomai.db.models import Delivery, DeliveryState, Job, JobState, utcnow
+from dicomai.jobs.assembler import lock_studies
 from dicomai.jobs.doorbell import Doorbell
+from dicomai.rollout.canary import report_instead
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +57,21 @@ def ring_jobs(sessions: sessionmaker[Session], doorbell: Doorbell, leases: Lease
             )
             .with_for_update(skip_locked=True)
         ).all()
+        # The studies of the jobs to fail for good, locked before the first audit row (see
+        # `lock_studies`): another version may have to report on them (`report_instead`).
+        lock_studies(session, [job.study_id for job in jobs if _abandoned(job, leases)])
         rung = [job.id for job in jobs if _requeue(session, job, leases, now)]
     for job_id in rung:
         doorbell.ring_job(job_id)
     return len(rung)
 
 
+def _abandoned(job: Job, leases: Leases) -> bool:
+    return job.state == JobState.RUNNING and job.attempts >= leases.max_attempts
+
+
 def _requeue(session: Session, job: Job, leases: Leases, now: object) -> bool:
-    if job.state == JobState.RUNNING and job.attempts >= leases.max_attempts:
+    if _abandoned(job, leases):
         job.state = JobState.FAILED
         job.error = f"abandoned after {job.attempts} attempts"
         record(
@@ -73,6 +82,7 @@ def _requeue(session: Session, job: Job, leases: Leases, now: object) -> bool:
             object_id=job.id,
             reason=job.error,
         )
+        report_instead(session, job, RECONCILER)
         return False
     action = Action.JOB_ENQUEUED
     reason = "new" if job.enqueued_at is None else "re-enqueued"

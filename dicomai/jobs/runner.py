@@ -45,6 +45,7 @@ from dicomai.inference.precision import autocast_dtype
 from dicomai.inference.runner import Classifier
 from dicomai.inference.types import ImagePrediction
 from dicomai.ingest.spool import Spool
+from dicomai.jobs.assembler import lock_studies
 from dicomai.jobs.batching import Classified, classify
 from dicomai.jobs.claims import WORKER, Claim, claim_job, gather_companions
 from dicomai.jobs.reading import Reader
@@ -55,7 +56,7 @@ from dicomai.results.pmap import build_heatmap_pmap, supports_pmap
 from dicomai.results.sc import OverlayBuilder
 from dicomai.results.seg import build_seg, has_mask
 from dicomai.results.sr import build_sr
-from dicomai.rollout.canary import sends_results
+from dicomai.rollout.canary import report_instead, sends_results
 
 log = logging.getLogger(__name__)
 
@@ -407,7 +408,9 @@ class JobRunner:
         with self.sessions() as session, session.begin():
             job = session.get_one(Job, claim.job_id)
             job.error = reason
-            if permanent or job.attempts >= 3:
+            failed = permanent or job.attempts >= 3
+            if failed:
+                lock_studies(session, [job.study_id])  # before the audit rows: see there
                 job.state = JobState.FAILED
                 job.finished_at = utcnow()
                 outcome, action = JobOutcome.FAILED, Action.JOB_FAILED
@@ -426,6 +429,8 @@ class JobRunner:
                 reason=reason,
                 attempt=job.attempts,
             )
+            if failed and report_instead(session, job, WORKER):
+                log.warning("job %d failed for good: another version reports instead", job.id)
         JOBS.labels(state=outcome).inc()
 
 

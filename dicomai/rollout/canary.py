@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dicomai.db.models import Delivery, Job, JobState, ModelState, ModelVersion, OutputObject, Study
-from dicomai.jobs.assembler import current_job, input_digest, taken_instances
+from dicomai.jobs.assembler import current_job, ensure_report, input_digest, taken_instances
 
 # Selection in hundredths of a percent, so that 0.5 % canaries are possible.
 _BUCKETS = 10_000
@@ -97,3 +97,21 @@ def _in_state(session: Session, name: str, state: ModelState) -> ModelVersion | 
         .where(ModelVersion.name == name, ModelVersion.state == state)
         .order_by(ModelVersion.state_changed_at.desc())
     ).first()
+
+
+def report_instead(session: Session, job: Job, actor: str) -> bool:
+    """After `job` failed for good, see that its study still gets a report: the version that
+    reports on it now (`reporter`: a failed canary job gives the study back to the active
+    version, which ran silent for it) is queued, unless a report went out already.
+
+    The caller locks the study (`dicomai.jobs.assembler.lock_studies`) before its
+    transaction's first audit row. Returns whether a job was queued.
+    """
+    study, name = job.study, job.model_version.name
+    if sent_by(session, name, study) is not None:
+        return False
+    version = reporter(session, name, study)
+    if version is None or version.id == job.model_version_id:
+        return False
+    why = f"{job.model_version.label} failed; {version.label} reports on the study"
+    return ensure_report(session, study, version, actor, why)

@@ -17,6 +17,7 @@ from test_rollout import one_line_error
 
 import dicomai.jobs.runner as runner_module
 from dicomai.db.models import Delivery, Job, JobState, ModelVersion, OutputObject, Study
+from dicomai.errors import ModelPackageError
 from dicomai.jobs.assembler import complete_quiet_studies
 from dicomai.rollout.canary import canary_selects
 
@@ -143,6 +144,29 @@ def test_a_canary_made_shadow_while_its_job_runs_leaves_the_study_its_report(
 
     monkeypatch.setattr(runner_module, "classify", shadow_meanwhile)
     site.runner.run_job(job_id)
+    run(site)
+    assert_one_report_each(site, uids)
+    assert all(versions == ["1.0.0"] for versions in _senders(site).values())
+
+
+def test_a_canary_job_that_fails_for_good_gives_the_study_back_to_the_active_version(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The active version ran silent (the canary had the study); the canary's job then
+    # failed for good, and the study got no report at all.
+    models(site, *CANARY_ALL)
+    uids = in_flight(site)
+    run(site, "1.0.0")
+    assert reports(site) == Counter()
+
+    def broken(*args, **kwargs):
+        raise ModelPackageError("weights unreadable")
+
+    monkeypatch.setattr(runner_module, "classify", broken)
+    for job_id in queued(site, NEW):
+        site.runner.run_job(job_id)
+    monkeypatch.undo()
+    assert len(queued(site, "1.0.0")) == len(uids), "the active version was not queued again"
     run(site)
     assert_one_report_each(site, uids)
     assert all(versions == ["1.0.0"] for versions in _senders(site).values())
