@@ -78,6 +78,11 @@ class DenseNetTransformer(nn.Module):
     # maximum fell inside the nodule on 0.0-1.0 of the images (mean 0.48), Grad-CAM++'s, which
     # weighs the positive gradients by position, on 0.53-1.0 (mean 0.83).
     explanation_method = "gradcam++"
+    # New on a pretrained DenseNet, so trained by the "frozen" strategy and the first stage of
+    # "two-stage" too (the whole Transformer stayed at its random initial values).
+    head_modules = (
+        "tokens", "class_token", "class_position", "positions", "encoder", "norm", "head",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -93,6 +98,9 @@ class DenseNetTransformer(nn.Module):
         super().__init__()
         if not 0 <= frozen_blocks <= 4:
             raise TypeError(f"frozen_blocks must be 0 to 4, got {frozen_blocks}")
+        if layers < 1:
+            # Built, then inference failed on the last layer's attention it reads.
+            raise ValueError(f"layers must be at least 1, got {layers}")
         self.densenet = densenet_backbone(tiny)
         self.densenet.classifier = nn.Identity()
         self.tokens = nn.Linear(densenet_width(self.densenet), d_model)

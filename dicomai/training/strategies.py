@@ -71,7 +71,7 @@ def find_head(model: nn.Module) -> nn.Module:
     head holding a Linear, else the last Linear."""
     declared = getattr(model, "head_modules", ())
     if declared:
-        return nn.ModuleList(getattr(model, name) for name in declared)
+        return nn.ModuleList(_as_module(getattr(model, name)) for name in declared)
     for name in _HEAD_NAMES:
         module = getattr(model, name, None)
         if isinstance(module, nn.Module) and any(
@@ -82,6 +82,15 @@ def find_head(model: nn.Module) -> nn.Module:
     if not linears:
         raise DatasetError(f"{type(model).__name__}: no Linear classification head to train")
     return linears[-1]
+
+
+def _as_module(part: nn.Module | nn.Parameter) -> nn.Module:
+    """A declared head part; a bare parameter (a class token) in a holder of its own."""
+    if isinstance(part, nn.Parameter):
+        holder = nn.Module()
+        holder.register_parameter("value", part)
+        return holder
+    return part
 
 
 def backbone_blocks(model: nn.Module) -> list[tuple[nn.Parameter, ...]]:

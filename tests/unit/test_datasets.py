@@ -304,3 +304,16 @@ def test_layer_wise_decay_reaches_each_vit_layer_and_leaves_no_stem_at_zero() ->
     (phase,) = plan(dense, settings, 2)
     stem = {id(p): lr for group, lr in phase.groups for p in group}[id(dense.features.conv0.weight)]
     assert stem >= 0.75**MAX_BLOCKS, stem
+
+
+def test_frozen_transformer_trains_the_whole_transformer_not_its_densenet() -> None:
+    # Only `head` was trained: the token projection, class token, positions and encoder
+    # layers stayed at their random initial values for the whole "frozen" run.
+    model = build("densenet121_transformer", 2, tiny=True)
+    (phase,) = plan(model, StrategySettings(Strategy.FROZEN), 2)
+    trained = phase.parameters()
+    new = [model.class_token, model.class_position, model.positions]
+    for name in ("tokens", "encoder", "norm", "head"):
+        new += list(getattr(model, name).parameters())
+    assert {id(p) for p in new} <= trained
+    assert not {id(p) for p in model.densenet.parameters()} & trained

@@ -232,3 +232,9 @@ def test_multitask_options_that_cannot_work_are_refused_at_build(options: dict, 
     # An even kernel built, then failed every forward pass; 0 silently meant the default.
     with pytest.raises(ModelPackageError, match=words):
         build("resnet50_multitask", 2, tiny=True, **options)
+
+
+def test_a_transformer_without_layers_is_refused_at_build() -> None:
+    # It built, then every inference failed reading the last layer's attention.
+    with pytest.raises(ModelPackageError, match="layers must be at least 1"):
+        build("densenet121_transformer", 2, tiny=True, layers=0)
