@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -102,7 +103,7 @@ def on_connection_open(
     set_nodelay(event)
     bound_reads(event, limits, sessions)
     guard_protocol(event, sessions, policy)
-    if _pending_from(event.assoc) > PENDING_PER_ADDRESS:
+    if _pending_from(event.assoc) >= PENDING_PER_ADDRESS:
         log.warning(
             "connection from %s closed: more than %d of its connections wait for an association",
             event.assoc.requestor.address,
@@ -112,13 +113,40 @@ def on_connection_open(
 
 
 def _pending_from(assoc: Any) -> int:
-    """Connections from `assoc`'s address, itself included, not yet an association."""
+    """Other connections from `assoc`'s address not yet an association (`assoc`'s thread is
+    not started when its connection opens, so it is not among them)."""
     address = assoc.requestor.address
     return sum(
         1
         for other in assoc.ae.active_associations
-        if other.is_acceptor and not other.is_established and other.requestor.address == address
+        if other is not assoc
+        and other.is_acceptor
+        and not (other.is_established or other.is_released or other.is_aborted)
+        and not other.is_rejected
+        and other.requestor.address == address
     )
+
+
+# Counting the associations and admitting one is one step: requests that arrived together
+# each counted the others as not yet established, and all were let in past the limit.
+_ADMISSION = threading.Lock()
+
+
+def _admitted(assoc: Any, max_associations: int) -> bool:
+    """Whether `assoc` fits under the limit, counted with those admitted and not yet
+    established; if so it is counted from now on."""
+    with _ADMISSION:
+        taken = sum(
+            1
+            for other in assoc.ae.active_associations
+            if other is not assoc
+            and other.is_acceptor
+            and (other.is_established or other.__dict__.get("dicomai_admitted"))
+        )
+        if taken >= max_associations:
+            return False
+        assoc.__dict__["dicomai_admitted"] = True
+        return True
 
 
 def on_connection_close(event: evt.Event) -> None:
@@ -155,16 +183,12 @@ def on_requested(
     if decision.allowed and called != our_title:
         decision, diagnostic = Decision(False, "called AE title is not ours"), 0x07
     result, source = 0x01, 0x01  # rejected-permanent, by the service-user
-    if decision.allowed and max_associations is not None:
-        established = sum(
-            1 for other in event.assoc.ae.active_associations
-            if other.is_acceptor and other.is_established
-        )  # fmt: skip
-        if established >= max_associations:
-            decision = Decision(False, "association limit reached")
-            # PS3.8 Table 9-21: rejected-transient, service-provider (presentation), local
-            # limit exceeded, as pynetdicom answered it.
-            result, source, diagnostic = 0x02, 0x03, 0x02
+    limited = decision.allowed and max_associations is not None
+    if limited and not _admitted(event.assoc, max_associations or 0):
+        decision = Decision(False, "association limit reached")
+        # PS3.8 Table 9-21: rejected-transient, service-provider (presentation), local limit
+        # exceeded, as pynetdicom answered it.
+        result, source, diagnostic = 0x02, 0x03, 0x02
     if decision.allowed:
         return
     # Audited before the peer hears of it, so the row exists once the rejection is seen.

@@ -17,7 +17,8 @@ from dicomai.uids import is_valid_uid
 
 # A write in progress: `.<final name>.<pid>.<thread>.tmp` beside the final file. Final names
 # are `<UID>.dcm` and never start with a dot, so the pattern cannot match an instance.
-_PARTIAL_GLOB = "*/.*.tmp"
+# An instance's at <study>/, a resend's kept aside at resends/<study>/.
+_PARTIAL_GLOBS = ("*/.*.tmp", "resends/*/.*.tmp")
 
 # The fsyncs of placed files and their folders, several at once: the file system journals
 # them (and a database commit running meanwhile) together.
@@ -185,10 +186,11 @@ class Spool:
         so it is no instance. Call it only while nothing writes to the spool (at start).
         """
         removed = 0
-        for path in self.root.glob(_PARTIAL_GLOB):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-                removed += 1
+        for pattern in _PARTIAL_GLOBS:
+            for path in self.root.glob(pattern):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed += 1
         return removed
 
     def in_flight(self, relative: str) -> bool:

@@ -367,6 +367,10 @@ class JobRunner:
         self, session: Session, job: Job, claim: Claim, outputs: list[Output]
     ) -> list[int]:
         version = _version_shared(session, job)
+        # Whether it sends is decided under the study's lock, as a failing job's hand-over
+        # (`report_instead`) decides under it: both at once, each saw the other's job still
+        # running, and neither reported.
+        lock_studies(session, [job.study_id])
         # Once the SR went out the overlays follow it, whatever changed since.
         sends = has_deliveries(session, job.id) or sends_results(session, version, claim.study_uid)
         deliveries: list[Delivery] = []

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pydicom
@@ -360,18 +361,68 @@ def test_idle_connections_take_no_association_slot(tmp_path: Path) -> None:
     with Listener(tmp_path / "idle", AET, peers, max_associations=2) as daemon:
         ae = AE(ae_title=MODALITY)
         ae.add_requested_context("1.2.840.10008.1.1")
-        idle = [socket.create_connection(("127.0.0.1", daemon.port)) for _ in range(3)]
+
+        # From another address than the modality's, as an intruder's would be.
+        def connect() -> socket.socket:
+            return socket.create_connection(
+                ("127.0.0.1", daemon.port), source_address=("127.0.0.2", 0)
+            )
+
+        idle = [connect() for _ in range(4)]
         try:
+            # One address may keep four connections waiting; a fifth is closed at once.
+            fifth = connect()
+            idle.append(fifth)
+            fifth.settimeout(10)
+            assert fifth.recv(1) == b"", "a fifth waiting connection was kept"
+            idle[3].settimeout(1)
+            with pytest.raises(TimeoutError):
+                idle[3].recv(1)  # the fourth still waits
             assert _echo_ok(ae, daemon.port), "idle sockets kept the modality out"
-            # One address may keep only a few connections waiting: the next is closed.
-            extra = [socket.create_connection(("127.0.0.1", daemon.port)) for _ in range(2)]
-            extra[-1].settimeout(10)
-            assert extra[-1].recv(1) == b"", "a fifth waiting connection was kept"
-            idle += extra
         finally:
             for connection in idle:
                 connection.close()
         assert "more than 4 of its connections wait" in daemon.log()
+
+
+def test_associations_requested_at_once_stay_within_the_limit(tmp_path: Path) -> None:
+    # Counted without a lock, requests that arrived together each saw the others not yet
+    # established, and two of four got in under a limit of one.
+    peers = [{"ae_title": MODALITY, "hosts": ["127.0.0.1"]}]
+    with Listener(tmp_path / "race", AET, peers, max_associations=1) as daemon:
+        for _ in range(3):
+            accepted = _associated_at_once(daemon.port, 4)
+            assert accepted <= 1, f"{accepted} of 4 let in under a limit of 1"
+            wait_for(lambda: _echo_ok(_verification_ae(), daemon.port), 30, "a free slot")
+
+
+def _associated_at_once(port: int, count: int) -> int:
+    """How many of `count` associations requested at the same moment are accepted (each
+    held a second while the others ask)."""
+    start = threading.Barrier(count)
+    accepted: list[bool] = []
+
+    def associate() -> None:
+        ae = _verification_ae()
+        start.wait()
+        assoc = ae.associate("127.0.0.1", port, ae_title=AET)
+        accepted.append(assoc.is_established)
+        time.sleep(1)
+        if assoc.is_established:
+            assoc.release()
+
+    threads = [threading.Thread(target=associate) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(accepted)
+
+
+def _verification_ae() -> AE:
+    ae = AE(ae_title=MODALITY)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    return ae
 
 
 def _echo_ok(ae: AE, port: int) -> bool:
