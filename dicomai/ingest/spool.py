@@ -17,8 +17,11 @@ from dicomai.uids import is_valid_uid
 
 # A write in progress: `.<final name>.<pid>.<thread>.tmp` beside the final file. Final names
 # are `<UID>.dcm` and never start with a dot, so the pattern cannot match an instance.
+# The folder of resent contents kept aside (`dicomai.ingest.store`); no UID is a word, so no
+# study is named so.
+RESENDS = "resends"
 # An instance's at <study>/, a resend's kept aside at resends/<study>/.
-_PARTIAL_GLOBS = ("*/.*.tmp", "resends/*/.*.tmp")
+_PARTIAL_GLOBS = ("*/.*.tmp", f"{RESENDS}/*/.*.tmp")
 
 # The fsyncs of placed files and their folders, several at once: the file system journals
 # them (and a database commit running meanwhile) together.

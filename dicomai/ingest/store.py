@@ -25,7 +25,7 @@ from dicomai.ingest.recorder import (
     recorded_study,
     replace_instance,
 )
-from dicomai.ingest.spool import NameTaken, Placed, Spool
+from dicomai.ingest.spool import RESENDS, NameTaken, Placed, Spool
 from dicomai.metrics import STORE_SECONDS, STORED_BYTES, STORES, sender_label
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,6 @@ OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
 
 RESEND_POLICIES = ("keep", "replace")
-# The spool folder of resent contents kept aside (no UID is a word: no study is named so).
-RESENDS = "resends"
 
 # Shared by the listener's handler threads; hashing holds no lock, so a few suffice.
 _HASHER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="digest")
