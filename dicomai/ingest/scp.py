@@ -27,14 +27,21 @@ from dicomai.sockets import set_nodelay
 log = logging.getLogger(__name__)
 
 
-# Connections one address may have open before its associations are accepted: a modality
-# opens one or two at once; idle sockets of one peer must not take every slot.
+# Connections one address may have open before its associations are accepted, at least: a
+# modality opens one or two at once; idle sockets of one peer must not take every slot.
 PENDING_PER_ADDRESS = 4
+
+
+def pending_per_address(max_associations: int) -> int:
+    """Connections one address may keep waiting: as many as the associations it may be
+    granted (a PACS forwarding with eight threads opens eight at once, and under load their
+    requests are read late), and never fewer than `PENDING_PER_ADDRESS`."""
+    return max(PENDING_PER_ADDRESS, max_associations)
 
 
 def connection_cap(max_associations: int) -> int:
     """Open connections a listener process takes: the associations and room for callers still
-    asking (bounded per address by `PENDING_PER_ADDRESS`)."""
+    asking (bounded per address by `pending_per_address`)."""
     return 4 * max_associations + 8
 
 
@@ -69,7 +76,11 @@ def handlers(
         min(30.0, settings.ingest.network_timeout_seconds),
     )
     return [
-        (evt.EVT_CONN_OPEN, on_connection_open, [limits, sessions, policy]),
+        (
+            evt.EVT_CONN_OPEN,
+            on_connection_open,
+            [limits, sessions, policy, pending_per_address(settings.ingest.max_associations)],
+        ),
         (evt.EVT_CONN_CLOSE, on_connection_close),
         (
             evt.EVT_REQUESTED,
@@ -97,17 +108,21 @@ def on_association_end(event: evt.Event, sessions: sessionmaker[Session]) -> Non
 
 
 def on_connection_open(
-    event: evt.Event, limits: Limits, sessions: sessionmaker[Session], policy: AccessPolicy
+    event: evt.Event,
+    limits: Limits,
+    sessions: sessionmaker[Session],
+    policy: AccessPolicy,
+    pending_limit: int = PENDING_PER_ADDRESS,
 ) -> None:
     OPEN_ASSOCIATIONS.inc()
     set_nodelay(event)
     bound_reads(event, limits, sessions)
     guard_protocol(event, sessions, policy)
-    if _pending_from(event.assoc) >= PENDING_PER_ADDRESS:
+    if _pending_from(event.assoc) >= pending_limit:
         log.warning(
             "connection from %s closed: more than %d of its connections wait for an association",
             event.assoc.requestor.address,
-            PENDING_PER_ADDRESS,
+            pending_limit,
         )
         drop_connection(event.assoc)
 

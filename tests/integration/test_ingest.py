@@ -388,6 +388,29 @@ def test_idle_connections_take_no_association_slot(tmp_path: Path) -> None:
         assert "more than 4 of its connections wait" in daemon.log()
 
 
+def test_one_address_may_keep_as_many_connections_waiting_as_it_may_have_associations(
+    tmp_path: Path,
+) -> None:
+    # Four waiting connections per address closed the fifth of eight senders of one PACS at
+    # once, whose requests were read late under load: storescu saw its association aborted.
+    peers = [{"ae_title": MODALITY, "hosts": ["127.0.0.1"]}]
+    with Listener(tmp_path / "burst", AET, peers, max_associations=8) as daemon:
+        waiting = [
+            socket.create_connection(("127.0.0.1", daemon.port), timeout=10) for _ in range(7)
+        ]
+        time.sleep(1)
+        try:
+            for connection in waiting:
+                connection.settimeout(0.2)
+                with pytest.raises(TimeoutError):
+                    connection.recv(1)  # each still waits
+            assert _echo_ok(_verification_ae(), daemon.port), "the eighth connection was closed"
+        finally:
+            for connection in waiting:
+                connection.close()
+        assert "connections wait for an association" not in daemon.log()
+
+
 def test_associations_requested_at_once_stay_within_the_limit(tmp_path: Path) -> None:
     # Counted without a lock, requests that arrived together each saw the others not yet
     # established, and two of four got in under a limit of one.
