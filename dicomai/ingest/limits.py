@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 import zlib
 from dataclasses import dataclass
@@ -82,6 +83,18 @@ def bound_reads(
                 "%s sent no whole PDU within %g s: connection closed",
                 event.assoc.requestor.address,
                 timeout,
+            )
+            return bytearray()
+        except ssl.SSLError as exc:
+            # A TLS 1.2 peer asking to renegotiate (refused, BCP 195), or a bad record:
+            # pynetdicom logged its traceback and left no row.
+            return refuse(f"TLS error: {exc.reason or exc}")
+        except OSError as exc:
+            # Reset by the peer (a modality switched off mid-transfer): its end, as a close.
+            log.warning(
+                "connection from %s lost: %s",
+                event.assoc.requestor.address,
+                exc.strerror or type(exc).__name__,
             )
             return bytearray()
         counter[0] += len(data)

@@ -167,3 +167,21 @@ def test_a_peer_that_stops_half_way_through_a_pdu_loses_its_slot(tmp_path, stage
             "the slot to be free",
         )
         assert "sent no whole PDU within 2 s" in daemon.log()
+
+
+def test_a_peer_reset_half_way_through_a_pdu_is_one_log_line(listener: Listener) -> None:
+    # A modality switched off mid-transfer resets the connection: pynetdicom logged the
+    # ConnectionResetError with a traceback.
+    lines = len(listener.log().splitlines())
+    peer = socket.create_connection(("127.0.0.1", listener.port))
+    peer.sendall(struct.pack(">BBL", 0x01, 0, 1000) + b"\0" * 10)  # half an A-ASSOCIATE-RQ
+    time.sleep(0.5)
+    # Closing with unread data and a zero linger sends RST, not FIN.
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()
+    wait_for(
+        lambda: "lost: Connection reset" in listener.log(), 30, "the reset connection's log line"
+    )
+    new = listener.log().splitlines()[lines:]
+    assert not [line for line in new if "Traceback" in line], "\n".join(new)
+    assert echoscu(listener.port, aet=MODALITY, aec=AET, timeout=30).returncode == 0

@@ -277,3 +277,42 @@ def test_a_connection_silent_until_the_timeout_leaves_no_audit_row(
             connection.close()
         assert tls_store(daemon, pki, "client").returncode == 0
         assert tls_refusals(daemon) == []
+
+
+def test_a_renegotiation_is_refused_audited_and_logged_in_one_line(
+    tls_listener: Listener, pki: Path
+) -> None:
+    # A TLS 1.2 peer asking to renegotiate was refused by OpenSSL, and pynetdicom logged the
+    # error with a traceback and left no audit row.
+    lines = len(tls_listener.log().splitlines())
+    client = subprocess.Popen(
+        [
+            "openssl", "s_client", "-tls1_2", "-connect", f"127.0.0.1:{tls_listener.port}",
+            "-cert", str(pki / "client.crt"), "-key", str(pki / "client.key"),
+            "-CAfile", str(pki / "ca.crt"),
+        ],  # fmt: skip
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert client.stdin is not None and client.stdout is not None
+        wait_for(lambda: "Verify return code" in (client.stdout.readline() or "x"), 30, "TLS")
+        client.stdin.write("R\n")  # s_client: renegotiate
+        client.stdin.flush()
+        aborted = wait_for(
+            lambda: tls_listener.query(
+                "SELECT detail FROM audit_events WHERE action = 'association.aborted' "
+                "AND detail LIKE '%TLS error%'"
+            ),
+            30,
+            "the renegotiation's audit row",
+        )
+    finally:
+        client.kill()
+        client.communicate()
+    assert "HANDSHAKE_FAILURE" in str(aborted[0][0]), aborted  # the peer's alert, named
+    new = tls_listener.log().splitlines()[lines:]
+    assert not [line for line in new if "Traceback" in line], "\n".join(new)
+    assert tls_store(tls_listener, pki, "client").returncode == 0
