@@ -285,12 +285,10 @@ def test_a_renegotiation_is_refused_audited_and_logged_in_one_line(
     # A TLS 1.2 peer asking to renegotiate was refused by OpenSSL, and pynetdicom logged the
     # error with a traceback and left no audit row.
     lines = len(tls_listener.log().splitlines())
+    argv = ["openssl", "s_client", "-tls1_2", "-connect", f"127.0.0.1:{tls_listener.port}"]
+    argv += ["-cert", str(pki / "client.crt"), "-key", str(pki / "client.key")]
     client = subprocess.Popen(
-        [
-            "openssl", "s_client", "-tls1_2", "-connect", f"127.0.0.1:{tls_listener.port}",
-            "-cert", str(pki / "client.crt"), "-key", str(pki / "client.key"),
-            "-CAfile", str(pki / "ca.crt"),
-        ],  # fmt: skip
+        [*argv, "-CAfile", str(pki / "ca.crt")],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
