@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus
+from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, LayerCAM
 from pytorch_grad_cam.base_cam import BaseCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
@@ -24,6 +24,9 @@ _CAM_CLASSES: dict[str, type[BaseCAM]] = {
     "gradcam": GradCAM,
     "gradcam++": GradCAMPlusPlus,
     "eigencam": EigenCAM,
+    # Each position's activations weighed by its own positive gradients (Jiang et al., IEEE
+    # TIP 2021), not by their average over the map: for heads that do not pool evenly.
+    "layercam": LayerCAM,
 }
 RELEVANCE = "relevance"
 METHODS: tuple[str, ...] = (*_CAM_CLASSES, RELEVANCE)
@@ -70,9 +73,9 @@ def gradcam(
     class_indices
         For each image, the output index to explain (ignored by ``"eigencam"``).
     method
-        ``"gradcam"``, ``"gradcam++"``, ``"eigencam"``, or ``"relevance"`` for a network with
-        attention over a class token and a patch grid (`dicomai.explain.relevance`, which
-        ignores `target_layer` and `frozen`).
+        ``"gradcam"``, ``"gradcam++"``, ``"layercam"``, ``"eigencam"``, or ``"relevance"``
+        for a network with attention over a class token and a patch grid
+        (`dicomai.explain.relevance`, which ignores `target_layer` and `frozen`).
     target_layer
         The layer to explain; by default `find_target_layer` chooses it.
     frozen

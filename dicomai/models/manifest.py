@@ -82,7 +82,7 @@ class AppliesTo:
 
 UNCERTAINTY_METHODS = ("none", "mc_dropout", "ensemble")
 # `dicomai.explain.gradcam.METHODS` (not imported: reading a manifest needs no torch).
-EXPLANATION_METHODS = ("gradcam", "gradcam++", "eigencam", "relevance")
+EXPLANATION_METHODS = ("gradcam", "gradcam++", "eigencam", "layercam", "relevance")
 
 
 @dataclass(frozen=True)

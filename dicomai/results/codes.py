@@ -82,6 +82,7 @@ _METHOD_NAMES = {
     "gradcam": "Grad-CAM",
     "gradcam++": "Grad-CAM++",
     "eigencam": "EigenCAM",
+    "layercam": "LayerCAM",
     "relevance": "Attention relevance",
 }
 

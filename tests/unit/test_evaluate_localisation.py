@@ -60,7 +60,7 @@ def test_evaluate_measures_whether_each_methods_heat_maps_point_at_the_lesions(
     assert found["method"] == found["best"] == "gradcam"
     assert found["margin_px"] == pytest.approx(15 * 128 / 224, abs=0.01)
     # Relevance explains attention networks; a tinycnn has none.
-    assert set(found["pointing"]) == {"gradcam", "gradcam++", "eigencam"}
+    assert set(found["pointing"]) == {"gradcam", "gradcam++", "eigencam", "layercam"}
     assert found["pointing"]["gradcam"] >= 0.8, found
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert "## Heat maps on the lesion" in markdown and "gradcam (the package's)" in markdown

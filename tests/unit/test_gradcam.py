@@ -130,3 +130,34 @@ def test_relevance_lays_a_non_square_input_out_on_its_own_grid() -> None:
     pixels = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(4))
     maps = gradcam(model, pixels, [1, 1], method="relevance")
     assert maps.shape == (2, 64, 96) and np.isfinite(maps).all()
+
+
+class _LeftHalfHead(nn.Module):
+    """Scores what the left half of its map holds: a head that does not pool evenly, as a
+    class token's attention does not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Conv2d(3, 1, 1, bias=False)
+        nn.init.constant_(self.features.weight, 1.0 / 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grid = self.features(x)
+        left = grid[..., : grid.shape[-1] // 2].flatten(1).sum(dim=1, keepdim=True)
+        return torch.cat([left, -left], dim=1)
+
+
+def test_layercam_shows_where_the_head_looks_where_grad_cam_shows_all_it_weighs() -> None:
+    # What the score reads: a dim spot on the left; a brighter one on the right counts for
+    # nothing. Grad-CAM weighs the whole map by one average gradient, so its maximum is the
+    # brighter spot; LayerCAM weighs each position by its own gradient.
+    image = torch.zeros(1, 3, 32, 32)
+    image[..., 14:18, 4:8] = 1.0
+    image[..., 14:18, 24:28] = 2.0
+    model = _LeftHalfHead().eval()
+    peaks = {}
+    for method in ("gradcam", "layercam"):
+        heat = gradcam(model, image, [0], method, target_layer=model.features)[0]
+        peaks[method] = np.unravel_index(int(heat.argmax()), heat.shape)
+    assert 24 <= peaks["gradcam"][1] < 28, peaks
+    assert 4 <= peaks["layercam"][1] < 8 and 14 <= peaks["layercam"][0] < 18, peaks
