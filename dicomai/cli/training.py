@@ -105,6 +105,31 @@ def _architecture_options(pairs: tuple[str, ...], dropout: float | None) -> dict
     return options
 
 
+def _window(
+    _context: click.Context, parameter: click.Parameter, value: str | None
+) -> str | tuple[float, float]:
+    """`--window`: a preset name or CENTER,WIDTH, checked before training as the package's
+    [input] window will be."""
+    from dicomai.errors import ModelPackageError
+    from dicomai.imaging.spec import STORED_WINDOW, InputSpec
+
+    if value is None:
+        return STORED_WINDOW
+    window: str | tuple[float, float] = value.strip().lower()
+    if "," in value:
+        try:
+            center, width = (float(part) for part in value.split(","))
+        except ValueError as error:
+            message = f"{value!r}: a preset or CENTER,WIDTH"
+            raise click.BadParameter(message, param=parameter) from error
+        window = (center, width)
+    try:
+        return InputSpec(window=window).window
+    except ModelPackageError as error:
+        message = str(error).removeprefix("input spec: ")
+        raise click.BadParameter(message, param=parameter) from error
+
+
 def _epochs(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())
@@ -155,6 +180,14 @@ def _epochs(text: str) -> tuple[int, ...]:
     default="imagenet",
     show_default=True,
     help="Input normalisation (imagenet for pretrained weights).",
+)
+@click.option(
+    "--window",
+    callback=_window,
+    metavar="NAME|CENTER,WIDTH",
+    help="VOI window of DICOM images, in place of their own and kept in the package's "
+    "[input] table: stored (the image's own, the default), a CT preset (lung, mediastinum, "
+    "abdomen, bone, brain) or CENTER,WIDTH in modality units, e.g. --window=-600,1500.",
 )
 @click.option(
     "--init",
@@ -325,9 +358,11 @@ def _run_settings(o: dict[str, Any]) -> RunSettings:
     from dicomai.training.strategies import Strategy, StrategySettings
 
     size = int(o["size"])
-    spec = InputSpec(size=(size, size))
+    spec = InputSpec(size=(size, size), window=o["window"])
     if o["normalize"] == "mid-grey":
-        spec = InputSpec(size=(size, size), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+        spec = InputSpec(
+            size=(size, size), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), window=o["window"]
+        )
     jitter = float(o["jitter"])
     augmentation = (
         NO_AUGMENTATION

@@ -5,10 +5,13 @@ from __future__ import annotations
 import logging
 import math
 import os
+import struct
+from collections.abc import Iterator
 
 import numpy as np
 from pydicom import Dataset, dcmread
 from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.encaps import generate_frames, get_frame
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder, pixel_array
@@ -28,8 +31,19 @@ MAX_PIXELS = 1_000_000_000
 
 # Decoders tried in this order, each one the fallback of the one before. FACTS.md: on a 2048²
 # JPEG-LS image pyjpegls (CharLS) takes 80 ms against 330 ms for pylibjpeg. pydicom itself
-# would try GDCM first; we keep it last, for the streams the others refuse.
-_PLUGIN_ORDER = ("pyjpegls", "pylibjpeg", "pydicom", "pillow", "gdcm")
+# would try GDCM first.
+_PLUGIN_ORDER = ("pyjpegls", "pylibjpeg", "pydicom", "pillow")
+# GDCM throws C++ exceptions that Python cannot catch on a codestream whose size or components
+# differ from Rows/Columns/Samples per Pixel (JPEG-LS, JPEG 2000): the process aborts (SIGABRT),
+# taking every job of its batch with it; on a JPEG-LS stream with fewer Columns than it holds it
+# returned scrambled strips. Every syntax it decodes has pylibjpeg too, so it is used only where
+# it is the one decoder installed for a syntax, behind the codestream check.
+_LAST_RESORT = "gdcm"
+
+# ISO/IEC 10918-1 B.1.1.3 start-of-frame markers (not DHT C4, JPG C8, DAC CC), and
+# ISO/IEC 14495-1's SOF55 (F7) for JPEG-LS; all share one layout.
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}
+_SOS_MARKER = 0xDA
 
 
 def read_instance(path: str | os.PathLike[str]) -> Dataset:
@@ -166,18 +180,25 @@ def pixel_frames(ds: Dataset, index: int | None = None) -> np.ndarray:
     ------
     dicomai.errors.NotEvaluable
         If there is no pixel data, the dimensions are absent or absurd, the data is shorter
-        than the dimensions require, no decoder handles the transfer syntax, or decoding
-        fails. The reason names no patient data.
+        than the dimensions require, a JPEG, JPEG-LS or JPEG 2000 codestream declares other
+        dimensions or components than the header, no decoder handles the transfer syntax, or
+        decoding fails. The reason names no patient data.
     """
     samples = _check_geometry(ds)
     if index is not None and not 0 <= index < frame_count(ds):
         raise NotEvaluable(f"frame {index} does not exist")
     tsyntax = _transfer_syntax(ds)
-    if not tsyntax.is_encapsulated:
+    if tsyntax.is_encapsulated:
+        _check_codestreams(ds, samples, index)
+    else:
         _check_native_length(ds, samples)
     arr = _decode(ds, tsyntax, index)
     single = 2 if samples == 1 else 3
-    return arr[np.newaxis] if arr.ndim == single else arr
+    arr = arr[np.newaxis] if arr.ndim == single else arr
+    expected = (1 if index is not None else frame_count(ds), ds.Rows, ds.Columns)
+    if arr.shape != expected + ((samples,) if samples > 1 else ()):
+        raise NotEvaluable("decoded pixel data do not match Rows, Columns and Samples per Pixel")
+    return arr
 
 
 def _check_geometry(ds: Dataset) -> int:
@@ -225,6 +246,76 @@ def _check_native_length(ds: Dataset, samples: int) -> None:
         raise NotEvaluable(f"pixel data is {actual} bytes, its dimensions need {expected}")
 
 
+def _check_codestreams(ds: Dataset, samples: int, index: int | None) -> None:
+    """Refuse a JPEG, JPEG-LS or JPEG 2000 frame whose codestream declares another size or
+    number of components than the header: a bad file, not a codec missing, which no decoder
+    is to be tried on (GDCM aborts the process on some)."""
+    declared = (ds.Rows, ds.Columns, samples)
+    for frame in _codestreams(ds, index):
+        size = _codestream_size(frame)
+        if size is None:
+            continue
+        rows, cols, components = size
+        # ISO/IEC 10918-1 B.2.2: a JPEG frame header may give 0 lines, defined later by DNL.
+        if (rows or ds.Rows, cols, components) != declared:
+            raise NotEvaluable(
+                f"pixel data do not match their dimensions: the codestream holds "
+                f"{rows}x{cols}x{components}, Rows/Columns/Samples per Pixel say "
+                f"{ds.Rows}x{ds.Columns}x{samples}"
+            )
+
+
+def _codestreams(ds: Dataset, index: int | None) -> Iterator[bytes]:
+    offsets = None
+    if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+        offsets = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+    count = frame_count(ds)
+    try:
+        if index is not None:
+            yield get_frame(ds.PixelData, index, number_of_frames=count, extended_offsets=offsets)
+        else:
+            yield from generate_frames(
+                ds.PixelData, number_of_frames=count, extended_offsets=offsets
+            )
+    except (ValueError, TypeError, KeyError, IndexError, struct.error):
+        return  # an encapsulation the decoders reject with their own error
+
+
+def _codestream_size(frame: bytes) -> tuple[int, int, int] | None:
+    """Rows, columns and components a JPEG, JPEG-LS or JPEG 2000 codestream declares; None
+    where it is none of these or its header cannot be read (the decoders judge those)."""
+    try:
+        if frame.startswith(b"\xff\xd8"):
+            return _jpeg_size(frame)
+        if frame.startswith(b"\xff\x4f\xff\x51"):
+            # ISO/IEC 15444-1 A.5.1, SIZ: Lsiz Rsiz Xsiz Ysiz XOsiz YOsiz XTsiz YTsiz XTOsiz
+            # YTOsiz Csiz; the image area is the reference grid less its offset.
+            xsiz, ysiz, xosiz, yosiz = struct.unpack_from(">4I", frame, 8)
+            (components,) = struct.unpack_from(">H", frame, 40)
+            return ysiz - yosiz, xsiz - xosiz, components
+    except (struct.error, IndexError):
+        return None
+    return None
+
+
+def _jpeg_size(frame: bytes) -> tuple[int, int, int] | None:
+    offset = 2
+    while offset + 4 <= len(frame) and frame[offset] == 0xFF:
+        marker = frame[offset + 1]
+        if marker == 0xFF:  # B.1.1.2: fill bytes before a marker
+            offset += 1
+            continue
+        if marker in _SOF_MARKERS:
+            # B.2.2: Lf, P, Y (lines), X (samples per line), Nf (components)
+            rows, cols = struct.unpack_from(">HH", frame, offset + 5)
+            return rows, cols, frame[offset + 9]
+        if marker == _SOS_MARKER:
+            return None
+        (length,) = struct.unpack_from(">H", frame, offset + 2)
+        offset += 2 + length
+    return None
+
+
 def _decode(ds: Dataset, tsyntax: UID, index: int | None) -> np.ndarray:
     failure: Exception | None = None
     for plugin in _plugins(tsyntax):
@@ -243,4 +334,5 @@ def _plugins(tsyntax: UID) -> list[str]:
         return [""]  # pydicom's own native decoder, the only one there is
     available = get_decoder(tsyntax).available_plugins
     known = [name for name in _PLUGIN_ORDER if name in available]
-    return known + sorted(set(available) - set(known))
+    others = known + sorted(set(available) - set(known) - {_LAST_RESORT})
+    return others or [name for name in available if name == _LAST_RESORT]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import struct
 
 import cv2
 import numpy as np
 from pydicom import Dataset
 from pydicom.multival import MultiValue
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, apply_voi_lut
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+from pydicom.uid import UID
 
 from dicomai.errors import NotEvaluable
 from dicomai.imaging.decode import frame_count, pixel_frames
@@ -34,22 +36,26 @@ _FRAME_LUT_SEQUENCES = ("PixelValueTransformationSequence", "FrameVOILUTSequence
 # ITU-R BT.601 luma, the weights cv2.COLOR_RGB2GRAY uses.
 _LUMA = np.array([0.299, 0.587, 0.114])
 
-# Windows that pydicom cannot apply (width < 1, unknown VOI LUT Function...) raise these;
-# a viewer ignores such a window, and so do we.
-_INVALID_WINDOW = (
+# What a malformed lookup table or window raises in pydicom and numpy: a LUT Data shorter
+# than its descriptor fails in struct.unpack, a palette of 12 bits per entry as a numpy dtype
+# "uint12" that does not exist, an unknown VOI LUT Function as ValueError. One such image
+# failed the job of its whole study.
+_LUT_ERRORS = (
     ValueError,
     TypeError,
     IndexError,
     KeyError,
     AttributeError,
     NotImplementedError,
+    OverflowError,
+    struct.error,
 )
 
 
-def render(ds: Dataset, frame: int = 0) -> np.ndarray:
+def render(ds: Dataset, frame: int = 0, window: tuple[float, float] | None = None) -> np.ndarray:
     """Render one frame as a radiologist's viewer displays it.
 
-    Monochrome images go through the modality LUT, then the VOI LUT or the first window
+    Monochrome images go through the modality LUT, then the VOI LUT or the first valid window
     (without either: the data's range, or its 0.5-99.5 percentiles for CT), and MONOCHROME1
     is inverted so that bright always means dense. Colour and palette images become their
     luminance.
@@ -60,6 +66,10 @@ def render(ds: Dataset, frame: int = 0) -> np.ndarray:
         The instance.
     frame : int
         Zero-based frame index.
+    window : tuple of float, optional
+        ``(center, width)`` in modality units (Hounsfield units for CT), applied as a LINEAR
+        window (PS3.3 C.11.2.1.2.1) in place of the image's own VOI LUT and windows; the
+        model's ``[input] window`` (`InputSpec.voi_window`). Colour images ignore it.
 
     Returns
     -------
@@ -70,22 +80,37 @@ def render(ds: Dataset, frame: int = 0) -> np.ndarray:
     Raises
     ------
     dicomai.errors.NotEvaluable
-        If the pixels cannot be decoded or the LUTs cannot be applied.
+        If the pixels cannot be decoded, the LUTs cannot be applied, the result is not
+        finite, or the VOI transformation leaves an image of one grey from stored pixels
+        that differ.
     """
     stored = pixel_frames(ds, index=frame)[0]
+    image = _render(stored, ds, frame, window)
+    # min and max are NaN if any value is: one pass each, where isfinite would allocate.
+    low, high = float(image.min()), float(image.max())
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise NotEvaluable("rendering gives non-finite values")
+    if low == high and stored.ndim == 2 and stored.min() != stored.max():
+        # A window or VOI LUT past every pixel (a negative first value written unsigned
+        # mapped all of a CT to black), palette indices past a short table: the model would
+        # be shown a blank as an image. A constant image stays what it is.
+        raise NotEvaluable("the LUTs or window leave the image without contrast")
+    return image
+
+
+def _render(
+    stored: np.ndarray, ds: Dataset, frame: int, window: tuple[float, float] | None
+) -> np.ndarray:
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
     if stored.ndim == 3:
         bits = min(int(ds.get("BitsStored", 8 * stored.itemsize)), 8 * stored.itemsize)
         return _luminance(stored, 2**bits - 1)
     if photometric == "PALETTE COLOR":
-        try:
-            rgb = apply_color_lut(stored, ds)
-        except (ValueError, KeyError, AttributeError, IndexError) as exc:
-            raise NotEvaluable("invalid palette colour lookup table") from exc
-        return _luminance(rgb, np.iinfo(rgb.dtype).max)
+        return _palette_luminance(stored, ds)
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise NotEvaluable(f"unsupported Photometric Interpretation {photometric[:16]!r}")
-    return _render_monochrome(stored, ds, frame, inverted=photometric == "MONOCHROME1")
+    inverted = photometric == "MONOCHROME1"
+    return _render_monochrome(stored, ds, frame, inverted, window)
 
 
 def modality_values(ds: Dataset, frame: int = 0) -> np.ndarray:
@@ -216,7 +241,7 @@ def prepare(ds: Dataset, spec: InputSpec, frame: int = 0) -> tuple[np.ndarray, n
     dicomai.errors.NotEvaluable
         If the image cannot be decoded or rendered.
     """
-    image = render(ds, frame)
+    image = render(ds, frame, spec.voi_window)
     _large_enough(image.shape, spec)
     return to_display(image), to_model_input(image, spec)
 
@@ -271,20 +296,49 @@ def _luminance(rgb: np.ndarray, maximum: int) -> np.ndarray:
     return np.clip(luma, 0.0, 1.0).astype(np.float32)
 
 
+def _palette_luminance(stored: np.ndarray, ds: Dataset) -> np.ndarray:
+    try:
+        bits = _palette_bits(ds)
+        rgb = apply_color_lut(stored, ds)
+    except _LUT_ERRORS as exc:
+        raise NotEvaluable("invalid palette colour lookup table") from exc
+    # PS3.3 C.7.6.3.1.5: the descriptor's bits per entry, not the array's dtype, is the scale.
+    # 8-bit entries in 16-bit words come back as uint16 of 0-255, which over 65535 rendered
+    # the image black.
+    return _luminance(rgb, 2**bits - 1)
+
+
+def _palette_bits(ds: Dataset) -> int:
+    depths = {
+        int(ds[f"{colour}PaletteColorLookupTableDescriptor"].value[2])
+        for colour in ("Red", "Green", "Blue")
+    }
+    if len(depths) != 1 or not depths <= {8, 16}:
+        # PS3.3 C.7.6.3.1.5: 8 or 16 bits per entry, the same for the three tables.
+        raise ValueError("palette entries must all be 8 or all be 16 bits")
+    return depths.pop()
+
+
 def _modality(stored: np.ndarray, attrs: Dataset) -> np.ndarray:
     try:
         values = np.asarray(apply_modality_lut(stored, attrs), dtype=np.float64)
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+    except _LUT_ERRORS as exc:
         raise NotEvaluable("invalid modality LUT or rescale") from exc
     if not np.isfinite(values).all():
         raise NotEvaluable("modality LUT or rescale gives non-finite values")
     return values
 
 
-def _render_monochrome(stored: np.ndarray, ds: Dataset, frame: int, inverted: bool) -> np.ndarray:
+def _render_monochrome(
+    stored: np.ndarray,
+    ds: Dataset,
+    frame: int,
+    inverted: bool,
+    window: tuple[float, float] | None,
+) -> np.ndarray:
     attrs = lut_attributes(ds, frame)
     values = _modality(stored, attrs)
-    image = _apply_voi(values, attrs)
+    image = _apply_voi(values, attrs) if window is None else _linear(values, *window)
     if image is None:
         if values.min() == values.max():
             # No contrast to show in either polarity; zeros keep every later step finite.
@@ -298,71 +352,130 @@ def _render_monochrome(stored: np.ndarray, ds: Dataset, frame: int, inverted: bo
 
 
 def _apply_voi(values: np.ndarray, attrs: Dataset) -> np.ndarray | None:
-    try:
-        if attrs.get("VOILUTSequence"):
+    """The image's VOI LUT, else its first valid window; None where it has neither.
+
+    An invalid VOI LUT or window is passed over, as a viewer passes over it.
+    """
+    if attrs.get("VOILUTSequence"):
+        try:
             return _apply_voi_lut_sequence(values, attrs)
-        if "WindowCenter" in attrs and "WindowWidth" in attrs:
+        except _LUT_ERRORS:
+            pass
+    if "WindowCenter" in attrs and "WindowWidth" in attrs:
+        try:
             return _apply_window(values, attrs)
-    except _INVALID_WINDOW:
-        return None
+        except _LUT_ERRORS:
+            return None
     return None
 
 
 def _apply_voi_lut_sequence(values: np.ndarray, attrs: Dataset) -> np.ndarray:
-    # A VOI LUT is indexed by integers; rounding also spares pydicom's float warning.
-    indices = np.rint(values).astype(np.int64)
-    mapped = apply_voi(indices, attrs)
-    entries, first, _ = attrs.VOILUTSequence[0].LUTDescriptor
-    table = apply_voi(np.arange(first, first + (entries or 2**16), dtype=np.int64), attrs)
+    table, first = _voi_lut(attrs.VOILUTSequence[0], attrs, values)
+    # int64 indices: pydicom 3.0.2's apply_voi builds them in the entries' dtype, uint8 for
+    # 8-bit entries, so that input 256 and over wrapped into a sawtooth. Clipping in float
+    # first keeps huge modality values from overflowing the cast.
+    indices = np.clip(np.rint(values) - first, 0, table.size - 1).astype(np.intp)
     top = int(table.max())
     if top == 0:
         return np.zeros(values.shape)
     # The descriptor's bits per entry is often larger than the entries use (16 declared
     # for 12-bit data), which would render the image nearly black; scale by the depth the
     # entries actually need instead.
-    return mapped / float(2 ** top.bit_length() - 1)
+    return table[indices] / float(2 ** top.bit_length() - 1)
 
 
-def _apply_window(values: np.ndarray, attrs: Dataset) -> np.ndarray:
-    linear = _linear_window(attrs)
-    if linear is not None:
-        # PS3.3 C.11.2.1.2.1's LINEAR function is this clipped line. pydicom computes it in
-        # float64 through three masks, 1.4 ms of a 512² radiograph's 4.5 ms on the worker's
-        # path; one float32 pass takes 0.1 ms (equal to 3e-8).
-        scale, offset = linear
-        image = values.astype(np.float32)
-        image *= scale
-        image += offset
-        return np.clip(image, 0.0, 1.0, out=image)
+def _voi_lut(item: Dataset, attrs: Dataset, values: np.ndarray) -> tuple[np.ndarray, int]:
+    """The entries and first mapped input value of a VOI LUT item (PS3.3 C.11.2.1.1).
+
+    Raises
+    ------
+    ValueError
+        If the descriptor is not three values with 8 to 16 bits per entry, or the data
+        hold fewer entries than it declares.
+    """
+    entries, first, bits = (int(value) for value in item.LUTDescriptor)
+    if not 8 <= bits <= 16:
+        raise ValueError(f"{bits} bits per VOI LUT entry")
+    # PS3.3 C.11.2.1.1: 0 stands for 2^16 entries; the modulo undoes a descriptor read as SS
+    # (40000 entries as -25536).
+    entries = entries % 2**16 or 2**16
+    if first >= 2**15 and (attrs.get("PixelRepresentation") == 1 or values.min() < 0):
+        # The first value mapped has the input's sign (SS for signed data); senders write
+        # -1024 as US 64512, which left every pixel below the table.
+        first -= 2**16
+    data = item.LUTData
+    if isinstance(data, bytes):
+        # OW: each entry in a 16-bit word, 8-bit entries included (PS3.3 C.11.2.1.1).
+        order = "<" if _little_endian(attrs) else ">"
+        table = np.frombuffer(data, dtype=f"{order}u2", count=entries)
+    else:
+        table = np.asarray(data if isinstance(data, MultiValue | list) else [data])
+        if table.size < entries:
+            raise ValueError("VOI LUT Data shorter than its descriptor")
+        table = table[:entries]
+    return table.astype(np.int64), first
+
+
+def _little_endian(attrs: Dataset) -> bool:
+    meta = getattr(attrs, "file_meta", None)
+    tsyntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if tsyntax:
+        return bool(UID(tsyntax).is_little_endian)
+    return attrs.original_encoding[1] is not False
+
+
+def _apply_window(values: np.ndarray, attrs: Dataset) -> np.ndarray | None:
+    function = str(attrs.get("VOILUTFunction") or "LINEAR").strip().upper()
+    centers, widths = _numbers(attrs.WindowCenter), _numbers(attrs.WindowWidth)
+    # PS3.3 C.11.2.1.2: the windows are alternatives and viewers show the first. One that is
+    # not finite or too narrow for its function is passed over, as a viewer passes it over;
+    # pydicom returned NaN for a NaN centre, and the model was given a NaN image.
+    valid = [
+        index
+        for index, (center, width) in enumerate(zip(centers, widths, strict=False))
+        if _usable_window(center, width, function)
+    ]
+    if not valid:
+        return None
+    index = valid[0]
+    if function == "LINEAR":
+        return _linear(values, centers[index], widths[index])
     # A bare unsigned 16-bit view without rescale pins pydicom's output range to 0..65535
     # whatever the source's bit depth, sign and rescale, so the result scales to [0, 1].
     view = Dataset()
     view.PhotometricInterpretation = "MONOCHROME2"
     view.BitsStored = 16
     view.PixelRepresentation = 0
-    for keyword in ("WindowCenter", "WindowWidth", "VOILUTFunction"):
-        if keyword in attrs:
-            view[keyword] = attrs[keyword]
+    view.WindowCenter, view.WindowWidth = centers[index], widths[index]
+    view.VOILUTFunction = function
     return np.asarray(apply_voi_lut(values, view, index=0)) / 65535.0
 
 
-def _linear_window(attrs: Dataset) -> tuple[float, float] | None:
-    """Scale and offset of the first window when it is LINEAR with a finite centre and a
-    width over 1; None leaves the window (or its error) to pydicom."""
-    function = attrs.get("VOILUTFunction") or "LINEAR"
-    if str(function).strip().upper() != "LINEAR":
-        return None
-    center, width = _first_value(attrs.WindowCenter), _first_value(attrs.WindowWidth)
-    if not (math.isfinite(center) and math.isfinite(width) and width > 1):
-        return None
+def _usable_window(center: float, width: float, function: str) -> bool:
+    if not (math.isfinite(center) and math.isfinite(width)):
+        return False
+    # PS3.3 C.11.2.1.2.1: LINEAR needs a width of 1 or more; C.11.2.1.3: the others above 0.
+    return width >= 1 if function == "LINEAR" else width > 0
+
+
+def _linear(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    """PS3.3 C.11.2.1.2.1's LINEAR window of `width` >= 1, as values in [0, 1]."""
+    if width <= 1:
+        # The line's limit: a threshold at center - 0.5.
+        return (values > center - 0.5).astype(np.float32)
+    # pydicom computes the clipped line in float64 through three masks, 1.4 ms of a 512²
+    # radiograph's 4.5 ms on the worker's path; one float32 pass takes 0.1 ms (equal to 3e-8).
     scale = 1.0 / (width - 1)
-    return scale, 0.5 - (center - 0.5) * scale
+    image = values.astype(np.float32)
+    image *= scale
+    image += 0.5 - (center - 0.5) * scale
+    return np.clip(image, 0.0, 1.0, out=image)
 
 
-def _first_value(value: object) -> float:
+def _numbers(value: object) -> list[float]:
     if isinstance(value, MultiValue | list | tuple):
-        value = value[0]
-    return float(value)  # type: ignore[arg-type]
+        return [float(item) for item in value]
+    return [float(value)]  # type: ignore[arg-type]
 
 
 def _auto_window(values: np.ndarray, is_ct: bool) -> np.ndarray:

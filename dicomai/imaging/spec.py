@@ -15,6 +15,19 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 # A model input larger than this is a typo in model.toml, not a network anyone serves.
 MAX_INPUT_SIDE = 4096
 
+# `window = "stored"`: the image's own VOI LUT or first window, as the modality sent it.
+STORED_WINDOW = "stored"
+# CT windows in Hounsfield units, (center, width): the usual presets of CT viewers and
+# radiology teaching (lung -600/1500, mediastinum 50/350, abdomen 40/400, bone 400/1800,
+# brain 40/80).
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "lung": (-600.0, 1500.0),
+    "mediastinum": (50.0, 350.0),
+    "abdomen": (40.0, 400.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+}
+
 
 _E = TypeVar("_E", bound=StrEnum)
 
@@ -50,6 +63,12 @@ class InputSpec:
         CLAHE contrast limit; used only when ``equalize == "clahe"``.
     frames : str
         ``"first"`` or ``"all"`` frames of a multi-frame instance.
+    window : str or tuple of float
+        The VOI window of monochrome images: ``"stored"`` (the image's own VOI LUT or first
+        window, else an automatic one), a CT preset in Hounsfield units (``"lung"``,
+        ``"mediastinum"``, ``"abdomen"``, ``"bone"``, ``"brain"``), or ``(center, width)``
+        in modality units, applied as a LINEAR window (PS3.3 C.11.2.1.2.1) in place of the
+        image's own, so that the model's input does not depend on the window a site stored.
 
     Raises
     ------
@@ -63,6 +82,7 @@ class InputSpec:
     equalize: Equalization = Equalization.NONE
     clahe_clip: float = 2.0
     frames: FrameSelection = FrameSelection.FIRST
+    window: str | tuple[float, float] = STORED_WINDOW
 
     def __post_init__(self) -> None:
         # Frozen: normalise through object.__setattr__ so that lists and plain strings
@@ -73,6 +93,15 @@ class InputSpec:
         object.__setattr__(self, "equalize", _choice("equalize", self.equalize, Equalization))
         object.__setattr__(self, "clahe_clip", _positive("clahe_clip", self.clahe_clip))
         object.__setattr__(self, "frames", _choice("frames", self.frames, FrameSelection))
+        object.__setattr__(self, "window", _window(self.window))
+
+    @property
+    def voi_window(self) -> tuple[float, float] | None:
+        """``(center, width)`` in modality units that replaces the image's own VOI, or None
+        to keep the image's (``window = "stored"``)."""
+        if isinstance(self.window, tuple):
+            return self.window
+        return WINDOW_PRESETS.get(self.window)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> InputSpec:
@@ -108,7 +137,7 @@ class InputSpec:
         dict
             A dictionary that :meth:`from_dict` turns back into an equal spec.
         """
-        return {
+        d: dict[str, Any] = {
             "size": list(self.size),
             "mean": list(self.mean),
             "std": list(self.std),
@@ -116,6 +145,10 @@ class InputSpec:
             "clahe_clip": self.clahe_clip,
             "frames": self.frames.value,
         }
+        # Left out when stored: the packages written before the option read the same.
+        if self.window != STORED_WINDOW:
+            d["window"] = list(self.window) if isinstance(self.window, tuple) else self.window
+        return d
 
 
 def _finite_number(value: object) -> float | None:
@@ -161,3 +194,18 @@ def _choice(name: str, value: object, enum: type[_E]) -> _E:
         choices = ", ".join(f'"{choice}"' for choice in allowed)
         raise ModelPackageError(f"input spec: {name} must be one of {choices}")
     return enum(value)
+
+
+def _window(value: object) -> str | tuple[float, float]:
+    if isinstance(value, str) and (value == STORED_WINDOW or value in WINDOW_PRESETS):
+        return value
+    if isinstance(value, list | tuple) and len(value) == 2:
+        center, width = (_finite_number(v) for v in value)
+        # PS3.3 C.11.2.1.2.1: a LINEAR window is at least 1 wide.
+        if center is not None and width is not None and width >= 1:
+            return (center, width)
+    names = ", ".join(f'"{name}"' for name in (STORED_WINDOW, *WINDOW_PRESETS))
+    raise ModelPackageError(
+        f"input spec: window must be one of {names}, or [center, width] of finite numbers "
+        "in modality units with width at least 1"
+    )

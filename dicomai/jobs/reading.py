@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from dicomai.imaging.decode import read_instance
 from dicomai.imaging.preprocess import prepare, selected_frames
 from dicomai.imaging.spec import InputSpec
 from dicomai.results.context import SourceImage
+
+log = logging.getLogger(__name__)
 
 # An image the model could not use still has its place in the SR; it gets no overlay.
 NO_DISPLAY = np.zeros((1, 1), dtype=np.uint8)
@@ -44,10 +47,16 @@ def read_image(sop_uid: str, path: Path, spec: InputSpec) -> ReadImage:
     An image that cannot be evaluated, its pixel data missing included, keeps its source, so
     that the SR names it as not evaluated; an instance that is not an image does not.
 
+    An unexpected error while preparing the pixels (a decoder's or a lookup table's, of
+    whatever type) is a reason too, "could not be prepared": one such image had failed the job
+    of its whole study, and the study's other images had no result.
+
     Raises
     ------
     OSError
         If the spool file cannot be read: a storage problem, which fails the job.
+    MemoryError
+        The worker's state, not the image's.
     """
     try:
         dataset = read_instance(path)
@@ -66,9 +75,21 @@ def read_image(sop_uid: str, path: Path, spec: InputSpec) -> ReadImage:
         display, tensor = prepare(dataset, spec)
         frames = _other_frames(dataset, spec, tensor)
     except NotEvaluable as exc:
-        source = SourceImage(dataset=dataset, display=NO_DISPLAY) if _has_size(dataset) else None
-        return ReadImage(sop_uid, source, None, str(exc))
+        return _not_evaluated(sop_uid, dataset, str(exc))
+    except (OSError, MemoryError):
+        raise
+    except Exception as exc:
+        # The type only: an exception's message may quote the header's values.
+        log.warning("%s: image could not be prepared: %s", sop_uid, type(exc).__name__)
+        return _not_evaluated(
+            sop_uid, dataset, f"image could not be prepared ({type(exc).__name__})"
+        )
     return ReadImage(sop_uid, SourceImage(dataset=dataset, display=display), tensor, None, frames)
+
+
+def _not_evaluated(sop_uid: str, dataset: Dataset, reason: str) -> ReadImage:
+    source = SourceImage(dataset=dataset, display=NO_DISPLAY) if _has_size(dataset) else None
+    return ReadImage(sop_uid, source, None, reason)
 
 
 def _other_frames(dataset: Dataset, spec: InputSpec, first: np.ndarray) -> tuple[np.ndarray, ...]:

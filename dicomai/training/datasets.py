@@ -287,11 +287,13 @@ def load_evaluation_data(
     return _class_folders(root, classes, masks=masks)
 
 
-def read_image01(path: Path) -> np.ndarray:
+def read_image01(path: Path, window: tuple[float, float] | None = None) -> np.ndarray:
     """An image file as float32 (rows, cols) in [0, 1], brighter = denser, as inference renders it.
 
-    DICOM goes through `dicomai.imaging.preprocess.render` (modality and VOI LUTs, MONOCHROME1);
-    PNG and JPEG (8 or 16 bits, grey or colour) become their luminance.
+    DICOM goes through `dicomai.imaging.preprocess.render` (modality and VOI LUTs, MONOCHROME1),
+    with the package's window (`InputSpec.voi_window`) in place of the image's own where it
+    sets one; PNG and JPEG (8 or 16 bits, grey or colour) become their luminance, which no
+    window changes.
 
     Raises
     ------
@@ -300,7 +302,7 @@ def read_image01(path: Path) -> np.ndarray:
     """
     if path.suffix.lower() in DICOM_SUFFIXES:
         try:
-            return render(pydicom.dcmread(path))
+            return render(pydicom.dcmread(path), window=window)
         except (OSError, InvalidDicomError, NotEvaluable, AttributeError) as error:
             raise DatasetError(f"{path}: unreadable DICOM image: {error}") from error
     pixels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)

@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from daemon import Listener
 from faultkit import AET, SENDER
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
@@ -146,6 +146,54 @@ def synthetic_image(case: dict) -> Dataset:
 
 @settings(FUZZ, max_examples=200)
 @given(case=pixel_cases)
+@example(
+    case={
+        "rows": 24,
+        "cols": 24,
+        "samples": 1,
+        "allocated": 16,
+        "stored": 12,
+        "signed": 0,
+        "photometric": "MONOCHROME2",
+        "frames": None,
+        "length": "exact",
+        "slope": None,
+        "seed": 1,
+        "window": (float("nan"), 100.0),
+    }
+)  # a window that is not finite gave the model NaN (found by review)
+@example(
+    case={
+        "rows": 24,
+        "cols": 24,
+        "samples": 1,
+        "allocated": 16,
+        "stored": 12,
+        "signed": 0,
+        "photometric": "MONOCHROME2",
+        "frames": None,
+        "length": "exact",
+        "slope": None,
+        "seed": 1,
+        "window": (float("inf"), 100.0),
+    }
+)  # a window that is not finite gave the model NaN (found by review)
+@example(
+    case={
+        "rows": 24,
+        "cols": 24,
+        "samples": 1,
+        "allocated": 16,
+        "stored": 12,
+        "signed": 0,
+        "photometric": "MONOCHROME2",
+        "frames": None,
+        "length": "exact",
+        "slope": None,
+        "seed": 1,
+        "window": (100.0, float("inf")),
+    }
+)  # a window that is not finite gave the model NaN (found by review)
 def test_prepare_gives_a_finite_model_input_or_not_evaluable(case: dict) -> None:
     ds = synthetic_image(case)
     try:

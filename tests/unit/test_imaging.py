@@ -423,24 +423,94 @@ def test_jpeg_ls_prefers_pyjpegls_and_falls_back(monkeypatch) -> None:
         "SC_rgb_jpeg_dcmtk.dcm",
     ],
 )
-def test_gdcm_decodes_what_the_other_plugins_refuse(monkeypatch, name: str) -> None:
+def test_gdcm_decodes_where_it_is_the_only_decoder_installed(monkeypatch, name: str) -> None:
     from pydicom.pixels import get_decoder
 
     ds = sample(name)
     expected = pixel_frames(ds)
     decoder = get_decoder(ds.file_meta.TransferSyntaxUID)
-    assert "gdcm" in decoder.available_plugins, "python-gdcm is the fallback decoder"
-
-    def refuse(*args, **kwargs):
-        raise RuntimeError("this plugin cannot decode the stream")
-
+    assert "gdcm" in decoder.available_plugins, "python-gdcm is the decoder of last resort"
     for plugin in decoder.available_plugins:
         if plugin != "gdcm":
-            monkeypatch.setitem(decoder._available, plugin, refuse)
+            monkeypatch.delitem(decoder._available, plugin)
     frames = pixel_frames(ds)
     assert frames.shape == expected.shape
     # Lossy JPEG decoders may round differently by one; lossless ones agree exactly.
     assert np.abs(frames.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_gdcm_is_not_tried_where_another_decoder_is_installed(monkeypatch) -> None:
+    # GDCM aborts the whole process (an uncaught C++ exception) on some streams the other
+    # decoders refuse: the worker and every study of its batch went with it.
+    from pydicom.pixels import get_decoder
+
+    ds = sample("MR_small_jpeg_ls_lossless.dcm")
+    decoder = get_decoder(ds.file_meta.TransferSyntaxUID)
+    tried: list[str] = []
+
+    def refuse_as(plugin: str):
+        def refuse(*args, **kwargs):
+            tried.append(plugin)
+            raise RuntimeError("this plugin cannot decode the stream")
+
+        return refuse
+
+    for plugin in decoder.available_plugins:
+        monkeypatch.setitem(decoder._available, plugin, refuse_as(plugin))
+    with pytest.raises(NotEvaluable, match="could not be decoded"):
+        pixel_frames(ds)
+    assert tried and "gdcm" not in tried, f"decoders tried: {tried}"
+
+
+def jpeg_ls_with_header(tmp_path, **header: object):
+    """A 12-bit JPEG-LS CR whose header then says other dimensions than its codestream, as a
+    router or an anonymiser leaves it."""
+    from pydicom.uid import JPEGLSLossless
+
+    ds = synthetic(np.tile(np.arange(128, dtype=np.uint16) * 32, (128, 1)))
+    ds.BitsStored, ds.HighBit = 12, 11
+    ds.compress(JPEGLSLossless)
+    for keyword, value in header.items():
+        setattr(ds, keyword, value)
+    path = tmp_path / "mismatch.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_a_codestream_with_more_columns_than_its_header_is_not_evaluated(tmp_path) -> None:
+    # Columns 64 against a stream of 128: GDCM returned half-row strips, evaluated as an image.
+    ds = read_instance(jpeg_ls_with_header(tmp_path, Columns=64))
+    reason = assert_not_evaluable_without_phi(ds)
+    assert "do not match their dimensions" in reason and "128x128x1" in reason, reason
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"Columns": 256},
+        {"Rows": 256},
+        {"Rows": 64},
+        {"SamplesPerPixel": 3, "PhotometricInterpretation": "RGB", "PlanarConfiguration": 0},
+    ],
+)
+def test_a_codestream_unlike_its_header_does_not_kill_the_worker(tmp_path, header: dict) -> None:
+    # GDCM threw a C++ exception nothing catches: the process aborted (SIGABRT) with every
+    # study of its batch. In a child process, so that a regression fails this test only.
+    import subprocess
+    import sys
+
+    path = jpeg_ls_with_header(tmp_path, **header)
+    child = (
+        "import sys\n"
+        "from dicomai.imaging.spec import InputSpec\n"
+        "from dicomai.jobs.reading import read_image\n"
+        "print(read_image('1.2.3', sys.argv[1], InputSpec(size=(32, 32))).reason)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", child, str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, f"the reading process died: {done.returncode} {done.stderr[-300:]}"
+    assert "do not match their dimensions" in done.stdout, done.stdout
 
 
 @pytest.mark.parametrize(
