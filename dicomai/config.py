@@ -170,6 +170,9 @@ class WorkerSettings(Section):
     queued_lease_seconds: float = Field(default=300.0, gt=0)
     # A due delivery rung this long ago without an outcome is rung again.
     delivery_lease_seconds: float = Field(default=120.0, gt=0)
+    # Runs a job gets: a run that fails (database or storage unreachable) or whose worker dies
+    # uses one; after the last the job fails for good and another version may report instead.
+    max_attempts: int = Field(default=3, ge=1)
     # A claimed job waits this long for queued jobs of the same model version to share its
     # forward pass (small studies that arrive together); 0 runs each job on its own.
     batch_window_seconds: float = Field(default=0.05, ge=0, le=10)

@@ -11,7 +11,8 @@ from dicomai.cli.main import Context
 from dicomai.cli.params import LIMIT, ROW_ID
 from dicomai.cli.session import admin_session, operator
 from dicomai.cli.tables import print_rows, when
-from dicomai.db.models import Delivery, DeliveryState, Job, OutputObject, Study, utcnow
+from dicomai.db.models import Delivery, DeliveryState, Job, OutputObject, Study
+from dicomai.delivery.dispatch import database_now
 from dicomai.errors import InvalidTransition, NotFound
 
 _STATES = click.Choice([s.value for s in DeliveryState])
@@ -140,7 +141,7 @@ def deliveries_retry(
 def _pending_again(session: Session, delivery: Delivery, who: Operator) -> None:
     delivery.state = DeliveryState.PENDING
     delivery.attempts = 0
-    delivery.next_attempt_at = utcnow()
+    delivery.next_attempt_at = database_now()  # the clock delivery leases are compared on
     delivery.rung_at = None
     record(
         session,

@@ -6,15 +6,19 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, Float, literal, select, update
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session, selectinload, sessionmaker
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 
 from dicomai.audit import Action, record
 from dicomai.config import Destination, Settings
-from dicomai.db.models import Delivery, DeliveryState, Job, OutputObject, utcnow
+from dicomai.db.models import Delivery, DeliveryState, Job, OutputObject, UTCDateTime, utcnow
 from dicomai.delivery.folder import copy_file
 from dicomai.delivery.policy import backoff_seconds, gives_up
 from dicomai.delivery.scu import send_files
@@ -24,6 +28,38 @@ from dicomai.metrics import DELIVERIES, DeliveryOutcome
 log = logging.getLogger(__name__)
 
 DELIVERY = "delivery"
+
+
+def database_now(seconds: float = 0.0) -> ColumnElement[datetime]:
+    """The database server's time, `seconds` ahead (behind if negative), as a SQL expression.
+
+    Every lease (a job's claim and heartbeat, a delivery's claim) is written and compared
+    on this one clock. Taken from each process's own clock, a worker whose machine ran a
+    minute behind had its live job taken for abandoned and run again on another, and a
+    delivery claimed there was due again at once for the others.
+    """
+    return _DatabaseNow(literal(float(seconds), Float()))
+
+
+class _DatabaseNow(FunctionElement[datetime]):
+    type = UTCDateTime()
+    inherit_cache = True
+    name = "database_now"
+
+
+@compiles(_DatabaseNow)
+def _postgresql_now(element: _DatabaseNow, compiler: SQLCompiler, **kw: Any) -> str:
+    # now() is the transaction's start, the same for every row a statement compares.
+    return f"(now() + make_interval(secs => {compiler.process(element.clauses, **kw)}))"
+
+
+@compiles(_DatabaseNow, "sqlite")
+def _sqlite_now(element: _DatabaseNow, compiler: SQLCompiler, **kw: Any) -> str:
+    # UTC text in the layout SQLAlchemy stores a datetime in, so that the two compare as
+    # text. SQLite's clock counts milliseconds: the microseconds added are the
+    # millisecond's end, so that a time Python read a moment earlier compares as past.
+    seconds = compiler.process(element.clauses, **kw)
+    return f"(strftime('%Y-%m-%d %H:%M:%f', julianday('now') + {seconds} / 86400.0) || '999')"
 
 
 def send_to(
@@ -114,7 +150,6 @@ class _Lease:
         self._renewed = time.monotonic()  # the claim itself set the lease a moment ago
 
     def renew(self) -> None:
-        until = utcnow() + timedelta(seconds=self._seconds)
         with self._sessions() as session, session.begin():
             session.execute(
                 update(Delivery)
@@ -127,7 +162,7 @@ class _Lease:
                         .with_for_update()
                     )
                 )
-                .values(next_attempt_at=until)
+                .values(next_attempt_at=database_now(self._seconds))
                 .execution_options(synchronize_session=False)
             )
         self._renewed = time.monotonic()
@@ -162,9 +197,9 @@ def claim_due(session: Session, delivery_ids: list[int], lease_seconds: float) -
     worker sending a new object, the task rung for it and a task Celery delivers twice,
     only one attempts it, and none before the backoff of its last failure has passed. An
     attempt that dies without an outcome leaves the delivery due again a lease later. The
-    claim answers the last ring: the next due time is rung for at once.
+    claim answers the last ring: the next due time is rung for at once. Due and lease are
+    the database's clock (`database_now`), whatever the clocks of the machines claiming.
     """
-    now = utcnow()
     return list(
         session.scalars(
             update(Delivery)
@@ -175,13 +210,13 @@ def claim_due(session: Session, delivery_ids: list[int], lease_seconds: float) -
                     .where(
                         Delivery.id.in_(delivery_ids),
                         Delivery.state == DeliveryState.PENDING,
-                        Delivery.next_attempt_at <= now,
+                        Delivery.next_attempt_at <= database_now(),
                     )
                     .order_by(Delivery.id)
                     .with_for_update(skip_locked=True)
                 )
             )
-            .values(next_attempt_at=now + timedelta(seconds=lease_seconds), rung_at=None)
+            .values(next_attempt_at=database_now(lease_seconds), rung_at=None)
             .returning(Delivery.id)
             .execution_options(synchronize_session=False)
         )
@@ -255,7 +290,7 @@ def _failed(
         action, outcome = Action.DELIVERY_FAILED, DeliveryOutcome.FAILED
     else:
         wait = backoff_seconds(delivery.attempts, settings.delivery)
-        delivery.next_attempt_at = utcnow() + timedelta(seconds=wait)
+        delivery.next_attempt_at = database_now(wait)
         action, outcome = Action.DELIVERY_RETRY, DeliveryOutcome.RETRYING
     record(
         session,

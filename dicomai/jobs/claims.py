@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, or_, select, update
@@ -19,8 +18,8 @@ from dicomai.db.models import (
     ModelState,
     Study,
     StudyState,
-    utcnow,
 )
+from dicomai.delivery.dispatch import database_now
 from dicomai.jobs.applicability import applies
 from dicomai.jobs.assembler import (
     cancel_job,
@@ -36,7 +35,12 @@ WORKER = "worker"
 
 @dataclass(frozen=True)
 class Claim:
-    """What a claimed job needs, read in the claiming transaction."""
+    """What a claimed job needs, read in the claiming transaction.
+
+    `attempt` is the claim's token: the job's attempt count that this claim set. Every later
+    write of the run (heartbeat, results, done, failed) applies only while the job is still
+    running that attempt; a run whose job was taken over meanwhile writes nothing.
+    """
 
     job_id: int
     study_uid: str
@@ -48,21 +52,26 @@ class Claim:
     # The registered weights and manifest: the registry folder must still hold them.
     weights_sha256: str = ""
     manifest: dict[str, Any] | None = None
+    attempt: int = 0  # no job runs attempt 0: a claim built without its token writes nothing
 
 
-def claim_job(session: Session, job_id: int, lease_seconds: float) -> Claim | None:
+def claim_job(
+    session: Session, job_id: int, lease_seconds: float, max_attempts: int = 3
+) -> Claim | None:
     """Take job `job_id` for this worker, or None if it is finished or another worker has it.
 
-    A running job whose heartbeat is older than `lease_seconds` was abandoned by a dead
-    worker (the reconciler's rule) and is taken over; one with a fresh heartbeat is being run
-    (possibly in another job's batch), so its redelivered task does nothing.
+    A running job whose heartbeat is older than `lease_seconds` (on the database's clock,
+    which heartbeats are written on) was abandoned by a dead worker (the reconciler's rule)
+    and is taken over, unless it had its `max_attempts` runs: the reconciler fails that one.
+    One with a fresh heartbeat is being run (possibly in another job's batch), so its
+    redelivered task does nothing.
     """
-    stale = utcnow() - timedelta(seconds=lease_seconds)
     claimable = or_(
         Job.state == JobState.QUEUED,
         and_(
             Job.state == JobState.RUNNING,
-            or_(Job.heartbeat_at.is_(None), Job.heartbeat_at <= stale),
+            Job.attempts < max_attempts,
+            or_(Job.heartbeat_at.is_(None), Job.heartbeat_at <= database_now(-lease_seconds)),
         ),
     )
     if not _take(session, job_id, claimable):
@@ -189,7 +198,7 @@ def _take(session: Session, job_id: int, claimable: ColumnElement[bool]) -> bool
     """The claim itself: RUNNING, one more attempt, a fresh heartbeat, in one conditional
     UPDATE. The database evaluates the condition under the row's write lock, so of two
     workers racing for a job exactly one sees a row updated."""
-    now = utcnow()
+    now = database_now()
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, claimable)
@@ -227,6 +236,7 @@ def _started(session: Session, job: Job, instances: list[tuple[str, str]]) -> Cl
     )
     return Claim(
         job_id=job.id,
+        attempt=job.attempts,
         study_uid=job.study.study_uid,
         input_digest=job.input_digest,
         model_version_id=model.id,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import json
 import logging
 import os
@@ -18,12 +19,13 @@ from typing import Any
 
 import torch
 from pydicom import Dataset
-from sqlalchemy import delete, select, true, update
+from sqlalchemy import ColumnElement, and_, delete, or_, select, true, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai.audit import Action, record
 from dicomai.config import Destination, Settings
 from dicomai.db.models import (
+    RUNNING_STATES,
     Delivery,
     Instance,
     Job,
@@ -32,11 +34,11 @@ from dicomai.db.models import (
     OutputObject,
     Prediction,
     Study,
-    utcnow,
 )
 from dicomai.delivery.dispatch import (
     attempt_deliveries,
     attempt_delivery,
+    database_now,
     has_deliveries,
     pending_for_job,
 )
@@ -79,10 +81,60 @@ class Report:
     context: ResultContext | None  # None when no source image could be read
     reports: int  # SR objects written (0 or 1)
     deliveries: list[int]  # the SR's delivery ids
+    held: _Held  # the run's claims: the overlays are written only while it holds the job
+
+
+class _ClaimLost(Exception):
+    """The run no longer holds its job: another run took it over after its heartbeat lease."""
+
+    def __init__(self, claim: Claim) -> None:
+        super().__init__(f"job {claim.job_id}: attempt {claim.attempt} no longer holds it")
+        self.claim = claim
+
+
+class _Held:
+    """The claims a run holds, kept alive by its heartbeat: a beat that finds a job no longer
+    running the claim's attempt marks it lost, and the run does no more work for it."""
+
+    def __init__(self, leader: Claim) -> None:
+        self._lock = threading.Lock()
+        self._claims = {leader.job_id: leader}
+        self._lost: set[int] = set()
+
+    def add(self, claim: Claim) -> None:
+        with self._lock:
+            self._claims[claim.job_id] = claim
+
+    def release(self, claim: Claim) -> None:
+        """Stop beating for `claim`: its run is finishing or failing it."""
+        with self._lock:
+            self._claims.pop(claim.job_id, None)
+
+    def claims(self) -> list[Claim]:
+        with self._lock:
+            return list(self._claims.values())
+
+    def lose(self, claims: list[Claim]) -> None:
+        """Mark `claims` taken over, those not released meanwhile (finished by this run)."""
+        with self._lock:
+            lost = [c for c in claims if self._claims.pop(c.job_id, None) is not None]
+            self._lost.update(claim.job_id for claim in lost)
+        for claim in lost:
+            log.warning(
+                "job %d was taken over by another run after its heartbeat lease: attempt %d "
+                "stops, its results are neither recorded nor sent",
+                claim.job_id,
+                claim.attempt,
+            )
+
+    def keeps(self, claim: Claim) -> bool:
+        with self._lock:
+            return claim.job_id not in self._lost
 
 
 class JobRunner:
-    """Runs jobs in one worker process; keeps each loaded model version for the next job."""
+    """Runs jobs in one worker process; keeps each loaded model version for the next job,
+    until that version is retired."""
 
     def __init__(self, settings: Settings, sessions: sessionmaker[Session], device: str) -> None:
         self.settings = settings
@@ -103,18 +155,20 @@ class JobRunner:
         batch_window_seconds` share its forward passes; each is then finished or failed, and
         delivered, on its own, as if it had run alone (their own tasks find them done).
         """
+        worker = self.settings.worker
         with self.sessions() as session, session.begin():
-            leader = claim_job(session, job_id, self.settings.worker.heartbeat_lease_seconds)
+            leader = claim_job(session, job_id, worker.heartbeat_lease_seconds, worker.max_attempts)
         if leader is None:
             return
-        running = [leader.job_id]
-        with self._heartbeat(running):
+        held = _Held(leader)
+        with self._heartbeat(held):
             try:
+                self._drop_retired()
                 classifier = self._classifier(leader)
             except Exception as exc:
                 self._fail(leader, exc)
                 return
-            claims = [leader, *self._companions(leader, running)]
+            claims = [leader, *self._companions(leader, held)]
             times = _Stopwatch()
             try:
                 classified = classify(classifier, self.reader, self.spool, claims)
@@ -125,7 +179,7 @@ class JobRunner:
             times.lap("read and classified")
             # Every job's SR first, sent at once: the report is what the radiologist waits
             # for; the overlays of a 100-image study take seconds more to build and write.
-            reports = [r for r in (self._report(classifier, job) for job in classified) if r]
+            reports = [r for job in classified if (r := self._report(classifier, job, held))]
             times.lap("SR written")
             sent_early = {i for report in reports for i in report.deliveries}
             attempt_deliveries(self.sessions, self.settings, sorted(sent_early))
@@ -142,7 +196,7 @@ class JobRunner:
     def deliver(self, delivery_id: int) -> None:
         attempt_delivery(self.sessions, self.settings, delivery_id)
 
-    def _companions(self, leader: Claim, running: list[int]) -> list[Claim]:
+    def _companions(self, leader: Claim, held: _Held) -> list[Claim]:
         """Queued jobs to batch with `leader`, each beating its heartbeat from its claim on."""
         worker = self.settings.worker
         if worker.batch_window_seconds <= 0:
@@ -152,41 +206,81 @@ class JobRunner:
             leader,
             worker.batch_window_seconds,
             worker.max_batch_images,
-            lambda claim: running.append(claim.job_id),
+            held.add,
         )
         if companions:
             log.info("job %d batched with %d queued jobs", leader.job_id, len(companions))
         return companions
 
     @contextmanager
-    def _heartbeat(self, job_ids: list[int]) -> Iterator[None]:
-        """Refresh the heartbeat of the jobs in `job_ids` (read at each beat, so a batch may
-        grow) while they run, so a long job is not taken for abandoned.
+    def _heartbeat(self, held: _Held) -> Iterator[None]:
+        """Refresh the heartbeat of the claims `held` holds (read at each beat, so a batch may
+        grow) while they run, so a long job is not taken for abandoned; a job whose claim was
+        taken over meanwhile is marked lost.
 
         Four beats per lease: a beat delayed by a busy database still lands inside the lease.
         """
         interval = self.settings.worker.heartbeat_lease_seconds / 4
         stop = threading.Event()
+        name = f"heartbeat-{held.claims()[0].job_id}"
 
         def beat() -> None:
             while not stop.wait(interval):
+                claims = held.claims()
+                if not claims:
+                    continue
                 try:
                     with self.sessions() as session, session.begin():
-                        session.execute(
-                            update(Job)
-                            .where(Job.id.in_(list(job_ids)), Job.state == JobState.RUNNING)
-                            .values(heartbeat_at=utcnow())
+                        kept = set(
+                            session.scalars(
+                                update(Job)
+                                .where(_running(*claims))
+                                .values(heartbeat_at=database_now())
+                                .returning(Job.id)
+                                .execution_options(synchronize_session=False)
+                            )
                         )
-                except Exception as exc:  # a missed beat only risks a harmless re-run
-                    log.warning("jobs %s heartbeat: %s", job_ids, type(exc).__name__)
+                except Exception as exc:  # a missed beat only risks a run taken over
+                    ids = [claim.job_id for claim in claims]
+                    log.warning("jobs %s heartbeat: %s", ids, type(exc).__name__)
+                    continue
+                held.lose([claim for claim in claims if claim.job_id not in kept])
 
-        thread = threading.Thread(target=beat, name=f"heartbeat-{job_ids[0]}", daemon=True)
+        thread = threading.Thread(target=beat, name=name, daemon=True)
         thread.start()
         try:
             yield
         finally:
             stop.set()
             thread.join()
+
+    def _drop_retired(self) -> None:
+        """Drop the loaded models of versions no longer in service (retired, rolled back):
+        kept, each rollout left one more model in the GPU's memory until it ran out."""
+        if not self._classifiers:
+            return
+        with self.sessions() as session:
+            serving = set(
+                session.scalars(
+                    select(ModelVersion.id).where(
+                        ModelVersion.id.in_(list(self._classifiers)),
+                        ModelVersion.state.in_(RUNNING_STATES),
+                    )
+                )
+            )
+        on_gpu = [self._unload(i) for i in list(self._classifiers) if i not in serving]
+        if any(on_gpu):
+            # A reference cycle (a hook's closure, a traceback) would hold the weights until
+            # the collector's next pass; the cache then gives their blocks back to the GPU.
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    def _unload(self, version_id: int) -> bool:
+        """Forget version `version_id`'s model; whether it was on a GPU."""
+        classifier = self._classifiers.pop(version_id)
+        manifest = classifier.loaded.manifest
+        log.info("model %s %s unloaded: no longer in service", manifest.name, manifest.version)
+        return classifier.device.type == "cuda"
 
     def _classifier(self, claim: Claim) -> Classifier:
         classifier = self._classifiers.get(claim.model_version_id)
@@ -220,9 +314,9 @@ class JobRunner:
             self._classifiers[claim.model_version_id] = classifier
         return classifier
 
-    def _report(self, classifier: Classifier, job: Classified) -> Report | None:
+    def _report(self, classifier: Classifier, job: Classified, held: _Held) -> Report | None:
         """Build and write the job's SR, and record it with the predictions (the job still
-        running); None, the job failed, when that cannot be done."""
+        running); None when that cannot be done (the job failed) or the job was taken over."""
         try:
             if job.error is not None:
                 raise job.error
@@ -242,26 +336,53 @@ class JobRunner:
             context = self._context(job.claim, classifier, sources, in_sr) if sources else None
             outputs = []
             if context is not None:
-                outputs = _write_outputs(
-                    self.outputs, job.claim.study_uid, [("sr", build_sr(context))]
-                )
+                datasets = [("sr", build_sr(context))]
+                outputs = self._write_if_held(held, job.claim, datasets)
             deliveries = self._record_report(job.claim, predictions, outputs)
+        except _ClaimLost:
+            held.lose([job.claim])
+            return None
         except Exception as exc:
+            held.release(job.claim)
             self._fail(job.claim, exc)
             return None
-        return Report(job, predictions, context, len(outputs), deliveries)
+        return Report(job, predictions, context, len(outputs), deliveries, held)
 
     def _conclude(self, report: Report) -> bool:
         """Build, write and record the job's other objects and finish it, or fail it; True
-        when it is done."""
+        when it is done (False also when it was taken over)."""
+        claim, held = report.job.claim, report.held
         try:
-            outputs = self._overlays(report.job.claim, report.context) if report.context else []
+            outputs = self._overlays(held, claim, report.context) if report.context else []
             total = report.reports + len(outputs)
-            self._finish(report.job.claim, outputs, total, len(report.predictions))
-        except Exception as exc:
-            self._fail(report.job.claim, exc)
+            self._finish(claim, outputs, total, len(report.predictions))
+        except _ClaimLost:
+            held.lose([claim])
             return False
+        except Exception as exc:
+            self._fail(claim, exc)
+            return False
+        finally:
+            held.release(claim)
         return True
+
+    def _write_if_held(
+        self, held: _Held, claim: Claim, datasets: list[tuple[str, Dataset]]
+    ) -> list[Output]:
+        """`_write_outputs` into the study's folder, if the run still holds `claim`: the files
+        of a run taken over would replace those of the run that took it (the same names,
+        the UIDs being deterministic), maybe while they are sent.
+
+        Raises
+        ------
+        _ClaimLost
+            Its heartbeat, or the job's row, says another run holds the job now.
+        """
+        if held.keeps(claim):
+            with self.sessions() as session:
+                if session.scalar(select(Job.id).where(_running(claim))) is not None:
+                    return _write_outputs(self.outputs, claim.study_uid, datasets)
+        raise _ClaimLost(claim)
 
     def _context(
         self,
@@ -288,7 +409,7 @@ class JobRunner:
             **self._predecessors(claim, manifest.name),
         )
 
-    def _overlays(self, claim: Claim, context: ResultContext) -> list[Output]:
+    def _overlays(self, held: _Held, claim: Claim, context: ResultContext) -> list[Output]:
         """The objects that follow the SR. One that cannot be built for one image (a source
         whose geometry highdicom rejects, say) is left out, and the rest are sent: the SR
         is already out, and failing the job would withhold every other image's overlay."""
@@ -314,7 +435,7 @@ class JobRunner:
                         exc if isinstance(exc, DicomaiError) else type(exc).__name__,
                         exc_info=not isinstance(exc, DicomaiError),
                     )
-        return _write_outputs(self.outputs, claim.study_uid, datasets)
+        return self._write_if_held(held, claim, datasets)
 
     def _predecessors(self, claim: Claim, model_name: str) -> dict[str, Any]:
         """`predecessor`: the (study, series, SOP) UIDs of the SR that the latest earlier job
@@ -353,13 +474,21 @@ class JobRunner:
     def _record_report(
         self, claim: Claim, predictions: list[ImagePrediction], outputs: list[Output]
     ) -> list[int]:
-        """Store the predictions and the SR with its deliveries; their ids."""
+        """Store the predictions and the SR with its deliveries; their ids.
+
+        Raises
+        ------
+        _ClaimLost
+            Another run holds the job now; nothing is stored.
+        """
         with self.sessions() as session, session.begin():
             job = session.get_one(Job, claim.job_id)
             # The version's share lock before any row that references the job: a retirement
             # holds the versions, then locks the running jobs, so a prediction's insert (its
             # key-share lock on the job) before it deadlocked with one (PostgreSQL).
             _version_shared(session, job)
+            if not _hold(session, claim):
+                raise _ClaimLost(claim)
             _store_predictions(session, job, predictions)
             return self._record_outputs(session, job, claim, outputs)
 
@@ -382,11 +511,21 @@ class JobRunner:
         return [delivery.id for delivery in deliveries]
 
     def _finish(self, claim: Claim, outputs: list[Output], total: int, images: int) -> None:
+        """Record the job's other objects and set it done, if the run still holds it.
+
+        Raises
+        ------
+        _ClaimLost
+            Another run holds the job now, or the reconciler failed it: nothing is recorded.
+        """
         with self.sessions() as session, session.begin():
             job = session.get_one(Job, claim.job_id)
+            _version_shared(session, job)  # before the job's lock, as in `_record_report`
+            if not _hold(session, claim):
+                raise _ClaimLost(claim)
             self._record_outputs(session, job, claim, outputs)
             job.state = JobState.DONE
-            job.finished_at = utcnow()
+            job.finished_at = database_now()
             job.error = None
             record(
                 session,
@@ -410,18 +549,24 @@ class JobRunner:
         )
         permanent = isinstance(exc, ModelPackageError)
         with self.sessions() as session, session.begin():
+            if not _hold(session, claim):
+                # Its state is the run's that took it over (or the reconciler's failed).
+                log.warning(
+                    "job %d: attempt %d was taken over, not failed", claim.job_id, claim.attempt
+                )
+                return
             job = session.get_one(Job, claim.job_id)
             job.error = reason
-            failed = permanent or job.attempts >= 3
+            failed = permanent or job.attempts >= self.settings.worker.max_attempts
             if failed:
                 lock_studies(session, [job.study_id])  # before the audit rows: see there
                 job.state = JobState.FAILED
-                job.finished_at = utcnow()
+                job.finished_at = database_now()
                 outcome, action = JobOutcome.FAILED, Action.JOB_FAILED
             else:
                 # Back to the queue; the reconciler rings it again after its lease.
                 job.state = JobState.QUEUED
-                job.enqueued_at = utcnow()
+                job.enqueued_at = database_now()
                 outcome, action = JobOutcome.RETRYING, Action.JOB_ENQUEUED
             record(
                 session,
@@ -456,6 +601,30 @@ class _Stopwatch:
 
 def _uid(source: SourceImage) -> str:
     return str(source.dataset.SOPInstanceUID)
+
+
+def _running(*claims: Claim) -> ColumnElement[bool]:
+    """The jobs of `claims` still running the attempt their claim set: still theirs."""
+    return and_(
+        Job.state == JobState.RUNNING,
+        or_(*(and_(Job.id == c.job_id, Job.attempts == c.attempt) for c in claims)),
+    )
+
+
+def _hold(session: Session, claim: Claim) -> bool:
+    """Lock the job's row for the transaction if the run still holds `claim` (and refresh
+    its heartbeat); whether it does.
+
+    Locked, the job cannot be taken over (the reconciler skips it, a claim waits) before what
+    the transaction records is committed; not held, the transaction must write nothing.
+    """
+    result = session.execute(
+        update(Job)
+        .where(Job.id == claim.job_id, _running(claim))
+        .values(heartbeat_at=database_now())
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
 def _version_shared(session: Session, job: Job) -> ModelVersion:
@@ -588,7 +757,10 @@ def _add_deliveries(
     added = []
     for destination in destinations:
         if destination.name not in existing and output.kind in destination.kinds:
-            delivery = Delivery(output_id=output.id, destination=destination.name)
+            # Due at once on the database's clock, on which attempts claim it.
+            delivery = Delivery(
+                output_id=output.id, destination=destination.name, next_attempt_at=database_now()
+            )
             session.add(delivery)
             added.append(delivery)
     return added
