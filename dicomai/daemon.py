@@ -8,6 +8,7 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -41,6 +42,13 @@ log = logging.getLogger(__name__)
 # How long a stopping listener lets open associations finish: under the systemd unit's
 # TimeoutStopSec (60 s), with room for the children, which drain at the same time.
 DRAIN_SECONDS = 30
+
+# A worker's output file being written: `.<final name>.<pid>.<thread>.tmp` beside the final
+# file (`dicomai.jobs.runner._write_outputs`). Final names are `<UID>.dcm`.
+_PARTIAL_OUTPUT = re.compile(r"\..+\.\d+\.\d+\.tmp")
+# Workers on other machines write outputs while `serve` starts: a partial file is a killed
+# worker's only once nothing has written it for this long (100 overlays take about a second).
+PARTIAL_OUTPUT_AGE_SECONDS = 600
 
 
 class Daemon:
@@ -96,6 +104,9 @@ class Daemon:
             removed = self.spool.remove_partial_files()
             if removed:
                 log.warning("removed %d partial spool files of interrupted stores", removed)
+            removed = remove_partial_outputs(self.settings.outputs_dir, PARTIAL_OUTPUT_AGE_SECONDS)
+            if removed:
+                log.warning("removed %d partial output files of interrupted workers", removed)
             forgotten = forget_lost_instances(self.sessions, self.spool)
             if forgotten:
                 log.warning("removed %d rows of instances whose files a crash lost", forgotten)
@@ -246,6 +257,23 @@ class Daemon:
             pass_fds=inherited,
             preexec_fn=_die_with_parent,
         )
+
+
+def remove_partial_outputs(outputs: Path, age_seconds: float) -> int:
+    """Remove the partial files a worker killed while writing a study's outputs left behind
+    (named as `dicomai.jobs.runner` names them, unchanged for `age_seconds`); return how many.
+
+    Such a file never got its final name nor a row, so nothing delivers it. Younger ones
+    may be a live worker's, and stay until a later start.
+    """
+    removed = 0
+    oldest = time.time() - age_seconds
+    for path in outputs.glob("*/.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            if _PARTIAL_OUTPUT.fullmatch(path.name) and path.lstat().st_mtime < oldest:
+                path.unlink()
+                removed += 1
+    return removed
 
 
 def _die_with_parent() -> None:

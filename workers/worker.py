@@ -9,7 +9,16 @@ from workers.app import DELIVERY_QUEUE, INFERENCE_QUEUE, make_app
 from workers.tasks import register_tasks
 
 
-def run_worker(settings: Settings, device: str, concurrency_label: str = "dicomai") -> None:
+def node_name(device: str) -> str:
+    """The Celery node name of a worker on `device` (``cpu``, ``cuda:N``): ``dicomai-cuda1@%h``.
+
+    One worker per GPU on a machine: with the device in the name, ``celery inspect`` and the
+    log tell ``dicomai-worker@0`` from ``dicomai-worker@1``, which all were ``dicomai@host``.
+    """
+    return f"dicomai-{device.replace(':', '')}@%h"
+
+
+def run_worker(settings: Settings, device: str) -> None:
     """Consume inference and delivery tasks until stopped; one task at a time (solo pool).
 
     The solo pool keeps torch and CUDA in this process: nothing forks after the model loads.
@@ -29,7 +38,7 @@ def run_worker(settings: Settings, device: str, concurrency_label: str = "dicoma
             "worker",
             "--pool=solo",
             f"--queues={INFERENCE_QUEUE},{DELIVERY_QUEUE}",
-            f"--hostname={concurrency_label}@%h",
+            f"--hostname={node_name(device)}",
             "--without-gossip",
             "--without-mingle",
             "--without-heartbeat",

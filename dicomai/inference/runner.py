@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -26,6 +28,8 @@ from dicomai.inference.uncertainty import (
 )
 from dicomai.models.package import LoadedModel
 
+log = logging.getLogger(__name__)
+
 
 def cpu_threads() -> int:
     """The cores this process may run on (its affinity, which containers narrow)."""
@@ -37,6 +41,10 @@ def cpu_threads() -> int:
 
 class Classifier:
     """Classifies and explains images with one model package.
+
+    Building one runs a warm-up pass (see `warm_up`), so that the first study does not pay
+    for the device's first calls, and a model that cannot run fails here rather than on a
+    patient's study.
 
     Parameters
     ----------
@@ -108,6 +116,34 @@ class Classifier:
             bool(self._findings)
             and self._uncertainty.method not in ("mc_dropout", "ensemble")
             and not hasattr(self.module, "forward_with_maps")
+        )
+        self.warm_up()
+
+    def warm_up(self) -> None:
+        """Classify and explain an image of zeros once, as `predict` does, and log how long
+        it took.
+
+        The first call on a device pays for its lazy set-up (allocator, kernel loading,
+        cuDNN and cuBLAS handles, thread pools); paid at build it is not paid by the first
+        study. On a GPU the batch is `batch_size` images, the most a study's pass holds,
+        so weights and activations that do not fit in its memory fail here; on the CPU
+        one image, where the first call costs little more than the next. The network is
+        left as it was: in eval mode (no BatchNorm statistics move), its gradients
+        cleared by the heat-map pass, the random state of MC dropout forked.
+        """
+        rows, cols = self.loaded.manifest.input.size
+        images = 1 if self.device.type == "cpu" else self.batch_size
+        zeros = np.zeros((3, rows, cols), dtype=np.float32)
+        start = time.perf_counter()
+        self.predict([("warm-up", zeros)] * images)
+        manifest = self.loaded.manifest
+        log.info(
+            "model %s %s warmed up on %s with %d image(s) in %.2f s",
+            manifest.name,
+            manifest.version,
+            self.device,
+            images,
+            time.perf_counter() - start,
         )
 
     def _placed(self, module: nn.Module) -> nn.Module:
