@@ -38,8 +38,7 @@ MARGIN = 15.0 * SIZE / 224
 # threads: 1.0 and 1.0. The ViT (4x convolutional stem, one layer; see `_TINY_VIT`), at 3e-3
 # for twenty epochs, seeds 0-3 with one thread and seed 0 with two: accuracy 0.87-1.0,
 # relevance pointing 0.94-1.0 but for seed 1 (0.867 and 0.59; Grad-CAM on the same networks
-# 0.0-0.95). Not here yet: the DenseNet-Transformer, whose Grad-CAM++ pointed 0.53-1.0 by seed
-# (and Grad-CAM 0.0-1.0), see `dicomai.models.transformer`.
+# 0.0-0.95). The DenseNet-Transformer is in `test_families_composite`.
 FAMILIES = [
     pytest.param("resnet18", {"tiny": True}, 3e-3, 10, id="resnet"),
     pytest.param("densenet121", {"tiny": True}, 3e-3, 20, id="densenet"),

@@ -202,10 +202,10 @@ def test_an_input_size_the_network_does_not_take_is_a_package_error(tmp_path: Pa
         smoke_test(LoadedModel(manifest, vit.module))
 
 
-def test_the_densenet_transformer_is_explained_with_grad_cam_plus_plus(tmp_path: Path) -> None:
+def test_the_densenet_transformer_is_explained_with_layercam(tmp_path: Path) -> None:
     options = {"tiny": True, "d_model": 32, "heads": 2, "ffn": 64, "layers": 1}
     loaded_hybrid = untrained(tmp_path, "densenet121_transformer", options)
-    assert Classifier(loaded_hybrid).cam_method == "gradcam++"
+    assert Classifier(loaded_hybrid).cam_method == "layercam"
     chosen = dataclasses.replace(loaded_hybrid.manifest, explanation="gradcam")
     assert Classifier(LoadedModel(chosen, loaded_hybrid.module)).cam_method == "gradcam"
     smoke_test(loaded_hybrid)
