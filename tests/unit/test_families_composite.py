@@ -3,8 +3,9 @@
 The same bars, data, tolerance and pointing rule as `test_families` (whose constants these are),
 for the networks the model documents compose from a CNN and something more: the multi-task
 ResNet-50 with CBAM and an FPN segmentation decoder, trained on its own loss with the nodules'
-masks, and the DenseNet-121 + Transformer, explained by LayerCAM. Pointing is measured on Grad-CAM of the class, the
-explanation a radiologist is shown, never on the multi-task network's segmentation output.
+masks, and the DenseNet-121 + Transformer. Pointing is measured on the class's heat map by the
+architecture's own method (Grad-CAM; LayerCAM for the DenseNet-Transformer), the explanation a
+radiologist is shown, never on the multi-task network's segmentation output.
 """
 
 from __future__ import annotations
