@@ -144,56 +144,21 @@ def synthetic_image(case: dict) -> Dataset:
     return ds
 
 
+def _windowed(center: float, width: float) -> dict:
+    """A plain 12-bit image with the given window: one that is not finite gave the model NaN
+    (found by review)."""
+    return {
+        "rows": 24, "cols": 24, "samples": 1, "allocated": 16, "stored": 12, "signed": 0,
+        "photometric": "MONOCHROME2", "frames": None, "length": "exact", "slope": None,
+        "seed": 1, "window": (center, width),
+    }  # fmt: skip
+
+
 @settings(FUZZ, max_examples=200)
 @given(case=pixel_cases)
-@example(
-    case={
-        "rows": 24,
-        "cols": 24,
-        "samples": 1,
-        "allocated": 16,
-        "stored": 12,
-        "signed": 0,
-        "photometric": "MONOCHROME2",
-        "frames": None,
-        "length": "exact",
-        "slope": None,
-        "seed": 1,
-        "window": (float("nan"), 100.0),
-    }
-)  # a window that is not finite gave the model NaN (found by review)
-@example(
-    case={
-        "rows": 24,
-        "cols": 24,
-        "samples": 1,
-        "allocated": 16,
-        "stored": 12,
-        "signed": 0,
-        "photometric": "MONOCHROME2",
-        "frames": None,
-        "length": "exact",
-        "slope": None,
-        "seed": 1,
-        "window": (float("inf"), 100.0),
-    }
-)  # a window that is not finite gave the model NaN (found by review)
-@example(
-    case={
-        "rows": 24,
-        "cols": 24,
-        "samples": 1,
-        "allocated": 16,
-        "stored": 12,
-        "signed": 0,
-        "photometric": "MONOCHROME2",
-        "frames": None,
-        "length": "exact",
-        "slope": None,
-        "seed": 1,
-        "window": (100.0, float("inf")),
-    }
-)  # a window that is not finite gave the model NaN (found by review)
+@example(case=_windowed(float("nan"), 100.0))
+@example(case=_windowed(float("inf"), 100.0))
+@example(case=_windowed(100.0, float("inf")))
 def test_prepare_gives_a_finite_model_input_or_not_evaluable(case: dict) -> None:
     ds = synthetic_image(case)
     try:
