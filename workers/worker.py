@@ -31,6 +31,7 @@ def run_worker(settings: Settings, device: str) -> None:
     require_current(engine, settings.database_url)
     sessions = make_sessionmaker(engine)
     runner = JobRunner(settings, sessions, device=device)
+    runner.load_models_in_service()
     app = make_app(settings)
     register_tasks(app, runner)
     app.worker_main(

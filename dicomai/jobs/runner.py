@@ -282,14 +282,39 @@ class JobRunner:
         log.info("model %s %s unloaded: no longer in service", manifest.name, manifest.version)
         return classifier.device.type == "cuda"
 
+    def load_models_in_service(self) -> None:
+        """Load (and warm up) every model version in service now, before the first job: a
+        worker's first study otherwise waited for its model to load. A version that cannot be
+        loaded is logged and left to its first job, which fails with the reason."""
+        with self.sessions() as session:
+            versions = session.scalars(
+                select(ModelVersion).where(ModelVersion.state.in_(RUNNING_STATES))
+            ).all()
+            wanted = [(v.id, v.path, v.weights_sha256, v.manifest, v.label) for v in versions]
+        for version_id, path, sha256, manifest, label in wanted:
+            try:
+                self._load(version_id, path, sha256, manifest)
+            except Exception as exc:  # the version's first job fails with the reason
+                log.error("model %s not loaded at start: %s: %s", label, type(exc).__name__, exc)
+
     def _classifier(self, claim: Claim) -> Classifier:
-        classifier = self._classifiers.get(claim.model_version_id)
+        return self._load(
+            claim.model_version_id, claim.model_path, claim.weights_sha256, claim.manifest
+        )
+
+    def _load(
+        self,
+        version_id: int,
+        model_path: str,
+        registered: str,
+        manifest: dict[str, Any] | None,
+    ) -> Classifier:
+        classifier = self._classifiers.get(version_id)
         if classifier is None:
-            path = Path(claim.model_path)
+            path = Path(model_path)
             if not path.is_absolute():
                 path = self.settings.registry_dir / path
             loaded = load_model(path)
-            registered = claim.weights_sha256
             if registered and loaded.manifest.weights_sha256 != registered:
                 # A registry folder changed under its row (by hand, or a registration
                 # before this version's fix): never run other weights under this label.
@@ -297,7 +322,7 @@ class JobRunner:
                     f"{path} holds weights {loaded.manifest.weights_sha256[:12]}, not the "
                     f"registered {registered[:12]}: register the package again as a new version"
                 )
-            _as_registered(path, claim.manifest)
+            _as_registered(path, manifest)
             classifier = Classifier(
                 loaded,
                 device=self.device,
@@ -311,7 +336,7 @@ class JobRunner:
                 classifier.device,
                 "fp32" if dtype is None else f"autocast {str(dtype).removeprefix('torch.')}",
             )
-            self._classifiers[claim.model_version_id] = classifier
+            self._classifiers[version_id] = classifier
         return classifier
 
     def _report(self, classifier: Classifier, job: Classified, held: _Held) -> Report | None:

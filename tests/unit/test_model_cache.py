@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import json
+import tomllib
 import weakref
 from pathlib import Path
 
@@ -91,3 +93,23 @@ def test_unloading_a_model_from_a_gpu_gives_its_memory_back(
 
     assert runner._classifiers == {}
     assert emptied == [True], "the CUDA cache keeps the freed blocks from other processes"
+
+
+def test_a_worker_loads_the_versions_in_service_at_start_and_logs_one_it_cannot(
+    runner: JobRunner, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Loaded inside the first job, a worker's first study waited for the model and its
+    # warm-up.
+    registered = json.loads(json.dumps(tomllib.loads((DEMO / "model.toml").read_text())))
+    active, retired, shadow, missing = versions(
+        runner, ModelState.ACTIVE, ModelState.RETIRED, ModelState.SHADOW, ModelState.CANARY
+    )
+    with runner.sessions() as session, session.begin():
+        for version_id in (active, retired, shadow):
+            session.get_one(ModelVersion, version_id).manifest = registered
+        session.get_one(ModelVersion, missing).path = str(DEMO.parent / "not-there")
+
+    runner.load_models_in_service()
+
+    assert set(runner._classifiers) == {active, shadow}
+    assert "model demo-chest-nodule 4.0.0 not loaded at start" in caplog.text
