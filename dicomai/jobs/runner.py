@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from pydicom import Dataset
 from sqlalchemy import ColumnElement, and_, delete, or_, select, true, update
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai.audit import Action, record
@@ -569,9 +570,9 @@ class JobRunner:
 
     def _fail(self, claim: Claim, exc: Exception) -> None:
         reason = str(exc) if isinstance(exc, DicomaiError) else type(exc).__name__
-        log.error(
-            "job %d failed: %s", claim.job_id, reason, exc_info=not isinstance(exc, DicomaiError)
-        )
+        # A database outage is not a bug to trace, and its message carries the statement.
+        expected = isinstance(exc, DicomaiError | OperationalError | InterfaceError)
+        log.error("job %d failed: %s", claim.job_id, reason, exc_info=not expected)
         permanent = isinstance(exc, ModelPackageError)
         with self.sessions() as session, session.begin():
             if not _hold(session, claim):
