@@ -11,8 +11,8 @@ from dicomai.cli.main import Context
 from dicomai.cli.params import LIMIT, ROW_ID
 from dicomai.cli.session import admin_session, operator
 from dicomai.cli.tables import print_rows, when
+from dicomai.db.clock import database_now
 from dicomai.db.models import Delivery, DeliveryState, Job, OutputObject, Study
-from dicomai.delivery.dispatch import database_now
 from dicomai.errors import InvalidTransition, NotFound
 
 _STATES = click.Choice([s.value for s in DeliveryState])

@@ -6,19 +6,15 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
 from pathlib import Path
-from typing import Any
 
-from sqlalchemy import ColumnElement, Float, literal, select, update
-from sqlalchemy.ext.compiler import compiles
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, selectinload, sessionmaker
-from sqlalchemy.sql.compiler import SQLCompiler
-from sqlalchemy.sql.functions import FunctionElement
 
 from dicomai.audit import Action, record
 from dicomai.config import Destination, Settings
-from dicomai.db.models import Delivery, DeliveryState, Job, OutputObject, UTCDateTime, utcnow
+from dicomai.db.clock import database_now
+from dicomai.db.models import Delivery, DeliveryState, Job, OutputObject, utcnow
 from dicomai.delivery.folder import copy_file
 from dicomai.delivery.policy import backoff_seconds, gives_up
 from dicomai.delivery.scu import send_files
@@ -28,38 +24,6 @@ from dicomai.metrics import DELIVERIES, DeliveryOutcome
 log = logging.getLogger(__name__)
 
 DELIVERY = "delivery"
-
-
-def database_now(seconds: float = 0.0) -> ColumnElement[datetime]:
-    """The database server's time, `seconds` ahead (behind if negative), as a SQL expression.
-
-    Every lease (a job's claim and heartbeat, a delivery's claim) is written and compared
-    on this one clock. Taken from each process's own clock, a worker whose machine ran a
-    minute behind had its live job taken for abandoned and run again on another, and a
-    delivery claimed there was due again at once for the others.
-    """
-    return _DatabaseNow(literal(float(seconds), Float()))
-
-
-class _DatabaseNow(FunctionElement[datetime]):
-    type = UTCDateTime()
-    inherit_cache = True
-    name = "database_now"
-
-
-@compiles(_DatabaseNow)
-def _postgresql_now(element: _DatabaseNow, compiler: SQLCompiler, **kw: Any) -> str:
-    # now() is the transaction's start, the same for every row a statement compares.
-    return f"(now() + make_interval(secs => {compiler.process(element.clauses, **kw)}))"
-
-
-@compiles(_DatabaseNow, "sqlite")
-def _sqlite_now(element: _DatabaseNow, compiler: SQLCompiler, **kw: Any) -> str:
-    # UTC text in the layout SQLAlchemy stores a datetime in, so that the two compare as
-    # text. SQLite's clock counts milliseconds: the microseconds added are the
-    # millisecond's end, so that a time Python read a moment earlier compares as past.
-    seconds = compiler.process(element.clauses, **kw)
-    return f"(strftime('%Y-%m-%d %H:%M:%f', julianday('now') + {seconds} / 86400.0) || '999')"
 
 
 def send_to(

@@ -11,6 +11,7 @@ from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai.audit import Action, record
+from dicomai.db.clock import database_now
 from dicomai.db.models import (
     RUNNING_STATES,
     Job,
@@ -19,7 +20,6 @@ from dicomai.db.models import (
     Study,
     StudyState,
 )
-from dicomai.delivery.dispatch import database_now
 from dicomai.jobs.applicability import applies
 from dicomai.jobs.assembler import (
     cancel_job,

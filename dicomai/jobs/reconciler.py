@@ -10,8 +10,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai.audit import Action, record
 from dicomai.config import WorkerSettings
+from dicomai.db.clock import database_now
 from dicomai.db.models import Delivery, DeliveryState, Job, JobState
-from dicomai.delivery.dispatch import database_now
 from dicomai.jobs.assembler import lock_studies
 from dicomai.jobs.doorbell import Doorbell
 from dicomai.rollout.canary import report_instead

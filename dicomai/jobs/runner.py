@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai.audit import Action, record
 from dicomai.config import Destination, Settings
+from dicomai.db.clock import database_now
 from dicomai.db.models import (
     RUNNING_STATES,
     Delivery,
@@ -39,7 +40,6 @@ from dicomai.db.models import (
 from dicomai.delivery.dispatch import (
     attempt_deliveries,
     attempt_delivery,
-    database_now,
     has_deliveries,
     pending_for_job,
 )
