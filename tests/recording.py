@@ -41,3 +41,17 @@ def record_dataset(
     )
     record_instance(sessions, received)
     return relative
+
+
+class RecordingDoorbell:
+    """A doorbell that keeps the ids it was rung with, in order, instead of queueing tasks."""
+
+    def __init__(self) -> None:
+        self.jobs: list[int] = []
+        self.deliveries: list[int] = []
+
+    def ring_job(self, job_id: int) -> None:
+        self.jobs.append(job_id)
+
+    def ring_delivery(self, delivery_id: int) -> None:
+        self.deliveries.append(delivery_id)

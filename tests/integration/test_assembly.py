@@ -7,6 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from recording import RecordingDoorbell
 from sqlalchemy import select, update
 
 from dicomai.db.migrate import upgrade
@@ -35,18 +36,6 @@ from dicomai.jobs.reconciler import Leases, ring_jobs
 DEMO_MANIFEST = tomllib.loads(
     (Path(__file__).parents[2] / "models" / "demo-chest-nodule" / "model.toml").read_text()
 )
-
-
-class RecordingDoorbell:
-    def __init__(self) -> None:
-        self.jobs: list[int] = []
-        self.deliveries: list[int] = []
-
-    def ring_job(self, job_id: int) -> None:
-        self.jobs.append(job_id)
-
-    def ring_delivery(self, delivery_id: int) -> None:
-        self.deliveries.append(delivery_id)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -10,6 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from recording import RecordingDoorbell
 from servers import wait_for
 from sqlalchemy import func, select, update
 from test_job_runner import ingest, make_world, study_with_broken_images
@@ -26,18 +27,6 @@ from dicomai.jobs.reconciler import Leases, ring_deliveries, ring_jobs
 from dicomai.jobs.runner import JobRunner
 
 SKEW = timedelta(minutes=10)
-
-
-class Doorbell:
-    def __init__(self) -> None:
-        self.jobs: list[int] = []
-        self.deliveries: list[int] = []
-
-    def ring_job(self, job_id: int) -> None:
-        self.jobs.append(job_id)
-
-    def ring_delivery(self, delivery_id: int) -> None:
-        self.deliveries.append(delivery_id)
 
 
 @pytest.fixture
@@ -176,7 +165,7 @@ def test_a_worker_whose_clock_is_behind_keeps_its_job_and_runs_it_once(
     claimed_at = heartbeat(sessions, job_id)
     wait_for(lambda: heartbeat(sessions, job_id) != claimed_at, 30, "a heartbeat after the claim")
 
-    rung = ring_jobs(sessions, Doorbell(), Leases.from_settings(settings.worker))
+    rung = ring_jobs(sessions, RecordingDoorbell(), Leases.from_settings(settings.worker))
     right.run_job(job_id)  # the task rung, or a redelivered one, on a worker with the right time
     worker.resume()
 
@@ -200,7 +189,7 @@ def test_a_run_taken_over_records_nothing_over_the_run_that_took_it(
     worker = paused(lost, job_id)
     with sessions() as session, session.begin():  # its beats stopped reaching the database
         session.execute(update(Job).values(heartbeat_at=func.now() - timedelta(hours=1)))
-    assert ring_jobs(sessions, Doorbell(), Leases(heartbeat_seconds=60)) == 1
+    assert ring_jobs(sessions, RecordingDoorbell(), Leases(heartbeat_seconds=60)) == 1
     other.run_job(job_id)
     after_other = results(settings, sessions, job_id)
     delivered = sorted((tmp_path / "delivered").iterdir())
@@ -261,7 +250,7 @@ def test_a_job_at_its_attempts_cap_is_failed_not_taken_over_and_stays_failed(
     with sessions() as session, session.begin():  # a task redelivered to another worker
         taken = claim_job(session, job_id, 60, settings.worker.max_attempts)
     assert taken is None, "a job that had all its attempts was run a fourth time"
-    assert ring_jobs(sessions, Doorbell(), Leases.from_settings(settings.worker)) == 0
+    assert ring_jobs(sessions, RecordingDoorbell(), Leases.from_settings(settings.worker)) == 0
     worker.resume()
 
     with sessions() as session:
@@ -297,7 +286,7 @@ def test_a_delivery_claimed_on_a_clock_behind_is_not_due_again_for_the_others(
     thread.join(60)
     assert claimed == [delivery_id]
 
-    doorbell = Doorbell()
+    doorbell = RecordingDoorbell()
     ring_deliveries(sessions, doorbell, Leases.from_settings(settings.worker))
     with sessions() as session, session.begin():
         again = claim_due(session, [delivery_id], lease)
