@@ -14,7 +14,8 @@ class ResNetMultiTask(nn.Module):
     """The multi-task model of the model documents.
 
     A ResNet-50 encoder with a CBAM after each of its four stages. Classification: global
-    average pooling → Linear(2048, 1024) → ReLU → Dropout → Linear(1024, C). Segmentation: an
+    average pooling → Linear(2048, 1024) → Dropout → Linear(1024, C), as the documents give it
+    (`head_relu` puts a ReLU after the first Linear). Segmentation: an
     FPN decoder (1x1 lateral convolutions on the four stages, top-down upsampling and
     addition, a 3x3 smoothing convolution) upsampled to the input size and a 1x1 convolution
     giving one lesion logit per pixel.
@@ -42,6 +43,12 @@ class ResNetMultiTask(nn.Module):
         the lungs, and Grad-CAM then marked the lung base instead of the nodule (pointing 0.02
         and 0.05 at 94-99 % accuracy); a third stayed at chance. With 3x3, all six runs (four
         seeds, one and two threads) pointed into the nodule (0.92-1.0).
+    head_relu
+        A ReLU between the classification branch's two Linear layers. The documents have none
+        (the two then act as one linear map of the pooled features); packages of this network
+        made before the option existed had one, and must name it in their ``[options]``. The
+        layers' names differ with and without it (``classifier.3`` and ``classifier.2``), so
+        weights trained one way never load silently into the other.
     """
 
     gradcam_target_layer = "attention.3"
@@ -56,6 +63,7 @@ class ResNetMultiTask(nn.Module):
         fpn_channels: int | None = None,
         tiny: bool = False,
         attention_kernel: int | None = None,
+        head_relu: bool = False,
     ) -> None:
         super().__init__()
         self.encoder = resnet_backbone(tiny)
@@ -67,9 +75,10 @@ class ResNetMultiTask(nn.Module):
             raise ValueError(f"attention_kernel must be an odd number >= 1, got {kernel}")
         self.attention = nn.ModuleList(CBAM(width, kernel_size=kernel) for width in widths)
         hidden = 128 if tiny else 1024
+        activation = [nn.ReLU(inplace=True)] if head_relu else []
         self.classifier = nn.Sequential(
             nn.Linear(widths[-1], hidden),
-            nn.ReLU(inplace=True),
+            *activation,
             nn.Dropout(dropout),
             nn.Linear(hidden, num_classes),
         )

@@ -13,6 +13,7 @@ from dicomai.imaging.spec import InputSpec
 from dicomai.inference.runner import Classifier
 from dicomai.inference.types import Code
 from dicomai.models.architectures import build
+from dicomai.errors import ModelPackageError
 from dicomai.models.package import ClassSpec, Manifest, load_model, write_package
 from dicomai.training.losses import dice_loss, multitask_loss
 from dicomai.training.synthetic import synthesize
@@ -52,6 +53,34 @@ def test_full_size_multitask_gives_logits_and_an_input_size_mask() -> None:
     assert logits.shape == plain.shape == (1, 4) and masks.shape == (1, 1, 96, 64)
     assert model.classifier[0].in_features == 2048 and model.classifier[0].out_features == 1024
     assert len(model.attention) == 4
+
+
+def test_the_classification_branch_is_the_documents_unless_a_relu_is_asked_for(
+    tmp_path: Path,
+) -> None:
+    # Model document 004: GAP -> Linear(2048, 1024) -> Dropout(0.5) -> Linear(1024, C).
+    documented = build("resnet50_multitask", 4)
+    assert [type(m) for m in documented.classifier] == [
+        torch.nn.Linear, torch.nn.Dropout, torch.nn.Linear
+    ]  # fmt: skip
+    assert documented.classifier[1].p == 0.5 and documented.classifier[2].out_features == 4
+    with_relu = build("resnet50_multitask", 2, tiny=True, head_relu=True)
+    assert [type(m) for m in with_relu.classifier] == [
+        torch.nn.Linear, torch.nn.ReLU, torch.nn.Dropout, torch.nn.Linear
+    ]  # fmt: skip
+    # A package whose head had the ReLU, its manifest not saying so, does not load as one
+    # without it: the layer names differ.
+    manifest = Manifest(
+        name="relu",
+        version="0.1.0",
+        architecture="resnet50_multitask",
+        classes=CLASSES,
+        options={"tiny": True},
+        input=SPEC,
+    )
+    write_package(tmp_path, manifest, with_relu.state_dict())
+    with pytest.raises(ModelPackageError, match="missing classifier.2.weight"):
+        load_model(tmp_path)
 
 
 def test_tiny_multitask_learns_the_lesion_mask_in_a_few_steps() -> None:
