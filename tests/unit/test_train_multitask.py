@@ -96,7 +96,8 @@ def test_the_package_reports_a_dice_no_untrained_network_reaches(
     trained: Path, tmp_path: Path
 ) -> None:
     manifest = load_model(trained / "package").manifest
-    assert manifest.architecture == "resnet50_multitask" and manifest.options == {"tiny": True, "head_relu": True}
+    assert manifest.architecture == "resnet50_multitask"
+    assert manifest.options == {"tiny": True, "head_relu": True}
     assert manifest.training["loss"]["name"] == "multitask"
     assert manifest.training["loss"]["multitask_alpha"] == 0.7
     assert manifest.training["data"]["masks"] == "masks/ folder"
