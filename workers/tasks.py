@@ -9,16 +9,12 @@ from typing import Any
 
 from celery import Celery
 from celery.exceptions import Ignore
-from sqlalchemy.exc import InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from dicomai.db.session import TRANSIENT_DATABASE_ERRORS
 from workers.app import DELIVER, RUN_JOB
 
 log = logging.getLogger(__name__)
 
-# The database unreachable, restarting, or cancelling a transaction (deadlock, serialization):
-# the row keeps its state, and the reconciler rings it again after its lease.
-TRANSIENT_DATABASE_ERRORS = (OperationalError, InterfaceError, PoolTimeout)
 
 
 def register_tasks(app: Celery, runtime: Any) -> None:

@@ -10,10 +10,16 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import NoSuchModuleError
+from sqlalchemy.exc import InterfaceError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai.errors import ConfigError
+
+
+# The database unreachable, restarting, or cancelling a transaction (deadlock, serialization):
+# not a bug to trace, and their messages carry the statement and the server's address.
+TRANSIENT_DATABASE_ERRORS = (OperationalError, InterfaceError, PoolTimeout)
 
 
 def make_engine(url: str, create: bool = True) -> Engine:

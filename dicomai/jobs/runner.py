@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from pydicom import Dataset
 from sqlalchemy import ColumnElement, and_, delete, or_, select, true, update
-from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai.audit import Action, record
@@ -37,6 +36,7 @@ from dicomai.db.models import (
     Prediction,
     Study,
 )
+from dicomai.db.session import TRANSIENT_DATABASE_ERRORS
 from dicomai.delivery.dispatch import (
     attempt_deliveries,
     attempt_delivery,
@@ -570,8 +570,7 @@ class JobRunner:
 
     def _fail(self, claim: Claim, exc: Exception) -> None:
         reason = str(exc) if isinstance(exc, DicomaiError) else type(exc).__name__
-        # A database outage is not a bug to trace, and its message carries the statement.
-        expected = isinstance(exc, DicomaiError | OperationalError | InterfaceError)
+        expected = isinstance(exc, (DicomaiError, *TRANSIENT_DATABASE_ERRORS))
         log.error("job %d failed: %s", claim.job_id, reason, exc_info=not expected)
         permanent = isinstance(exc, ModelPackageError)
         with self.sessions() as session, session.begin():
