@@ -16,7 +16,6 @@ from workers.app import DELIVER, RUN_JOB
 log = logging.getLogger(__name__)
 
 
-
 def register_tasks(app: Celery, runtime: Any) -> None:
     """Bind the tasks to `runtime` (a dicomai.jobs.runner.JobRunner).
 

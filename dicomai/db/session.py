@@ -16,7 +16,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai.errors import ConfigError
 
-
 # The database unreachable, restarting, or cancelling a transaction (deadlock, serialization):
 # not a bug to trace, and their messages carry the statement and the server's address.
 TRANSIENT_DATABASE_ERRORS = (OperationalError, InterfaceError, PoolTimeout)
