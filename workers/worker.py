@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from dicomai.config import Settings
 from dicomai.db.migrate import require_current
 from dicomai.db.session import make_engine, make_sessionmaker
@@ -9,13 +11,18 @@ from workers.app import DELIVERY_QUEUE, INFERENCE_QUEUE, make_app
 from workers.tasks import register_tasks
 
 
-def node_name(device: str) -> str:
+def node_name(device: str, pid: int | None = None) -> str:
     """The Celery node name of a worker on `device` (``cpu``, ``cuda:N``): ``dicomai-cuda1@%h``.
 
     One worker per GPU on a machine: with the device in the name, ``celery inspect`` and the
     log tell ``dicomai-worker@0`` from ``dicomai-worker@1``, which all were ``dicomai@host``.
+    CPU workers, of which a machine may run several, add their process id
+    (``dicomai-cpu-4711@%h``): under one name, Celery's remote control reached only one.
     """
-    return f"dicomai-{device.replace(':', '')}@%h"
+    name = device.replace(":", "")
+    if device == "cpu":
+        name = f"{name}-{os.getpid() if pid is None else pid}"
+    return f"dicomai-{name}@%h"
 
 
 def run_worker(settings: Settings, device: str) -> None:

@@ -86,9 +86,11 @@ def test_each_device_has_its_own_worker_node_name(
     run_worker(settings, "cpu")
 
     (argv,) = started
-    assert f"--hostname={node_name('cpu')}" in argv
-    names = {node_name(device) for device in ("cpu", "cuda:0", "cuda:1")}
-    assert names == {"dicomai-cpu@%h", "dicomai-cuda0@%h", "dicomai-cuda1@%h"}
+    assert f"--hostname=dicomai-cpu-{os.getpid()}@%h" in argv
+    names = {node_name(device, pid=7) for device in ("cpu", "cuda:0", "cuda:1")}
+    assert names == {"dicomai-cpu-7@%h", "dicomai-cuda0@%h", "dicomai-cuda1@%h"}
+    # Two CPU workers on one machine are two nodes.
+    assert node_name("cpu", pid=7) != node_name("cpu", pid=8)
 
 
 def test_serve_removes_partial_output_files_of_killed_workers_at_start(tmp_path: Path) -> None:
