@@ -39,8 +39,15 @@ def known_digest(sessions: sessionmaker[Session], sop_instance_uid: str) -> str 
         return session.execute(_KNOWN_DIGEST, {"uid": sop_instance_uid}).scalar()
 
 
+def recorded_path(sessions: sessionmaker[Session], sop_instance_uid: str) -> str | None:
+    """The spool path recorded for the instance with this UID, or None if there is none."""
+    with sessions() as session:
+        return session.execute(_RECORDED_PATH, {"uid": sop_instance_uid}).scalar()
+
+
 _INSTANCES = cast(Table, Instance.__table__)
 _KNOWN_DIGEST = select(_INSTANCES.c.sha256).where(_INSTANCES.c.sop_instance_uid == bindparam("uid"))
+_RECORDED_PATH = select(_INSTANCES.c.path).where(_INSTANCES.c.sop_instance_uid == bindparam("uid"))
 
 
 def recorded_study(sessions: sessionmaker[Session], sop_instance_uid: str) -> str | None:

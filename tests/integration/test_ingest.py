@@ -268,6 +268,53 @@ def test_resend_policy_replace_stores_the_new_content_and_reopens_the_study(
         ) == [(1,)]
 
 
+@pytest.mark.parametrize("policy", ["keep", "replace"])
+def test_an_instance_resent_into_another_known_study_leaves_that_study_untouched(
+    tmp_path: Path, policy: str
+) -> None:
+    # Once a study has a folder, its instances are not looked up before their file is
+    # written: a known instance resent under that study's UID must still be judged as a
+    # resend of the first, its file gone from the other study's folder.
+    peers = [{"ae_title": MODALITY, "hosts": ["127.0.0.1"]}]
+    with Listener(tmp_path / policy, AET, peers, resend_policy=policy) as daemon:
+        first = pydicom.dcmread(sample_file("CT_small.dcm"))
+        other = pydicom.dcmread(sample_file("CT_small.dcm"))
+        other.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.77"
+        other.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.78"
+        moved = pydicom.dcmread(sample_file("CT_small.dcm"))
+        moved.StudyInstanceUID = other.StudyInstanceUID
+        moved.SeriesDescription = "resent under the other study"
+        ae = AE(ae_title=MODALITY)
+        ae.add_requested_context(first.SOPClassUID, first.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", daemon.port, ae_title=AET)
+        assert assoc.is_established
+        try:
+            assert assoc.send_c_store(first).Status == 0x0000
+            assert assoc.send_c_store(other).Status == 0x0000
+            status = assoc.send_c_store(moved).Status
+        finally:
+            assoc.release()
+        assert status == (0x0000 if policy == "keep" else 0xC000)
+        rows = daemon.query(
+            "SELECT i.sop_instance_uid, s.study_uid, i.path FROM instances i "
+            "JOIN studies s ON s.id = i.study_id ORDER BY i.id"
+        )
+        assert [(uid, study) for uid, study, _ in rows] == [
+            (first.SOPInstanceUID, first.StudyInstanceUID),
+            (other.SOPInstanceUID, other.StudyInstanceUID),
+        ]
+        spool = daemon.root / "var" / "spool"
+        assert sorted(p.name for p in (spool / other.StudyInstanceUID).iterdir()) == [
+            f"{other.SOPInstanceUID}.dcm"
+        ], "the resent content was left in the other study's folder"
+        assert pydicom.dcmread(spool / rows[0][2]).get("SeriesDescription") != (
+            "resent under the other study"
+        )
+        action = "instance.resend_kept" if policy == "keep" else "instance.rejected"
+        audited = daemon.query("SELECT count(*) FROM audit_events WHERE action = :a", a=action)
+        assert audited == [(1,)]
+
+
 def _stored_dataset_digest(path: Path) -> str:
     """SHA-256 of a spool file's data set, after its file meta (what the row records)."""
     data = path.read_bytes()
