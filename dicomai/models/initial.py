@@ -60,7 +60,8 @@ def load_initial_weights(
     Raises
     ------
     ModelPackageError
-        If the file is missing or unreadable, or none of its tensors fits the model.
+        If the file is missing or unreadable, fits the model only in part, or holds
+        tensors (its head's excepted) that fit nothing in it.
     """
     state = _read_state(Path(path))
     if kind == "chexnet":
@@ -73,19 +74,32 @@ def load_initial_weights(
     prefixes = ["", *(f"{name}." for name, _ in model.named_children())]
     updates: dict[str, torch.Tensor] = {}
     used: set[str] = set()
+    unused: list[str] = []
     for key, value in state.items():
         if key.startswith(_HEAD_PREFIXES):
             continue
+        fitted = False
         for prefix in prefixes:
             target = prefix + key
             if target in own and own[target].shape == value.shape:
                 updates[target] = value
                 used.add(prefix)
+                fitted = True
+        if not fitted:
+            unused.append(key)
     if not updates:
         raise ModelPackageError(
             f"initial weights: no tensor of {path} fits {type(model).__name__} (kind {kind})"
         )
     _refuse_partial(own, updates, used, path)
+    if unused:
+        # A ResNet-101 file in a ResNet-50 filled every tensor and left 306 of its own
+        # unread, under a package that said it started from that network.
+        raise ModelPackageError(
+            f"initial weights: {len(unused)} of the {len(state)} tensors of {path} fit "
+            f"nothing in {type(model).__name__} ({unused[0]} and {len(unused) - 1} more): "
+            "weights of a larger network of the family, or of another architecture"
+        )
     model.load_state_dict(updates, strict=False)
     return sorted(updates)
 

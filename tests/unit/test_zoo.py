@@ -195,6 +195,20 @@ def test_weights_that_fit_a_backbone_in_part_are_refused(tmp_path: Path) -> None
         load_initial_weights(build("resnet34", 2), path)
 
 
+@pytest.mark.parametrize(
+    ("source", "target"), [("resnet34", "resnet18"), ("resnet101", "resnet50")]
+)
+def test_weights_of_a_larger_network_of_the_family_are_refused(
+    tmp_path: Path, source: str, target: str
+) -> None:
+    # They filled every tensor of the smaller network and were recorded as its start, the
+    # deeper stages' tensors left unread.
+    path = tmp_path / f"{source}.pth"
+    torch.save(build(source, 1000).state_dict(), path)
+    with pytest.raises(ModelPackageError, match=r"tensors of .* fit nothing in ResNet"):
+        load_initial_weights(build(target, 2), path)
+
+
 def test_a_data_parallel_checkpoint_loads_under_either_kind(tmp_path: Path) -> None:
     # "module.features..." (a DenseNet-121 saved inside DataParallel) fitted no tensor.
     source = build("densenet121", 14, tiny=True)
