@@ -6,9 +6,10 @@ For each architecture, at batch 1 and 8 (224², CPU threads as given): forward t
 against a textbook Grad-CAM (hooks on the same target layer, a full backward from the class
 score, channel weights = mean gradients, ReLU, bilinear upsampling, scaled to the maximum).
 Architectures whose heat maps are another method by default (the ViTs' attention relevance,
-the DenseNet-Transformer's Grad-CAM++) are timed with Grad-CAM for that comparison, and with
+the DenseNet-Transformer's LayerCAM) are timed with Grad-CAM for that comparison, and with
 their own method in the last column, against the same textbook Grad-CAM.
-Prints a Markdown table of medians and ratios (dicomai ÷ plain: below 1 is faster).
+Prints a Markdown table of medians and ratios (dicomai ÷ plain: below 1 is faster); the four
+measurements of a row take turns, round after round.
 
     .venv/bin/python bench/inference.py                # all but vit_l_16 and efficientnet_b7
     .venv/bin/python bench/inference.py --include-huge # those two as well
@@ -18,6 +19,7 @@ Prints a Markdown table of medians and ratios (dicomai ÷ plain: below 1 is fast
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from collections.abc import Callable
@@ -43,18 +45,23 @@ CLASSES = (
 )
 
 
-def timed(run: Callable[[], object], budget_s: float, most: int) -> float:
-    """Median seconds of `run` after one warm-up; as many repeats as fit `budget_s` (1..most)."""
-    started = time.perf_counter()
-    run()
-    first = time.perf_counter() - started
-    repeats = max(1, min(most, int(budget_s / max(first, 1e-3))))
-    times = []
-    for _ in range(repeats):
+def timed(runs: dict[str, Callable[[], object]], budget_s: float, most: int) -> dict[str, float]:
+    """Median seconds of each of `runs` after one warm-up each, the runs taking turns, so
+    that a change of the machine's load falls on all of them alike; as many rounds as fit
+    `budget_s` per run (1..most)."""
+    firsts = []
+    for run in runs.values():
         started = time.perf_counter()
         run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        firsts.append(time.perf_counter() - started)
+    rounds = max(1, min(most, int(budget_s / max(max(firsts), 1e-3))))
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def textbook_gradcam(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> np.ndarray:
@@ -99,6 +106,9 @@ def classifier(model: nn.Module, findings: bool, method: str = "gradcam") -> Cla
 def bench_one(name: str, batch: int, budget_s: float) -> dict[str, float]:
     torch.manual_seed(0)
     model = build(name, 2).eval()
+    # Classifier moves its network to channels_last in place: plain torch keeps its own copy
+    # in torch's default layout, as a user's script would have it.
+    ours = copy.deepcopy(model)
     x = torch.randn(batch, 3, SIZE, SIZE)
     images = [(str(i), x[i].numpy()) for i in range(batch)]
     layer = find_target_layer(model, x)
@@ -107,24 +117,19 @@ def bench_one(name: str, batch: int, budget_s: float) -> dict[str, float]:
         with torch.inference_mode():
             model(x)
 
-    most = 5 if batch == 1 else 3
-    plain_fwd = timed(plain_forward, budget_s, most)
-    plain_cam = timed(lambda: textbook_gradcam(model, layer, x), budget_s, most)
-    # Classifier moves the network to channels_last in place; plain torch ran first.
-    ours_fwd = timed(lambda: classifier(model, False).predict(images), budget_s, most)
-    ours_cam = timed(lambda: classifier(model, True).predict(images), budget_s, most)
-    own = default_method(model)
-    times = {
-        "plain_fwd": plain_fwd,
-        "ours_fwd": ours_fwd,
-        "plain_cam": plain_cam,
-        "ours_cam": ours_cam,
+    # Built before the clock starts: building one runs its warm-up pass.
+    forward_only, with_cam = classifier(ours, False), classifier(ours, True)
+    runs: dict[str, Callable[[], object]] = {
+        "plain_fwd": plain_forward,
+        "ours_fwd": lambda: forward_only.predict(images),
+        "plain_cam": lambda: textbook_gradcam(model, layer, x),
+        "ours_cam": lambda: with_cam.predict(images),
     }
+    own = default_method(model)
     if own != "gradcam":
-        times["ours_own"] = timed(
-            lambda: classifier(model, True, own).predict(images), budget_s, most
-        )
-    return times
+        own_method = classifier(ours, True, own)
+        runs["ours_own"] = lambda: own_method.predict(images)
+    return timed(runs, budget_s, 5 if batch == 1 else 3)
 
 
 def main() -> None:
