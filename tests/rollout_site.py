@@ -39,7 +39,9 @@ def package(tmp: Path, version: str, **metrics: float) -> Path:
 class Site:
     """dicomai's database and storage under `root`, with a folder destination."""
 
-    def __init__(self, root: Path, database_url: str | None = None) -> None:
+    def __init__(
+        self, root: Path, database_url: str | None = None, destinations: bool = True
+    ) -> None:
         self.root = root
         self.delivered = root / "delivered"
         tables = {
@@ -51,7 +53,9 @@ class Site:
         self.config = write_config(
             root / "dicomai.toml",
             tables,
-            {"destinations": [{"name": "folder", "path": str(self.delivered)}]},
+            {"destinations": [{"name": "folder", "path": str(self.delivered)}]}
+            if destinations
+            else {},
         )
         self.settings = load_settings(self.config)
         upgrade(self.settings.database_url)
@@ -107,9 +111,9 @@ class Site:
         self.engine.dispose()
 
 
-def demo_site(root: Path) -> Site:
+def demo_site(root: Path, destinations: bool = True) -> Site:
     """A site with the demo package registered and active, as an operator would leave it."""
-    site = Site(root)
+    site = Site(root, destinations=destinations)
     site.register(DEMO)
     site.cli("models", "activate", NAME, "1.0.0", "--reason", "first model")
     return site

@@ -22,7 +22,6 @@ from dicomai.db.models import (
     StudyState,
     utcnow,
 )
-from dicomai.delivery.dispatch import has_deliveries
 from dicomai.jobs.applicability import applies
 
 log = logging.getLogger(__name__)
@@ -218,7 +217,7 @@ def ensure_report(
     if create_job(session, study, model) is not None:
         return True
     job = current_job(session, study, model)
-    if job is None or job.state != JobState.DONE or has_deliveries(session, job.id):
+    if job is None or job.state != JobState.DONE or job.reported:
         return False  # it does not apply, is yet to run (and send), or has sent
     previous = job.state
     job.state, job.attempts, job.enqueued_at, job.error = JobState.QUEUED, 0, None, None

@@ -527,7 +527,12 @@ class JobRunner:
         # running, and neither reported.
         lock_studies(session, [job.study_id])
         # Once the SR went out the overlays follow it, whatever changed since.
-        sends = has_deliveries(session, job.id) or sends_results(session, version, claim.study_uid)
+        sends = (
+            job.reported
+            or has_deliveries(session, job.id)
+            or sends_results(session, version, claim.study_uid)
+        )
+        job.reported = sends
         deliveries: list[Delivery] = []
         for output in outputs:
             row = _upsert_output(session, job, output)

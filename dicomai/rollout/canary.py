@@ -8,7 +8,7 @@ import hashlib
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dicomai.db.models import Delivery, Job, JobState, ModelState, ModelVersion, OutputObject, Study
+from dicomai.db.models import Job, JobState, ModelState, ModelVersion, Study
 from dicomai.jobs.assembler import current_job, ensure_report, input_digest, taken_instances
 
 # Selection in hundredths of a percent, so that 0.5 % canaries are possible.
@@ -51,13 +51,15 @@ def reporter(session: Session, name: str, study: Study) -> ModelVersion | None:
 
 
 def sent_by(session: Session, name: str, study: Study) -> ModelVersion | None:
-    """The version of `name` whose report on the study's current instances went to the
-    destinations (deliveries were created for its job), if one did."""
-    sent = select(Delivery.id).join(OutputObject).where(OutputObject.job_id == Job.id).exists()
+    """The version of `name` whose report on the study's current instances was made (its
+    job `reported`: given to the destinations, where any are configured), if one was.
+
+    Deliveries were the sign before: with no destination configured none is ever made, so
+    every state change queued the reporting version's finished jobs again."""
     jobs = session.scalars(
         select(Job)
         .join(ModelVersion, Job.model_version_id == ModelVersion.id)
-        .where(Job.study_id == study.id, ModelVersion.name == name, sent)
+        .where(Job.study_id == study.id, ModelVersion.name == name, Job.reported)
         .order_by(Job.id)
     )
     for job in jobs:

@@ -189,6 +189,36 @@ def _senders(site: Site) -> dict[str, list[str]]:
     return senders
 
 
+def test_without_destinations_a_change_does_not_run_the_reporting_version_again(
+    tmp_path,
+) -> None:
+    # Whether a version had reported was read from its deliveries: with no destination
+    # configured there are none, so each state change queued the active version's finished
+    # jobs of every study in flight again, and a canary then reported beside it.
+    site = demo_site(tmp_path, destinations=False)
+    try:
+        site.register(package(tmp_path, NEW))
+        models(site, *SHADOW)
+        uids = in_flight(site)
+        run(site, "1.0.0")  # the active version reports; the shadow's jobs are queued
+        out = models(site, *CANARY_HALF)
+        assert "queued for" not in out, out
+        assert queued(site, "1.0.0") == []
+        assert site.cli("audit", "list", "--action", "job.retried", "--json").stdout == ""
+        run(site)
+        with site.sessions() as session:
+            reported = session.execute(
+                select(Study.study_uid, ModelVersion.version)
+                .select_from(Job)
+                .join(Study, Job.study_id == Study.id)
+                .join(ModelVersion, Job.model_version_id == ModelVersion.id)
+                .where(Job.reported)
+            ).all()
+        assert sorted(reported) == sorted((uid, "1.0.0") for uid in uids)
+    finally:
+        site.close()
+
+
 def test_a_canary_share_too_small_to_select_a_study_is_refused(site: Site) -> None:
     result = site.cli("models", "canary", NAME, NEW, "--percent", "0.004", check=False)
     one_line_error(result, "--percent", "0.01")
@@ -205,8 +235,14 @@ def _evaluate(site: Site, tmp_path, version: str, **metrics: float) -> None:
 def test_a_bad_site_evaluation_of_the_candidate_is_not_outvoted_by_package_metrics(
     site: Site, tmp_path
 ) -> None:
-    # The active version has no site evaluation; the packages' [metrics] are equal.
+    # The active version has no site evaluation; the packages' [metrics] are equal. The
+    # site's accuracy (as dicomai evaluate names it) meets the package's test_accuracy.
     _evaluate(site, tmp_path, NEW, accuracy=0.3, auc_macro=0.41)
+    message = one_line_error(site.cli("models", "activate", NAME, NEW, check=False), "worse")
+    assert "accuracy 0.3 < test_accuracy 0.9975" in message, message
+
+    # With nothing comparable (the package has val_auc, not val_auc_macro) it is refused.
+    _evaluate(site, tmp_path, NEW, auc_macro=0.99)
     message = one_line_error(site.cli("models", "activate", NAME, NEW, check=False))
     assert "site evaluation" in message and "share no metric" in message, message
 
