@@ -248,13 +248,65 @@ def _binary(
     positive: int,
 ) -> dict[str, float]:
     tn = float(((1 - predicted_onehot[:, positive]) * (1 - onehot[:, positive])).sum())
-    t, f_p, f_n = float(tp[positive]), float(fp[positive]), float(fn[positive])
+    return _rates(float(tp[positive]), float(fp[positive]), float(fn[positive]), tn)
+
+
+def _rates(tp: float, fp: float, fn: float, tn: float) -> dict[str, float]:
     # Undefined (NaN, null in evaluation.json, skipped by the gate) when its denominator is
     # empty: a test set of positives only has no specificity, not a specificity of 0.
     undefined = float("nan")
     return {
-        "sensitivity": t / (t + f_n) if t + f_n else undefined,
-        "specificity": tn / (tn + f_p) if tn + f_p else undefined,
-        "ppv": t / (t + f_p) if t + f_p else undefined,
-        "npv": tn / (tn + f_n) if tn + f_n else undefined,
+        "sensitivity": tp / (tp + fn) if tp + fn else undefined,
+        "specificity": tn / (tn + fp) if tn + fp else undefined,
+        "ppv": tp / (tp + fp) if tp + fp else undefined,
+        "npv": tn / (tn + fn) if tn + fn else undefined,
     }
+
+
+FINDING_RATES = ("sensitivity", "specificity", "ppv", "npv")
+
+
+def finding_metrics(
+    present: np.ndarray, targets: np.ndarray, classes: tuple[str, ...], findings: np.ndarray
+) -> dict[str, Any]:
+    """Per finding class, how often its reported Present/Absent was right (one class vs rest).
+
+    For a multi-class model, whose daemon reports each finding class Present or Absent on its
+    own threshold (so an image can have several findings Present, or none), rather than the
+    single most probable class that `compute_metrics` scores.
+
+    Parameters
+    ----------
+    present
+        bool (N, C): where the daemon reports the class Present.
+    targets
+        int (N,) true classes.
+    classes
+        Class names, in output order.
+    findings
+        bool (C,): which classes are findings (the only ones reported Present or Absent).
+
+    Returns
+    -------
+    dict
+        ``per_class`` {finding name: {sensitivity, specificity, ppv, npv, f1, confusion
+        [[TN, FP], [FN, TP]]}}; ``sensitivity_macro``, ``specificity_macro``, ``ppv_macro``,
+        ``npv_macro``: their means over the finding classes where defined (NaN where none is).
+    """
+    truth = np.eye(len(classes), dtype=bool)[np.asarray(targets, dtype=np.int64)]
+    present = np.asarray(present, dtype=bool)
+    per_class: dict[str, dict[str, Any]] = {}
+    for c in np.flatnonzero(findings):
+        said, real = present[:, c], truth[:, c]
+        tp, fp = int((said & real).sum()), int((said & ~real).sum())
+        fn, tn = int((~said & real).sum()), int((~said & ~real).sum())
+        per_class[classes[c]] = {
+            **_rates(tp, fp, fn, tn),
+            "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan"),
+            "confusion": [[tn, fp], [fn, tp]],
+        }
+    macro = {}
+    for rate in FINDING_RATES:
+        defined = [v[rate] for v in per_class.values() if not np.isnan(v[rate])]
+        macro[f"{rate}_macro"] = float(np.mean(defined)) if defined else float("nan")
+    return {"per_class": per_class, **macro}

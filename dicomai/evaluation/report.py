@@ -8,8 +8,10 @@ Writes into the output folder:
       model            {name, version, architecture, weights_sha256, temperature}
       data             {path, n, task ("binary" | "multiclass" | "multilabel"), per_class counts}
       task, n
-      accuracy         exact-match accuracy for multi-label
+      decision         which rule decided (below)
+      accuracy         binary and multi-label (exact-match accuracy for multi-label)
       precision_macro, recall_macro, f1_macro, precision_weighted, recall_weighted, f1_weighted
+                       binary and multi-label
       auc_micro, auc_macro
       sensitivity, specificity, ppv, npv     binary only, for the positive (finding) class
                                              at its manifest threshold
@@ -19,10 +21,25 @@ Writes into the output folder:
                        sum over classes; multi-label: mean over classes)
       per_class        {name: {precision, recall, f1, support, auc, threshold}}
       confusion_matrix rows true, columns predicted; multi-label: per class [[TN, FP], [FN, TP]]
-      decision         how classes were decided (threshold or argmax)
+
+  Binary and multi-label decisions are "probability >= class threshold", which is the daemon's
+  rule. A multi-class daemon reports each *finding* class Present when its probability reaches
+  that class's own threshold (`ClassScore.positive`): an image can have several findings
+  Present, or none, and non-finding classes are never reported. So multi-class reports what
+  the SR says, per finding class one against the rest, in place of the keys above:
+
+      sensitivity_macro, specificity_macro, ppv_macro, npv_macro
+                       means over the finding classes (where defined)
+      per_class        {name: {support, auc, threshold, is_finding, and for findings only:
+                       sensitivity, specificity, ppv, npv, f1}}
+      confusion_matrix {finding name: [[TN, FP], [FN, TP]]} of its Present/Absent
+      accuracy_argmax, confusion_matrix_argmax
+                       the most probable class against the truth (rows true, columns
+                       predicted): what the daemon does not report, kept for comparison
       uncertainty      {method, samples (passes per image), answers (images; multi-label:
                        image-class pairs), errors, measures {entropy, and with samples > 1 std
-                       (of the predicted class) and mutual_information (single-label): {auroc
+                       (of the predicted class: multi-class, the most probable, whose errors
+                       are counted) and mutual_information (single-label): {auroc
                        (of the measure as a detector of errors), aurc (area under the risk-
                        coverage curve, lower is better), spearman (rho with the errors),
                        risk_at_coverage {"0.5", "0.8", "0.9", "1": error rate among the
@@ -35,7 +52,9 @@ Writes into the output folder:
                        within margin_px of it}, n_lesion, margin_px, method (the package's),
                        best (the method that pointed most often; the package's on a tie)}
 
-- ``predictions.csv``: per image its file, truth, decision and every class's probability;
+- ``predictions.csv``: per image its file, truth, decision (``predicted``; multi-class:
+  ``present``, the findings the SR calls Present joined by ``|``, and ``argmax``) and every
+  class's probability;
 - ``roc.png``, ``reliability.png``, ``risk_coverage.png`` (the error rate among the answers
   the model is surest of, by share kept), ``misclassified.png`` (up to 16, with their heat maps);
 - ``report.md`` and ``report.html``: the same numbers for people.
@@ -56,7 +75,7 @@ import torch
 
 from dicomai.errors import DatasetError, NotEvaluable
 from dicomai.evaluation.localisation import LOCALISATION, localisation_metrics
-from dicomai.evaluation.metrics import compute_metrics, decisions
+from dicomai.evaluation.metrics import compute_metrics, decisions, finding_metrics
 from dicomai.evaluation.plots import (
     plot_misclassified,
     plot_reliability,
@@ -73,8 +92,9 @@ from dicomai.evaluation.uncertainty_quality import (
 from dicomai.imaging.decode import read_instance
 from dicomai.imaging.preprocess import prepare, to_model_input
 from dicomai.inference.runner import Classifier
+from dicomai.inference.types import ClassScore
 from dicomai.inference.uncertainty import Summary
-from dicomai.models.package import LoadedModel, load_model
+from dicomai.models.package import ClassSpec, LoadedModel, load_model
 from dicomai.training.datasets import (
     DICOM_SUFFIXES,
     LabelledImages,
@@ -144,6 +164,10 @@ def evaluate_package(
     positive = positive_class(manifest.classes)
     metrics = compute_metrics(probabilities, images.targets, task, classes, thresholds, positive)
     predicted = decisions(probabilities, task, thresholds, positive)
+    present = None
+    if task is Task.MULTICLASS:
+        present = reported_present(probabilities, manifest.classes)
+        metrics = _as_reported(metrics, present, images.targets, manifest.classes)
     report: dict[str, Any] = {
         "model": {
             "name": manifest.name,
@@ -158,7 +182,7 @@ def evaluate_package(
             "task": task.value,
             "per_class": class_counts(images, classes, task),
         },
-        "decision": "argmax" if task is Task.MULTICLASS else "probability >= class threshold",
+        "decision": MULTICLASS_DECISION if task is Task.MULTICLASS else THRESHOLD_DECISION,
         **metrics,
         UNCERTAINTY: uncertainty_report(
             summary,
@@ -174,8 +198,8 @@ def evaluate_package(
     if images.masks is not None and any(spec.is_finding for spec in manifest.classes):
         report[LOCALISATION] = localisation_metrics(classifier, images, inputs)
     out.mkdir(parents=True, exist_ok=True)
-    _write_predictions(out / "predictions.csv", images, classes, probabilities, predicted, task)
-    _write_figures(out, report, images, inputs, summary, predicted, classifier, task)
+    _write_predictions(out / "predictions.csv", images, classes, probabilities, predicted, present)
+    _write_figures(out, report, images, inputs, summary, predicted, classifier, task, present)
     (out / "evaluation.json").write_text(json.dumps(_json_safe(rounded(report, 8)), indent=2))
     (out / "report.md").write_text(markdown(report))
     (out / "report.html").write_text(to_html(report))
@@ -193,14 +217,94 @@ def evaluate_package(
                 "model.toml would draw its maps)"
             )
     log(
-        f"{manifest.name} {manifest.version} on {len(images)} images: accuracy "
-        f"{metrics['accuracy']:.3f}, AUC {metrics['auc_macro']:.3f}, ECE {metrics['ece']:.3f}"
+        f"{manifest.name} {manifest.version} on {len(images)} images: {_decided(metrics)}, "
+        f"AUC {_auc_text(metrics, report['data']['per_class'])}, ECE {metrics['ece']:.3f}"
         f"{dice}{pointing}; report in {out}"
     )
     return report
 
 
 UNCERTAINTY = "uncertainty"
+THRESHOLD_DECISION = "probability >= class threshold"
+MULTICLASS_DECISION = (
+    "each finding class Present when its probability >= its threshold, as the SR reports it "
+    "(several or none per image); accuracy_argmax and confusion_matrix_argmax: the most "
+    "probable class, which the daemon does not report"
+)
+_ARGMAX_ONLY = (
+    "precision_macro", "recall_macro", "f1_macro",
+    "precision_weighted", "recall_weighted", "f1_weighted",
+)  # fmt: skip
+
+
+def reported_present(probabilities: np.ndarray, specs: tuple[ClassSpec, ...]) -> np.ndarray:
+    """bool (N, C): where the daemon's SR says Present, by the daemon's own rule
+    (`ClassScore.positive`: finding classes only, each at its own threshold)."""
+    return np.array(
+        [
+            [
+                ClassScore(spec.name, spec.code, float(p), spec.threshold, spec.is_finding).positive
+                for spec, p in zip(specs, row, strict=True)
+            ]
+            for row in probabilities
+        ],
+        dtype=bool,
+    ).reshape(len(probabilities), len(specs))
+
+
+def _as_reported(
+    metrics: dict[str, Any],
+    present: np.ndarray,
+    targets: np.ndarray,
+    specs: tuple[ClassSpec, ...],
+) -> dict[str, Any]:
+    """Multi-class `metrics` with the decisions the daemon reports (`finding_metrics`) in
+    place of the most probable class's; that one's accuracy and matrix kept as ``*_argmax``."""
+    classes = tuple(spec.name for spec in specs)
+    found = finding_metrics(
+        present, targets, classes, np.array([spec.is_finding for spec in specs], dtype=bool)
+    )
+    kept = {k: v for k, v in metrics.items() if k not in _ARGMAX_ONLY}
+    kept["accuracy_argmax"] = kept.pop("accuracy")
+    kept["confusion_matrix_argmax"] = kept.pop("confusion_matrix")
+    kept["confusion_matrix"] = {
+        name: rates.pop("confusion") for name, rates in found["per_class"].items()
+    }
+    kept["per_class"] = {
+        spec.name: {
+            **{k: metrics["per_class"][spec.name][k] for k in ("support", "auc", "threshold")},
+            "is_finding": spec.is_finding,
+            **found["per_class"].get(spec.name, {}),
+        }
+        for spec in specs
+    }
+    kept.update({k: v for k, v in found.items() if k != "per_class"})
+    return kept
+
+
+def _decided(metrics: dict[str, Any]) -> str:
+    """The summary line's decision numbers: multi-class, the findings as the SR reports them."""
+    if "accuracy" in metrics:
+        return f"accuracy {metrics['accuracy']:.3f}"
+    sensitivity = _number(metrics["sensitivity_macro"], 3)
+    specificity = _number(metrics["specificity_macro"], 3)
+    return (
+        f"findings Present at their thresholds: sensitivity {sensitivity}, specificity "
+        f"{specificity} (macro); argmax accuracy {metrics['accuracy_argmax']:.3f}"
+    )
+
+
+def _auc_text(metrics: dict[str, Any], counts: dict[str, int]) -> str:
+    """The macro AUC, or n/a and why: no class had both its positives and its negatives."""
+    value = metrics["auc_macro"]
+    if not math.isnan(value):
+        return f"{value:.3f}"
+    if not counts:
+        return "n/a (no images)"
+    present = [name for name, count in counts.items() if count]
+    if len(present) == 1 and len(counts) > 1:
+        return f"n/a (every image is {present[0]}: an AUC needs images of two classes)"
+    return "n/a (no class has both images with it and images without it)"
 
 
 def _task(loaded: LoadedModel) -> Task:
@@ -234,19 +338,26 @@ def _write_predictions(
     classes: tuple[str, ...],
     probabilities: np.ndarray,
     predicted: np.ndarray,
-    task: Task,
+    present: np.ndarray | None,
 ) -> None:
+    """One row per image; multi-class (`present` given): the findings the SR calls Present
+    (``present``) and the most probable class (``argmax``) in place of ``predicted``."""
+
     def names(value: Any) -> str:
-        if task is Task.MULTILABEL:
+        if np.ndim(value):
             return "|".join(c for c, on in zip(classes, value, strict=True) if on)
         return classes[int(value)]
 
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["file", "truth", "predicted", *classes])
+        decided = ["predicted"] if present is None else ["present", "argmax"]
+        writer.writerow(["file", "truth", *decided, *classes])
         for i, file in enumerate(images.paths):
+            said = [names(predicted[i])]
+            if present is not None:
+                said.insert(0, names(present[i]))
             probs = [f"{p:.8f}" for p in probabilities[i]]
-            writer.writerow([str(file), names(images.targets[i]), names(predicted[i]), *probs])
+            writer.writerow([str(file), names(images.targets[i]), *said, *probs])
 
 
 def _write_figures(
@@ -258,7 +369,11 @@ def _write_figures(
     predicted: np.ndarray,
     classifier: Classifier,
     task: Task,
+    present: np.ndarray | None,
 ) -> None:
+    """The figures; multi-class (`present` given) shows as misclassified the images whose
+    reported findings are wrong (a finding Present that is not the truth, or a true finding
+    Absent), captioned with those findings."""
     probabilities = summary.mean
     classes = classifier.loaded.manifest.class_names
     onehot = images.targets if task is Task.MULTILABEL else np.eye(len(classes))[images.targets]
@@ -267,7 +382,12 @@ def _write_figures(
     found, errors = measures(summary, predicted, images.targets, task, classifier.samples)
     curves = {name: risk_coverage(values, errors) for name, values in found.items()}
     plot_risk_coverage(out / "risk_coverage.png", curves, float(errors.mean()))
-    wrong = predicted != images.targets
+    said = predicted if present is None else present
+    if present is None:
+        wrong = predicted != images.targets
+    else:
+        findings = np.array([spec.is_finding for spec in classifier.loaded.manifest.classes])
+        wrong = present != (np.asarray(onehot, dtype=bool) & findings)
     if wrong.ndim == 2:
         wrong = wrong.any(axis=1)
     chosen = np.flatnonzero(wrong)[:MAX_MISCLASSIFIED]
@@ -278,7 +398,7 @@ def _write_figures(
             spec = classifier.loaded.manifest.input
             grey = inputs[i][0] * spec.std[0] + spec.mean[0]
             caption = f"{images.paths[i].name[:24]}\ntrue {_label(images.targets[i], classes)}"
-            caption += f", said {_label(predicted[i], classes)}"
+            caption += f", said {_label(said[i], classes)}"
             items.append((np.clip(grey, 0, 1), prediction.heatmap, caption))
     plot_misclassified(out / "misclassified.png", items)
 
@@ -303,40 +423,26 @@ def _json_safe(value: Any) -> Any:
 _SUMMARY_KEYS = (
     "accuracy", "auc_macro", "auc_micro", "precision_macro", "recall_macro", "f1_macro",
     "precision_weighted", "recall_weighted", "f1_weighted", "sensitivity", "specificity",
-    "ppv", "npv", "ece", "mce", "brier",
+    "ppv", "npv", "sensitivity_macro", "specificity_macro", "ppv_macro", "npv_macro",
+    "accuracy_argmax", "ece", "mce", "brier",
 )  # fmt: skip
 
 
-def _number(value: Any) -> str:
+def _number(value: Any, digits: int = 4) -> str:
     return (
         "n/a"
         if value is None or (isinstance(value, float) and math.isnan(value))
-        else (f"{value:.4f}" if isinstance(value, float) else str(value))
+        else (f"{value:.{digits}f}" if isinstance(value, float) else str(value))
     )
 
 
 def _tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
     """The report's tables: (title, header, rows), shared by the Markdown and HTML forms."""
     summary = [[key, _number(report[key])] for key in _SUMMARY_KEYS if key in report]
-    per_class = [
-        [name, *(_number(v[k]) for k in ("precision", "recall", "f1", "auc", "threshold")),
-         str(v["support"])]
-        for name, v in report["per_class"].items()
-    ]  # fmt: skip
-    classes = list(report["per_class"])
-    matrices = zip(classes, report["confusion_matrix"], strict=True)
-    if report["task"] == "multilabel":
-        confusion = [[name, *(str(x) for row in m for x in row)] for name, m in matrices]
-        confusion_header = ["class", "TN", "FP", "FN", "TP"]
-    else:
-        confusion = [[name, *(str(x) for x in row)] for name, row in matrices]
-        confusion_header = ["true \\ predicted", *classes]
-    tables = [
-        ("Summary", ["metric", "value"], summary),
-        ("Per class", ["class", "precision", "recall", "F1", "AUC", "threshold", "support"],
-         per_class),
-        ("Confusion matrix", confusion_header, confusion),
-    ]  # fmt: skip
+    tables = [("Summary", ["metric", "value"], summary)]
+    tables += (
+        _multiclass_tables(report) if report["task"] == "multiclass" else _class_tables(report)
+    )
     if SEGMENTATION in report:
         rows = [[key, _number(value)] for key, value in report[SEGMENTATION].items()]
         tables.append(("Lesion segmentation", ["metric", "value"], rows))
@@ -369,6 +475,56 @@ def _tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
         )
         tables.append((title, ["method", "pointing game"], rows))
     return tables
+
+
+def _class_tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """Binary and multi-label: per class, and the confusion matrix."""
+    per_class = [
+        [name, *(_number(v[k]) for k in ("precision", "recall", "f1", "auc", "threshold")),
+         str(v["support"])]
+        for name, v in report["per_class"].items()
+    ]  # fmt: skip
+    classes = list(report["per_class"])
+    matrices = zip(classes, report["confusion_matrix"], strict=True)
+    if report["task"] == "multilabel":
+        confusion = [[name, *(str(x) for row in m for x in row)] for name, m in matrices]
+        confusion_header = ["class", "TN", "FP", "FN", "TP"]
+    else:
+        confusion = [[name, *(str(x) for x in row)] for name, row in matrices]
+        confusion_header = ["true \\ predicted", *classes]
+    return [
+        ("Per class", ["class", "precision", "recall", "F1", "AUC", "threshold", "support"],
+         per_class),
+        ("Confusion matrix", confusion_header, confusion),
+    ]  # fmt: skip
+
+
+def _multiclass_tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """Multi-class: the findings as the SR reports them, then the argmax matrix, labelled."""
+    rates = ("sensitivity", "specificity", "ppv", "npv", "f1")
+    per_class = [
+        [name, "yes" if v["is_finding"] else "no (not reported)",
+         *(_number(v.get(k)) for k in (*rates, "auc", "threshold")), str(v["support"])]
+        for name, v in report["per_class"].items()
+    ]  # fmt: skip
+    findings = [
+        [name, *(str(x) for row in m for x in row)]
+        for name, m in report["confusion_matrix"].items()
+    ]
+    classes = list(report["per_class"])
+    argmax = [
+        [name, *(str(x) for x in row)]
+        for name, row in zip(classes, report["confusion_matrix_argmax"], strict=True)
+    ]
+    header = ["class", "finding", "sensitivity", "specificity", "PPV", "NPV", "F1", "AUC"]
+    return [
+        ("Per class (finding classes: Present at the class threshold, as the SR reports)",
+         [*header, "threshold", "support"], per_class),
+        ("Findings as the SR reports them (Present at the class threshold)",
+         ["class", "TN", "FP", "FN", "TP"], findings),
+        ("Confusion matrix of the most probable class (argmax; not what the daemon reports)",
+         ["true \\ predicted", *classes], argmax),
+    ]  # fmt: skip
 
 
 def _heading(report: dict[str, Any]) -> str:

@@ -7,7 +7,15 @@ The rule. Metrics are compared where both versions have them, from the best evid
 - only the candidate has one: the candidate's site evaluation against the active version's
   package `[metrics]`. A bad site evaluation must not be outvoted by the vendor's numbers, and
   a site evaluation is seldom better than a package's own test set, so this errs towards
-  refusing; evaluating the active version on the same reference set gives a fair comparison;
+  refusing; evaluating the active version on the same reference set gives a fair comparison.
+  The package names a metric after the set it was measured on (`dicomai train` writes
+  `val_accuracy`, `val_auc_macro`, ...; a vendor may write `test_accuracy`), the site evaluation
+  without one (`dicomai evaluate` writes `accuracy`, `auc_macro`, ...): a site metric `X` is
+  compared with the package's `X`, else its `test_X`, else its `val_X` (`PACKAGE_SETS`). Only
+  names of one definition meet: a multi-class `dicomai evaluate` scores the findings the SR
+  reports under names training does not write (`sensitivity_macro`) and writes no
+  `accuracy` or `f1_macro` (training's, of the most probable class), so a decision metric of
+  one rule never meets one of the other;
 - only the active version has one: refused. The site judges its models on its own data; the
   candidate's package numbers, from other data, cannot show it is not worse;
 - neither: the packages' `[metrics]`.
@@ -48,14 +56,25 @@ HIGHER_IS_BETTER = (
 _NOT_A_SCORE = {"loss", "std", "var", "error", "ece", "mce", "brier", "ci", "low", "high"}
 
 
+# The sets a package's metric may be named after, the preferred first: a held-out test set is
+# measured as a site evaluation is; validation chose the package's thresholds and flatters it.
+PACKAGE_SETS = ("test", "val")
+
+
 @dataclass(frozen=True)
 class MetricComparison:
-    """One metric of the candidate beside the active version's."""
+    """One metric of the candidate beside the active version's (`active_name`, where the
+    active version's is named otherwise: ``val_accuracy`` beside ``accuracy``)."""
 
     name: str
     candidate: float
     active: float
     ok: bool
+    active_name: str | None = None
+
+    def __str__(self) -> str:
+        theirs = f"{self.active_name} " if self.active_name else ""
+        return f"{self.name} {self.candidate:.4g} < {theirs}{self.active:.4g}"
 
 
 @dataclass(frozen=True)
@@ -68,11 +87,15 @@ class GateDecision:
     message: str
 
     def detail(self) -> dict[str, Any]:
-        return {
+        detail: dict[str, Any] = {
             "source": self.source,
             "message": self.message,
             "metrics": {c.name: [c.candidate, c.active] for c in self.comparisons},
         }
+        named = {c.name: c.active_name for c in self.comparisons if c.active_name}
+        if named:
+            detail["active_names"] = named
+        return detail
 
 
 def gate_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -110,10 +133,16 @@ def decide(candidate: ModelVersion, active: ModelVersion | None, tolerance: floa
             f"{candidate.version} FILE)"
         )
         return GateDecision(False, source, (), message)
-    source, mine, theirs = _evidence(candidate, active)
+    source, mine, theirs, names = _evidence(candidate, active)
     comparisons = tuple(
-        MetricComparison(key, mine[key], theirs[key], mine[key] >= theirs[key] - tolerance)
-        for key in sorted(set(mine) & set(theirs))
+        MetricComparison(
+            key,
+            mine[key],
+            theirs[names[key]],
+            mine[key] >= theirs[names[key]] - tolerance,
+            names[key] if names[key] != key else None,
+        )
+        for key in sorted(names)
     )
     if not comparisons:
         message = f"{candidate.label} and the active {active.label} share no metric ({source})"
@@ -125,7 +154,7 @@ def decide(candidate: ModelVersion, active: ModelVersion | None, tolerance: floa
         return GateDecision(False, source, (), message)
     worse = [c for c in comparisons if not c.ok]
     if worse:
-        listed = ", ".join(f"{c.name} {c.candidate:.4g} < {c.active:.4g}" for c in worse)
+        listed = ", ".join(str(c) for c in worse)
         message = (
             f"{candidate.label} is worse than the active {active.label} beyond the "
             f"tolerance {tolerance:g} ({source}: {listed})"
@@ -136,16 +165,38 @@ def decide(candidate: ModelVersion, active: ModelVersion | None, tolerance: floa
 
 def _evidence(
     candidate: ModelVersion, active: ModelVersion
-) -> tuple[str, dict[str, float], dict[str, float]]:
-    """What the gate compares: a description, the candidate's metrics, the active's."""
+) -> tuple[str, dict[str, float], dict[str, float], dict[str, str]]:
+    """What the gate compares: a description, the candidate's metrics, the active's, and for
+    each candidate metric compared the name of the active's it is compared with."""
     packaged = gate_metrics(active.manifest.get("metrics", {}))
     if candidate.evaluation and active.evaluation:
+        mine = gate_metrics(evaluation_metrics(candidate.evaluation))
         site = gate_metrics(evaluation_metrics(active.evaluation))
-        return "site evaluation", gate_metrics(evaluation_metrics(candidate.evaluation)), site
+        return "site evaluation", mine, site, {key: key for key in mine if key in site}
     if candidate.evaluation:
         source = f"site evaluation of {candidate.label} against the package metrics of the active"
-        return source, gate_metrics(evaluation_metrics(candidate.evaluation)), packaged
-    return "package metrics", gate_metrics(candidate.manifest.get("metrics", {})), packaged
+        mine = gate_metrics(evaluation_metrics(candidate.evaluation))
+        return source, mine, packaged, package_names(mine, packaged)
+    mine = gate_metrics(candidate.manifest.get("metrics", {}))
+    return "package metrics", mine, packaged, {key: key for key in mine if key in packaged}
+
+
+def package_names(site: dict[str, float], packaged: dict[str, float]) -> dict[str, str]:
+    """For each site-evaluation metric, the package metric that measures the same quantity.
+
+    ``X`` itself, else ``test_X``, else ``val_X`` (`PACKAGE_SETS`); a site metric named after
+    a set (``test_accuracy``) meets the package's of that name first, then the others. Site
+    metrics the package has under none of these names are left out.
+    """
+    names = {}
+    for key in site:
+        named_after, _, rest = key.partition("_")
+        base = rest if named_after in PACKAGE_SETS and rest else key
+        for name in (key, base, *(f"{kind}_{base}" for kind in PACKAGE_SETS)):
+            if name in packaged:
+                names[key] = name
+                break
+    return names
 
 
 def read_evaluation(path: Path) -> dict[str, Any]:
