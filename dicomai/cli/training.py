@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -190,6 +191,19 @@ def _epochs(text: str) -> tuple[int, ...]:
     "abdomen, bone, brain) or CENTER,WIDTH in modality units, e.g. --window=-600,1500.",
 )
 @click.option(
+    "--equalize",
+    type=click.Choice(["none", "hist", "clahe"]),
+    default="none",
+    show_default=True,
+    help="Contrast equalisation before resizing, in training and kept in the package's "
+    "[input] table for the daemon: hist (global histogram equalisation) or clahe.",
+)
+@click.option(
+    "--clahe-clip",
+    type=_RATE,
+    help="CLAHE contrast limit (with --equalize clahe)  [default: 2.0]",
+)
+@click.option(
     "--init",
     "initial_weights",
     type=click.Path(path_type=Path),
@@ -215,7 +229,15 @@ def _epochs(text: str) -> tuple[int, ...]:
     default=0.75,
     type=click.FloatRange(0, 1, min_open=True),
     show_default=True,
-    help="lld: factor per block.",
+    help="lld: factor per block (or stage, --lld-unit).",
+)
+@click.option(
+    "--lld-unit",
+    type=click.Choice(["block", "stage"]),
+    default="block",
+    show_default=True,
+    help="lld: decay per residual block, or per stage (a ResNet's layer1-4, as seed 002: "
+    "layer4 at lr*decay, layer3 at lr*decay^2, ...).",
 )
 @click.option("--unfreeze-at", default="", help="gradual: epochs, e.g. 2,4,6.")
 @click.option("--epochs", default=20, type=_POSITIVE_INT, show_default=True)
@@ -279,14 +301,29 @@ def _epochs(text: str) -> tuple[int, ...]:
     show_default=True,
     help="Max rotation, degrees.",
 )
+@click.option(
+    "--scale",
+    default=0.05,
+    type=click.FloatRange(0, 1, max_open=True),
+    show_default=True,
+    help="Max zoom in or out, a fraction; 0: off.",
+)
+@click.option(
+    "--shift",
+    default=0.04,
+    type=click.FloatRange(0, 1, max_open=True),
+    show_default=True,
+    help="Max shift, a fraction of the side; 0: off.",
+)
 @click.option("--hflip/--no-hflip", default=False, show_default=True)
 @click.option(
     "--jitter",
     default=0.1,
-    # Above 1 the contrast factor 1 ± jitter can be negative: the images came out inverted.
+    # Below 1: at 1 the factor 1 - jitter reaches 0, a blank image (above it, once, inverted).
     type=click.FloatRange(0, 1, max_open=True),
     show_default=True,
-    help="Brightness/contrast jitter.",
+    help="Brightness and contrast jitter J: each a factor from [1-J, 1+J], as torchvision's "
+    "ColorJitter(brightness=J, contrast=J).",
 )
 @click.option(
     "--random-erasing",
@@ -327,6 +364,12 @@ def _epochs(text: str) -> tuple[int, ...]:
 )
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/last.pt.")
 @click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace the run (package, log, checkpoints) already in OUT; without it, or "
+    "--resume, such an OUT is refused.",
+)
+@click.option(
     "--explanation",
     type=click.Choice(EXPLANATION_METHODS),
     help="Heat-map method kept in the package (default: the architecture's own).",
@@ -355,20 +398,27 @@ def _run_settings(o: dict[str, Any]) -> RunSettings:
     from dicomai.training.fit import FitSettings
     from dicomai.training.objectives import LossSettings
     from dicomai.training.runs import RunSettings
-    from dicomai.training.strategies import Strategy, StrategySettings
+    from dicomai.training.strategies import DecayUnit, Strategy, StrategySettings
 
     size = int(o["size"])
-    spec = InputSpec(size=(size, size), window=o["window"])
+    if o["clahe_clip"] is not None and o["equalize"] != "clahe":
+        raise click.BadParameter("only with --equalize clahe", param_hint="--clahe-clip")
+    spec = InputSpec(
+        size=(size, size),
+        window=o["window"],
+        equalize=o["equalize"],
+        clahe_clip=2.0 if o["clahe_clip"] is None else float(o["clahe_clip"]),
+    )
     if o["normalize"] == "mid-grey":
-        spec = InputSpec(
-            size=(size, size), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), window=o["window"]
-        )
+        spec = replace(spec, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     jitter = float(o["jitter"])
     augmentation = (
         NO_AUGMENTATION
         if o["no_augment"]
         else Augmentation(
             rotation_degrees=float(o["rotation"]),
+            scale=float(o["scale"]),
+            shift=float(o["shift"]),
             hflip=bool(o["hflip"]),
             brightness=jitter,
             contrast=jitter,
@@ -395,6 +445,7 @@ def _run_settings(o: dict[str, Any]) -> RunSettings:
             freeze_epochs=int(o["freeze_epochs"]),
             layer_decay=float(o["layer_decay"]),
             unfreeze_at=_epochs(str(o["unfreeze_at"])),
+            lld_unit=DecayUnit(str(o["lld_unit"])),
         ),
         loss=LossSettings(
             name=loss,
@@ -425,6 +476,7 @@ def _run_settings(o: dict[str, Any]) -> RunSettings:
         description=str(o["description"]),
         device=str(o["device"]),
         resume=bool(o["resume"]),
+        overwrite=bool(o["overwrite"]),
         masks=not o["no_masks"],
         explanation=o["explanation"] or "",
         uncertainty=(

@@ -2,7 +2,10 @@
 
 Radiology findings live in shape, size, density and side. The changes here stay within what a
 re-positioned patient or a different exposure would give: rotations of a few degrees, a few per
-cent of scale and shift, brightness and contrast jitter. Left-right flips are off by default
+cent of scale and shift, brightness and contrast jitter. Brightness and contrast follow
+torchvision's ``ColorJitter`` (the seeds' recipe): the image times a factor drawn from
+[1 - brightness, 1 + brightness], then its contrast about its mean by a factor drawn from
+[1 - contrast, 1 + contrast], each clipped to [0, 1]. Left-right flips are off by default
 (the heart's side is anatomy, and dextrocardia is a finding); random erasing is off by default
 (a small lesion can be erased with its label kept). No elastic warps, blur or colour changes.
 A lesion mask takes exactly the image's rotation, scale, shift and flip (nearest-neighbour, so it
@@ -72,10 +75,13 @@ class Augmentation:
     def _exposure(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         if not (self.brightness or self.contrast):
             return image
+        brightness = rng.uniform(max(0.0, 1.0 - self.brightness), 1.0 + self.brightness)
+        contrast = rng.uniform(max(0.0, 1.0 - self.contrast), 1.0 + self.contrast)
+        # Multiplied, as ColorJitter does: an added offset had moved a dark region at 0.1 by
+        # up to 0.2 where the seeds move it by 0.02.
+        image = np.clip(image * brightness, 0.0, 1.0)
         mean = float(image.mean())
-        contrast = 1.0 + rng.uniform(-self.contrast, self.contrast)
-        brightness = rng.uniform(-self.brightness, self.brightness)
-        return np.clip((image - mean) * contrast + mean + brightness, 0.0, 1.0)
+        return np.clip((image - mean) * contrast + mean, 0.0, 1.0)
 
     def _erase(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         rows, cols = image.shape

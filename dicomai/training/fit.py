@@ -1,5 +1,9 @@
 """The training loop: phases of a strategy, AMP on CUDA, clipping, early stopping, checkpoints.
 
+Early stopping counts epochs without improvement of the monitored metric within a phase: the
+count starts afresh when a phase begins, and only the last phase may stop the run, so a
+two-stage or gradual run always reaches the backbone it was asked to fine-tune.
+
 Every epoch reseeds torch from (seed, epoch), shuffles with a generator seeded the same way and
 augments each image from (seed, epoch, index); with the checkpoint holding the weights and the
 optimiser and schedule states, a run resumed after epoch k trains epochs k+1... exactly as an
@@ -33,6 +37,7 @@ from dicomai.training.checkpoints import BEST, LAST, load_checkpoint, save_check
 from dicomai.training.datasets import Task
 from dicomai.training.losses import dice_scores
 from dicomai.training.objectives import MultitaskObjective, Objective
+from dicomai.training.package_writer import write_history
 from dicomai.training.schedules import warmup_cosine
 from dicomai.training.strategies import Phase, phase_index, set_trainable
 
@@ -109,6 +114,7 @@ def fit(
     fingerprint: dict[str, Any],
     resume: bool = False,
     log: Log = print,
+    history_file: Path | None = None,
 ) -> FitResult:
     """Train `model` in place through `phases`; leave it holding the best validation epoch.
 
@@ -135,7 +141,10 @@ def fit(
     resume
         Continue from ``checkpoint_dir/last.pt``.
     log
-        Receives one line per epoch.
+        Receives one line per epoch, and one more if the run stops early.
+    history_file
+        Rewritten with every epoch's row as the epoch ends (`write_history`), so that a
+        killed run keeps its log.
 
     Raises
     ------
@@ -167,6 +176,8 @@ def fit(
             break
         index = phase_index(phases, epoch)
         if index != current:
+            if epoch == phases[index].start:
+                progress.bad_epochs = 0
             optimizer, schedule = _optimiser(phases[index], settings, steps)
             if saved is not None and saved["phase"] == index:
                 optimizer.load_state_dict(saved["optimizer"])
@@ -184,7 +195,7 @@ def fit(
         )  # fmt: skip
         row = {"epoch": epoch + 1, "phase": index + 1, "lr": float(schedule.get_last_lr()[0])}
         row |= {"train_loss": loss, **validate(model, val, objective, task, classes, device)}
-        _record(progress, row, settings, model, checkpoint_dir)
+        _record(progress, row, settings, model, checkpoint_dir, index == len(phases) - 1)
         save_checkpoint(
             checkpoint_dir,
             LAST,
@@ -198,7 +209,16 @@ def fit(
                 "fingerprint": fingerprint,
             },
         )
+        if history_file is not None:
+            write_history(history_file, progress.history)
         log(_epoch_line(row, settings))
+        if progress.stopped:
+            log(
+                f"stopped early at epoch {progress.epoch}: no better "
+                f"{MONITORS[settings.monitor].replace('_', ' ')} for {progress.bad_epochs} "
+                f"epoch{'s' * (progress.bad_epochs != 1)} (--patience {settings.patience}); "
+                f"best epoch {progress.best_epoch}"
+            )
     best = load_checkpoint(checkpoint_dir, BEST)
     model.load_state_dict(best["model"])
     return FitResult(
@@ -265,15 +285,42 @@ def _outputs(model: nn.Module, inputs: torch.Tensor, masks: bool) -> tuple[torch
 
 
 def _differences(saved: Any, wanted: Any) -> str:
-    """Which settings a checkpoint's run had otherwise, as ``(epochs: 3, now 5)``."""
+    """Which settings a checkpoint's run had otherwise, as ``(fit.epochs: 3, now 5)``."""
     if not isinstance(saved, dict) or not isinstance(wanted, dict):
         return ""
-    changed = [
-        f"{key}: {saved.get(key)!r:.40}, now {wanted.get(key)!r:.40}"
-        for key in sorted(set(saved) | set(wanted))
-        if saved.get(key) != wanted.get(key)
-    ]
-    return f" ({'; '.join(changed[:4])})" if changed else ""
+    changed = _changed(saved, wanted, "")
+    more = f"; and {len(changed) - 4} more" if len(changed) > 4 else ""
+    return f" ({'; '.join(changed[:4])}{more})" if changed else ""
+
+
+def _changed(saved: dict[str, Any], wanted: dict[str, Any], prefix: str) -> list[str]:
+    """``name: old, now new`` for each differing value, nested tables field by field."""
+    changed: list[str] = []
+    for key in sorted(set(saved) | set(wanted)):
+        old, new = saved.get(key), wanted.get(key)
+        if old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += _changed(old, new, f"{prefix}{key}.")
+        else:
+            changed.append(f"{prefix}{key}: {_excerpt(old, new)}, now {_excerpt(new, old)}")
+    return changed
+
+
+def _excerpt(value: Any, other: Any, width: int = 40) -> str:
+    """`value` (a string as it is, else its repr), cut to `width` characters around where it
+    first differs from `other`: the heads of two long reprs had printed identically."""
+    text, against = (item if isinstance(item, str) else repr(item) for item in (value, other))
+    if len(text) <= width:
+        return text
+    first = next(
+        (i for i, (a, b) in enumerate(zip(text, against, strict=False)) if a != b),
+        min(len(text), len(against)),
+    )
+    start = max(0, min(first - width // 4, len(text) - width))
+    head = "..." if start else ""
+    tail = "..." if start + width < len(text) else ""
+    return f"{head}{text[start : start + width]}{tail}"
 
 
 def _train_epoch(
@@ -371,7 +418,8 @@ def validate(
     classes: tuple[str, ...],
     device: torch.device,
 ) -> dict[str, float]:
-    """Validation loss, accuracy, macro ROC-AUC and macro F1 at 0.5 thresholds; with masks,
+    """Validation loss, accuracy, macro ROC-AUC and macro F1 at 0.5 thresholds (the package's
+    own thresholds are chosen after training, so its accuracy differs); with masks,
     also the mean Dice (``val_dice``)."""
     extra: dict[str, float] = {}
     if isinstance(objective, MultitaskObjective):
@@ -399,8 +447,10 @@ def _record(
     settings: FitSettings,
     model: nn.Module,
     checkpoint_dir: Path,
+    last_phase: bool,
 ) -> None:
-    """Append the epoch, keep its weights if they are the best so far, decide on stopping."""
+    """Append the epoch, keep its weights if they are the best so far, decide on stopping:
+    only in the `last_phase`, and not after the last epoch (that is no early stop)."""
     progress.history.append(row)
     progress.epoch = int(row["epoch"])
     value = row[MONITORS[settings.monitor]]
@@ -417,13 +467,18 @@ def _record(
         )
     else:
         progress.bad_epochs += 1
-    progress.stopped = bool(settings.patience) and progress.bad_epochs >= settings.patience
+    progress.stopped = (
+        bool(settings.patience)
+        and last_phase
+        and progress.bad_epochs >= settings.patience
+        and progress.epoch < settings.epochs
+    )
 
 
 def _epoch_line(row: dict[str, float], settings: FitSettings) -> str:
     line = (
         f"epoch {int(row['epoch'])}/{settings.epochs}  phase {int(row['phase'])}  "
         f"lr {row['lr']:.2e}  loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
-        f"val accuracy {row['val_accuracy']:.3f}  val auc {row['val_auc']:.3f}"
+        f"val acc@0.5 {row['val_accuracy']:.3f}  val auc {row['val_auc']:.3f}"
     )
     return line + (f"  val dice {row['val_dice']:.3f}" if "val_dice" in row else "")

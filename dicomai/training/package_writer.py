@@ -216,13 +216,17 @@ def code_version() -> dict[str, str]:
 
 
 def write_history(path: Path, history: list[dict[str, float]]) -> None:
-    """The per-epoch log as CSV, one row per epoch."""
+    """The per-epoch log as CSV, one row per epoch; replaced whole (written under a temporary
+    name, then renamed), so that one read while training never sees half a file."""
     if not history:
         return
-    with open(path, "w", newline="") as handle:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(history[0]))
         writer.writeheader()
         writer.writerows(history)
+    tmp.replace(path)
 
 
 def rounded(value: Any, digits: int = 6) -> Any:

@@ -7,11 +7,16 @@ The output folder holds ``package/`` (what `dicomai models register` takes), ``t
 A network that also segments (one with ``forward_multitask``, e.g. ``resnet50_multitask``) trains
 with the multitask loss on the data's lesion masks, unless told to train its classification only
 (`RunSettings.masks` False); with masks, the validation Dice joins the metrics.
+
+A folder that already holds a run is refused, unless the run continues it (``resume``) or is
+told to replace it (``overwrite``): a second run had replaced a registered package's weights
+under the same name and version without a word.
 """
 
 from __future__ import annotations
 
 import platform
+import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -33,7 +38,14 @@ from dicomai.models.package import write_package
 from dicomai.training.augment import Augmentation
 from dicomai.training.batches import ImageDataset
 from dicomai.training.datasets import Task, TrainingData, load_training_data, require_masks
-from dicomai.training.fit import FitSettings, Log, fit, predict_logits, resolve_device
+from dicomai.training.fit import (
+    FitResult,
+    FitSettings,
+    Log,
+    fit,
+    predict_logits,
+    resolve_device,
+)
 from dicomai.training.fit import to_probabilities as probabilities_of
 from dicomai.training.objectives import LossSettings, build_objective
 from dicomai.training.package_writer import (
@@ -44,7 +56,6 @@ from dicomai.training.package_writer import (
     positive_class,
     read_codes,
     rounded,
-    write_history,
 )
 from dicomai.training.strategies import StrategySettings, plan
 
@@ -73,6 +84,7 @@ class RunSettings:
     description: str = ""
     device: str = "auto"
     resume: bool = False
+    overwrite: bool = False
     masks: bool = True
     explanation: str = ""
     uncertainty: UncertaintySpec = field(default_factory=UncertaintySpec)
@@ -83,6 +95,9 @@ def train_package(settings: RunSettings, log: Log = print) -> Manifest:
 
     Raises
     ------
+    TrainingError
+        If `settings.out` already holds a run and neither `resume` nor `overwrite` is set
+        (before anything is read or written).
     DatasetError
         On a bad data layout or CSV (before training), a segmenting network without masks
         (unless `settings.masks` is False), a positive image without its mask, or a resume that
@@ -91,6 +106,7 @@ def train_package(settings: RunSettings, log: Log = print) -> Manifest:
         On an unknown architecture or option, or an explanation method that cannot explain
         the network (relevance of a CNN), before training.
     """
+    previous = check_output_folder(settings.out, settings.resume, settings.overwrite)
     data = load_training_data(
         settings.data, settings.labels_csv, settings.val_fraction, settings.fit.seed
     )
@@ -127,6 +143,12 @@ def train_package(settings: RunSettings, log: Log = print) -> Manifest:
         data.train, settings.spec, settings.augmentation, settings.fit.seed, masks=masks
     )
     val = ImageDataset(data.val, settings.spec, masks=masks)
+    for path in previous:
+        # --overwrite: the old run goes as the new one starts, never mixed with it.
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     result = fit(
         model,
         train,
@@ -141,6 +163,7 @@ def train_package(settings: RunSettings, log: Log = print) -> Manifest:
         fingerprint=_fingerprint(settings, data),
         resume=settings.resume,
         log=log,
+        history_file=settings.out / HISTORY,
     )
     logits, targets = predict_logits(model, val, device)
     temperature = calibrate(logits, targets, multilabel)
@@ -170,14 +193,13 @@ def train_package(settings: RunSettings, log: Log = print) -> Manifest:
         input=settings.spec,
         temperature=round(temperature, 6),
         applies_to=settings.applies_to,
-        training=rounded(_training_table(settings, data, result.best_epoch, result.seconds)),
+        training=rounded(_training_table(settings, data, result, device)),
         metrics=rounded(_headline(metrics)),
         multi_label=multilabel,
         explanation=settings.explanation,
         uncertainty=settings.uncertainty,
     )
     written = write_package(settings.out / "package", manifest, model.cpu().state_dict())
-    write_history(settings.out / "training_log.csv", result.history)
     plot_history(settings.out / "curves.png", result.history)
     dice = f", Dice {metrics['dice']:.3f}" if masks else ""
     log(
@@ -186,6 +208,48 @@ def train_package(settings: RunSettings, log: Log = print) -> Manifest:
         f"ECE {metrics['ece']:.3f}, temperature {temperature:.3f}{dice}"
     )
     return written
+
+
+HISTORY = "training_log.csv"
+# What a run writes into its folder (`train_package`); any of them there means a run was.
+RUN_OUTPUTS = ("package", "checkpoints", HISTORY, "curves.png")
+
+
+def check_output_folder(out: Path, resume: bool, overwrite: bool) -> list[Path]:
+    """Refuse an output folder that holds a run, unless it is to be continued or replaced.
+
+    Parameters
+    ----------
+    out
+        The run's folder.
+    resume, overwrite
+        Continue the run there; replace it.
+
+    Returns
+    -------
+    list[Path]
+        With `overwrite`, the previous run's outputs, for the caller to remove when the new
+        run starts; else empty.
+
+    Raises
+    ------
+    TrainingError
+        If `out` holds a run and neither flag is given, or both are.
+    """
+    found = [out / name for name in RUN_OUTPUTS if (out / name).exists()]
+    if resume and overwrite:
+        raise TrainingError(
+            "--resume continues the run in --out, --overwrite replaces it: not both"
+        )
+    if not found or resume:
+        return []
+    if overwrite:
+        return found
+    names = ", ".join(path.name for path in found)
+    raise TrainingError(
+        f"{out} already holds a training run ({names}): give --resume to continue it, "
+        "--overwrite to replace it, or another --out"
+    )
 
 
 def _takes_inputs(model: nn.Module, settings: RunSettings) -> None:
@@ -258,11 +322,12 @@ def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def _training_table(
-    settings: RunSettings, data: TrainingData, best_epoch: int, seconds: float
+    settings: RunSettings, data: TrainingData, result: FitResult, device: torch.device
 ) -> dict[str, Any]:
     strategy = asdict(settings.strategy)
     strategy["strategy"] = settings.strategy.strategy.value
     strategy["unfreeze_at"] = list(settings.strategy.unfreeze_at)
+    strategy["lld_unit"] = str(settings.strategy.lld_unit)
     loss = asdict(settings.loss)
     if settings.loss.name != "multitask":
         del loss["multitask_alpha"]
@@ -270,11 +335,15 @@ def _training_table(
         "data": data.summary(),
         "strategy": strategy,
         "loss": loss,
-        "optimisation": settings.fit.to_dict(),
+        # What ran: AMP is CUDA's only; a CPU run had recorded amp = true.
+        "optimisation": settings.fit.to_dict() | {"amp": _uses_amp(settings.fit, device)},
         "augmentation": settings.augmentation.to_dict(),
         "initial_weights": str(settings.initial_weights or "none (random)"),
-        "best_epoch": best_epoch,
-        "seconds": seconds,
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "phases_run": max((int(row["phase"]) for row in result.history), default=0),
+        "stopped_early": result.stopped_early,
+        "seconds": result.seconds,
         "code": code_version(),
         "torch": torch.__version__,
         "machine": f"{platform.machine()}, {resolve_device(settings.device)}",
@@ -282,16 +351,25 @@ def _training_table(
     }
 
 
+def _uses_amp(fit_settings: FitSettings, device: torch.device) -> bool:
+    return fit_settings.amp and device.type == "cuda"
+
+
+def _fields(settings: Any) -> dict[str, str]:
+    """A settings dataclass field by field (reprs), so a refused resume names the field."""
+    return {name: repr(value) for name, value in vars(settings).items()}
+
+
 def _fingerprint(settings: RunSettings, data: TrainingData) -> dict[str, Any]:
     """What a resumed run must share with the interrupted one."""
     return {
         "architecture": settings.architecture,
-        "options": repr(sorted(settings.options.items())),
-        "spec": repr(settings.spec.to_dict()),
-        "strategy": repr(settings.strategy),
-        "loss": repr(settings.loss),
-        "fit": repr(settings.fit),
-        "augmentation": repr(settings.augmentation),
+        "options": {key: repr(value) for key, value in sorted(settings.options.items())},
+        "spec": {key: repr(value) for key, value in settings.spec.to_dict().items()},
+        "strategy": _fields(settings.strategy),
+        "loss": _fields(settings.loss),
+        "fit": _fields(settings.fit),
+        "augmentation": _fields(settings.augmentation),
         "masks": settings.masks,
         "classes": list(data.classes),
         "train": [str(p) for p in data.train.paths[:1000]],

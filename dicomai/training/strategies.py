@@ -11,7 +11,11 @@ its own optimiser and a fresh warm-up + cosine schedule over the phase's epochs.
 - ``frozen``: the head only, at ``lr``.
 - ``two-stage``: the head only for ``freeze_epochs`` at ``head_lr``, then everything at ``lr``.
 - ``lld`` (layer-wise learning-rate decay): everything; the head at ``lr``, the k-th backbone
-  block from the top at ``lr * layer_decay**k``.
+  block from the top at ``lr * layer_decay**k``. With ``lld_unit = "stage"`` the unit is a
+  stage instead of a block: each stack of blocks (a ResNet's ``layer1``...``layer4``, a
+  DenseNet's dense blocks) with the layers that follow it up to the next stack (a transition),
+  and the stem before the first stack; so ``layer4`` trains at ``lr * layer_decay``,
+  ``layer3`` at ``lr * layer_decay**2``..., as seed 002's per-stage rates do.
 - ``gradual``: the head only, then at each epoch of ``unfreeze_at`` the next slice of backbone
   blocks from the top joins (the last slice is the rest), all at ``lr``.
 """
@@ -37,6 +41,13 @@ class Strategy(StrEnum):
     GRADUAL = "gradual"
 
 
+class DecayUnit(StrEnum):
+    """What one step of layer-wise decay spans (see the module's docstring)."""
+
+    BLOCK = "block"
+    STAGE = "stage"
+
+
 @dataclass(frozen=True)
 class StrategySettings:
     """The strategy and its knobs (see the module's docstring)."""
@@ -47,6 +58,7 @@ class StrategySettings:
     freeze_epochs: int = 5
     layer_decay: float = 0.75
     unfreeze_at: tuple[int, ...] = ()
+    lld_unit: DecayUnit = DecayUnit.BLOCK
 
 
 @dataclass(frozen=True)
@@ -96,14 +108,39 @@ def _as_module(part: nn.Module | nn.Parameter) -> nn.Module:
 def backbone_blocks(model: nn.Module) -> list[tuple[nn.Parameter, ...]]:
     """The backbone's parameters in blocks, input side first; the head's are left out."""
     head = {id(p) for p in find_head(model).parameters()}
+    blocks = [block for block in _blocks(_backbone_root(model, head), head) if block]
+    return _merged(blocks, MAX_BLOCKS)
+
+
+def backbone_stages(model: nn.Module) -> list[tuple[nn.Parameter, ...]]:
+    """The backbone's parameters in stages, input side first (see the module's docstring);
+    the head's are left out."""
+    head = {id(p) for p in find_head(model).parameters()}
+    return [stage for stage in _stages(_backbone_root(model, head), head) if stage]
+
+
+def _backbone_root(model: nn.Module, head: set[int]) -> nn.Module:
+    """The innermost module that holds the whole backbone (a DenseNet's ``features``)."""
     module = model
     while True:
         holders = [c for c in module.children() if _own(c, head)]
         if len(holders) != 1 or list(module.parameters(recurse=False)):
-            break
+            return module
         module = holders[0]
-    blocks = [block for block in _blocks(module, head) if block]
-    return _merged(blocks, MAX_BLOCKS)
+
+
+def _stages(module: nn.Module, head: set[int]) -> list[tuple[nn.Parameter, ...]]:
+    """One stage per stack of blocks, the layers after a stack joining it, those before the
+    first one (the stem) a stage of their own."""
+    stages = [[p for p in module.parameters(recurse=False) if id(p) not in head]]
+    for child in module.children():
+        if _is_stack(child):
+            stages.append(list(_own(child, head)))
+        elif any(_is_stack(inner) for inner in child.modules()):
+            stages += [list(stage) for stage in _stages(child, head)]
+        else:
+            stages[-1] += _own(child, head)
+    return [tuple(stage) for stage in stages]
 
 
 # Layer-wise decay and gradual unfreezing count depth in blocks: DenseNet-121's 58 dense
@@ -161,13 +198,7 @@ def plan(model: nn.Module, settings: StrategySettings, epochs: int) -> list[Phas
     # in every phase; the phases switched them back on, and their BatchNorm statistics moved.
     fixed = {id(p) for p in model.parameters() if not p.requires_grad}
     head = tuple(p for p in find_head(model).parameters() if id(p) not in fixed)
-    blocks = [
-        kept
-        for kept in (
-            tuple(p for p in block if id(p) not in fixed) for block in backbone_blocks(model)
-        )
-        if kept
-    ]
+    blocks = _trainable(backbone_blocks(model), fixed)
     everything = tuple(p for block in blocks for p in block) + head
     lr = settings.lr
     match settings.strategy:
@@ -189,14 +220,25 @@ def plan(model: nn.Module, settings: StrategySettings, epochs: int) -> list[Phas
                 Phase(first, epochs, ((everything, lr),)),
             ]
         case Strategy.LLD:
+            units = blocks
+            if DecayUnit(settings.lld_unit) is DecayUnit.STAGE:
+                units = _trainable(backbone_stages(model), fixed)
             groups = [(head, lr)] + [
-                (block, lr * settings.layer_decay**depth)
-                for depth, block in enumerate(reversed(blocks), start=1)
+                (unit, lr * settings.layer_decay**depth)
+                for depth, unit in enumerate(reversed(units), start=1)
             ]
             return [Phase(0, epochs, tuple(groups))]
         case Strategy.GRADUAL:
             return _gradual(head, blocks, settings, epochs)
     raise DatasetError(f"unknown strategy {settings.strategy!r}")
+
+
+def _trainable(
+    parts: list[tuple[nn.Parameter, ...]], fixed: set[int]
+) -> list[tuple[nn.Parameter, ...]]:
+    """`parts` without the parameters in `fixed`, empty parts dropped."""
+    kept = (tuple(p for p in part if id(p) not in fixed) for part in parts)
+    return [part for part in kept if part]
 
 
 def _gradual(

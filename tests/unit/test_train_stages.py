@@ -1,0 +1,300 @@
+"""`dicomai train` runs as a user steers them: stages and early stopping, the output folder,
+a resume refused for changed settings, the log kept while training, input equalisation,
+augmentation settings and layer-wise decay per stage.
+
+Everything trains tinycnn on 32² synthetic PNG folders for a few epochs, one image batch at a time.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from dicomai.cli import main as cli_main
+from dicomai.cli import training as training_cli
+from dicomai.errors import DatasetError
+from dicomai.imaging.spec import InputSpec
+from dicomai.models.architectures import build
+from dicomai.models.package import load_model
+from dicomai.training import fit as fit_module
+from dicomai.training.augment import Augmentation
+from dicomai.training.fit import FitSettings
+from dicomai.training.runs import RunSettings, train_package
+from dicomai.training.strategies import DecayUnit, Strategy, StrategySettings, plan
+from dicomai.training.synthetic import synthesize
+
+SIZE = 32
+FAST = ["--size", str(SIZE), "--normalize", "mid-grey", "--epochs", "1", "--batch-size", "8",
+        "--lr", "3e-3", "--warmup-epochs", "0"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pngs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("pngs")
+    data = synthesize(20, size=SIZE, seed=0)
+    for i, (image, label) in enumerate(zip(data.images, data.labels, strict=True)):
+        path = root / "train" / ("nodule" if label else "normal") / f"{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(path), np.rint(image * 255).astype(np.uint8))
+    return root
+
+
+def run(*args: str) -> tuple[int, str]:
+    training_cli.register(cli_main.cli)
+    result = CliRunner().invoke(cli_main.cli, list(args))
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.output
+
+
+def settings(data: Path, out: Path, **changes: Any) -> RunSettings:
+    fit = FitSettings(epochs=3, batch_size=8, seed=1, warmup_epochs=0, num_workers=0)
+    return RunSettings(
+        data=data,
+        out=out,
+        name="staged",
+        spec=InputSpec(size=(SIZE, SIZE)),
+        **({"strategy": StrategySettings(lr=3e-3), "fit": fit} | changes),
+    )
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# Early stopping and stages ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def flat_validation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A monitored metric that never improves after the first epoch (a saturated AUC)."""
+    flat = {"val_loss": 0.5, "val_accuracy": 1.0, "val_auc": 1.0, "val_f1": 1.0}
+    monkeypatch.setattr(fit_module, "validate", lambda *_args, **_kw: dict(flat))
+
+
+@pytest.mark.parametrize(
+    ("strategy", "stopped_at", "phases"),
+    [
+        (StrategySettings(Strategy.TWO_STAGE, lr=3e-3, head_lr=3e-3, freeze_epochs=3), 4, 2),
+        (StrategySettings(Strategy.GRADUAL, lr=3e-3, unfreeze_at=(2, 4)), 5, 3),
+    ],
+)
+def test_early_stopping_waits_for_the_last_stage_and_says_so(
+    flat_validation: None,
+    pngs: Path,
+    tmp_path: Path,
+    strategy: StrategySettings,
+    stopped_at: int,
+    phases: int,
+) -> None:
+    # The bad-epoch count ran across stages: patience 1 ended the run in stage 1, the
+    # backbone never trained, and the package still said "two-stage".
+    fit = FitSettings(epochs=6, batch_size=8, seed=1, warmup_epochs=0, patience=1)
+    lines: list[str] = []
+    manifest = train_package(
+        settings(pngs, tmp_path / "run", strategy=strategy, fit=fit), log=lines.append
+    )
+    epochs = [line for line in lines if line.startswith("epoch ")]
+    assert len(epochs) == stopped_at, lines
+    assert f"phase {phases}" in epochs[-1]
+    assert (
+        f"stopped early at epoch {stopped_at}: no better val auc for 1 epoch (--patience 1); "
+        "best epoch 1"
+    ) in lines
+    table = manifest.training
+    assert (table["epochs_run"], table["phases_run"], table["stopped_early"]) == (
+        stopped_at,
+        phases,
+        True,
+    )
+
+
+def test_a_run_that_ends_on_its_last_epoch_did_not_stop_early(
+    flat_validation: None, pngs: Path, tmp_path: Path
+) -> None:
+    fit = FitSettings(epochs=2, batch_size=8, seed=1, warmup_epochs=0, patience=1)
+    lines: list[str] = []
+    manifest = train_package(settings(pngs, tmp_path / "run", fit=fit), log=lines.append)
+    assert not any(line.startswith("stopped early") for line in lines), lines
+    assert manifest.training["stopped_early"] is False
+    assert manifest.training["epochs_run"] == 2
+
+
+# The output folder -----------------------------------------------------------------------------
+
+
+def test_a_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(
+    pngs: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    base = ["train", "--data", str(pngs), "--out", str(out), "--name", "nodule", *FAST]
+    code, output = run(*base)
+    assert code == 0, output
+    weights = out / "package" / "weights.safetensors"
+    before = {path: (sha256(path), path.stat().st_mtime_ns) for path in out.rglob("*")
+              if path.is_file()}  # fmt: skip
+
+    code, output = run(*base, "--seed", "7")
+    assert code == 2, output
+    assert output.count("\n") == 1 and "already holds a training run" in output, output
+    assert "--resume" in output and "--overwrite" in output
+    after = {path: (sha256(path), path.stat().st_mtime_ns) for path in out.rglob("*")
+             if path.is_file()}  # fmt: skip
+    assert after == before, "nothing may be written before the refusal"
+
+    code, output = run(*base, "--resume")
+    assert code == 0, output
+    assert sha256(weights) == before[weights][0]
+
+    code, output = run(*base, "--seed", "7", "--overwrite")
+    assert code == 0, output
+    assert sha256(weights) != before[weights][0]
+
+
+def test_a_killed_run_s_folder_is_refused_too(pngs: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "last.pt").write_bytes(b"kept")
+    code, output = run("train", "--data", str(pngs), "--out", str(out), "--name", "n", *FAST)
+    assert code == 2 and "already holds a training run (checkpoints)" in output, output
+    assert (out / "checkpoints" / "last.pt").read_bytes() == b"kept"
+    assert not (out / "package").exists()
+
+
+# Resume ----------------------------------------------------------------------------------------
+
+
+def test_a_refused_resume_names_the_setting_that_changed(pngs: Path, tmp_path: Path) -> None:
+    # Each repr was cut to 40 characters: old and new printed identically.
+    out = tmp_path / "run"
+    train_package(settings(pngs, out), log=lambda _: None)
+    changed = settings(pngs, out, strategy=StrategySettings(lr=1e-3), resume=True)
+    with pytest.raises(DatasetError, match=r"\(strategy\.lr: 0\.003, now 0\.001\)$"):
+        train_package(changed, log=lambda _: None)
+
+
+def test_a_long_changed_value_is_shown_where_it_differs() -> None:
+    saved = {"train": repr(["a" * 60 + "/one.png"])}
+    wanted = {"train": repr(["a" * 60 + "/two.png"])}
+    message = fit_module._differences(saved, wanted)
+    assert "one.png" in message and "two.png" in message, message
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_the_log_is_written_as_each_epoch_ends_and_a_resume_completes_it(
+    pngs: Path, tmp_path: Path
+) -> None:
+    # training_log.csv was written only at the end: a killed run had none.
+    def stop_after_two(line: str) -> None:
+        if line.startswith("epoch 2/3"):
+            raise Interrupted
+
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        train_package(settings(pngs, out), log=stop_after_two)
+    with open(out / "training_log.csv") as handle:
+        assert [int(row["epoch"]) for row in csv.DictReader(handle)] == [1, 2]
+    lines: list[str] = []
+    train_package(settings(pngs, out, resume=True), log=lines.append)
+    with open(out / "training_log.csv") as handle:
+        assert [int(row["epoch"]) for row in csv.DictReader(handle)] == [1, 2, 3]
+    # The per-epoch accuracy is at 0.5; the package's uses its own thresholds.
+    assert "val acc@0.5 " in next(line for line in lines if line.startswith("epoch 3/3"))
+
+
+def test_a_cpu_run_records_that_it_ran_without_amp(pngs: Path, tmp_path: Path) -> None:
+    fit = FitSettings(epochs=1, batch_size=8, seed=1, warmup_epochs=0, amp=True)
+    manifest = train_package(
+        settings(pngs, tmp_path / "run", fit=fit, device="cpu"), log=lambda _: None
+    )
+    assert manifest.training["optimisation"]["amp"] is False
+
+
+# Input and augmentation ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "equalize", "clip"),
+    [(["--equalize", "hist"], "hist", 2.0),
+     (["--equalize", "clahe", "--clahe-clip", "3.5"], "clahe", 3.5)],
+)  # fmt: skip
+def test_equalisation_is_trained_and_kept_for_the_daemon(
+    pngs: Path, tmp_path: Path, options: list[str], equalize: str, clip: float
+) -> None:
+    # Seed 001 equalises its histograms; no package could say so, or train on it.
+    out = tmp_path / "run"
+    code, output = run("train", "--data", str(pngs), "--out", str(out), "--name", "eq",
+                       *FAST, *options)  # fmt: skip
+    assert code == 0, output
+    spec = load_model(out / "package").manifest.input
+    assert (spec.equalize.value, spec.clahe_clip) == (equalize, clip)
+
+
+def test_a_clahe_clip_without_clahe_is_refused(pngs: Path, tmp_path: Path) -> None:
+    code, output = run("train", "--data", str(pngs), "--out", str(tmp_path / "run"),
+                       "--name", "eq", *FAST, "--clahe-clip", "3")  # fmt: skip
+    assert code == 2 and "--clahe-clip" in output and "--equalize clahe" in output, output
+    assert not (tmp_path / "run").exists()
+
+
+def test_brightness_jitter_multiplies_as_torchvision_does() -> None:
+    # ±0.2 was added: a dark region at 0.1 went anywhere in [0, 0.3]; ColorJitter(0.2) gives
+    # 0.1 * [0.8, 1.2].
+    only_brightness = Augmentation(rotation_degrees=0, scale=0, shift=0, brightness=0.2, contrast=0)
+    image = np.full((16, 16), 0.1, np.float32)
+    image[8:, :] = 0.5
+    for seed in range(50):
+        out = only_brightness.apply(image, np.random.default_rng(seed))
+        factor = out[0, 0] / 0.1
+        assert 0.8 - 1e-6 <= factor <= 1.2 + 1e-6
+        assert out[8:, :] == pytest.approx(np.full((8, 16), 0.5 * factor), abs=1e-6)
+
+
+def test_scale_and_shift_can_be_turned_off_keeping_rotation(pngs: Path, tmp_path: Path) -> None:
+    # Only --no-augment turned them off, and rotation and flips with them.
+    out = tmp_path / "run"
+    code, output = run("train", "--data", str(pngs), "--out", str(out), "--name", "aug",
+                       *FAST, "--scale", "0", "--shift", "0", "--hflip")  # fmt: skip
+    assert code == 0, output
+    augmentation = load_model(out / "package").manifest.training["augmentation"]
+    assert (augmentation["scale"], augmentation["shift"]) == (0, 0)
+    assert augmentation["rotation_degrees"] == 7 and augmentation["hflip"] is True
+
+
+# Layer-wise decay per stage --------------------------------------------------------------------
+
+
+def test_layer_decay_per_stage_gives_each_resnet_stage_one_rate() -> None:
+    # Seed 002 decays per ResNet stage; per block, layer4's first block already had lr·0.1³.
+    model = build("resnet18", 2)
+    lld = StrategySettings(Strategy.LLD, lr=1e-3, layer_decay=0.1, lld_unit=DecayUnit.STAGE)
+    (phase,) = plan(model, lld, 2)
+    rate_of = {id(p): lr for params, lr in phase.groups for p in params}
+    rates: dict[str, set[float]] = {}
+    for name, parameter in model.named_parameters():
+        part = name.split(".")[0]
+        stage = "stem" if part in ("conv1", "bn1") else part
+        rates.setdefault(stage, set()).add(rate_of[id(parameter)])
+    expected = {"fc": 1e-3, "layer4": 1e-4, "layer3": 1e-5, "layer2": 1e-6, "layer1": 1e-7,
+                "stem": 1e-8}  # fmt: skip
+    assert {stage: pytest.approx(lr) for stage, lr in expected.items()} == {
+        stage: only for stage, (only,) in rates.items()
+    }
+
+
+def test_train_takes_and_records_the_decay_unit(pngs: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    code, output = run("train", "--data", str(pngs), "--out", str(out), "--name", "lld",
+                       *FAST, "--strategy", "lld", "--lld-unit", "stage")  # fmt: skip
+    assert code == 0, output
+    assert load_model(out / "package").manifest.training["strategy"]["lld_unit"] == "stage"
