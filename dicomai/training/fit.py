@@ -38,10 +38,11 @@ from dicomai.training.datasets import Task
 from dicomai.training.losses import dice_scores
 from dicomai.training.objectives import MultitaskObjective, Objective
 from dicomai.training.package_writer import write_history
-from dicomai.training.schedules import warmup_cosine
+from dicomai.training.schedules import WarmupPlateau, warmup_cosine
 from dicomai.training.strategies import Phase, phase_index, set_trainable
 
 Log = Callable[[str], None]
+SCHEDULES = ("cosine", "plateau")
 MONITORS = {
     "loss": "val_loss",
     "accuracy": "val_accuracy",
@@ -64,6 +65,13 @@ class FitSettings:
     grad_clip: float = 1.0
     monitor: str = "auc"
     patience: int = 0
+    # "cosine": warm-up, then cosine to 1 % in each phase; "plateau": warm-up, then the rate
+    # cut by `plateau_factor` after `plateau_patience` epochs without a better monitored
+    # value, down to `min_lr` (model document 003).
+    schedule: str = "cosine"
+    plateau_patience: int = 2
+    plateau_factor: float = 0.5
+    min_lr: float = 1e-6
     seed: int = 0
     amp: bool = True
     num_workers: int = 0
@@ -195,6 +203,8 @@ def fit(
         )  # fmt: skip
         row = {"epoch": epoch + 1, "phase": index + 1, "lr": float(schedule.get_last_lr()[0])}
         row |= {"train_loss": loss, **validate(model, val, objective, task, classes, device)}
+        if isinstance(schedule, WarmupPlateau):
+            schedule.epoch_end(row[MONITORS[settings.monitor]])
         _record(progress, row, settings, model, checkpoint_dir, index == len(phases) - 1)
         save_checkpoint(
             checkpoint_dir,
@@ -236,6 +246,8 @@ def _check(settings: FitSettings, masks: bool) -> None:
         raise DatasetError(f"monitor {settings.monitor!r}: use one of {', '.join(MONITORS)}")
     if settings.monitor == "dice" and not masks:
         raise DatasetError("monitor dice needs lesion masks and a network that segments")
+    if settings.schedule not in SCHEDULES:
+        raise DatasetError(f"schedule {settings.schedule!r}: use {' or '.join(SCHEDULES)}")
     if settings.epochs < 1 or settings.batch_size < 1:
         raise DatasetError("epochs and batch size must be at least 1")
 
@@ -259,14 +271,22 @@ def _loader(dataset: ImageDataset, settings: FitSettings, epoch: int) -> DataLoa
 
 def _optimiser(
     phase: Phase, settings: FitSettings, steps_per_epoch: int
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR | WarmupPlateau]:
     groups = [{"params": list(params), "lr": lr} for params, lr in phase.groups]
     kind = torch.optim.AdamW if settings.optimizer == "adamw" else torch.optim.Adam
     optimizer = kind(groups, weight_decay=settings.weight_decay)
+    warmup = round(settings.warmup_epochs * steps_per_epoch)
+    if settings.schedule == "plateau":
+        return optimizer, WarmupPlateau(
+            optimizer,
+            warmup_steps=warmup,
+            higher_is_better=settings.monitor != "loss",
+            patience=settings.plateau_patience,
+            factor=settings.plateau_factor,
+            min_lr=settings.min_lr,
+        )
     schedule = warmup_cosine(
-        optimizer,
-        total_steps=phase.epochs * steps_per_epoch,
-        warmup_steps=round(settings.warmup_epochs * steps_per_epoch),
+        optimizer, total_steps=phase.epochs * steps_per_epoch, warmup_steps=warmup
     )
     return optimizer, schedule
 
@@ -328,7 +348,7 @@ def _train_epoch(
     loader: DataLoader[Any],
     objective: Objective | MultitaskObjective,
     optimizer: torch.optim.Optimizer,
-    schedule: torch.optim.lr_scheduler.LambdaLR,
+    schedule: torch.optim.lr_scheduler.LambdaLR | WarmupPlateau,
     scaler: torch.amp.GradScaler,
     settings: FitSettings,
     device: torch.device,

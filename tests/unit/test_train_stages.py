@@ -127,6 +127,35 @@ def test_a_run_that_ends_on_its_last_epoch_did_not_stop_early(
     assert manifest.training["epochs_run"] == 2
 
 
+def test_a_plateau_schedule_cuts_the_rate_when_the_metric_stops_improving(
+    flat_validation: None, pngs: Path, tmp_path: Path
+) -> None:
+    # Model document 003 lowers its rate when validation stops improving; only warm-up and
+    # cosine could be asked for.
+    fit = FitSettings(
+        epochs=6, batch_size=8, seed=1, warmup_epochs=0, schedule="plateau",
+        plateau_patience=1, plateau_factor=0.5, min_lr=1e-3,
+    )  # fmt: skip
+    manifest = train_package(settings(pngs, tmp_path / "run", fit=fit), log=lambda _line: None)
+    with open(tmp_path / "run" / "training_log.csv") as handle:
+        rates = [float(row["lr"]) for row in csv.DictReader(handle)]
+    # Best at epoch 1; cut after two epochs without a better AUC, never below min_lr.
+    assert rates == pytest.approx([3e-3, 3e-3, 3e-3, 1.5e-3, 1.5e-3, 1e-3])
+    assert manifest.training["optimisation"]["schedule"] == "plateau"
+
+
+def test_train_takes_the_plateau_schedule(pngs: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    code, output = run("train", "--data", str(pngs), "--out", str(out), "--name", "plateau",
+                       *FAST, "--schedule", "plateau", "--plateau-patience", "3",
+                       "--plateau-factor", "0.2", "--min-lr", "1e-5")  # fmt: skip
+    assert code == 0, output
+    fit = load_model(out / "package").manifest.training["optimisation"]
+    assert (fit["schedule"], fit["plateau_patience"], fit["plateau_factor"], fit["min_lr"]) == (
+        "plateau", 3, 0.2, 1e-5,
+    )  # fmt: skip
+
+
 # The output folder -----------------------------------------------------------------------------
 
 
@@ -269,6 +298,28 @@ def test_scale_and_shift_can_be_turned_off_keeping_rotation(pngs: Path, tmp_path
     augmentation = load_model(out / "package").manifest.training["augmentation"]
     assert (augmentation["scale"], augmentation["shift"]) == (0, 0)
     assert augmentation["rotation_degrees"] == 7 and augmentation["hflip"] is True
+
+
+def test_the_erased_area_is_chosen_and_recorded(pngs: Path, tmp_path: Path) -> None:
+    # Seed 004 erases 2-33 % of the image (torchvision's RandomErasing); only 1-4 % could be
+    # asked for.
+    out = tmp_path / "run"
+    code, output = run("train", "--data", str(pngs), "--out", str(out), "--name", "erase",
+                       *FAST, "--random-erasing", "0.5", "--erasing-area", "0.02,0.33")  # fmt: skip
+    assert code == 0, output
+    augmentation = load_model(out / "package").manifest.training["augmentation"]
+    assert augmentation["erase_probability"] == 0.5
+    assert augmentation["erase_area"] == [0.02, 0.33]
+    erasing = Augmentation(0, 0, 0, False, 0, 0, 1.0, (0.3, 0.33))
+    image = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    for seed in range(20):
+        erased = erasing.apply(image, np.random.default_rng(seed)) != image
+        assert 0.25 * image.size <= erased.sum() <= 0.36 * image.size
+    for bad in ("0.33,0.02", "0,0.1", "0.1", "a,b"):
+        code, output = run("train", "--data", str(pngs), "--out", str(tmp_path / "bad"),
+                           "--name", "erase", *FAST, "--erasing-area", bad)  # fmt: skip
+        assert code == 2 and "--erasing-area" in output, output
+        assert not (tmp_path / "bad").exists()
 
 
 # Layer-wise decay per stage --------------------------------------------------------------------
