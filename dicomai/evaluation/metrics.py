@@ -8,11 +8,15 @@ dependency; the tests compare every number with scikit-learn's.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dicomai.inference.types import ClassScore
 from dicomai.training.datasets import Task
+
+if TYPE_CHECKING:
+    from dicomai.models.package import ClassSpec
 
 CALIBRATION_BINS = 10  # the model documents (seed 002) compute ECE and MCE with n_bins=10
 
@@ -264,6 +268,21 @@ def _rates(tp: float, fp: float, fn: float, tn: float) -> dict[str, float]:
 
 
 FINDING_RATES = ("sensitivity", "specificity", "ppv", "npv")
+
+
+def reported_present(probabilities: np.ndarray, specs: tuple[ClassSpec, ...]) -> np.ndarray:
+    """bool (N, C): where the daemon's SR says Present, by the daemon's own rule
+    (`ClassScore.positive`: finding classes only, each at its own threshold)."""
+    return np.array(
+        [
+            [
+                ClassScore(spec.name, spec.code, float(p), spec.threshold, spec.is_finding).positive
+                for spec, p in zip(specs, row, strict=True)
+            ]
+            for row in probabilities
+        ],
+        dtype=bool,
+    ).reshape(len(probabilities), len(specs))
 
 
 def finding_metrics(

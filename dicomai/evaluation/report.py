@@ -75,7 +75,12 @@ import torch
 
 from dicomai.errors import DatasetError, NotEvaluable
 from dicomai.evaluation.localisation import LOCALISATION, localisation_metrics
-from dicomai.evaluation.metrics import compute_metrics, decisions, finding_metrics
+from dicomai.evaluation.metrics import (
+    compute_metrics,
+    decisions,
+    finding_metrics,
+    reported_present,
+)
 from dicomai.evaluation.plots import (
     plot_misclassified,
     plot_reliability,
@@ -92,7 +97,6 @@ from dicomai.evaluation.uncertainty_quality import (
 from dicomai.imaging.decode import read_instance
 from dicomai.imaging.preprocess import prepare, to_model_input
 from dicomai.inference.runner import Classifier
-from dicomai.inference.types import ClassScore
 from dicomai.inference.uncertainty import Summary
 from dicomai.models.package import ClassSpec, LoadedModel, load_model
 from dicomai.training.datasets import (
@@ -235,21 +239,6 @@ _ARGMAX_ONLY = (
     "precision_macro", "recall_macro", "f1_macro",
     "precision_weighted", "recall_weighted", "f1_weighted",
 )  # fmt: skip
-
-
-def reported_present(probabilities: np.ndarray, specs: tuple[ClassSpec, ...]) -> np.ndarray:
-    """bool (N, C): where the daemon's SR says Present, by the daemon's own rule
-    (`ClassScore.positive`: finding classes only, each at its own threshold)."""
-    return np.array(
-        [
-            [
-                ClassScore(spec.name, spec.code, float(p), spec.threshold, spec.is_finding).positive
-                for spec, p in zip(specs, row, strict=True)
-            ]
-            for row in probabilities
-        ],
-        dtype=bool,
-    ).reshape(len(probabilities), len(specs))
 
 
 def _as_reported(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,29 @@ def test_train_takes_the_plateau_schedule(pngs: Path, tmp_path: Path) -> None:
     assert (fit["schedule"], fit["plateau_patience"], fit["plateau_factor"], fit["min_lr"]) == (
         "plateau", 3, 0.2, 1e-5,
     )  # fmt: skip
+
+
+def test_a_multiclass_package_keeps_the_findings_as_its_sr_reports_them(tmp_path: Path) -> None:
+    # Its [metrics] held only the most probable class's numbers, which a site evaluation of
+    # a multi-class model (scored as the SR reports) never names: the gate had only AUCs.
+    data = synthesize(48, size=SIZE, seed=3)
+    for i, (image, label) in enumerate(zip(data.images, data.labels, strict=True)):
+        name = ("normal", "nodule", "mass")[i % 3] if label else "normal"
+        split = "val" if i % 4 == 0 else "train"
+        path = tmp_path / "data" / split / name / f"{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(path), np.rint(image * 255).astype(np.uint8))
+    out = tmp_path / "run"
+    code, output = run("train", "--data", str(tmp_path / "data"), "--out", str(out),
+                       "--name", "three", *FAST, "--epochs", "2")  # fmt: skip
+    assert code == 0, output
+    metrics = load_model(out / "package").manifest.metrics
+    code, output = run("evaluate", str(out / "package"), "--data", str(tmp_path / "data"),
+                       "--split", "val", "--out", str(tmp_path / "evaluation"))  # fmt: skip
+    assert code == 0, output
+    evaluation = json.loads((tmp_path / "evaluation" / "evaluation.json").read_text())
+    for key in ("sensitivity_macro", "specificity_macro", "ppv_macro", "npv_macro"):
+        assert metrics[f"val_{key}"] == pytest.approx(evaluation[key], abs=1e-3), key
 
 
 # The output folder -----------------------------------------------------------------------------
