@@ -248,11 +248,14 @@ def _statements(dialect: str) -> tuple[Any, Any]:
     )
     # A late instance reopens a completed study: its new content gets a new job. Reopened, it
     # waits anew: the maximum wait counts from the late instance (counted from the first one,
-    # it had passed, and each late image of a trickle got a job and an SR of its own), and the
-    # sender's count of the study counts only if not reached yet (a stale one was reached at
-    # once, again a job per image).
+    # it had passed, and each late image of a trickle got a job and an SR of its own). The
+    # sender's count of the study is taken only while the study has not outgrown it, whether
+    # the study is reopened or receiving with no count (after a reopen, or a replaced
+    # instance, cleared it): a stale count, in every header, was taken back at the next
+    # image of a reopened study and closed it at every second image, a job and an SR each.
     receiving = studies.c.state == StudyState.RECEIVING
     total = studies.c.instance_count + upsert.excluded.instance_count
+    expected = studies.c.expected_instances
     statement = upsert.on_conflict_do_update(
         index_elements=[studies.c.study_uid],
         set_={
@@ -264,10 +267,7 @@ def _statements(dialect: str) -> tuple[Any, Any]:
                 else_=upsert.excluded.first_received_at,
             ),
             "expected_instances": case(
-                (
-                    receiving,
-                    func.coalesce(studies.c.expected_instances, upsert.excluded.expected_instances),
-                ),
+                (receiving & expected.is_not(None), expected),
                 (upsert.excluded.expected_instances >= total, upsert.excluded.expected_instances),
                 else_=None,
             ),

@@ -93,18 +93,47 @@ def handlers(
             evt.EVT_C_STORE,
             Storer(spool, sessions, limits, settings.ingest.resend_policy, peers=policy.titles),
         ),
+        # A release alone ends a transfer: an A-ABORT is a failed one, the sender sends again
+        # (closed at the abort, a report on part of the study went out before the retry). An
+        # aborted association's studies are left to the quiet period.
         (evt.EVT_RELEASED, on_association_end, [sessions]),
-        (evt.EVT_ABORTED, on_association_end, [sessions]),
     ]
 
 
 def on_association_end(event: evt.Event, sessions: sessionmaker[Session]) -> None:
-    """Mark the studies this association stored into, for completion at association end."""
-    studies: set[str] = getattr(event.assoc, "dicomai_studies", set())
+    """Mark the studies this released association stored into, for completion at its end,
+    except those another open association of this process has stored into too."""
     try:
-        mark_association_ended(sessions, studies)
+        mark_association_ended(sessions, _ended_studies(event.assoc))
     except Exception as exc:  # the quiet period still completes these studies
         log.error("could not record association end: %s", type(exc).__name__)
+
+
+# Ending an association and looking at the others is one step: two released at once each
+# saw the other still open, and neither marked the study they both sent.
+_ENDING = threading.Lock()
+
+
+def _ended_studies(assoc: Any) -> set[str]:
+    """The studies `assoc` stored into that no other open association of this process has
+    stored into: closed when the faster of two parallel senders released, the study got a
+    report on part of it and another once the slower one was done. Associations of other
+    listener processes, and one whose first instance of the study is not yet stored, are not
+    seen (docs/conformance.md §2.1)."""
+    with _ENDING:
+        assoc.__dict__["dicomai_ended"] = True
+        studies: set[str] = set(assoc.__dict__.get("dicomai_studies", ()))
+        for other in assoc.ae.active_associations:
+            if (
+                other is assoc
+                or not other.is_acceptor
+                or other.__dict__.get("dicomai_ended")
+                or other.is_aborted
+                or other.is_released
+            ):
+                continue
+            studies -= other.__dict__.get("dicomai_studies", set())
+        return studies
 
 
 def on_connection_open(
