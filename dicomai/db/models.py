@@ -14,6 +14,7 @@ from sqlalchemy import (
     Enum,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -164,7 +165,12 @@ class ModelVersion(Base):
 
 class Job(Base):
     __tablename__ = "jobs"
-    __table_args__ = (UniqueConstraint("study_id", "model_version_id", "input_digest"),)
+    # Not unique: a model runs again on an input it had before when the study went back to
+    # it after another (`dicomai.jobs.assembler.current_job`; migration 0007). Every job is
+    # created under its study's row lock (`lock_studies`), which the constraint also guarded.
+    __table_args__ = (
+        Index("ix_jobs_study_model_input", "study_id", "model_version_id", "input_digest"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)

@@ -26,6 +26,7 @@ from dicomai.ingest.recorder import (
     recorded_study,
     replace_instance,
 )
+from dicomai.ingest.same_content import same_content
 from dicomai.ingest.spool import RESENDS, NameTaken, Placed, Spool
 from dicomai.metrics import STORE_SECONDS, STORED_BYTES, STORES, sender_label
 
@@ -52,7 +53,8 @@ class Storer:
         What a resend of a known SOP Instance UID with *different* content does:
         ``keep`` the first (the default: never discard what a job may have used) or
         ``replace`` it (the study is reopened and gets a new job). Either is audited;
-        an identical resend is accepted and recorded once (DESIGN.md rule 3).
+        an identical resend is accepted and recorded once (DESIGN.md rule 3), as is the
+        same image in another lossless transfer syntax (`same_content`).
     peers
         The allow-list's calling AE titles (`AccessPolicy.titles`): stores are counted under
         their caller's title if it is one of them, under ``other`` if not (with ``allow_any``
@@ -162,6 +164,14 @@ class Storer:
                     study_uid=header.study_uid,
                 )  # fmt: skip
                 return SUCCESS
+            if self._same_content(header, meta, dataset):
+                # The same image in another transfer syntax (a PACS forwarding it): stored
+                # once, as an identical resend is; the syntax says why the digests differ.
+                self._audit(
+                    Action.INSTANCE_DUPLICATE, calling, header.sop_instance_uid,
+                    study_uid=header.study_uid, transfer_syntax=syntax,
+                )  # fmt: skip
+                return SUCCESS
             if self.resend_policy == "keep":
                 aside = self._keep_aside(header, digest, meta, dataset)
                 self._audit(
@@ -180,6 +190,15 @@ class Storer:
         # pynetdicom gives handlers no per-association state; the Association object is it.
         event.assoc.__dict__.setdefault("dicomai_studies", set()).add(header.study_uid)
         return SUCCESS
+
+    def _same_content(self, header: Header, meta: bytes, dataset: memoryview) -> bool:
+        """Whether a resend whose digest differs holds the stored instance's content all the
+        same (`same_content`): decoded only here, never on a new instance's path."""
+        try:
+            stored = recorded_path(self.sessions, header.sop_instance_uid)
+        except Exception:  # the database: judged different, as before the comparison
+            return False
+        return stored is not None and same_content(self.spool.path(stored), meta, dataset)
 
     def _store_new(self, received: Received, meta: bytes, dataset: memoryview) -> str | None:
         """Write, record and make durable a new instance; return only when all three are.

@@ -136,7 +136,7 @@ def _create_jobs(session: Session, study: Study) -> list[Job]:
 
 def create_job(session: Session, study: Study, model: ModelVersion) -> Job | None:
     """Queue a job of `model` on the study's current instances, with its audit row; None if
-    the model takes none of them or such a job exists already."""
+    the model takes none of them or its latest job is on them already (`current_job`)."""
     taken = taken_instances(study, model)
     if not taken or current_job(session, study, model) is not None:
         return None
@@ -189,14 +189,28 @@ def cancel_job(session: Session, job: Job, actor: str, reason: str) -> None:
 
 
 def current_job(session: Session, study: Study, model: ModelVersion) -> Job | None:
-    """`model`'s job on the study's current instances, if it has one."""
-    return session.scalar(
-        select(Job).where(
+    """`model`'s job on the study's current instances, if it has one: its latest job that
+    was not cancelled, if that one's input is what the study holds now.
+
+    An earlier job on the same input does not count: under ``resend_policy = "replace"`` an
+    image may go back to content it had before (A, then a correction B, then A again), and
+    the report in force is the one on B, so A needs a job again. A cancelled job never ran
+    (superseded before it started, or its version retired): the report in force is its
+    predecessor's.
+    """
+    latest = session.scalar(
+        select(Job)
+        .where(
             Job.study_id == study.id,
             Job.model_version_id == model.id,
-            Job.input_digest == input_digest(taken_instances(study, model)),
+            Job.state != JobState.CANCELLED,
         )
+        .order_by(Job.id.desc())
+        .limit(1)
     )
+    if latest is None or latest.input_digest != input_digest(taken_instances(study, model)):
+        return None
+    return latest
 
 
 def taken_instances(study: Study, model: ModelVersion) -> list[Instance]:

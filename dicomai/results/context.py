@@ -72,7 +72,15 @@ class ResultContext:
         return str(self.sources[0].dataset.StudyInstanceUID)
 
     def uid(self, kind: str, source_uid: str = "") -> str:
-        """The deterministic UID of an output object, series or other `kind` of identifier."""
+        """The deterministic UID of an output object, series or other `kind` of identifier.
+
+        A retried run of a job derives the same UIDs (a redelivered task makes no second
+        SR). A later report gets new ones, though it may be on an input an earlier report
+        had (A, a correction B, then A again): its SR names a predecessor and another
+        revision, and a PACS that keeps the first object of a UID would drop it. The first
+        revision keeps the derivation it always had.
+        """
+        revision = () if self.revision == 1 else (f"revision {self.revision}",)
         return derive_uid(
             self.study_uid,
             self.input_digest,
@@ -80,6 +88,7 @@ class ResultContext:
             self.model.version,
             kind,
             source_uid,
+            *revision,
             root=self.uid_root,
         )
 

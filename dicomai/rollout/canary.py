@@ -54,18 +54,23 @@ def sent_by(session: Session, name: str, study: Study) -> ModelVersion | None:
     """The version of `name` whose report on the study's current instances was made (its
     job `reported`: given to the destinations, where any are configured), if one was.
 
-    Deliveries were the sign before: with no destination configured none is ever made, so
-    every state change queued the reporting version's finished jobs again."""
-    jobs = session.scalars(
+    Only the latest reported job counts: under ``resend_policy = "replace"`` a study may go
+    back to content an older report was on (A, then B, then A), and the report in force is
+    then the one on B, not the first one on A. Deliveries were the sign before: with no
+    destination configured none is ever made, so every state change queued the reporting
+    version's finished jobs again."""
+    job = session.scalar(
         select(Job)
         .join(ModelVersion, Job.model_version_id == ModelVersion.id)
         .where(Job.study_id == study.id, ModelVersion.name == name, Job.reported)
-        .order_by(Job.id)
+        .order_by(Job.id.desc())
+        .limit(1)
     )
-    for job in jobs:
-        # An earlier report, on fewer images, does not answer for the study as it is now.
-        if job.input_digest == input_digest(taken_instances(study, job.model_version)):
-            return job.model_version
+    # An earlier report, on fewer images or other content, does not answer for the study.
+    if job is not None and job.input_digest == input_digest(
+        taken_instances(study, job.model_version)
+    ):
+        return job.model_version
     return None
 
 
