@@ -21,6 +21,11 @@ _HEAD_PREFIXES = ("fc.", "classifier.", "heads.")
 # layer names: "module.densenet121.features.denseblock1.denselayer1.norm.1.weight".
 _CHEXNET_PREFIX = "module.densenet121."
 _OLD_DENSE_LAYER_NAME = re.compile(r"\.(norm|relu|conv)\.(\d)\.")
+# torchvision's published DenseNet files keep those names too; torchvision renames them as it
+# loads one (`torchvision.models.densenet._load_state_dict`, whose pattern this is).
+_OLD_TORCHVISION_DENSE_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
 
 
 # What DataParallel puts before every key of a model saved while wrapped in it.
@@ -67,7 +72,10 @@ def load_initial_weights(
     if kind == "chexnet":
         state = {chexnet_key(key): value for key, value in state.items()}
     elif kind == "torchvision":
-        state = {key.removeprefix(_PARALLEL_PREFIX): value for key, value in state.items()}
+        state = {
+            _OLD_TORCHVISION_DENSE_KEY.sub(r"\1\2", key.removeprefix(_PARALLEL_PREFIX)): value
+            for key, value in state.items()
+        }
     else:
         raise ModelPackageError(f"initial weights: unknown kind {kind!r} (torchvision, chexnet)")
     own = model.state_dict()
@@ -91,7 +99,7 @@ def load_initial_weights(
         raise ModelPackageError(
             f"initial weights: no tensor of {path} fits {type(model).__name__} (kind {kind})"
         )
-    _refuse_partial(own, updates, used, path)
+    _refuse_partial(own, updates, used, path, getattr(model, "head_modules", ()))
     if unused:
         # A ResNet-101 file in a ResNet-50 filled every tensor and left 306 of its own
         # unread, under a package that said it started from that network.
@@ -105,21 +113,31 @@ def load_initial_weights(
 
 
 def _refuse_partial(
-    own: dict[str, torch.Tensor], updates: dict[str, torch.Tensor], used: set[str], path: Path
+    own: dict[str, torch.Tensor],
+    updates: dict[str, torch.Tensor],
+    used: set[str],
+    path: Path,
+    new_modules: tuple[str, ...] = (),
 ) -> None:
     """Refuse a file that fits a backbone in part: the rest would train from random values
     under a package that says it started from these weights (a ResNet-18 file in a ResNet-34
     left 82 tensors random; a ViT file for another image size, its position embeddings).
 
     Every tensor of each part the file initialised (the whole network, or one backbone of a
-    composite) must come from it, its head excepted.
+    composite) must come from it, its head and a composite network's own new modules
+    (`new_modules`: projections, gates, attention) excepted: those no pretrained file has.
     """
+    own_new = tuple(f"{name}." for name in new_modules)
     for prefix in sorted(used):
         expected = [
             key
             for key in own
             if key.startswith(prefix)
             and not key.removeprefix(prefix).startswith((*_HEAD_PREFIXES, "head."))
+            and not key.startswith(own_new)
+            # A counter, not a weight: files saved before torch 0.4.1 (torchvision's
+            # published ones among them) have none.
+            and not key.endswith("num_batches_tracked")
         ]
         missing = [key for key in expected if key not in updates]
         if missing:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -191,7 +192,7 @@ def test_weights_that_fit_a_backbone_in_part_are_refused(tmp_path: Path) -> None
     # A ResNet-18 file in a ResNet-34 loaded 120 of its tensors, left the rest random, silently.
     path = tmp_path / "resnet18.pth"
     torch.save(build("resnet18", 1000).state_dict(), path)
-    with pytest.raises(ModelPackageError, match=r"fits only 120 of the 216 tensors of the netw"):
+    with pytest.raises(ModelPackageError, match=r"fits only 100 of the 180 tensors of the netw"):
         load_initial_weights(build("resnet34", 2), path)
 
 
@@ -207,6 +208,44 @@ def test_weights_of_a_larger_network_of_the_family_are_refused(
     torch.save(build(source, 1000).state_dict(), path)
     with pytest.raises(ModelPackageError, match=r"tensors of .* fit nothing in ResNet"):
         load_initial_weights(build(target, 2), path)
+
+
+def test_torchvisions_published_densenet_layout_loads_as_torchvision(tmp_path: Path) -> None:
+    # Its files keep the pre-0.3 names (denselayer1.norm.1.weight) that torchvision renames as
+    # it loads them: 145 of 725 tensors fitted, and the run was refused.
+    source = build("densenet121", 1000, tiny=True)
+    published = {
+        re.sub(r"(denselayer\d+\.(?:norm|relu|conv))(\d)\.", r"\1.\2.", key): value
+        for key, value in source.state_dict().items()
+        if not key.endswith("num_batches_tracked")  # saved before torch 0.4.1
+    }
+    assert any(".norm.1." in key for key in published)
+    path = tmp_path / "densenet121-a639ec97.pth"
+    torch.save(published, path)
+    model = build("densenet121", 2, tiny=True)
+    loaded = load_initial_weights(model, path)
+    layer = "features.denseblock1.denselayer1.norm1.weight"
+    assert layer in loaded
+    torch.testing.assert_close(model.get_parameter(layer), source.get_parameter(layer))
+
+
+@pytest.mark.parametrize("options", [{"project_512": True}, {"attention_gate": True}])
+def test_a_merged_backbone_file_loads_into_every_hybrid_variant(
+    tmp_path: Path, options: dict
+) -> None:
+    # The variants' own projections and gate, which no pretrained file has, were counted as
+    # tensors the file failed to fit.
+    source = build("hybrid_resnet50_densenet121", 2, tiny=True)
+    merged = {
+        key: value
+        for key, value in source.state_dict().items()
+        if key.startswith(("resnet.", "densenet."))
+    }
+    path = tmp_path / "merged.pth"
+    torch.save(merged, path)
+    model = build("hybrid_resnet50_densenet121", 2, tiny=True, **options)
+    loaded = load_initial_weights(model, path)
+    assert set(loaded) == set(merged)
 
 
 def test_a_data_parallel_checkpoint_loads_under_either_kind(tmp_path: Path) -> None:
