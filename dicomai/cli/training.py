@@ -297,12 +297,12 @@ def _epochs(text: str) -> tuple[int, ...]:
 )
 @click.option(
     "--schedule",
-    type=click.Choice(["cosine", "plateau"]),
+    type=click.Choice(["cosine", "plateau", "constant"]),
     default="cosine",
     show_default=True,
-    help="After the warm-up: cosine down to 1 % of the rate in each phase, or the rate cut by "
+    help="After the warm-up: cosine down to 1 % of the rate in each phase; or the rate cut by "
     "--plateau-factor whenever the monitored metric has not improved for --plateau-patience "
-    "epochs (ReduceLROnPlateau, model document 003).",
+    "epochs (ReduceLROnPlateau, model document 003); or the rate unchanged (document 001).",
 )
 @click.option(
     "--plateau-patience", default=2, type=click.IntRange(0), show_default=True,

@@ -42,7 +42,7 @@ from dicomai.training.schedules import WarmupPlateau, warmup_cosine
 from dicomai.training.strategies import Phase, phase_index, set_trainable
 
 Log = Callable[[str], None]
-SCHEDULES = ("cosine", "plateau")
+SCHEDULES = ("cosine", "plateau", "constant")
 MONITORS = {
     "loss": "val_loss",
     "accuracy": "val_accuracy",
@@ -67,7 +67,8 @@ class FitSettings:
     patience: int = 0
     # "cosine": warm-up, then cosine to 1 % in each phase; "plateau": warm-up, then the rate
     # cut by `plateau_factor` after `plateau_patience` epochs without a better monitored
-    # value, down to `min_lr` (model document 003).
+    # value, down to `min_lr` (model document 003); "constant": warm-up, then the rate as
+    # given (model document 001).
     schedule: str = "cosine"
     plateau_patience: int = 2
     plateau_factor: float = 0.5
@@ -286,7 +287,11 @@ def _optimiser(
             min_lr=settings.min_lr,
         )
     schedule = warmup_cosine(
-        optimizer, total_steps=phase.epochs * steps_per_epoch, warmup_steps=warmup
+        optimizer,
+        total_steps=phase.epochs * steps_per_epoch,
+        warmup_steps=warmup,
+        # A cosine whose floor is its peak: the rate stays where the warm-up left it.
+        floor=1.0 if settings.schedule == "constant" else 0.01,
     )
     return optimizer, schedule
 

@@ -145,6 +145,18 @@ def test_a_plateau_schedule_cuts_the_rate_when_the_metric_stops_improving(
     assert manifest.training["optimisation"]["schedule"] == "plateau"
 
 
+def test_a_constant_schedule_keeps_the_rate_after_its_warm_up(
+    flat_validation: None, pngs: Path, tmp_path: Path
+) -> None:
+    # Model document 001 trains at one rate; it could only be had as a plateau schedule that
+    # never cut.
+    fit = FitSettings(epochs=4, batch_size=8, seed=1, warmup_epochs=1, schedule="constant")
+    train_package(settings(pngs, tmp_path / "run", fit=fit), log=lambda _line: None)
+    with open(tmp_path / "run" / "training_log.csv") as handle:
+        rates = [float(row["lr"]) for row in csv.DictReader(handle)]
+    assert rates == pytest.approx([3e-3] * 4)
+
+
 def test_train_takes_the_plateau_schedule(pngs: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     code, output = run("train", "--data", str(pngs), "--out", str(out), "--name", "plateau",
