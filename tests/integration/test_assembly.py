@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import tomllib
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
+from model_rows import add_model, database_url
 from recording import RecordingDoorbell
 from sqlalchemy import select, update
 
@@ -16,8 +15,6 @@ from dicomai.db.models import (
     Instance,
     Job,
     JobState,
-    ModelState,
-    ModelVersion,
     Study,
     utcnow,
 )
@@ -33,18 +30,10 @@ from dicomai.jobs.assembler import (
 from dicomai.jobs.claims import claim_job
 from dicomai.jobs.reconciler import Leases, ring_jobs
 
-DEMO_MANIFEST = tomllib.loads(
-    (Path(__file__).parents[2] / "models" / "demo-chest-nodule" / "model.toml").read_text()
-)
-
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def sessions(request: pytest.FixtureRequest, tmp_path):
-    url = (
-        f"sqlite:///{tmp_path / 'db.sqlite'}"
-        if request.param == "sqlite"
-        else request.getfixturevalue("postgres_url")
-    )
+    url = database_url(request, tmp_path)
     upgrade(url)
     engine = make_engine(url)
     yield make_sessionmaker(engine)
@@ -79,22 +68,6 @@ def receive(
     return record_instance(
         sessions, Received(header, "1.2.840.10008.1.2.1", f"{study}/{sop}.dcm", 10, sha, "MODALITY")
     )
-
-
-def add_model(sessions, modalities: list[str], state: ModelState = ModelState.ACTIVE) -> int:
-    with sessions() as session, session.begin():
-        row = ModelVersion(
-            name="m",
-            version="1.0.0",
-            architecture="tinycnn",
-            state=state,
-            path="m/1.0.0",
-            weights_sha256="0" * 64,
-            manifest={**DEMO_MANIFEST, "applies_to": {"modalities": modalities}},
-        )
-        session.add(row)
-        session.flush()
-        return row.id
 
 
 def age_studies(sessions, seconds: float) -> None:

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import tomllib
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
+from model_rows import add_model, database_url
 from sqlalchemy import select, update
 
 from dicomai.db.migrate import upgrade
-from dicomai.db.models import AuditEvent, ModelState, ModelVersion, Study, utcnow
+from dicomai.db.models import AuditEvent, Study, utcnow
 from dicomai.db.session import make_engine, make_sessionmaker
 from dicomai.ingest.header import Header
 from dicomai.ingest.recorder import Received, add_instances, record_instance
 from dicomai.jobs.assembler import CompletionPolicy, complete_studies
 
-DEMO_MANIFEST = tomllib.loads(
-    (Path(__file__).parents[2] / "models" / "demo-chest-nodule" / "model.toml").read_text()
-)
 DX_IMAGE = "1.2.840.10008.5.1.4.1.1.1.1"
 STUDY = "1.2.9"
 # No quiet period or maximum wait in reach: only the count can close a study here.
@@ -27,25 +23,10 @@ BY_COUNT = CompletionPolicy(quiet_seconds=3600, max_wait_seconds=3600)
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def sessions(request: pytest.FixtureRequest, tmp_path):
-    url = (
-        f"sqlite:///{tmp_path / 'db.sqlite'}"
-        if request.param == "sqlite"
-        else request.getfixturevalue("postgres_url")
-    )
+    url = database_url(request, tmp_path)
     upgrade(url)
     engine = make_engine(url)
-    with make_sessionmaker(engine)() as session, session.begin():
-        session.add(
-            ModelVersion(
-                name="m",
-                version="1.0.0",
-                architecture="tinycnn",
-                state=ModelState.ACTIVE,
-                path="m/1.0.0",
-                weights_sha256="0" * 64,
-                manifest={**DEMO_MANIFEST, "applies_to": {"modalities": []}},
-            )
-        )
+    add_model(make_sessionmaker(engine), [])
     yield make_sessionmaker(engine)
     engine.dispose()
 

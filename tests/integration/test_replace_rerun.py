@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from model_rows import add_model
 from pydicom import Dataset
 from sqlalchemy import select, update
 
 from dicomai.db.migrate import upgrade
-from dicomai.db.models import Job, JobState, ModelState, ModelVersion, Study, utcnow
+from dicomai.db.models import Job, JobState, Study, utcnow
 from dicomai.db.session import make_engine, make_sessionmaker
 from dicomai.ingest.header import Header
 from dicomai.ingest.recorder import Received, record_instance, replace_instance
@@ -19,9 +19,6 @@ from dicomai.jobs.assembler import CompletionPolicy, complete_studies
 from dicomai.results.context import ModelIdentity, ResultContext, SourceImage
 from dicomai.rollout.canary import sent_by
 
-MANIFEST = tomllib.loads(
-    (Path(__file__).parents[2] / "models" / "demo-chest-nodule" / "model.toml").read_text()
-)
 STUDY, IMAGE, OTHER = "1.2.3", "1.2.3.1", "1.2.3.2"
 # Closes a study as soon as no instance is on its way (no sleeping in the test).
 AT_ONCE = CompletionPolicy(quiet_seconds=0)
@@ -32,18 +29,7 @@ def sessions(tmp_path: Path):
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     upgrade(url)
     engine = make_engine(url)
-    with make_sessionmaker(engine)() as session, session.begin():
-        session.add(
-            ModelVersion(
-                name="m",
-                version="1.0.0",
-                architecture="tinycnn",
-                state=ModelState.ACTIVE,
-                path="m/1.0.0",
-                weights_sha256="0" * 64,
-                manifest={**MANIFEST, "applies_to": {"modalities": []}},
-            )
-        )
+    add_model(make_sessionmaker(engine), [])
     yield make_sessionmaker(engine)
     engine.dispose()
 

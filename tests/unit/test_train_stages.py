@@ -16,10 +16,8 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from test_train_cli import run
 
-from dicomai.cli import main as cli_main
-from dicomai.cli import training as training_cli
 from dicomai.errors import DatasetError
 from dicomai.imaging.spec import InputSpec
 from dicomai.models.architectures import build
@@ -45,14 +43,6 @@ def pngs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(path), np.rint(image * 255).astype(np.uint8))
     return root
-
-
-def run(*args: str) -> tuple[int, str]:
-    training_cli.register(cli_main.cli)
-    result = CliRunner().invoke(cli_main.cli, list(args))
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.output
 
 
 def settings(data: Path, out: Path, **changes: Any) -> RunSettings:
