@@ -37,9 +37,11 @@ Writes into the output folder:
                        the most probable class against the truth (rows true, columns
                        predicted): what the daemon does not report, kept for comparison
       uncertainty      {method, samples (passes per image), answers (images; multi-label:
-                       image-class pairs), errors, measures {entropy, and with samples > 1 std
-                       (of the predicted class: multi-class, the most probable, whose errors
-                       are counted) and mutual_information (single-label): {auroc
+                       image-class pairs), errors (multi-class: images on which a finding the
+                       SR reports Present or Absent is wrong), measures {entropy, and with
+                       samples > 1 std
+                       (of the predicted class: multi-class, the most probable) and
+                       mutual_information (single-label): {auroc
                        (of the measure as a detector of errors), aurc (area under the risk-
                        coverage curve, lower is better), spearman (rho with the errors),
                        risk_at_coverage {"0.5", "0.8", "0.9", "1": error rate among the
@@ -195,6 +197,9 @@ def evaluate_package(
             task,
             manifest.uncertainty.method,
             classifier.samples,
+            errors=None
+            if present is None
+            else reported_wrong(present, images.targets, manifest.classes),
         ),
     }
     if images.masks is not None and segments(classifier):
@@ -239,6 +244,15 @@ _ARGMAX_ONLY = (
     "precision_macro", "recall_macro", "f1_macro",
     "precision_weighted", "recall_weighted", "f1_weighted",
 )  # fmt: skip
+
+
+def reported_wrong(
+    present: np.ndarray, targets: np.ndarray, specs: tuple[ClassSpec, ...]
+) -> np.ndarray:
+    """bool (N,): images on which any finding the SR reports Present or Absent is wrong."""
+    truth = np.eye(len(specs), dtype=bool)[np.asarray(targets, dtype=np.int64)]
+    findings = np.array([spec.is_finding for spec in specs], dtype=bool)
+    return np.asarray((present != truth)[:, findings].any(axis=1))
 
 
 def _as_reported(

@@ -121,9 +121,16 @@ def uncertainty_report(
     task: Task,
     method: str,
     samples: int,
+    errors: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """`quality` of each of the `measures`, with the method and the number of errors."""
-    found, errors = measures(summary, predicted, targets, task, samples)
+    """`quality` of each of the `measures`, with the method and the number of errors.
+
+    `errors` (bool per image), when given, says which answers are wrong in place of the
+    predicted class against the target: a multi-class model's SR reports its findings each
+    at its own threshold, and an image is wrong where any of them is.
+    """
+    found, wrong = measures(summary, predicted, targets, task, samples)
+    errors = wrong if errors is None else np.asarray(errors, dtype=bool)
     return {
         "method": method,
         "samples": samples,

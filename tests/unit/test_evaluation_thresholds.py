@@ -18,7 +18,7 @@ import torch
 from sklearn import metrics as skm
 
 from dicomai.evaluation.metrics import finding_metrics
-from dicomai.evaluation.report import evaluate_package
+from dicomai.evaluation.report import evaluate_package, reported_wrong
 from dicomai.imaging.preprocess import to_model_input
 from dicomai.imaging.spec import InputSpec
 from dicomai.inference.runner import Classifier
@@ -126,6 +126,29 @@ def test_multiclass_evaluation_scores_the_findings_the_daemon_reports_present(
     ]
     markdown = (out / "report.md").read_text()
     assert "Findings as the SR reports them" in markdown and "argmax" in markdown
+
+    # The uncertainty section counts as wrong the images the SR is wrong about (a finding's
+    # Present or Absent), not those whose most probable class is.
+    sr_wrong = [
+        any(p.score(f).positive != (name == f) for f in ("mass", "nodule"))
+        for p, name in zip(said, truth, strict=True)
+    ]
+    assert report["uncertainty"]["errors"] == sum(sr_wrong)
+
+
+def test_an_image_is_wrong_where_any_finding_the_sr_reports_is() -> None:
+    # Most probable class right on every image, and yet the SR wrong on two: a second
+    # finding Present beside the true one, and a true finding Absent (under its threshold).
+    specs = tuple(
+        ClassSpec(name, Code(name, "99TEST", name), 0.5, name != "normal")
+        for name in ("mass", "nodule", "normal")
+    )
+    targets = np.array([0, 1, 2, 0])
+    present = np.array(
+        [[True, False, False], [False, True, False], [True, True, False], [False, False, False]]
+    )
+    wrong = reported_wrong(present, targets, specs)
+    assert wrong.tolist() == [False, False, True, True]
 
 
 def test_finding_metrics_are_one_against_the_rest_and_allow_several_or_no_findings() -> None:
