@@ -73,18 +73,23 @@ def closes(listener: Listener, study: str) -> list[int]:
     return [(json.loads(d) if isinstance(d, str) else d)["instances"] for (d,) in rows]
 
 
+def closed(listener: Listener, study: str, when: str) -> None:
+    """Wait until `study` is complete; `when` names the event that should close it."""
+    wait_for(
+        lambda: state(listener, study)[0] == "complete",
+        60,
+        f"the study to close {when}",
+        details=listener.log,
+    )
+
+
 def another_study_closed_at_its_release(listener: Listener) -> None:
     """Send one image of another study and release: once that study is closed, the listener
     has handled the association ends before it, and the assembly loop has looked at them."""
     assoc = associate(listener, "SENDERC")
     send(assoc, OTHER_STUDY, 1)
     assoc.release()
-    wait_for(
-        lambda: state(listener, OTHER_STUDY)[0] == "complete",
-        60,
-        "the other study to close at its release",
-        details=listener.log,
-    )
+    closed(listener, OTHER_STUDY, "at its release")
 
 
 def test_an_aborted_association_leaves_its_study_open_for_the_senders_retry(
@@ -101,12 +106,7 @@ def test_an_aborted_association_leaves_its_study_open_for_the_senders_retry(
     retry = associate(listener, "SENDERA")
     send(retry, STUDY, 1, 2, 3, 4)
     retry.release()
-    wait_for(
-        lambda: state(listener, STUDY)[0] == "complete",
-        60,
-        "the study to close at the retry's release",
-        details=listener.log,
-    )
+    closed(listener, STUDY, "at the retry's release")
     assert closes(listener, STUDY) == [4]
 
 
@@ -125,12 +125,7 @@ def test_a_study_sent_on_two_associations_closes_when_the_last_of_them_releases(
 
     send(slow, STUDY, 4)
     slow.release()
-    wait_for(
-        lambda: state(listener, STUDY)[0] == "complete",
-        60,
-        "the study to close at the last release",
-        details=listener.log,
-    )
+    closed(listener, STUDY, "at the last release")
     assert closes(listener, STUDY) == [4]
 
 
