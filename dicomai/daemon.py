@@ -31,6 +31,7 @@ from dicomai.ingest.scp import build_ae, handlers, on_refused_connection
 from dicomai.ingest.server import LISTEN_FD_ENV, SharedPortServer, serve_in_thread
 from dicomai.ingest.spool import Spool
 from dicomai.ingest.tls import server_context
+from dicomai.ingest.transfers import forget_dead_listeners
 from dicomai.jobs.assembler import CompletionPolicy, complete_studies, seconds_until_quiet
 from dicomai.jobs.doorbell import Doorbell
 from dicomai.jobs.reconciler import Leases, ring_deliveries, ring_jobs
@@ -116,6 +117,10 @@ class Daemon:
                 with _listening("[metrics] port", metrics.host, metrics.port):
                     metrics_server.start(metrics, self.sessions)
                 log.info("metrics on http://%s:%d/metrics", metrics.host, metrics.port)
+        # In every listener process: one restarted after a crash removes its predecessor's.
+        left = forget_dead_listeners(self.sessions)
+        if left:
+            log.warning("removed %d transfers of listener processes that died", left)
         ingest = self.settings.ingest
         # Bound before the listener children start: they accept from this socket.
         with _listening("[ingest] port", ingest.host, ingest.port):

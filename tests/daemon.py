@@ -127,6 +127,7 @@ class Listener(Daemon):
         self.port = free_port()
         self.aet = aet
         self.peers = peers
+        self.processes = int(ingest.get("listener_processes", 1))
         config = write_config(
             root / "dicomai.toml",
             {
@@ -159,6 +160,14 @@ class Listener(Daemon):
         try:
             if ready is None:
                 self.wait_listening(self.port, self.peers[0]["ae_title"], self.aet)
+                # C-ECHO is answered by the first process up; each logs when it listens.
+                processes = self.processes
+                wait_for(
+                    lambda: self.log().count("listening as") >= processes,
+                    90,
+                    f"all {processes} listener processes to listen",
+                    details=self.log,
+                )
             else:
                 wait_for(ready, 90, "the listener to accept a store", details=self.log)
             yield self

@@ -116,6 +116,21 @@ class Study(Base):
     jobs: Mapped[list[Job]] = relationship(back_populates="study")
 
 
+class Transfer(Base):
+    """An association sending a study now (`complete_on_association_end`): its release ends
+    the study only when no other association, in any listener process, is sending it."""
+
+    __tablename__ = "transfers"
+    __table_args__ = (UniqueConstraint("association", "study_uid"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    association: Mapped[str] = mapped_column(String(32))
+    # host:pid of the listener process: a process that died leaves rows its successor removes.
+    listener: Mapped[str] = mapped_column(String(300))
+    study_uid: Mapped[str] = mapped_column(String(64), index=True)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Instance(Base):
     __tablename__ = "instances"
 

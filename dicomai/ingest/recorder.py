@@ -139,18 +139,6 @@ def forget_instance(
     return True
 
 
-def mark_association_ended(sessions: sessionmaker[Session], study_uids: set[str]) -> None:
-    """Record that the association which sent instances of these studies has ended."""
-    if not study_uids:
-        return
-    with sessions() as session, session.begin():
-        session.execute(
-            update(Study)
-            .where(Study.study_uid.in_(study_uids), Study.state == StudyState.RECEIVING)
-            .values(association_ended_at=utcnow())
-        )
-
-
 def record_instance(sessions: sessionmaker[Session], received: Received) -> bool:
     """Insert the instance row, upsert its study, audit; commit. Return False for a resend.
 

@@ -14,10 +14,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai.audit import Action
 from dicomai.config import Settings
+from dicomai.ingest import transfers
 from dicomai.ingest.access import AccessPolicy, Decision, is_health_probe
 from dicomai.ingest.limits import Limits, bound_reads
 from dicomai.ingest.protocol import bad_titles, drop_connection, guard_protocol
-from dicomai.ingest.recorder import mark_association_ended
 from dicomai.ingest.refusals import audit_refusal
 from dicomai.ingest.spool import Spool
 from dicomai.ingest.store import Storer
@@ -81,7 +81,7 @@ def handlers(
             on_connection_open,
             [limits, sessions, policy, pending_per_address(settings.ingest.max_associations)],
         ),
-        (evt.EVT_CONN_CLOSE, on_connection_close),
+        (evt.EVT_CONN_CLOSE, on_connection_close, [sessions]),
         (
             evt.EVT_REQUESTED,
             on_requested,
@@ -91,7 +91,14 @@ def handlers(
         (evt.EVT_C_ECHO, on_echo),
         (
             evt.EVT_C_STORE,
-            Storer(spool, sessions, limits, settings.ingest.resend_policy, peers=policy.titles),
+            Storer(
+                spool,
+                sessions,
+                limits,
+                settings.ingest.resend_policy,
+                peers=policy.titles,
+                track_transfers=settings.ingest.complete_on_association_end,
+            ),
         ),
         # A release alone ends a transfer: an A-ABORT is a failed one, the sender sends again
         # (closed at the abort, a report on part of the study went out before the retry). An
@@ -101,39 +108,29 @@ def handlers(
 
 
 def on_association_end(event: evt.Event, sessions: sessionmaker[Session]) -> None:
-    """Mark the studies this released association stored into, for completion at its end,
-    except those another open association of this process has stored into too."""
+    """Mark as ended the studies this released association sent that no other association,
+    in any listener process, is still sending (`transfers.end`)."""
+    key = event.assoc.__dict__.get("dicomai_transfer")
+    if key is None:
+        return
+    event.assoc.__dict__["dicomai_transfer_ended"] = True
     try:
-        mark_association_ended(sessions, _ended_studies(event.assoc))
+        transfers.end(sessions, key, released=True)
     except Exception as exc:  # the quiet period still completes these studies
         log.error("could not record association end: %s", type(exc).__name__)
 
 
-# Ending an association and looking at the others is one step: two released at once each
-# saw the other still open, and neither marked the study they both sent.
-_ENDING = threading.Lock()
-
-
-def _ended_studies(assoc: Any) -> set[str]:
-    """The studies `assoc` stored into that no other open association of this process has
-    stored into: closed when the faster of two parallel senders released, the study got a
-    report on part of it and another once the slower one was done. Associations of other
-    listener processes, and one whose first instance of the study is not yet stored, are not
-    seen (docs/conformance.md §2.1)."""
-    with _ENDING:
-        assoc.__dict__["dicomai_ended"] = True
-        studies: set[str] = set(assoc.__dict__.get("dicomai_studies", ()))
-        for other in assoc.ae.active_associations:
-            if (
-                other is assoc
-                or not other.is_acceptor
-                or other.__dict__.get("dicomai_ended")
-                or other.is_aborted
-                or other.is_released
-            ):
-                continue
-            studies -= other.__dict__.get("dicomai_studies", set())
-        return studies
+def on_connection_close(event: evt.Event, sessions: sessionmaker[Session]) -> None:
+    OPEN_ASSOCIATIONS.dec()
+    state = event.assoc.__dict__
+    key = state.get("dicomai_transfer")
+    if key is None or state.get("dicomai_transfer_ended"):
+        return
+    # Aborted, or the connection dropped: its studies are left to the quiet period.
+    try:
+        transfers.end(sessions, key, released=False)
+    except Exception as exc:
+        log.error("could not forget an aborted association's transfers: %s", type(exc).__name__)
 
 
 def on_connection_open(
@@ -191,10 +188,6 @@ def _admitted(assoc: Any, max_associations: int) -> bool:
             return False
         assoc.__dict__["dicomai_admitted"] = True
         return True
-
-
-def on_connection_close(event: evt.Event) -> None:
-    OPEN_ASSOCIATIONS.dec()
 
 
 def on_requested(

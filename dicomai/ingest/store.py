@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomai.audit import Action, record
 from dicomai.errors import DatabaseUnavailable, InvalidInstance, StorageUnavailable
+from dicomai.ingest import transfers
 from dicomai.ingest.committer import GroupCommitter
 from dicomai.ingest.header import Header, encode_listener_meta, encoded_syntax, read_header
 from dicomai.ingest.limits import Limits, reset_dataset_count
@@ -59,6 +60,9 @@ class Storer:
         The allow-list's calling AE titles (`AccessPolicy.titles`): stores are counted under
         their caller's title if it is one of them, under ``other`` if not (with ``allow_any``
         a sender may call itself anything); None counts each title under its own.
+    track_transfers
+        Record which association sends which study (`transfers`), for
+        ``complete_on_association_end``.
     """
 
     spool: Spool
@@ -67,6 +71,7 @@ class Storer:
     resend_policy: str = "keep"
     committer: GroupCommitter | None = None
     peers: frozenset[str] | None = None
+    track_transfers: bool = False
 
     def __post_init__(self) -> None:
         if self.committer is None:
@@ -133,6 +138,8 @@ class Storer:
         if header.sop_class_uid != request.AffectedSOPClassUID:
             # The file meta is written from the request: the file would name another class.
             raise InvalidInstance("SOPClassUID differs from the C-STORE request")
+        if self.track_transfers:
+            self._begin_transfer(event.assoc, header.study_uid)
         relative = self.spool.relative_path(header.study_uid, header.sop_instance_uid)
         received = Received(
             header=header,
@@ -187,9 +194,23 @@ class Storer:
                     "a replace cannot move an instance between studies"
                 )
             self._replace(replace(received, sha256=digest), meta, dataset)
-        # pynetdicom gives handlers no per-association state; the Association object is it.
-        event.assoc.__dict__.setdefault("dicomai_studies", set()).add(header.study_uid)
         return SUCCESS
+
+    def _begin_transfer(self, assoc: Any, study_uid: str) -> None:
+        """Record, at its first instance, that this association sends the study: another
+        association's release, in any listener process, must not end it meanwhile."""
+        # pynetdicom gives handlers no per-association state; the Association object is it.
+        state = assoc.__dict__
+        studies = state.setdefault("dicomai_studies", set())
+        if study_uid in studies:
+            return
+        key = state.setdefault("dicomai_transfer", transfers.new_association_key())
+        try:
+            transfers.begin(self.sessions, key, study_uid)
+        except Exception as exc:  # the quiet period still closes the study
+            log.error("could not record a transfer: %s", type(exc).__name__)
+            return
+        studies.add(study_uid)
 
     def _same_content(self, header: Header, meta: bytes, dataset: memoryview) -> bool:
         """Whether a resend whose digest differs holds the stored instance's content all the

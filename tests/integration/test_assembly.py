@@ -19,8 +19,9 @@ from dicomai.db.models import (
     utcnow,
 )
 from dicomai.db.session import make_engine, make_sessionmaker
+from dicomai.ingest import transfers
 from dicomai.ingest.header import Header
-from dicomai.ingest.recorder import Received, mark_association_ended, record_instance
+from dicomai.ingest.recorder import Received, record_instance
 from dicomai.jobs.assembler import (
     CompletionPolicy,
     complete_quiet_studies,
@@ -183,8 +184,9 @@ def test_expected_count_completes_a_study_before_its_quiet_period(sessions) -> N
 
 def test_association_end_completes_when_configured(sessions) -> None:
     add_model(sessions, [])
+    transfers.begin(sessions, "a", "1.2.3")
     receive(sessions, "1.2.3", "1.2.3.1")
-    mark_association_ended(sessions, {"1.2.3"})
+    assert transfers.end(sessions, "a", released=True) == {"1.2.3"}
     assert complete_studies(sessions, CompletionPolicy(quiet_seconds=3600)) == []
     policy = CompletionPolicy(quiet_seconds=3600, on_association_end=True)
     assert len(complete_studies(sessions, policy)) == 1

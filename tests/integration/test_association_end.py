@@ -20,7 +20,7 @@ OTHER_STUDY = "1.2.826.0.1.3680043.8.498.4200"
 
 
 @pytest.fixture
-def listener(tmp_path: Path) -> Iterator[Listener]:
+def listener(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Listener]:
     peers = [{"ae_title": title, "hosts": ["127.0.0.1"]} for title in SENDERS]
     # No quiet period or maximum wait in reach: only an association end closes a study here.
     with Listener(
@@ -30,6 +30,7 @@ def listener(tmp_path: Path) -> Iterator[Listener]:
         complete_on_association_end=True,
         study_quiet_seconds=3600,
         study_max_wait_seconds=3600,
+        listener_processes=getattr(request, "param", 1),
     ) as daemon:
         yield daemon
 
@@ -110,6 +111,9 @@ def test_an_aborted_association_leaves_its_study_open_for_the_senders_retry(
     assert closes(listener, STUDY) == [4]
 
 
+# Two listener processes: a busy one lets the other take the next connection
+# (`dicomai.ingest.server`), so the two associations are held by different processes.
+@pytest.mark.parametrize("listener", [1, 2], indirect=True, ids=["one_process", "two_processes"])
 def test_a_study_sent_on_two_associations_closes_when_the_last_of_them_releases(
     listener: Listener,
 ) -> None:
@@ -129,6 +133,9 @@ def test_a_study_sent_on_two_associations_closes_when_the_last_of_them_releases(
     assert closes(listener, STUDY) == [4]
 
 
+# Two listener processes: a busy one lets the other take the next connection
+# (`dicomai.ingest.server`), so the two associations are held by different processes.
+@pytest.mark.parametrize("listener", [1, 2], indirect=True, ids=["one_process", "two_processes"])
 def test_a_study_whose_other_sender_aborts_is_left_to_the_quiet_period(
     listener: Listener,
 ) -> None:

@@ -1,0 +1,128 @@
+"""Which associations send a study, as every listener process sees it (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+from model_rows import database_url
+from sqlalchemy import select
+
+from dicomai.db.migrate import upgrade
+from dicomai.db.models import Study, Transfer
+from dicomai.db.session import make_engine, make_sessionmaker
+from dicomai.ingest import transfers
+from dicomai.ingest.header import Header
+from dicomai.ingest.recorder import Received, record_instance
+
+STUDY = "1.2.826.0.1.3680043.8.498.5100"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def sessions(request: pytest.FixtureRequest, tmp_path):
+    url = database_url(request, tmp_path)
+    upgrade(url)
+    engine = make_engine(url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+def receive(sessions, study: str, number: int) -> None:
+    header = Header(
+        study, f"{study}.1", f"{study}.1.{number}", "1.2.840.10008.5.1.4.1.1.1.1", "DX", None
+    )
+    record_instance(
+        sessions, Received(header, "1.2.840.10008.1.2.1", f"{study}/{number}.dcm", 10, "0", "M")
+    )
+
+
+def ended(sessions, study: str) -> bool:
+    with sessions() as session:
+        return (
+            session.scalar(select(Study.association_ended_at).where(Study.study_uid == study))
+            is not None
+        )
+
+
+def test_a_study_sent_on_two_associations_ends_at_the_release_of_the_second(sessions) -> None:
+    # The associations may be held by two listener processes: only the database sees both.
+    for association in ("fast", "slow"):
+        transfers.begin(sessions, association, STUDY)
+        receive(sessions, STUDY, len(association))
+    assert transfers.end(sessions, "fast", released=True) == set()
+    assert not ended(sessions, STUDY)
+    assert transfers.end(sessions, "slow", released=True) == {STUDY}
+    assert ended(sessions, STUDY)
+
+
+def test_an_aborted_association_ends_nothing_and_no_longer_holds_the_study(sessions) -> None:
+    for association in ("aborted", "released"):
+        transfers.begin(sessions, association, STUDY)
+    receive(sessions, STUDY, 1)
+    assert transfers.end(sessions, "aborted", released=False) == set()
+    assert not ended(sessions, STUDY)
+    # The failed transfer no longer counts: the other one's release ends the study.
+    assert transfers.end(sessions, "released", released=True) == {STUDY}
+
+
+def test_a_study_recorded_twice_by_one_association_is_held_once(sessions) -> None:
+    transfers.begin(sessions, "a", STUDY)
+    transfers.begin(sessions, "a", STUDY)  # an earlier store of its first instance failed
+    receive(sessions, STUDY, 1)
+    assert transfers.end(sessions, "a", released=True) == {STUDY}
+
+
+def release_at_once(sessions, associations: list[str]) -> list[set[str]]:
+    """End `associations` in threads that start together; return what each marked ended."""
+    start = threading.Barrier(len(associations))
+    results: list[set[str]] = []
+
+    def release(association: str) -> None:
+        start.wait()
+        results.append(transfers.end(sessions, association, released=True))
+
+    threads = [threading.Thread(target=release, args=(a,)) for a in associations]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return results
+
+
+def test_two_releases_at_once_end_the_study_they_both_sent(sessions) -> None:
+    # Each release deletes its own row, then looks for others: at the same moment, each
+    # could see the other's row and neither end the study.
+    for attempt in range(10):
+        study = f"{STUDY}.{attempt}"
+        pair = [f"a{attempt}", f"b{attempt}"]
+        for association in pair:
+            transfers.begin(sessions, association, study)
+        receive(sessions, study, 1)
+        results = release_at_once(sessions, pair)
+        assert sorted(map(sorted, results)) == [[], [study]], f"attempt {attempt}"
+        assert ended(sessions, study)
+
+
+def test_rows_of_a_listener_process_that_died_are_removed_at_start(sessions) -> None:
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    host = socket.gethostname()
+    rows = {
+        "dead": f"{host}:{dead}",
+        "alive": transfers.listener_name(),
+        "elsewhere": f"another-host.{host}:{dead}",
+    }
+    with sessions() as session, session.begin():
+        for association, listener in rows.items():
+            session.add(Transfer(association=association, listener=listener, study_uid=STUDY))
+    assert transfers.forget_dead_listeners(sessions) == 1
+    with sessions() as session:
+        left = set(session.scalars(select(Transfer.association)))
+    assert left == {"alive", "elsewhere"}
