@@ -219,6 +219,15 @@ def _epochs(text: str) -> tuple[int, ...]:
     help="CLAHE contrast limit (with --equalize clahe)  [default: 2.0]",
 )
 @click.option(
+    "--color",
+    type=click.Choice(["grey", "rgb"]),
+    default="grey",
+    show_default=True,
+    help="What the model sees of colour images, in training and kept in the package's "
+    "[input] table: grey (their luminance, as radiographs) or rgb (their three channels, for "
+    "findings that are in colour: dermatology, pathology).",
+)
+@click.option(
     "--init",
     "initial_weights",
     type=click.Path(path_type=Path),
@@ -454,6 +463,7 @@ def _run_settings(o: dict[str, Any]) -> RunSettings:
         window=o["window"],
         equalize=o["equalize"],
         clahe_clip=2.0 if o["clahe_clip"] is None else float(o["clahe_clip"]),
+        color=o["color"],
     )
     if o["normalize"] == "mid-grey":
         spec = replace(spec, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))

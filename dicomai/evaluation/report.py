@@ -324,7 +324,7 @@ def _model_input(path: Path, loaded: LoadedModel) -> np.ndarray:
             return prepare(read_instance(path), spec)[1]
         except (NotEvaluable, OSError) as error:
             raise DatasetError(f"{path}: unreadable DICOM image: {error}") from None
-    return to_model_input(read_image01(path, spec.voi_window), spec)
+    return to_model_input(read_image01(path, spec.voi_window, spec.keeps_colour), spec)
 
 
 def _summary(classifier: Classifier, inputs: list[np.ndarray]) -> Summary:

@@ -52,13 +52,18 @@ _LUT_ERRORS = (
 )
 
 
-def render(ds: Dataset, frame: int = 0, window: tuple[float, float] | None = None) -> np.ndarray:
+def render(
+    ds: Dataset,
+    frame: int = 0,
+    window: tuple[float, float] | None = None,
+    colour: bool = False,
+) -> np.ndarray:
     """Render one frame as a radiologist's viewer displays it.
 
     Monochrome images go through the modality LUT, then the VOI LUT or the first valid window
     (without either: the data's range, or its 0.5-99.5 percentiles for CT), and MONOCHROME1
     is inverted so that bright always means dense. Colour and palette images become their
-    luminance.
+    luminance, or stay RGB with `colour`.
 
     Parameters
     ----------
@@ -70,12 +75,15 @@ def render(ds: Dataset, frame: int = 0, window: tuple[float, float] | None = Non
         ``(center, width)`` in modality units (Hounsfield units for CT), applied as a LINEAR
         window (PS3.3 C.11.2.1.2.1) in place of the image's own VOI LUT and windows; the
         model's ``[input] window`` (`InputSpec.voi_window`). Colour images ignore it.
+    colour : bool
+        Return colour and palette images as RGB (`InputSpec.keeps_colour`).
 
     Returns
     -------
     numpy.ndarray
-        ``float32`` array of shape ``(rows, cols)`` with values in [0, 1]; a constant image
-        renders as zeros.
+        ``float32`` array of shape ``(rows, cols)``, or ``(rows, cols, 3)`` for a colour
+        image rendered with `colour`, with values in [0, 1]; a constant image renders as
+        zeros.
 
     Raises
     ------
@@ -85,7 +93,7 @@ def render(ds: Dataset, frame: int = 0, window: tuple[float, float] | None = Non
         that differ.
     """
     stored = pixel_frames(ds, index=frame)[0]
-    image = _render(stored, ds, frame, window)
+    image = _render(stored, ds, frame, window, colour)
     # min and max are NaN if any value is: one pass each, where isfinite would allocate.
     low, high = float(image.min()), float(image.max())
     if not (math.isfinite(low) and math.isfinite(high)):
@@ -99,14 +107,18 @@ def render(ds: Dataset, frame: int = 0, window: tuple[float, float] | None = Non
 
 
 def _render(
-    stored: np.ndarray, ds: Dataset, frame: int, window: tuple[float, float] | None
+    stored: np.ndarray,
+    ds: Dataset,
+    frame: int,
+    window: tuple[float, float] | None,
+    colour: bool,
 ) -> np.ndarray:
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
     if stored.ndim == 3:
         bits = min(int(ds.get("BitsStored", 8 * stored.itemsize)), 8 * stored.itemsize)
-        return _luminance(stored, 2**bits - 1)
+        return _rgb01(stored, 2**bits - 1) if colour else _luminance(stored, 2**bits - 1)
     if photometric == "PALETTE COLOR":
-        return _palette_luminance(stored, ds)
+        return _palette(stored, ds, colour)
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise NotEvaluable(f"unsupported Photometric Interpretation {photometric[:16]!r}")
     inverted = photometric == "MONOCHROME1"
@@ -199,7 +211,8 @@ def to_model_input(image01: np.ndarray, spec: InputSpec) -> np.ndarray:
     Parameters
     ----------
     image01 : numpy.ndarray
-        ``(rows, cols)`` values in [0, 1], as returned by :func:`render`.
+        ``(rows, cols)`` values in [0, 1], as returned by :func:`render`, repeated into the
+        three channels; or ``(rows, cols, 3)`` RGB, its channels kept.
     spec : InputSpec
         Equalisation, output size and normalisation.
 
@@ -215,7 +228,8 @@ def to_model_input(image01: np.ndarray, spec: InputSpec) -> np.ndarray:
     resized = cv2.resize(image, (cols, rows), interpolation=cv2.INTER_AREA)
     mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
     std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
-    return np.ascontiguousarray((resized[None, :, :] - mean) / std, dtype=np.float32)
+    channels = resized.transpose(2, 0, 1) if resized.ndim == 3 else resized[None, :, :]
+    return np.ascontiguousarray((channels - mean) / std, dtype=np.float32)
 
 
 def prepare(ds: Dataset, spec: InputSpec, frame: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -241,9 +255,11 @@ def prepare(ds: Dataset, spec: InputSpec, frame: int = 0) -> tuple[np.ndarray, n
     dicomai.errors.NotEvaluable
         If the image cannot be decoded or rendered.
     """
-    image = render(ds, frame, spec.voi_window)
+    image = render(ds, frame, spec.voi_window, colour=spec.keeps_colour)
     _large_enough(image.shape, spec)
-    return to_display(image), to_model_input(image, spec)
+    # Overlays and masks are drawn on the grey image, where a heat map's colours read.
+    grey = luminance01(image) if image.ndim == 3 else image
+    return to_display(grey), to_model_input(image, spec)
 
 
 # A side this many times smaller than the model's, or more, is blown up from too few pixels
@@ -296,7 +312,18 @@ def _luminance(rgb: np.ndarray, maximum: int) -> np.ndarray:
     return np.clip(luma, 0.0, 1.0).astype(np.float32)
 
 
-def _palette_luminance(stored: np.ndarray, ds: Dataset) -> np.ndarray:
+def luminance01(rgb01: np.ndarray) -> np.ndarray:
+    """The luminance of an RGB image in [0, 1] (ITU-R BT.601), for display."""
+    return _luminance(rgb01, 1)
+
+
+def _rgb01(rgb: np.ndarray, maximum: int) -> np.ndarray:
+    image = rgb.astype(np.float32)
+    image *= 1.0 / max(maximum, 1)
+    return np.clip(image, 0.0, 1.0, out=image)
+
+
+def _palette(stored: np.ndarray, ds: Dataset, colour: bool) -> np.ndarray:
     try:
         bits = _palette_bits(ds)
         rgb = apply_color_lut(stored, ds)
@@ -305,7 +332,7 @@ def _palette_luminance(stored: np.ndarray, ds: Dataset) -> np.ndarray:
     # PS3.3 C.7.6.3.1.5: the descriptor's bits per entry, not the array's dtype, is the scale.
     # 8-bit entries in 16-bit words come back as uint16 of 0-255, which over 65535 rendered
     # the image black.
-    return _luminance(rgb, 2**bits - 1)
+    return _rgb01(rgb, 2**bits - 1) if colour else _luminance(rgb, 2**bits - 1)
 
 
 def _palette_bits(ds: Dataset) -> int:
@@ -495,9 +522,17 @@ def _equalize(image01: np.ndarray, spec: InputSpec) -> np.ndarray:
     if spec.equalize is Equalization.NONE:
         return np.asarray(image01, dtype=np.float32)
     display = to_display(image01)
+    if display.ndim == 3:
+        # The luma alone, as image editors equalise colour: equalising each channel apart
+        # would shift the hues a colour model reads.
+        ycrcb = cv2.cvtColor(display, cv2.COLOR_RGB2YCrCb)
+        ycrcb[..., 0] = _equalized(ycrcb[..., 0], spec)
+        return cv2.cvtColor(ycrcb, cv2.COLOR_YCrCb2RGB).astype(np.float32) / 255.0
+    return _equalized(display, spec).astype(np.float32) / 255.0
+
+
+def _equalized(grey: np.ndarray, spec: InputSpec) -> np.ndarray:
     if spec.equalize is Equalization.HIST:
-        equalized = cv2.equalizeHist(display)
-    else:
-        clahe = cv2.createCLAHE(clipLimit=spec.clahe_clip, tileGridSize=(8, 8))
-        equalized = clahe.apply(display)
-    return equalized.astype(np.float32) / 255.0
+        return cv2.equalizeHist(np.ascontiguousarray(grey))
+    clahe = cv2.createCLAHE(clipLimit=spec.clahe_clip, tileGridSize=(8, 8))
+    return clahe.apply(np.ascontiguousarray(grey))

@@ -40,6 +40,13 @@ class Equalization(StrEnum):
     CLAHE = "clahe"
 
 
+class ColorMode(StrEnum):
+    """What a model sees of a colour image."""
+
+    GREY = "grey"
+    RGB = "rgb"
+
+
 class FrameSelection(StrEnum):
     """Which frames of a multi-frame instance a model evaluates."""
 
@@ -69,6 +76,11 @@ class InputSpec:
         ``"mediastinum"``, ``"abdomen"``, ``"bone"``, ``"brain"``), or ``(center, width)``
         in modality units, applied as a LINEAR window (PS3.3 C.11.2.1.2.1) in place of the
         image's own, so that the model's input does not depend on the window a site stored.
+    color : str
+        ``"grey"``: colour images become their luminance, as radiographs are (the default);
+        ``"rgb"``: colour and palette images keep their three channels, for models whose
+        findings are in colour (dermatology, pathology). Monochrome images are repeated
+        into three channels either way.
 
     Raises
     ------
@@ -83,6 +95,7 @@ class InputSpec:
     clahe_clip: float = 2.0
     frames: FrameSelection = FrameSelection.FIRST
     window: str | tuple[float, float] = STORED_WINDOW
+    color: ColorMode = ColorMode.GREY
 
     def __post_init__(self) -> None:
         # Frozen: normalise through object.__setattr__ so that lists and plain strings
@@ -94,6 +107,12 @@ class InputSpec:
         object.__setattr__(self, "clahe_clip", _positive("clahe_clip", self.clahe_clip))
         object.__setattr__(self, "frames", _choice("frames", self.frames, FrameSelection))
         object.__setattr__(self, "window", _window(self.window))
+        object.__setattr__(self, "color", _choice("color", self.color, ColorMode))
+
+    @property
+    def keeps_colour(self) -> bool:
+        """Whether colour images reach the model in colour (``color = "rgb"``)."""
+        return self.color is ColorMode.RGB
 
     @property
     def voi_window(self) -> tuple[float, float] | None:
@@ -148,6 +167,8 @@ class InputSpec:
         # Left out when stored: the packages written before the option read the same.
         if self.window != STORED_WINDOW:
             d["window"] = list(self.window) if isinstance(self.window, tuple) else self.window
+        if self.color is not ColorMode.GREY:
+            d["color"] = self.color.value
         return d
 
 

@@ -38,7 +38,8 @@ class Augmentation:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     def apply(self, image01: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Transform a float32 (rows, cols) image in [0, 1]; the result stays in [0, 1]."""
+        """Transform a float32 (rows, cols) or (rows, cols, 3) image in [0, 1]; the result
+        stays in [0, 1]."""
         return self.apply_with_mask(image01, None, rng)[0]
 
     def apply_with_mask(
@@ -84,7 +85,7 @@ class Augmentation:
         return np.clip((image - mean) * contrast + mean, 0.0, 1.0)
 
     def _erase(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        rows, cols = image.shape
+        rows, cols = image.shape[:2]
         area = rng.uniform(*self.erase_area) * rows * cols
         aspect = np.exp(rng.uniform(np.log(0.5), np.log(2.0)))
         height = min(rows, max(1, round(np.sqrt(area * aspect))))
@@ -92,7 +93,8 @@ class Augmentation:
         top = int(rng.integers(0, rows - height + 1))
         left = int(rng.integers(0, cols - width + 1))
         erased = image.copy()
-        erased[top : top + height, left : left + width] = float(image.mean())
+        # The mean of each channel: a colour image's patch is its average colour.
+        erased[top : top + height, left : left + width] = image.mean(axis=(0, 1))
         return erased
 
 

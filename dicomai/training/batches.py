@@ -83,11 +83,14 @@ class ImageDataset(Dataset[tuple[torch.Tensor, ...]]):
         return (*item, torch.from_numpy(mask.astype(np.float32)))
 
     def _load(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
-        image = read_image01(self.images.paths[index], self.spec.voi_window)
+        image = read_image01(
+            self.images.paths[index], self.spec.voi_window, self.spec.keeps_colour
+        )
         mask = None
         if self.masks:
             path = self.images.mask_file(index)
-            mask = np.zeros(image.shape, np.uint8) if path is None else read_mask(path, image.shape)
+            shape = image.shape[:2]
+            mask = np.zeros(shape, np.uint8) if path is None else read_mask(path, shape)
         if self.augmentation is None:
             model_mask = None if mask is None else resize_mask(mask, self.spec.size)
             return to_model_input(image, self.spec), model_mask

@@ -287,13 +287,16 @@ def load_evaluation_data(
     return _class_folders(root, classes, masks=masks)
 
 
-def read_image01(path: Path, window: tuple[float, float] | None = None) -> np.ndarray:
+def read_image01(
+    path: Path, window: tuple[float, float] | None = None, colour: bool = False
+) -> np.ndarray:
     """An image file as float32 (rows, cols) in [0, 1], brighter = denser, as inference renders it.
 
     DICOM goes through `dicomai.imaging.preprocess.render` (modality and VOI LUTs, MONOCHROME1),
     with the package's window (`InputSpec.voi_window`) in place of the image's own where it
     sets one; PNG and JPEG (8 or 16 bits, grey or colour) become their luminance, which no
-    window changes.
+    window changes. With `colour` (`InputSpec.keeps_colour`) a colour image stays RGB,
+    (rows, cols, 3).
 
     Raises
     ------
@@ -302,14 +305,16 @@ def read_image01(path: Path, window: tuple[float, float] | None = None) -> np.nd
     """
     if path.suffix.lower() in DICOM_SUFFIXES:
         try:
-            return render(pydicom.dcmread(path), window=window)
+            return render(pydicom.dcmread(path), window=window, colour=colour)
         except (OSError, InvalidDicomError, NotEvaluable, AttributeError) as error:
             raise DatasetError(f"{path}: unreadable DICOM image: {error}") from error
     pixels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if pixels is None:
         raise DatasetError(f"{path}: unreadable image")
     if pixels.ndim == 3:
-        pixels = cv2.cvtColor(pixels[..., :3], cv2.COLOR_BGR2GRAY)
+        pixels = cv2.cvtColor(
+            pixels[..., :3], cv2.COLOR_BGR2RGB if colour else cv2.COLOR_BGR2GRAY
+        )
     maximum = 65535.0 if pixels.dtype == np.uint16 else 255.0 if pixels.dtype == np.uint8 else 1.0
     return np.clip(pixels.astype(np.float32) / maximum, 0.0, 1.0)
 
