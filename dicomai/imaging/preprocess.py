@@ -253,10 +253,15 @@ def prepare(ds: Dataset, spec: InputSpec, frame: int = 0) -> tuple[np.ndarray, n
     Raises
     ------
     dicomai.errors.NotEvaluable
-        If the image cannot be decoded or rendered.
+        If the image cannot be decoded or rendered, is too small for the model, or is
+        blank (one value everywhere).
     """
     image = render(ds, frame, spec.voi_window, colour=spec.keeps_colour)
     _large_enough(image.shape, spec)
+    if (image == image[0, 0]).all():
+        # A failed exposure, a blank frame, a test pattern of one value: the model would
+        # report on no anatomy, and its "Absent" at 0 % reads as a certain negative.
+        raise NotEvaluable("image is blank: every pixel has the same value")
     # Overlays and masks are drawn on the grey image, where a heat map's colours read.
     grey = luminance01(image) if image.ndim == 3 else image
     return to_display(grey), to_model_input(image, spec)
@@ -271,8 +276,8 @@ def _large_enough(shape: tuple[int, ...], spec: InputSpec) -> None:
     rows, cols = shape[:2]
     if rows * MAX_UPSCALE <= spec.size[0] or cols * MAX_UPSCALE <= spec.size[1]:
         raise NotEvaluable(
-            f"image too small for the model: {rows}×{cols} against its "
-            f"{spec.size[0]}×{spec.size[1]} input"
+            f"image too small for the model: {rows}x{cols} against its "
+            f"{spec.size[0]}x{spec.size[1]} input"
         )
 
 

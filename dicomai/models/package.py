@@ -93,8 +93,8 @@ def _read_verified(folder: Path, weights: Manifest | EnsembleMember) -> bytes:
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected:
         raise ModelPackageError(
-            f"weights SHA-256 mismatch: {name} is {actual[:16]}…, "
-            f"model.toml records {expected[:16]}…"
+            f"weights SHA-256 mismatch: {name} is {actual[:16]}..., "
+            f"model.toml records {expected[:16]}..."
         )
     return data
 

@@ -218,11 +218,18 @@ def test_functional_groups_give_each_frame_its_rescale_and_window() -> None:
     assert render(ds, 0).mean() > render(ds, 1).mean(), "per-frame window not applied"
 
 
-def test_constant_image_gives_finite_zeros() -> None:
+def test_a_blank_image_renders_as_zeros_and_is_not_evaluated() -> None:
+    # A radiologist reviewer's case: a uniform image came back "Nodule Absent, 0 %".
     ds = synthetic(np.full((20, 30), 700, dtype=np.uint16))
-    display, model_input = prepare(ds, InputSpec(equalize="clahe"))
-    assert not display.any()
-    assert model_input.shape == (3, 224, 224) and np.isfinite(model_input).all()
+    image = render(ds)
+    assert not image.any() and np.isfinite(image).all()
+    with pytest.raises(NotEvaluable, match="blank"):
+        prepare(ds, InputSpec(equalize="clahe"))
+    rgb = pydicom.dcmread(get_testdata_file("SC_rgb_rle.dcm"))
+    rgb.PixelData = np.full((rgb.Rows, rgb.Columns, 3), (200, 40, 40), np.uint8).tobytes()
+    rgb.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    with pytest.raises(NotEvaluable, match="blank"):
+        prepare(rgb, InputSpec(color="rgb"))
 
 
 # --- decoding ----------------------------------------------------------------------------
