@@ -101,6 +101,8 @@ class _Progress:
     best_epoch: int = 0
     bad_epochs: int = 0
     stopped: bool = False
+    # The best epoch's validation loss: it breaks a tie of the monitored metric.
+    best_loss: float | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -481,10 +483,13 @@ def _record(
     value = row[MONITORS[settings.monitor]]
     sign = -1.0 if settings.monitor == "loss" else 1.0
     improved = not math.isnan(value) and (
-        progress.best_value is None or sign * value > sign * progress.best_value
+        progress.best_value is None
+        or sign * value > sign * progress.best_value
+        or (value == progress.best_value and _lower_loss(row, progress.best_loss))
     )
     if improved or progress.best_epoch == 0:
         progress.best_value = None if math.isnan(value) else value
+        progress.best_loss = row.get("val_loss")
         progress.best_epoch = progress.epoch
         progress.bad_epochs = 0
         save_checkpoint(
@@ -498,6 +503,14 @@ def _record(
         and progress.bad_epochs >= settings.patience
         and progress.epoch < settings.epochs
     )
+
+
+def _lower_loss(row: dict[str, float], best_loss: float | None) -> bool:
+    """Whether an epoch that ties the best monitored value has the lower validation loss: a
+    validation AUC of 1.0 reached while the backbone was frozen kept that stage-1 epoch over
+    every fine-tuned one that matched it, and the package shipped the frozen backbone."""
+    loss = row.get("val_loss", math.nan)
+    return not math.isnan(loss) and (best_loss is None or math.isnan(best_loss) or loss < best_loss)
 
 
 def _epoch_line(row: dict[str, float], settings: FitSettings) -> str:

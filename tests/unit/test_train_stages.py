@@ -107,6 +107,27 @@ def test_early_stopping_waits_for_the_last_stage_and_says_so(
     )
 
 
+def test_a_tie_of_the_monitored_metric_goes_to_the_lower_validation_loss(
+    monkeypatch: pytest.MonkeyPatch, pngs: Path, tmp_path: Path
+) -> None:
+    # An AUC of 1.0 from the first, frozen-backbone epoch on kept that epoch as the best:
+    # the package shipped weights its fine-tuning stage had improved on.
+    losses = iter([0.6, 0.5, 0.4, 0.3, 0.3])
+
+    def saturated(*_args: object, **_kw: object) -> dict[str, float]:
+        return {"val_loss": next(losses), "val_accuracy": 1.0, "val_auc": 1.0, "val_f1": 1.0}
+
+    monkeypatch.setattr(fit_module, "validate", saturated)
+    strategy = StrategySettings(Strategy.TWO_STAGE, lr=3e-3, head_lr=3e-3, freeze_epochs=2)
+    fit = FitSettings(epochs=5, batch_size=8, seed=1, warmup_epochs=0, patience=2)
+    lines: list[str] = []
+    manifest = train_package(
+        settings(pngs, tmp_path / "run", strategy=strategy, fit=fit), log=lines.append
+    )
+    # Epoch 5 ties epoch 4 in both: the earlier one stays.
+    assert manifest.training["best_epoch"] == 4, lines
+
+
 def test_a_run_that_ends_on_its_last_epoch_did_not_stop_early(
     flat_validation: None, pngs: Path, tmp_path: Path
 ) -> None:
