@@ -83,9 +83,7 @@ class ImageDataset(Dataset[tuple[torch.Tensor, ...]]):
         return (*item, torch.from_numpy(mask.astype(np.float32)))
 
     def _load(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
-        image = read_image01(
-            self.images.paths[index], self.spec.voi_window, self.spec.keeps_colour
-        )
+        image = read_image01(self.images.paths[index], self.spec.voi_window, self.spec.keeps_colour)
         mask = None
         if self.masks:
             path = self.images.mask_file(index)

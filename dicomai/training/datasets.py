@@ -312,9 +312,7 @@ def read_image01(
     if pixels is None:
         raise DatasetError(f"{path}: unreadable image")
     if pixels.ndim == 3:
-        pixels = cv2.cvtColor(
-            pixels[..., :3], cv2.COLOR_BGR2RGB if colour else cv2.COLOR_BGR2GRAY
-        )
+        pixels = cv2.cvtColor(pixels[..., :3], cv2.COLOR_BGR2RGB if colour else cv2.COLOR_BGR2GRAY)
     maximum = 65535.0 if pixels.dtype == np.uint16 else 255.0 if pixels.dtype == np.uint8 else 1.0
     return np.clip(pixels.astype(np.float32) / maximum, 0.0, 1.0)
 
