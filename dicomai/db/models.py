@@ -259,6 +259,9 @@ class Delivery(Base):
     rung_at: Mapped[datetime | None]
     last_error: Mapped[str | None] = mapped_column(Text)
     delivered_at: Mapped[datetime | None]
+    # The attempt that holds it (`dispatch.claim_due`): one that outlived its lease records
+    # nothing over the attempt that took the delivery after it.
+    claim_token: Mapped[str | None] = mapped_column(String(32))
 
     output: Mapped[OutputObject] = relationship(back_populates="deliveries")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -71,33 +72,43 @@ def attempt_deliveries(
     """Try the ones of `delivery_ids` that are due and that no other attempt holds, one
     association per destination; count sent."""
     by_destination: dict[str, list[tuple[int, Path]]] = {}
+    token = uuid.uuid4().hex
     with sessions() as session, session.begin():
-        claimed = claim_due(session, delivery_ids, settings.worker.delivery_lease_seconds)
+        claimed = claim_due(session, delivery_ids, settings.worker.delivery_lease_seconds, token)
         for delivery in session.scalars(select(Delivery).where(Delivery.id.in_(claimed))):
             path = settings.outputs_dir / delivery.output.path
             by_destination.setdefault(delivery.destination, []).append((delivery.id, path))
     groups = list(by_destination.items())
     if len(groups) <= 1:
-        return sum(_attempt_destination(sessions, settings, name, items) for name, items in groups)
+        return sum(
+            _attempt_destination(sessions, settings, token, name, items) for name, items in groups
+        )
     # A destination that does not answer holds its attempt for the timeout: each destination
     # has its own thread, so that the others' objects are not held back behind it.
     with ThreadPoolExecutor(len(groups), thread_name_prefix="deliver") as pool:
-        counts = pool.map(lambda group: _attempt_destination(sessions, settings, *group), groups)
+        counts = pool.map(
+            lambda group: _attempt_destination(sessions, settings, token, *group), groups
+        )
         return sum(counts)
 
 
 def _attempt_destination(
-    sessions: sessionmaker[Session], settings: Settings, name: str, items: list[tuple[int, Path]]
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    token: str,
+    name: str,
+    items: list[tuple[int, Path]],
 ) -> int:
-    """Send claimed deliveries to destination `name` and record each outcome; count sent."""
-    lease = _Lease(sessions, [delivery_id for delivery_id, _ in items], settings)
+    """Send deliveries claimed with `token` to destination `name` and record each outcome;
+    count sent."""
+    lease = _Lease(sessions, [delivery_id for delivery_id, _ in items], settings, token)
     destination = next((d for d in settings.destinations if d.name == name), None)
     if destination is None:
         errors: list[str | None] = [f"destination {name!r} is no longer configured"] * len(items)
     else:
         errors = _sent_or_failed(destination, [path for _, path in items], settings, lease.keep)
     outcomes = [(delivery_id, error) for (delivery_id, _), error in zip(items, errors, strict=True)]
-    return _record_outcomes(sessions, settings, outcomes)
+    return _record_outcomes(sessions, settings, outcomes, token)
 
 
 class _Lease:
@@ -106,10 +117,15 @@ class _Lease:
     sent the same objects again."""
 
     def __init__(
-        self, sessions: sessionmaker[Session], delivery_ids: list[int], settings: Settings
+        self,
+        sessions: sessionmaker[Session],
+        delivery_ids: list[int],
+        settings: Settings,
+        token: str,
     ) -> None:
         self._sessions = sessions
         self._ids = delivery_ids
+        self._token = token
         self._seconds = settings.worker.delivery_lease_seconds
         self._renewed = time.monotonic()  # the claim itself set the lease a moment ago
 
@@ -121,7 +137,12 @@ class _Lease:
                     Delivery.id.in_(
                         # The lock order of the claim and of recording outcomes (PostgreSQL).
                         select(Delivery.id)
-                        .where(Delivery.id.in_(self._ids), Delivery.state == DeliveryState.PENDING)
+                        .where(
+                            Delivery.id.in_(self._ids),
+                            Delivery.state == DeliveryState.PENDING,
+                            # Taken over after a lapse: the other attempt's lease is its own.
+                            Delivery.claim_token == self._token,
+                        )
                         .order_by(Delivery.id)
                         .with_for_update()
                     )
@@ -153,9 +174,11 @@ def _sent_or_failed(
         return [f"sending failed: {type(exc).__name__}"] * len(paths)
 
 
-def claim_due(session: Session, delivery_ids: list[int], lease_seconds: float) -> list[int]:
-    """Take the pending ones of `delivery_ids` whose next attempt is due for one attempt;
-    return their ids.
+def claim_due(
+    session: Session, delivery_ids: list[int], lease_seconds: float, token: str
+) -> list[int]:
+    """Take the pending ones of `delivery_ids` whose next attempt is due for one attempt,
+    marked with the attempt's `token`; return their ids.
 
     The claim moves the next attempt a lease ahead in one conditional UPDATE, so that of the
     worker sending a new object, the task rung for it and a task Celery delivers twice,
@@ -180,7 +203,7 @@ def claim_due(session: Session, delivery_ids: list[int], lease_seconds: float) -
                     .with_for_update(skip_locked=True)
                 )
             )
-            .values(next_attempt_at=database_now(lease_seconds), rung_at=None)
+            .values(next_attempt_at=database_now(lease_seconds), rung_at=None, claim_token=token)
             .returning(Delivery.id)
             .execution_options(synchronize_session=False)
         )
@@ -188,9 +211,13 @@ def claim_due(session: Session, delivery_ids: list[int], lease_seconds: float) -
 
 
 def _record_outcomes(
-    sessions: sessionmaker[Session], settings: Settings, outcomes: list[tuple[int, str | None]]
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    outcomes: list[tuple[int, str | None]],
+    token: str,
 ) -> int:
-    """Record each attempt's outcome (None: sent) in one transaction; count those sent.
+    """Record each outcome (None: sent) of the attempt that claimed with `token`, in one
+    transaction; count those sent.
 
     One commit for all of a destination's objects: a 100-image study's overlays took a commit
     (and its fsync) each. The rows are locked in id order before the first audit row, the
@@ -212,8 +239,10 @@ def _record_outcomes(
         errors = dict(outcomes)
         recorded: list[DeliveryOutcome] = []
         for delivery in rows:
-            if delivery.state != DeliveryState.PENDING:
-                continue  # an attempt that outlived its lease: the other one's outcome stands
+            if delivery.state != DeliveryState.PENDING or delivery.claim_token != token:
+                # An attempt that outlived its lease: another one holds the delivery, or has
+                # recorded its outcome; that one stands.
+                continue
             error = errors[delivery.id]
             if error is None:
                 _sent(session, delivery)

@@ -20,6 +20,7 @@ from dicomai.audit import Operator, os_user
 from dicomai.config import load_settings
 from dicomai.db.models import AuditEvent, Delivery, DeliveryState, OutputObject
 from dicomai.db.session import make_engine, make_sessionmaker
+from dicomai.delivery import dispatch
 from dicomai.delivery.dispatch import attempt_deliveries, attempt_delivery
 from dicomai.delivery.policy import backoff_seconds
 from dicomai.ingest.spool import Spool
@@ -255,3 +256,37 @@ def test_a_destination_that_does_not_answer_does_not_hold_back_another(refused) 
             sender.join()
     assert attempts_of(sessions, live_ids) == {i: (1, DeliveryState.SENT) for i in live_ids}
     assert attempts_of(sessions, ids) == {i: (1, DeliveryState.PENDING) for i in ids}
+
+
+def test_an_attempt_that_outlived_its_lease_records_nothing_over_the_next(
+    refused, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Attempt A's PACS hangs past the lease; attempt B takes the delivery and is still
+    # sending when A gives up. A's failure, at max_attempts, marked the delivery failed, and
+    # B's success was then dropped: an object in the PACS, "failed" in dicomai.
+    settings, sessions, ids = refused
+    settings.delivery.max_attempts = 1
+    first = ids[:1]
+    b_sending, b_may_finish = threading.Event(), threading.Event()
+    calls = []
+
+    def send_to(destination, paths, settings, on_sent=None):
+        calls.append(len(calls))
+        if len(calls) == 1:  # A: its lease lapses, B claims and starts sending
+            with sessions() as session, session.begin():
+                delivery = session.get_one(Delivery, first[0])
+                delivery.next_attempt_at = delivery.next_attempt_at - timedelta(hours=1)
+            b.start()
+            assert b_sending.wait(30)
+            return ["association timed out"] * len(paths)
+        b_sending.set()
+        assert b_may_finish.wait(30)
+        return [None] * len(paths)
+
+    monkeypatch.setattr(dispatch, "send_to", send_to)
+    b = threading.Thread(target=attempt_deliveries, args=(sessions, settings, first))
+    assert attempt_deliveries(sessions, settings, first) == 0
+    assert attempts_of(sessions, first) == {first[0]: (0, DeliveryState.PENDING)}
+    b_may_finish.set()
+    b.join(30)
+    assert attempts_of(sessions, first) == {first[0]: (1, DeliveryState.SENT)}
