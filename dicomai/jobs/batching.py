@@ -13,7 +13,7 @@ from dicomai.inference.runner import Classifier
 from dicomai.inference.types import ImagePrediction
 from dicomai.ingest.spool import Spool
 from dicomai.jobs.claims import Claim
-from dicomai.jobs.reading import Reader, ReadImage, with_frame
+from dicomai.jobs.reading import Reader, ReadImage, viewing_order, with_frame
 from dicomai.results.context import SourceImage
 
 log = logging.getLogger(__name__)
@@ -24,17 +24,17 @@ class Classified:
     """One job's images and what the model said about them, or why the job cannot go on."""
 
     claim: Claim
-    images: list[ReadImage] = field(default_factory=list)
+    images: list[ReadImage] = field(default_factory=list)  # in viewing order once all read
     evaluated: dict[str, ImagePrediction] = field(default_factory=dict)
     error: Exception | None = None
 
     @property
     def sources(self) -> list[SourceImage]:
-        """The images an SR can reference: read, with pixel data, in the job's order."""
+        """The images an SR can reference: read, with pixel data, in viewing order."""
         return [image.source for image in self.images if image.source is not None]
 
     def predictions(self) -> list[ImagePrediction]:
-        """One per instance of the job, in its order; those not evaluated say why."""
+        """One per instance of the job, in viewing order; those not evaluated say why."""
         return [
             self.evaluated.get(image.sop_uid)
             or ImagePrediction(sop_instance_uid=image.sop_uid, evaluated=False, reason=image.reason)
@@ -52,6 +52,10 @@ def classify(
     images is ready, so a large study's later images decode while its first batch runs. An
     error reading a job's files fails that job alone (its passes so far are dropped), and so
     does one its images cause in the model.
+
+    Images are read and batched in the claim's order; once all of a job's are read, they are
+    put in the study's viewing order (`viewing_order`), the order of its results: "image n"
+    of the SR and the overlay numbered n are that order's n-th image.
     """
     spec = classifier.loaded.manifest.input
     jobs = [Classified(claim) for claim in claims]
@@ -72,6 +76,8 @@ def classify(
                 if len(pending) >= classifier.batch_size:
                     _run_pass(classifier, jobs, pending[: classifier.batch_size])
                     del pending[: classifier.batch_size]
+            # Predictions are matched by UID, so the passes need not follow this order.
+            job.images.sort(key=viewing_order)
         except Exception as exc:
             job.error = exc
             job.images.clear()

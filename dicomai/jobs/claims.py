@@ -48,7 +48,7 @@ class Claim:
     model_version_id: int
     model_path: str
     shadow: bool
-    instances: tuple[tuple[str, str], ...]  # (sop_instance_uid, spool path)
+    instances: tuple[tuple[str, str], ...]  # (sop_instance_uid, spool path), read in this order
     # The registered weights and manifest: the registry folder must still hold them.
     weights_sha256: str = ""
     manifest: dict[str, Any] | None = None
@@ -214,7 +214,9 @@ def _take(session: Session, job_id: int, claimable: ColumnElement[bool]) -> bool
 
 
 def _applicable(job: Job) -> list[tuple[str, str]]:
-    """The (SOP Instance UID, spool path) of the study's instances the job's model takes."""
+    """The (SOP Instance UID, spool path) of the study's instances the job's model takes, in
+    UID order: the order they are read and batched in. The results' order is the study's
+    viewing order, which only the files hold (`dicomai.jobs.reading.viewing_order`)."""
     manifest = job.model_version.manifest
     instances = sorted(
         (i for i in job.study.instances if applies(manifest, i)), key=lambda i: i.sop_instance_uid

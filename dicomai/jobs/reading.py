@@ -128,6 +128,37 @@ def with_frame(image: ReadImage, frame: int, spec: InputSpec) -> ReadImage:
     )
 
 
+def viewing_order(image: ReadImage) -> tuple[bool, bool, int, str, bool, int, str]:
+    """Sort key of `image` in the order a viewer shows a study: by Series Number, the series
+    kept together, then by Instance Number, the SOP Instance UID breaking ties.
+
+    "image n" of the SR and the overlay numbered n are the n-th image in this order; the UID
+    order the job reads its images in put an unrelated source beside overlay n. A missing or
+    unusable number (empty, multi-valued, not an integer) sorts after every number, and an
+    instance without a source (it has no place in the SR) after every image. The key reads
+    the files only, so a retried job builds the same objects.
+    """
+    dataset = image.source.dataset if image.source is not None else Dataset()
+    series = _number(dataset, "SeriesNumber")
+    instance = _number(dataset, "InstanceNumber")
+    return (
+        image.source is None,
+        series is None,
+        series or 0,
+        # Two series of one number (a DX view per series, each numbered 1) stay apart.
+        str(dataset.get("SeriesInstanceUID", "")),
+        instance is None,
+        instance or 0,
+        image.sop_uid,
+    )
+
+
+def _number(dataset: Dataset, keyword: str) -> int | None:
+    # An IS value read is an int (pydicom's IS); a malformed one a str, float or MultiValue.
+    value = dataset.get(keyword)
+    return int(value) if isinstance(value, int) else None
+
+
 def _is_image(dataset: Dataset) -> bool:
     """Whether `dataset` is an image: it has Pixel Data, or its SOP class is an image storage
     class, whose pixel data are missing (PS3.6 Annex A names those "... Image Storage ...";

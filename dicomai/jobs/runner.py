@@ -332,8 +332,9 @@ class JobRunner:
             )
             dtype = classifier.autocast_dtype
             log.info(
-                "model %s loaded on %s, %s",
-                path.name,
+                "model %s %s loaded on %s, %s",
+                loaded.manifest.name,
+                loaded.manifest.version,
                 classifier.device,
                 "fp32" if dtype is None else f"autocast {str(dtype).removeprefix('torch.')}",
             )

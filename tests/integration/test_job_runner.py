@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pydicom
@@ -128,6 +129,15 @@ def test_a_finished_job_is_not_run_twice(world) -> None:
     runner.run_job(job_id)
     with sessions() as session:
         assert session.get_one(Job, job_id).attempts == 1
+
+
+def test_the_model_loaded_line_names_the_model_not_its_registry_folder(world, caplog) -> None:
+    settings, sessions, _ = world
+    with caplog.at_level(logging.INFO, logger="dicomai.jobs.runner"):
+        JobRunner(settings, sessions, device="cpu").load_models_in_service()
+    loaded = [r.getMessage() for r in caplog.records if " loaded on " in r.getMessage()]
+    # With two models the folder's name, the version alone, told the admin neither.
+    assert loaded == ["model demo-chest-nodule 1.0.0 loaded on cpu, fp32"]
 
 
 def test_the_sr_is_sent_before_the_overlays_are_built_and_never_twice(world, monkeypatch) -> None:
