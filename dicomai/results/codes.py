@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import math
 from collections.abc import Sequence
 from datetime import datetime
@@ -98,9 +99,13 @@ def model_label(model: ModelIdentity) -> str:
 
 
 def series_description(prefix: str, model: ModelIdentity, suffix: str = "") -> str:
-    """Return "<prefix> (<model label>)<suffix>", the model label cut to fit 64 characters:
-    the name loses its end first ("demo-chest-nod~ 1.0.0"), so that two versions of a model
-    stay apart in the PACS's series list.
+    """Return "<prefix> (<model label>)<suffix>", the model label cut to fit 64 characters.
+
+    The name loses its end first, never the version, so that two versions of a model stay
+    apart in the PACS's series list; in its place come "~" and four hex digits of a hash of
+    the whole name ("chest-xray~e8fa 1.0.0"), so that two models whose names differ only
+    past the cut stay apart too (a common head and tail, "acme-cxr-nodule-v2" and
+    "acme-cxr-ptx-v2", are usual: neither the head nor the tail tells them apart).
 
     Parameters
     ----------
@@ -119,12 +124,18 @@ def series_description(prefix: str, model: ModelIdentity, suffix: str = "") -> s
     room = _LO_LIMIT - len(prefix) - len(suffix) - len(" ()")
     label = model_label(model)
     if len(label) > room:
-        name_room = room - len(model.version) - len("~ ")
+        tag = "~" + name_tag(model.name)
+        name_room = room - len(model.version) - len(tag) - len(" ")
         if name_room >= 1:
-            label = f"{model.name[:name_room]}~ {model.version}"
+            label = f"{model.name[:name_room]}{tag} {model.version}"
         else:
             label = label[: max(room - 1, 0)] + "~"
     return f"{prefix} ({label}){suffix}"
+
+
+def name_tag(name: str) -> str:
+    """Four hex digits of a hash of `name`: what tells a cut model name from another's."""
+    return hashlib.sha256(name.encode("utf-8")).hexdigest()[:4]
 
 
 def model_equipment(model: ModelIdentity, device_uid: str) -> hd.ContributingEquipment:
@@ -294,8 +305,48 @@ def _encodes(character: str, encoding: str) -> bool:
 
 
 def shown_probability(score: ClassScore, decimals: int) -> float:
-    """`score`'s probability rounded to `decimals`, kept on the side of its threshold that
-    decided it: an Absent 0.49996 (threshold 0.5) read 0.5 in the SR and "50%" on the overlay."""
+    """`score`'s probability as a report shows it, rounded to `decimals`.
+
+    Kept on the side of its threshold that decided it (an Absent 0.49996, threshold 0.5,
+    read 0.5 in the SR and "50%" on the overlay), and within the open interval (0, 1): at 4
+    decimals between 0.0001 and 0.9999, since a calibrated probability of exactly 1 or 0
+    reads as certainty to a clinician. The threshold's side comes first: a threshold beyond
+    the interval's ends (0.99995) can leave a Present finding at 1.0.
+
+    Parameters
+    ----------
+    score
+        The class's score.
+    decimals
+        How many decimals the value is shown with (4 in the SR, 2 for a percentage).
+
+    Returns
+    -------
+    float
+        The value to show.
+    """
+    value = _rounded(score, decimals)
+    step = 10.0**-decimals
+    inside = min(max(value, step), round(1.0 - step, decimals))
+    if score.is_finding and (inside >= score.threshold) != score.positive:
+        return value
+    return inside
+
+
+def shown_percent(score: ClassScore) -> str:
+    """`score`'s probability as an overlay's caption shows it: "87%", or at the ends of the
+    scale ">99%" and "<1%" (never "100%" or "0%", which read as certainty), on the side of
+    its threshold as `shown_probability` keeps it."""
+    value = _rounded(score, 2)
+    if value >= 1.0:
+        return ">99%"
+    if value <= 0.0:
+        return "<1%"
+    return f"{value:.0%}"
+
+
+def _rounded(score: ClassScore, decimals: int) -> float:
+    """`score`'s probability rounded to `decimals`, on the side of its threshold."""
     value = round(score.probability, decimals)
     if score.is_finding:
         scale = 10**decimals

@@ -2,13 +2,40 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
+from datetime import datetime
 
 import numpy as np
 from pydicom import Dataset
 
 from dicomai.inference.types import ImagePrediction
 from dicomai.uids import derive_uid
+
+# How many Series Number blocks the model names are spread over (see `model_block`): two
+# models share one with a chance of 1 in 1000, and a first report's numbers stay below 19000.
+MODEL_BLOCKS = 1000
+
+
+def model_block(name: str) -> int:
+    """The Series Number block of the model named `name`, in ``range(MODEL_BLOCKS)``.
+
+    Derived from the name alone, so it is the same in every process and for every version
+    of the model, and needs nothing stored: two models active on one study put their
+    series under different numbers, unless their names' hashes meet (1 in 1000).
+
+    Parameters
+    ----------
+    name
+        The model's name, as its package declares it.
+
+    Returns
+    -------
+    int
+        The block, from 0 to ``MODEL_BLOCKS - 1``.
+    """
+    digest = hashlib.sha256(name.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % MODEL_BLOCKS
 
 
 @dataclass(frozen=True)
@@ -49,6 +76,8 @@ class ResultContext:
     `revision` counts the study's reports by this model, this one included: the second and
     later get series of their own numbers and descriptions ("AI findings #2 (...)"), so that a
     reader tells the updated report and overlays from the earlier ones in the series list.
+    `created` is when the report was made: its SR's and overlays' Content Date and Time, and
+    the date and time the overlays' captions show beside the revision.
     """
 
     sources: tuple[SourceImage, ...]
@@ -58,10 +87,29 @@ class ResultContext:
     uid_root: str = "2.25"
     predecessor: tuple[str, str, str] | None = None
     revision: int = 1
+    created: datetime = field(default_factory=datetime.now)
 
     def series_number(self, first: int) -> int:
-        """The Series Number of an output series: `first` for the first report, then 10 up."""
-        return first + 10 * (self.revision - 1)
+        """The Series Number of an output series of this model's report.
+
+        ``first + 10 * (block + MODEL_BLOCKS * (revision - 1))``, `block` the model's
+        (`model_block`): the last digit tells the kind of output (`first`, 9001 SR to 9004
+        map), the rest the model and the report. Another model's series never take this
+        model's numbers, whatever the revision (unless the two share a block), and a later
+        report of a model is numbered higher than its earlier ones.
+
+        Parameters
+        ----------
+        first
+            The kind's number in block 0 of the first report: from 9001 to 9009.
+
+        Returns
+        -------
+        int
+            The Series Number, e.g. 9001 + 10 * block for the first report's SR.
+        """
+        slot = model_block(self.model.name) + MODEL_BLOCKS * (self.revision - 1)
+        return first + 10 * slot
 
     def series_title(self, title: str) -> str:
         """`title` ("AI findings"), numbered from the second report on."""

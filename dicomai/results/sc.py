@@ -45,7 +45,8 @@ def build_sc(context: ResultContext, index: int) -> Dataset:
     The pixels are the source's display image, resampled to square pixels (see
     `pixel_aspect`) and scaled so that its longest side lies between 512 and 1024, with the
     heat map blended over it and a caption band below it that names the finding, its
-    probability and the model, and says it is not for primary diagnosis.
+    probability, the model and the report (its number and time), and says it is not for
+    primary diagnosis.
     For several overlays of one context, `OverlayBuilder` builds them faster.
 
     Parameters
@@ -112,7 +113,7 @@ class OverlayBuilder:
         else:
             # Only highdicom needs a copy of the header; the derivation reads the source.
             sc = _copy_for_image(self._first, pixels, uid, index + 1)
-        _describe_derivation(sc, source, lines[0], codes.method_label(context.model))
+        _describe_derivation(sc, source, codes.method_label(context.model), lines)
         for keyword, value in self._series.items():
             setattr(sc, keyword, value)
         return sc
@@ -157,6 +158,8 @@ def _highdicom_sc(
             context.series_title("AI heat map"), context.model, " - " + codes.NOT_FOR_DIAGNOSIS
         ),
         software_versions=context.model.software_version,
+        content_date=context.created.date(),
+        content_time=context.created.time(),
     )
     sc.copy_patient_and_study_information(header)
     return sc
@@ -205,8 +208,8 @@ def _copy_for_image(first: Dataset, pixels: np.ndarray, uid: str, number: int) -
 def caption_lines(context: ResultContext, index: int) -> tuple[str, str, str]:
     """Return the caption of the overlay of ``context.sources[index]``.
 
-    Only the finding, the model and a disclaimer: nothing from the source's header, so no
-    patient data can be burned into the pixels.
+    Only the finding, the model, the report and a disclaimer: nothing from the source's
+    header, so no patient data can be burned into the pixels.
 
     Parameters
     ----------
@@ -218,7 +221,8 @@ def caption_lines(context: ResultContext, index: int) -> tuple[str, str, str]:
     Returns
     -------
     tuple of str
-        "<finding>: <probability %>", "<model name> <version>" and the disclaimer.
+        "<finding>: <probability %>" (">99%" and "<1%" at the ends, see
+        `codes.shown_percent`), "<model name> <version> - <report_label>" and the disclaimer.
 
     Raises
     ------
@@ -230,8 +234,19 @@ def caption_lines(context: ResultContext, index: int) -> tuple[str, str, str]:
     if prediction.explained is None:
         raise ValueError(f"source image {index + 1} has a heat map but no explained class")
     score = prediction.score(prediction.explained)
-    finding = f"{score.code.meaning}: {codes.shown_probability(score, 2):.0%}"
-    return finding, codes.model_label(context.model), DISCLAIMER
+    finding = f"{score.code.meaning}: {codes.shown_percent(score)}"
+    return finding, f"{codes.model_label(context.model)} - {report_label(context)}", DISCLAIMER
+
+
+def report_label(context: ResultContext) -> str:
+    """Which report an overlay belongs to: "report #3, 2026-11-25 02:04".
+
+    Superseded overlays stay in the PACS beside the new ones, and a hanging protocol or a
+    thumbnail view hides the Series Description that numbers them: the image itself says
+    which report, of when, it is of. The time is the SR's Content Date and Time, to the
+    minute; ASCII, as all text dicomai generates.
+    """
+    return f"report #{context.revision}, {context.created:%Y-%m-%d %H:%M}"
 
 
 def render_overlay(
@@ -420,15 +435,25 @@ def _resized(display: np.ndarray, rows: int, columns: int) -> np.ndarray:
     return cv2.resize(display, (columns, rows), interpolation=interpolation)
 
 
-def _describe_derivation(sc: Dataset, image: SourceImage, finding: str, method: str) -> None:
-    """Set what makes the SC a derived, annotated image of `image` (PS3.3 C.7.6.1, C.8.6)."""
+def _describe_derivation(
+    sc: Dataset, image: SourceImage, method: str, caption: Sequence[str]
+) -> None:
+    """Set what makes the SC a derived, annotated image of `image` (PS3.3 C.7.6.1, C.8.6).
+
+    The Derivation Description names the finding, the model and the report as the caption
+    (`caption_lines`) does: "Grad-CAM heat map (Nodule: 87%) blended over the source image;
+    demo-chest-nodule 1.0.0 - report #2, 2026-11-25 02:04".
+    """
     source = image.dataset
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.BurnedInAnnotation = "YES"
     # PS3.3 C.8.6.1: produced on a workstation, not digitized from an interface or film.
     sc.ConversionType = "WSD"
     sc.PatientOrientation = codes.patient_orientation(source)
-    sc.DerivationDescription = f"{method} heat map ({finding}) blended over the source image"
+    finding, report = caption[0], caption[1]
+    sc.DerivationDescription = (
+        f"{method} heat map ({finding}) blended over the source image; {report}"
+    )
     reference = Dataset()
     reference.ReferencedSOPClassUID = source.SOPClassUID
     reference.ReferencedSOPInstanceUID = source.SOPInstanceUID

@@ -82,6 +82,9 @@ def build_sr(context: ResultContext, reuse_items: bool = True) -> Dataset:
         contributing_equipment=[codes.model_equipment(context.model, context.device_uid)],
         previous_versions=_predecessors(context),
         transfer_syntax_uid=ExplicitVRLittleEndian,
+        # The time the overlays' captions show beside the report's number.
+        content_date=context.created.date(),
+        content_time=context.created.time(),
     )
     correct_ambiguous_vr(root, True)
     encodings = convert_encodings(document.get("SpecificCharacterSet") or "ISO_IR 6")

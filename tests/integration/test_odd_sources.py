@@ -18,6 +18,7 @@ from dicomai.audit import Operator, os_user
 from dicomai.db.models import Delivery, Job, JobState, OutputObject, Prediction
 from dicomai.jobs.assembler import complete_quiet_studies
 from dicomai.jobs.runner import JobRunner
+from dicomai.results.context import MODEL_BLOCKS, model_block
 from dicomai.results.sc import OverlayBuilder
 from dicomai.rollout.deployment import shadow
 from dicomai.rollout.registry import register
@@ -174,11 +175,13 @@ def test_a_superseding_sr_names_the_report_the_pacs_received_not_a_shadows(
     # The update stands apart from the first report in the PACS's series list.
     outputs = delivered(tmp_path / "delivered")
     series = {(o.Modality, int(o.SeriesNumber), str(o.SeriesDescription)[:14]) for o in outputs}
+    first = 9001 + 10 * model_block(NAME)  # the model's own block (`model_block`)
+    later = first + 10 * MODEL_BLOCKS
     assert series == {
-        ("SR", 9001, "AI findings (d"),
-        ("OT", 9002, "AI heat map (d"),
-        ("SR", 9011, "AI findings #2"),
-        ("OT", 9012, "AI heat map #2"),
+        ("SR", first, "AI findings (d"),
+        ("OT", first + 1, "AI heat map (d"),
+        ("SR", later, "AI findings #2"),
+        ("OT", later + 1, "AI heat map #2"),
     }, series
 
 

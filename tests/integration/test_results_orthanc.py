@@ -20,6 +20,7 @@ from dicomai.inference.runner import Classifier
 from dicomai.jobs.assembler import complete_quiet_studies
 from dicomai.jobs.runner import JobRunner
 from dicomai.models.package import load_model
+from dicomai.results.codes import shown_probability
 from dicomai.results.context import ModelIdentity, ResultContext, SourceImage
 from dicomai.results.pmap import build_heatmap_pmap
 from dicomai.results.sc import build_sc
@@ -109,7 +110,8 @@ def test_dsrdump_shows_the_real_finding_with_its_region(classifier, nodule, tmp_
         [require_program("dsrdump", "dcmtk"), str(path)], capture_output=True, text=True
     ).stdout
 
-    probability = round(context.predictions[0].score("nodule").probability, 4)
+    score = context.predictions[0].score("nodule")
+    probability = shown_probability(score, 4)
     assert '<contains CODE:(,,"Finding")=(27925004,SCT,"Nodule")>' in dump
     assert '<contains CODE:(,,"Nodule")=(52101004,SCT,"Present")>' in dump
     assert f'"Probability")="{probability:g}"' in dump

@@ -6,6 +6,7 @@ import dataclasses
 import os
 import shutil
 import subprocess
+from datetime import datetime
 
 import cv2
 import highdicom as hd
@@ -42,6 +43,9 @@ MODEL = ModelIdentity(
     weights_sha256="ab" * 32,
     explanation="gradcam++",
 )
+# When the reports of `make_context` were made: a caption shows it, and must not change
+# between two renderings of one test.
+CREATED = datetime(2026, 11, 25, 2, 4, 31)
 
 
 def _synthetic_cr() -> Dataset:
@@ -125,6 +129,7 @@ def make_context() -> ResultContext:
         predictions=predictions,
         model=MODEL,
         input_digest="digest-1",
+        created=CREATED,
     )
 
 
@@ -196,7 +201,8 @@ def test_sr_header_names_the_model_in_a_new_series(context):
     assert sr.StudyInstanceUID == STUDY_UID
     assert sr.SeriesInstanceUID == context.uid("sr-series")
     assert sr.SOPInstanceUID == context.uid("sr")
-    assert (sr.SeriesNumber, sr.InstanceNumber) == (9001, 1)
+    # chest-ptx's block of Series Numbers is 873: its first report's SR is 9001 + 8730.
+    assert (sr.SeriesNumber, sr.InstanceNumber) == (17731, 1)
     assert sr.Manufacturer == "dicomai"
     assert sr.SeriesDescription == "AI findings (chest-ptx 1.2.0)"
     assert sr.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
@@ -249,12 +255,13 @@ def test_sc_is_a_valid_derived_rgb_image(context, tmp_path, index):
     assert sc.StudyInstanceUID == STUDY_UID
     assert sc.SeriesInstanceUID == context.uid("sc-series")
     assert sc.SOPInstanceUID == context.uid("sc", source.SOPInstanceUID)
-    assert (sc.SeriesNumber, sc.InstanceNumber) == (9002, index + 1)
+    assert (sc.SeriesNumber, sc.InstanceNumber) == (17732, index + 1)
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     assert "not for primary diagnosis" in sc.SeriesDescription
     assert len(sc.SeriesDescription) <= 64
     # MODEL's heat maps are Grad-CAM++'s: the header must not claim Grad-CAM's.
     assert sc.DerivationDescription.startswith("Grad-CAM++ heat map ("), sc.DerivationDescription
+    assert sc.DerivationDescription.endswith("chest-ptx 1.2.0 - report #1, 2026-11-25 02:04")
 
 
 @pytest.mark.parametrize("index", [0, 2])
@@ -315,7 +322,7 @@ def test_caption_has_finding_model_and_warning_but_no_patient_data(context, monk
 
     assert drawn == [
         "Pneumothorax: 87%",
-        "chest-ptx 1.2.0",
+        "chest-ptx 1.2.0 - report #1, 2026-11-25 02:04",
         "AI generated - not for primary diagnosis",
     ]
     for text in drawn:
@@ -487,9 +494,10 @@ def test_long_model_names_are_cut_but_the_warning_is_kept(context):
     assert len(sr.SeriesDescription) <= 64 and sr.SeriesDescription.startswith("AI findings (")
     assert len(sc.SeriesDescription) <= 64
     assert sc.SeriesDescription.endswith(") - not for primary diagnosis")
-    # The name is cut, never the version: two versions stay apart in the series list.
+    # The name is cut, never the version: two versions stay apart in the series list; a hash
+    # of the whole name follows the cut, for two names with the same head.
     for built in (sr, sc, build_heatmap_pmap(context, 0)):
-        assert f"~ {MODEL.version})" in built.SeriesDescription, built.SeriesDescription
+        assert f"~db51 {MODEL.version})" in built.SeriesDescription, built.SeriesDescription
         assert len(built.SeriesDescription) <= 64
 
 
