@@ -427,6 +427,7 @@ class JobRunner:
                 version=manifest.version,
                 architecture=manifest.architecture,
                 weights_sha256=manifest.weights_sha256,
+                multi_label=manifest.multi_label,
                 explanation=(
                     classifier.cam_method if any(p.heatmap is not None for p in predictions) else ""
                 ),

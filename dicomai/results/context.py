@@ -65,6 +65,8 @@ class ModelIdentity:
     software_version: str = "0.1.0"
     # The method that drew the heat maps (`dicomai.explain.METHODS`); empty when none was drawn.
     explanation: str = ""
+    # Whether its classes are independent labels (sigmoid), not one choice among them.
+    multi_label: bool = False
 
 
 @dataclass(frozen=True)

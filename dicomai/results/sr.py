@@ -278,9 +278,23 @@ def _measurement_groups(context: ResultContext) -> list[ItemSpec]:
         if not prediction.evaluated:
             groups.append(_not_evaluated_group(context, index, prediction, algorithm))
             continue
-        for score in prediction.scores:
+        for score in reported_scores(prediction.scores, context.model.multi_label):
             groups.append(_finding_group(context, index, prediction, score, algorithm))
     return groups
+
+
+def reported_scores(scores: Sequence[ClassScore], multi_label: bool) -> list[ClassScore]:
+    """The classes an image's measurement groups report: the findings of a single-label model.
+
+    Its other classes ("normal") hold what the findings leave, one minus their probabilities
+    summed: a group each repeated the finding's groups in other words and was a third of a
+    binary model's SR (which the PACS stores at ~9 us a data element). A multi-label model's
+    classes are independent ("No Finding" is a label of its own), and a model without finding
+    classes has nothing else to report: all their classes are reported.
+    """
+    if multi_label or not any(score.is_finding for score in scores):
+        return list(scores)
+    return [score for score in scores if score.is_finding]
 
 
 def _source_fields(context: ResultContext, index: int, kind: str) -> dict[str, Any]:

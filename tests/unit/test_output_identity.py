@@ -183,7 +183,11 @@ def test_no_probability_is_shown_as_certain(
     context = make_context()
     ct = context.sources[0].dataset
     changed = dataclasses.replace(
-        context, sources=context.sources[:1], predictions=(_evaluated(ct, probability),)
+        context,
+        sources=context.sources[:1],
+        predictions=(_evaluated(ct, probability),),
+        # Multi-label: its "normal" class is reported too (`reported_scores`).
+        model=dataclasses.replace(context.model, multi_label=True),
     )
     assert _shown_in_sr(changed, PNEUMOTHORAX.meaning) == [finding]
     assert _shown_in_sr(changed, "Normal") == [normal]

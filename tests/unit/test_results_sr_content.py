@@ -68,7 +68,8 @@ def test_dsrdump_shows_the_tree_a_viewer_reads(context, tmp_path):
     assert f'<contains NUM:(,,"Probability")="{PROBABILITY}" (1,UCUM,"no units")>' in dump
     assert '<contains CODE:(,,"Pneumothorax")=(52101004,SCT,"Present")>' in dump
     assert '<contains CODE:(,,"Pneumothorax")=(272519000,SCT,"Absent")>' in dump
-    assert dump.count('"Tracking Unique Identifier")="2.25.') == 5, "a group lacks its UID"
+    # A group per finding of each evaluated image (CT, CR) and one for the MR not evaluated.
+    assert dump.count('"Tracking Unique Identifier")="2.25.') == 3, "a group lacks its UID"
     assert '<has concept mod TEXT:(,,"Algorithm Name")="chest-ptx">' in dump
     assert '<has concept mod TEXT:(,,"Algorithm Version")="1.2.0">' in dump
     # The positive CT finding is a region on the CT image; nothing else has one.
@@ -108,8 +109,13 @@ def test_outline_is_scaled_from_model_input_to_the_source_size():
     assert (corners.max(axis=0) == (50, 40)).all()
 
 
+def multi_label(context: ResultContext) -> ResultContext:
+    """The context of a multi-label model: its "normal" class gets groups of its own."""
+    return dataclasses.replace(context, model=dataclasses.replace(context.model, multi_label=True))
+
+
 def test_negative_and_non_finding_groups_have_no_region(context):
-    sr = build_sr(context)
+    sr = build_sr(multi_label(context))
 
     for identifier in ("finding normal image 1", "finding pneumothorax image 3"):
         group = _group_of(sr, identifier)
@@ -122,7 +128,7 @@ def test_uncertainty_is_a_measurement_only_when_inference_gave_one(context, tmp_
     # ImagePrediction.uncertainty: the spread inference estimated for the top finding.
     uncertain = dataclasses.replace(ct_prediction, uncertainty=0.0421)
     changed = dataclasses.replace(context, predictions=(uncertain, *context.predictions[1:]))
-    sr = build_sr(changed)
+    sr = build_sr(multi_label(changed))
     _saved(sr, tmp_path, "sr.dcm")
 
     (value,) = _named(_group_of(sr, "finding pneumothorax image 1"), UNCERTAINTY_MEANING)
@@ -203,12 +209,7 @@ def test_highdicom_reads_the_written_sr_back_as_a_tid_1500_report(context, tmp_p
     identifiers = {
         str(group.tracking_identifier) for group in report.get_image_measurement_groups()
     }
-    assert identifiers == {
-        "finding normal image 1",
-        "image 2 not evaluated",
-        "finding pneumothorax image 3",
-        "finding normal image 3",
-    }
+    assert identifiers == {"image 2 not evaluated", "finding pneumothorax image 3"}
 
 
 def _library(sr: pydicom.Dataset) -> dict[str, list[str]]:
@@ -241,3 +242,23 @@ def test_image_library_describes_geometry_wherever_a_source_has_it(context):
     for uid in (ct, mr):
         assert "Horizontal Pixel Spacing" in mixed[uid] and "Slice Thickness" in mixed[uid]
     assert _library(build_sr(alone)) == {ct: mixed[ct]}
+
+
+def _finding_names(sr: pydicom.Dataset) -> list[str]:
+    return [
+        _named(group, "Finding")[0].ConceptCodeSequence[0].CodeMeaning
+        for group in _groups(sr)
+        if _named(group, "Finding")
+    ]
+
+
+def test_a_single_label_models_normal_class_gets_no_group_of_its_own(context) -> None:
+    # Its probability is one minus the finding's: a group each repeated the pneumothorax
+    # groups in other words and made a third of a binary model's SR.
+    assert _finding_names(build_sr(context)) == ["Pneumothorax", "Pneumothorax"]
+
+
+def test_a_multi_label_models_every_label_is_reported(context) -> None:
+    # "No Finding" of a multi-label model is a label of its own, not what the others leave.
+    names = _finding_names(build_sr(multi_label(context)))
+    assert names == ["Pneumothorax", "Normal", "Pneumothorax", "Normal"]
