@@ -93,6 +93,14 @@ class TlsSettings(Section):
     require_client_cert: bool = False
 
 
+def _listen_host(value: str) -> str:
+    # Checked here, not at bind time: the resolver's "Name or service not known" names no
+    # setting. Empty is every interface, as the socket module takes it.
+    if value and not _is_host(value):
+        raise ValueError(f"host {value!r} is not an IP address or host name")
+    return value
+
+
 class IngestSettings(Section):
     ae_title: str = "DICOMAI"
     host: str = "0.0.0.0"
@@ -117,10 +125,20 @@ class IngestSettings(Section):
     def _ae_title(cls, value: str) -> str:
         return _ae_title(value)
 
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        return _listen_host(value)
+
 
 class MetricsSettings(Section):
     host: str = "127.0.0.1"
     port: int = Field(default=0, ge=0, le=65535)  # 0: no metrics endpoint
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        return _listen_host(value)
 
 
 class StorageSettings(Section):

@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +27,7 @@ from dicomai.config import Settings
 from dicomai.db.migrate import require_current
 from dicomai.db.session import make_engine, make_sessionmaker
 from dicomai.errors import ConfigError
+from dicomai.health import NO_MODEL, reporting_versions
 from dicomai.ingest.recovery import forget_lost_instances
 from dicomai.ingest.scp import build_ae, handlers, on_refused_connection
 from dicomai.ingest.server import LISTEN_FD_ENV, SharedPortServer, serve_in_thread
@@ -98,6 +100,13 @@ class Daemon:
         finally:
             self.stop()
 
+    def _warn_without_model(self) -> None:
+        # The install steps once ended with a service that stored every study and analysed
+        # none, with nothing in its log.
+        with self.sessions() as session:
+            if not reporting_versions(session):
+                log.warning("%s", NO_MODEL)
+
     def start(self) -> None:
         if not self.listener_only:
             self._lock_storage()
@@ -114,8 +123,10 @@ class Daemon:
             # Before the listener answers: whoever sees the daemon up can scrape it.
             metrics = self.settings.metrics
             if metrics.port:
-                with _listening("[metrics] port", metrics.host, metrics.port):
-                    metrics_server.start(metrics, self.sessions)
+                with _listening("[metrics]", metrics.host, metrics.port):
+                    metrics_server.start(
+                        metrics, self.sessions, worker_counters=self.settings.worker.embedded
+                    )
                 log.info("metrics on http://%s:%d/metrics", metrics.host, metrics.port)
         # In every listener process: one restarted after a crash removes its predecessor's.
         left = forget_dead_listeners(self.sessions)
@@ -123,7 +134,7 @@ class Daemon:
             log.warning("removed %d transfers of listener processes that died", left)
         ingest = self.settings.ingest
         # Bound before the listener children start: they accept from this socket.
-        with _listening("[ingest] port", ingest.host, ingest.port):
+        with _listening("[ingest]", ingest.host, ingest.port):
             self.server = serve_in_thread(
                 build_ae(self.settings),
                 (ingest.host, ingest.port),
@@ -133,6 +144,8 @@ class Daemon:
             )
         if not self.listener_only:
             self._start_services()
+            # Once bound: a start that fails says only what stopped it.
+            self._warn_without_model()
         log.info(
             "listening as %s on %s:%d%s",
             ingest.ae_title,
@@ -287,15 +300,25 @@ def _die_with_parent() -> None:
 
 
 @contextlib.contextmanager
-def _listening(setting: str, host: str, port: int) -> Iterator[None]:
-    """Name the address (and the setting) a bind failed on: "Address already in use" alone
-    did not say whether the DICOM or the metrics port was taken."""
+def _listening(section: str, host: str, port: int) -> Iterator[None]:
+    """Name the address and the setting of `section` ("[ingest]", "[metrics]") a bind failed
+    on: "Address already in use" alone did not say whether the DICOM or the metrics port was
+    taken, and "Name or service not known" named no setting at all."""
     try:
         yield
+    except socket.gaierror as exc:
+        # A host name that passed the settings' check but does not resolve (yet) on this
+        # machine: the resolver's own errno is no bind error's.
+        raise ConfigError(
+            f"cannot listen on {host}:{port} ({section} host): {exc.strerror or exc}"
+        ) from None
     except OSError as exc:
         if exc.filename is not None or exc.errno not in _BIND_ERRORS:
             raise
-        raise ConfigError(f"cannot listen on {host}:{port} ({setting}): {exc.strerror}") from None
+        key = "host" if exc.errno == errno.EADDRNOTAVAIL else "port"
+        raise ConfigError(
+            f"cannot listen on {host}:{port} ({section} {key}): {exc.strerror}"
+        ) from None
 
 
 _BIND_ERRORS = {errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES}

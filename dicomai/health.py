@@ -1,15 +1,21 @@
-"""Health checks of a running installation: database, broker, spool space, DICOM listener."""
+"""Health checks of a running installation: database, models, broker, spool space, workers,
+deliveries, DICOM listener."""
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from dicomai.config import Settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,44 @@ def check_database(settings: Settings) -> Check:
             "database", False, f"schema {current}, newest {head}: run `dicomai db upgrade`"
         )
     return Check("database", True, f"schema {current}")
+
+
+def reporting_versions(session: Session) -> list[str]:
+    """The model versions that send results ("NAME VERSION (state)"): active and canary ones.
+    A shadow version runs but sends nothing, so it does not count."""
+    from sqlalchemy import select
+
+    from dicomai.db.models import ModelState, ModelVersion
+
+    rows = session.scalars(
+        select(ModelVersion)
+        .where(ModelVersion.state.in_((ModelState.ACTIVE, ModelState.CANARY)))
+        .order_by(ModelVersion.name, ModelVersion.version)
+    ).all()
+    return [f"{row.label} ({row.state.value})" for row in rows]
+
+
+# What `health` and `serve` say when no version sends results.
+NO_MODEL = (
+    "no model version active or canary: every study is stored and analysed by none "
+    "(`dicomai models register PACKAGE`, then `dicomai models activate NAME VERSION`)"
+)
+
+
+def check_models(settings: Settings) -> Check:
+    """A model version that sends results: without one every study is stored, marked
+    complete and analysed by nothing, which no other check notices."""
+    from dicomai.db.session import make_engine, make_sessionmaker
+
+    engine = make_engine(settings.database_url, create=False)
+    try:
+        with make_sessionmaker(engine)() as session:
+            versions = reporting_versions(session)
+    finally:
+        engine.dispose()
+    if not versions:
+        return Check("models", False, NO_MODEL)
+    return Check("models", True, ", ".join(versions))
 
 
 def check_broker(settings: Settings) -> Check:
@@ -183,12 +227,15 @@ def check_listener(settings: Settings) -> Check:
     # The listener speaks TLS only when it has a certificate: the probe must as well.
     context = probe_context(settings.ingest.tls)
     over = " over TLS" if context else ""
-    assoc = ae.associate(
-        host,
-        settings.ingest.port,
-        ae_title=settings.ingest.ae_title,
-        tls_args=(context, host) if context else None,
-    )
+    try:
+        assoc = ae.associate(
+            host,
+            settings.ingest.port,
+            ae_title=settings.ingest.ae_title,
+            tls_args=(context, host) if context else None,
+        )
+    except socket.gaierror as exc:
+        return Check("listener", False, f"[ingest] host {host!r}: {exc.strerror or exc}")
     if assoc.is_established:
         status = assoc.send_c_echo()
         assoc.release()
@@ -205,6 +252,7 @@ def check_listener(settings: Settings) -> Check:
 
 CHECKS: tuple[Callable[[Settings], Check], ...] = (
     check_database,
+    check_models,
     check_broker,
     check_spool,
     check_worker,
@@ -213,7 +261,7 @@ CHECKS: tuple[Callable[[Settings], Check], ...] = (
 )
 
 
-_READ_THE_DATABASE = (check_worker, check_deliveries)
+_READ_THE_DATABASE = (check_models, check_worker, check_deliveries)
 
 # A server that accepts connections but does not answer (stopped, swapping, a full disk)
 # must not hang the check that monitoring runs: each check gets this long.

@@ -24,7 +24,8 @@ from dicomai.config import MetricsSettings
 from dicomai.db.models import Delivery, DeliveryState, Job, JobState
 
 if TYPE_CHECKING:
-    from prometheus_client.core import GaugeMetricFamily
+    from prometheus_client.core import GaugeMetricFamily, Metric
+    from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +49,48 @@ def share_between_processes(folder: Path) -> bool:
     return True
 
 
-def start(settings: MetricsSettings, sessions: sessionmaker[Session]) -> None:
-    """Serve `/metrics` on `settings.host:port`."""
+def start(
+    settings: MetricsSettings, sessions: sessionmaker[Session], worker_counters: bool = True
+) -> None:
+    """Serve `/metrics` on `settings.host:port`.
+
+    Parameters
+    ----------
+    settings
+        Where to listen.
+    sessions
+        The database, for the job and delivery states.
+    worker_counters
+        Whether a worker counts into this endpoint (`[worker] embedded`). Without one,
+        `dicomai_jobs_total` and `dicomai_deliveries_total` are left out: they would stay 0
+        whatever the standalone workers do, and an alert on them would never fire.
+    """
     from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
     from prometheus_client.multiprocess import MultiProcessCollector
 
-    registry = REGISTRY
-    if _FOLDER_ENV in os.environ:
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry)
+    from dicomai.metrics import DELIVERIES, JOBS
+
+    counted: Collector = MultiProcessCollector(None) if _FOLDER_ENV in os.environ else REGISTRY
+    if not worker_counters:
+        left_out = {family.name for counter in (JOBS, DELIVERIES) for family in counter.describe()}
+        counted = _Without(counted, left_out)
+    registry = CollectorRegistry()
+    registry.register(counted)
     registry.register(StateCollector(sessions))
     start_http_server(settings.port, settings.host, registry=registry)
+
+
+class _Without:
+    """The metric families of `source` but those named in `names`."""
+
+    def __init__(self, source: Collector, names: set[str]) -> None:
+        self.source = source
+        self.names = names
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.source.collect():
+            if family.name not in self.names:
+                yield family
 
 
 def process_exited(pid: int) -> None:

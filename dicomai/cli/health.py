@@ -11,8 +11,8 @@ from dicomai.cli.tables import print_table
 @click.command()
 @click.pass_obj
 def health(obj: Context) -> None:
-    """Check database, broker, spool space, waiting jobs, failed deliveries and the DICOM
-    listener; exit 1 if any fails (each check has 20 s)."""
+    """Check database, a model in service, broker, spool space, waiting jobs, failed
+    deliveries and the DICOM listener; exit 1 if any fails (each check has 20 s)."""
     from dicomai.health import run_checks
 
     results = run_checks(obj.settings)

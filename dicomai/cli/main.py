@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +15,11 @@ from sqlalchemy.exc import DatabaseError
 
 from dicomai.config import Settings, load_settings
 from dicomai.errors import DicomaiError
+
+# The status a shell reports for a program that SIGPIPE killed (128 + 13), as `seq 1000000 |
+# head -1` gives: the reader stopped reading, which is neither success (not everything was
+# printed) nor a configuration error (2).
+PIPE_CLOSED = 128 + signal.SIGPIPE
 
 # SQLite's and PostgreSQL's words for a table the schema lacks.
 _MISSING_TABLE = re.compile(r"no such table|relation .* does not exist")
@@ -35,7 +43,10 @@ class Group(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            return _flushed(super().invoke, ctx)
+        except BrokenPipeError:
+            _stop_writing()
+            sys.exit(PIPE_CLOSED)
         except DicomaiError as exc:
             click.echo(f"error: {_own_words(str(exc))}", err=True)
             sys.exit(2)
@@ -50,6 +61,32 @@ class Group(click.Group):
             where = f": {exc.filename}" if exc.filename else ""
             click.echo(f"error: {exc.strerror or exc}{where}", err=True)
             sys.exit(2)
+
+
+def _stop_writing() -> None:
+    """Point stdout at /dev/null: the reader is gone, and the flush at exit must not fail again
+    (the way the Python documentation gives for SIGPIPE). Not SIGPIPE's default action: that
+    would also kill `serve` when a peer closes its socket."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def _flushed(invoke: Callable[[click.Context], Any], ctx: click.Context) -> Any:
+    """`invoke(ctx)`, then what it left buffered flushed: a closed pipe shows here, not at
+    exit, where Python prints "Exception ignored ... BrokenPipeError" and exits 120."""
+    try:
+        result = invoke(ctx)
+    except BaseException:
+        # The command's own error or exit status is the one to report, even if the reader
+        # went away meanwhile.
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _stop_writing()
+        raise
+    sys.stdout.flush()
+    return result
 
 
 class Context:

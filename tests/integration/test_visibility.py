@@ -29,6 +29,12 @@ def listener(tmp_path_factory: pytest.TempPathFactory):
     daemon = Listener(root, AET, peers)
     text = daemon.config.read_text()
     daemon.config.write_text(text + f'[metrics]\nhost = "127.0.0.1"\nport = {metrics_port}\n')
+    # A model in service, or `health` fails; the demo takes DX and CR, which no test here sends.
+    demo = Path(__file__).parents[2] / "models" / "demo-chest-nodule"
+    dicomai(daemon.config, "db", "upgrade")
+    dicomai(daemon.config, "models", "register", str(demo))
+    version = tomllib.loads((demo / "model.toml").read_text())["version"]
+    dicomai(daemon.config, "models", "activate", "demo-chest-nodule", version)
     with daemon:
         daemon.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"  # type: ignore[attr-defined]
         yield daemon
@@ -49,6 +55,19 @@ def test_metrics_count_stores_by_calling_ae_and_status(listener: Listener) -> No
         'dicomai_rejected_associations_total{reason="calling AE title not in allow-list"}' in text
     )
     wait_for(lambda: "dicomai_spool_free_bytes 0.0" not in metrics(listener), 10, "spool gauge")
+
+
+def test_without_an_embedded_worker_only_the_database_counts_jobs_and_deliveries(
+    listener: Listener,
+) -> None:
+    """With standalone workers `serve` served `dicomai_jobs_total` and
+    `dicomai_deliveries_total` at 0 whatever the workers did: an alert on them never fired."""
+    text = metrics(listener)
+    assert "dicomai_jobs_total" not in text, text
+    assert "dicomai_deliveries_total" not in text, text
+    assert 'dicomai_jobs_in_state{state="failed"}' in text, text
+    assert 'dicomai_deliveries_in_state{state="failed"}' in text, text
+    assert "dicomai_open_associations" in text, text
 
 
 def test_metrics_count_the_stores_of_every_listener_process_and_the_jobs_in_the_database(
@@ -108,7 +127,7 @@ def test_health_reports_every_check_and_fails_when_the_database_is_gone(
 ) -> None:
     ok = dicomai(listener.config, "health", check=False)
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    for check in ("database", "broker", "spool", "listener"):
+    for check in ("database", "models", "broker", "spool", "worker", "deliveries", "listener"):
         assert check in ok.stdout
     broken = dicomai(
         listener.config,

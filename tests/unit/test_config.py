@@ -86,6 +86,9 @@ PACS = "[[destinations]]\nname = 'pacs'\nae_title = {ae}\nhost = {host}\nport = 
         (PACS.format(ae="'PACS'", host="'dicom://pacs'"), "not an IP address or host name"),
         (PACS.format(ae="'PACS'", host="'pacs main'"), "not an IP address or host name"),
         ("[[destinations]]\nname = ''\npath = '/tmp/a'\n", "a destination needs a name"),
+        # Accepted, then `serve` stopped with "Name or service not known", naming no setting.
+        ("[ingest]\nhost = 'not a host!'\n", "invalid setting ingest.host: host 'not a host!'"),
+        ("[metrics]\nhost = 'http://0.0.0.0'\n", "invalid setting metrics.host"),
         (
             "[[destinations]]\nname = 'pacs'\npath = '/tmp/a'\nae_title = 'PACS'\n",
             "or path, not both",
@@ -143,3 +146,10 @@ def test_log_level_in_any_case_and_peer_host_names(tmp_path: Path) -> None:
     assert settings.log_level == "DEBUG"
     assert settings.ingest.peers[0].hosts[0] == "ct-1.radiology.example"
     assert load_settings(write(tmp_path, "log_level = 'critical'\n")).log_level == "CRITICAL"
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "", "localhost", "dicomai-1.radiology.example"])
+def test_listen_hosts_a_site_can_name(tmp_path: Path, host: str) -> None:
+    text = f"[ingest]\nhost = '{host}'\n[metrics]\nhost = '{host}'\n"
+    settings = load_settings(write(tmp_path, text))
+    assert (settings.ingest.host, settings.metrics.host) == (host, host)
