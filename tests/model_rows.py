@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy.orm import Session, sessionmaker
 
+from dicomai.db.migrate import upgrade
 from dicomai.db.models import ModelState, ModelVersion
+from dicomai.db.session import make_engine, make_sessionmaker
 
 DEMO_MANIFEST = tomllib.loads(
     (Path(__file__).parents[1] / "models" / "demo-chest-nodule" / "model.toml").read_text()
@@ -19,6 +23,20 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'db.sqlite'}"
     return str(request.getfixturevalue("postgres_url"))
+
+
+def upgraded_sessions(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[sessionmaker[Session]]:
+    """Sessions on a database brought to the head revision (`database_url`), for a fixture to
+    yield from; the engine is disposed after the test."""
+    url = database_url(request, tmp_path)
+    upgrade(url)
+    engine = make_engine(url)
+    try:
+        yield make_sessionmaker(engine)
+    finally:
+        engine.dispose()
 
 
 def add_model(sessions, modalities: list[str], state: ModelState = ModelState.ACTIVE) -> int:

@@ -5,11 +5,10 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from model_rows import add_model, database_url
+from model_rows import add_model, upgraded_sessions
 from recording import RecordingDoorbell
 from sqlalchemy import select, update
 
-from dicomai.db.migrate import upgrade
 from dicomai.db.models import (
     AuditEvent,
     Instance,
@@ -18,7 +17,6 @@ from dicomai.db.models import (
     Study,
     utcnow,
 )
-from dicomai.db.session import make_engine, make_sessionmaker
 from dicomai.ingest import transfers
 from dicomai.ingest.header import Header
 from dicomai.ingest.recorder import Received, record_instance
@@ -34,11 +32,7 @@ from dicomai.jobs.reconciler import Leases, ring_jobs
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def sessions(request: pytest.FixtureRequest, tmp_path):
-    url = database_url(request, tmp_path)
-    upgrade(url)
-    engine = make_engine(url)
-    yield make_sessionmaker(engine)
-    engine.dispose()
+    yield from upgraded_sessions(request, tmp_path)
 
 
 DX_IMAGE = "1.2.840.10008.5.1.4.1.1.1.1"

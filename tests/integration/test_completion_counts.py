@@ -5,12 +5,10 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from model_rows import add_model, database_url
+from model_rows import add_model, upgraded_sessions
 from sqlalchemy import select, update
 
-from dicomai.db.migrate import upgrade
 from dicomai.db.models import AuditEvent, Study, utcnow
-from dicomai.db.session import make_engine, make_sessionmaker
 from dicomai.ingest.header import Header
 from dicomai.ingest.recorder import Received, add_instances, record_instance
 from dicomai.jobs.assembler import CompletionPolicy, complete_studies
@@ -23,12 +21,9 @@ BY_COUNT = CompletionPolicy(quiet_seconds=3600, max_wait_seconds=3600)
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def sessions(request: pytest.FixtureRequest, tmp_path):
-    url = database_url(request, tmp_path)
-    upgrade(url)
-    engine = make_engine(url)
-    add_model(make_sessionmaker(engine), [])
-    yield make_sessionmaker(engine)
-    engine.dispose()
+    for upgraded in upgraded_sessions(request, tmp_path):
+        add_model(upgraded, [])
+        yield upgraded
 
 
 def received(number: int, expected: int | None) -> Received:

@@ -8,12 +8,10 @@ import sys
 import threading
 
 import pytest
-from model_rows import database_url
+from model_rows import upgraded_sessions
 from sqlalchemy import select
 
-from dicomai.db.migrate import upgrade
 from dicomai.db.models import Study, Transfer
-from dicomai.db.session import make_engine, make_sessionmaker
 from dicomai.ingest import transfers
 from dicomai.ingest.header import Header
 from dicomai.ingest.recorder import Received, record_instance
@@ -23,11 +21,7 @@ STUDY = "1.2.826.0.1.3680043.8.498.5100"
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def sessions(request: pytest.FixtureRequest, tmp_path):
-    url = database_url(request, tmp_path)
-    upgrade(url)
-    engine = make_engine(url)
-    yield make_sessionmaker(engine)
-    engine.dispose()
+    yield from upgraded_sessions(request, tmp_path)
 
 
 def receive(sessions, study: str, number: int) -> None:

@@ -10,15 +10,13 @@ from __future__ import annotations
 import dataclasses
 from datetime import datetime
 
-import cv2
 import highdicom as hd
 import numpy as np
 import pytest
-from test_results import MODEL, PNEUMOTHORAX, _evaluated, _saved, make_context
+from test_results import MODEL, PNEUMOTHORAX, _evaluated, _saved, drawn_captions, make_context
 
 from dicomai.inference.types import ClassScore
 from dicomai.results import codes
-from dicomai.results import sc as sc_module
 from dicomai.results.context import ModelIdentity, ResultContext
 from dicomai.results.pmap import PMAP_SERIES_NUMBER
 from dicomai.results.sc import SC_SERIES_NUMBER, build_sc, caption_lines, render_caption
@@ -117,26 +115,12 @@ def test_two_models_outputs_differ_in_series_number_and_description(tmp_path) ->
         assert "#2" in one[kind][1] and len(one[kind][1]) <= 64
 
 
-def _drawn(context: ResultContext, monkeypatch) -> list[str]:
-    drawn: list[str] = []
-    real_put_text = cv2.putText
-
-    def recording_put_text(image, text, *args, **kwargs):
-        drawn.append(text)
-        return real_put_text(image, text, *args, **kwargs)
-
-    monkeypatch.setattr(sc_module.cv2, "putText", recording_put_text)
-    build_sc(context, 0)
-    monkeypatch.setattr(sc_module.cv2, "putText", real_put_text)
-    return drawn
-
-
 def test_a_superseded_overlay_says_which_report_it_is_of_and_when(tmp_path, monkeypatch):
     # The same source image's overlays of reports 1 and 3 differed only in the description.
     first = dataclasses.replace(make_context(), created=datetime(2026, 11, 25, 1, 58, 12))
     third = dataclasses.replace(first, revision=3, created=datetime(2026, 11, 25, 2, 4, 59))
 
-    old_lines, new_lines = _drawn(first, monkeypatch), _drawn(third, monkeypatch)
+    old_lines, new_lines = drawn_captions(first, monkeypatch), drawn_captions(third, monkeypatch)
 
     assert old_lines[1] == "chest-ptx 1.2.0 - report #1, 2026-11-25 01:58"
     assert new_lines[1] == "chest-ptx 1.2.0 - report #3, 2026-11-25 02:04"

@@ -309,7 +309,8 @@ def test_large_sources_are_scaled_down_to_1024(context):
     assert (sc.Rows, sc.Columns) == (1024 + band.shape[0], 768)
 
 
-def test_caption_has_finding_model_and_warning_but_no_patient_data(context, monkeypatch):
+def drawn_captions(context: ResultContext, monkeypatch) -> list[str]:
+    """The text `build_sc` draws on the first overlay of `context`."""
     drawn: list[str] = []
     real_put_text = cv2.putText
 
@@ -319,6 +320,12 @@ def test_caption_has_finding_model_and_warning_but_no_patient_data(context, monk
 
     monkeypatch.setattr(sc_module.cv2, "putText", recording_put_text)
     build_sc(context, 0)
+    monkeypatch.setattr(sc_module.cv2, "putText", real_put_text)
+    return drawn
+
+
+def test_caption_has_finding_model_and_warning_but_no_patient_data(context, monkeypatch):
+    drawn = drawn_captions(context, monkeypatch)
 
     assert drawn == [
         "Pneumothorax: 87%",
