@@ -129,7 +129,11 @@ class Daemon:
                     )
                 log.info("metrics on http://%s:%d/metrics", metrics.host, metrics.port)
         # In every listener process: one restarted after a crash removes its predecessor's.
-        left = forget_dead_listeners(self.sessions)
+        try:
+            left = forget_dead_listeners(self.sessions)
+        except Exception as exc:  # left rows only keep their studies to the quiet period
+            log.error("could not remove dead listeners' transfers: %s", type(exc).__name__)
+            left = 0
         if left:
             log.warning("removed %d transfers of listener processes that died", left)
         ingest = self.settings.ingest
