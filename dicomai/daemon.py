@@ -130,7 +130,7 @@ class Daemon:
                 log.info("metrics on http://%s:%d/metrics", metrics.host, metrics.port)
         # In every listener process: one restarted after a crash removes its predecessor's.
         try:
-            left = forget_dead_listeners(self.sessions)
+            left = forget_dead_listeners(self.sessions, self.settings.ingest.study_max_wait_seconds)
         except Exception as exc:  # left rows only keep their studies to the quiet period
             log.error("could not remove dead listeners' transfers: %s", type(exc).__name__)
             left = 0

@@ -221,6 +221,9 @@ class WakingAssociation(Association):
                 self._serve_request(msg, cast(int, context_id))
 
             if self.is_established and self.acse.is_release_requested():
+                # Before the answer: the peer may close the connection at once, and the close
+                # handler must leave a released association's studies to EVT_RELEASED.
+                self.__dict__["dicomai_releasing"] = True
                 self.acse.send_release(is_response=True)
                 self.is_released = True
                 self.is_established = False

@@ -103,34 +103,46 @@ def handlers(
         # A release alone ends a transfer: an A-ABORT is a failed one, the sender sends again
         # (closed at the abort, a report on part of the study went out before the retry). An
         # aborted association's studies are left to the quiet period.
-        (evt.EVT_RELEASED, on_association_end, [sessions]),
+        (
+            evt.EVT_RELEASED,
+            on_association_end,
+            [sessions, settings.ingest.study_max_wait_seconds],
+        ),
     ]
 
 
-def on_association_end(event: evt.Event, sessions: sessionmaker[Session]) -> None:
+def on_association_end(
+    event: evt.Event, sessions: sessionmaker[Session], stale_after: float
+) -> None:
     """Mark as ended the studies this released association sent that no other association,
     in any listener process, is still sending (`transfers.end`)."""
     key = event.assoc.__dict__.get("dicomai_transfer")
     if key is None:
         return
-    event.assoc.__dict__["dicomai_transfer_ended"] = True
     try:
-        transfers.end(sessions, key, released=True)
+        transfers.end(sessions, key, released=True, stale_after=stale_after)
     except Exception as exc:  # the quiet period still completes these studies
         log.error("could not record association end: %s", type(exc).__name__)
+        _forget(sessions, key)
 
 
 def on_connection_close(event: evt.Event, sessions: sessionmaker[Session]) -> None:
     OPEN_ASSOCIATIONS.dec()
     state = event.assoc.__dict__
     key = state.get("dicomai_transfer")
-    if key is None or state.get("dicomai_transfer_ended"):
+    # A released association's studies are EVT_RELEASED's, which may run after this: the
+    # peer closes the connection as soon as it has the release's answer.
+    if key is None or state.get("dicomai_releasing") or event.assoc.is_released:
         return
     # Aborted, or the connection dropped: its studies are left to the quiet period.
+    _forget(sessions, key)
+
+
+def _forget(sessions: sessionmaker[Session], key: str) -> None:
     try:
-        transfers.end(sessions, key, released=False)
-    except Exception as exc:
-        log.error("could not forget an aborted association's transfers: %s", type(exc).__name__)
+        transfers.end(sessions, key, released=False, stale_after=0.0)
+    except Exception as exc:  # left, the rows count for the maximum wait at most
+        log.error("could not forget an association's transfers: %s", type(exc).__name__)
 
 
 def on_connection_open(

@@ -4,6 +4,12 @@ With `complete_on_association_end`, a study is ended by the release of the last 
 sending it: parallel series of a CT, or a PACS forwarding priors beside a modality. Each
 listener process knew only its own associations, so with `listener_processes > 1` a study sent
 on two of them closed at the first release and got a report on part of it.
+
+A row outlives its association only when its listener process dies (killed, out of memory):
+a listener process starting on the same host removes the rows of processes that no longer run,
+and rows older than the maximum wait are not counted anywhere, since that wait closes their
+studies whatever associations are open (a container restarted under a new host name leaves
+rows no process on it recognises).
 """
 
 from __future__ import annotations
@@ -12,8 +18,10 @@ import logging
 import os
 import socket
 import uuid
+from datetime import timedelta
+from pathlib import Path
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import ColumnElement, delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -22,9 +30,11 @@ from dicomai.db.models import Study, StudyState, Transfer, utcnow
 log = logging.getLogger(__name__)
 
 
-def listener_name() -> str:
-    """This process as the rows name it: a successor on the same host removes what it left."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+def listener_name(pid: int | None = None) -> str:
+    """A process as the rows name it: host, pid and the pid's start time, so that a process
+    given a dead one's pid (PID 1 of a restarted container) is not taken for it."""
+    pid = os.getpid() if pid is None else pid
+    return f"{socket.gethostname()}:{pid}:{_start_time(pid)}"
 
 
 def new_association_key() -> str:
@@ -43,12 +53,15 @@ def begin(sessions: sessionmaker[Session], association: str, study_uid: str) -> 
         pass
 
 
-def end(sessions: sessionmaker[Session], association: str, released: bool) -> set[str]:
+def end(
+    sessions: sessionmaker[Session], association: str, released: bool, stale_after: float
+) -> set[str]:
     """Forget `association`'s transfers; when it was released, mark as ended the studies no
     other association is still sending, and return them.
 
     An aborted association (`released` False) is a failed transfer that its sender repeats:
-    its studies are left to the quiet period.
+    its studies are left to the quiet period. Rows older than `stale_after` seconds (the
+    maximum wait) do not hold a study.
     """
     with sessions() as session, session.begin():
         # Deleted first: on SQLite this takes the write lock, so two ends run one after the
@@ -71,7 +84,11 @@ def end(sessions: sessionmaker[Session], association: str, released: bool) -> se
             .with_for_update()
         ).all()
         sending = set(
-            session.scalars(select(Transfer.study_uid).where(Transfer.study_uid.in_(studies)))
+            session.scalars(
+                select(Transfer.study_uid).where(
+                    Transfer.study_uid.in_(studies), ~_stale(stale_after)
+                )
+            )
         )
         ended = studies - sending
         if ended:
@@ -83,8 +100,9 @@ def end(sessions: sessionmaker[Session], association: str, released: bool) -> se
         return ended
 
 
-def forget_dead_listeners(sessions: sessionmaker[Session]) -> int:
-    """Delete the rows of this host's listener processes that no longer run; return how many.
+def forget_dead_listeners(sessions: sessionmaker[Session], stale_after: float) -> int:
+    """Delete the rows of this host's listener processes that no longer run, and rows older
+    than `stale_after` seconds of any host; return how many.
 
     A process killed mid-transfer never ended its associations: their rows would keep the
     studies they name from ending at another association's release.
@@ -94,18 +112,33 @@ def forget_dead_listeners(sessions: sessionmaker[Session]) -> int:
         listeners = session.scalars(
             select(Transfer.listener).where(Transfer.listener.startswith(f"{host}:")).distinct()
         ).all()
-        dead = [name for name in listeners if not _running(name.rpartition(":")[2])]
-        if not dead:
-            return 0
-        result = session.execute(delete(Transfer).where(Transfer.listener.in_(dead)))
+        dead = [name for name in listeners if not _running(name)]
+        result = session.execute(
+            delete(Transfer).where(or_(Transfer.listener.in_(dead), _stale(stale_after)))
+        )
         return int(getattr(result, "rowcount", 0) or 0)
 
 
-def _running(pid: str) -> bool:
+def _stale(stale_after: float) -> ColumnElement[bool]:
+    return Transfer.started_at < utcnow() - timedelta(seconds=stale_after)
+
+
+def _running(name: str) -> bool:
+    """Whether the process a row names (`listener_name`) still runs on this host."""
+    _, _, rest = name.partition(":")
+    pid, _, started = rest.partition(":")
     try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
+        return _start_time(int(pid)) == started
+    except ValueError:
         return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot (proc(5), field 22); "" if it runs
+    no more (or this system has no /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    # The command name (field 2) may hold spaces and parentheses: count after its last ")".
+    return stat.rpartition(")")[2].split()[19]

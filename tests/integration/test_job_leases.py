@@ -279,7 +279,7 @@ def test_a_delivery_claimed_on_a_clock_behind_is_not_due_again_for_the_others(
 
     def claim_behind() -> None:  # the worker sending it, on a machine whose clock is behind
         with sessions() as session, session.begin():
-            claimed.extend(claim_due(session, [delivery_id], lease))
+            claimed.extend(claim_due(session, [delivery_id], lease, "behind"))
 
     thread = threading.Thread(target=claim_behind)
     thread.start()
@@ -289,6 +289,6 @@ def test_a_delivery_claimed_on_a_clock_behind_is_not_due_again_for_the_others(
     doorbell = RecordingDoorbell()
     ring_deliveries(sessions, doorbell, Leases.from_settings(settings.worker))
     with sessions() as session, session.begin():
-        again = claim_due(session, [delivery_id], lease)
+        again = claim_due(session, [delivery_id], lease, "other")
     assert doorbell.deliveries == [], "a delivery being sent was rung again"
     assert again == [], "a second worker could claim a delivery being sent"

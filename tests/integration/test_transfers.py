@@ -6,17 +6,21 @@ import socket
 import subprocess
 import sys
 import threading
+from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
 from model_rows import upgraded_sessions
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 
-from dicomai.db.models import Study, Transfer
-from dicomai.ingest import transfers
+from dicomai.db.models import Study, Transfer, utcnow
+from dicomai.ingest import scp, transfers
 from dicomai.ingest.header import Header
 from dicomai.ingest.recorder import Received, record_instance
 
 STUDY = "1.2.826.0.1.3680043.8.498.5100"
+HOUR = 3600.0
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -46,9 +50,9 @@ def test_a_study_sent_on_two_associations_ends_at_the_release_of_the_second(sess
     for association in ("fast", "slow"):
         transfers.begin(sessions, association, STUDY)
         receive(sessions, STUDY, len(association))
-    assert transfers.end(sessions, "fast", released=True) == set()
+    assert transfers.end(sessions, "fast", released=True, stale_after=HOUR) == set()
     assert not ended(sessions, STUDY)
-    assert transfers.end(sessions, "slow", released=True) == {STUDY}
+    assert transfers.end(sessions, "slow", released=True, stale_after=HOUR) == {STUDY}
     assert ended(sessions, STUDY)
 
 
@@ -56,17 +60,17 @@ def test_an_aborted_association_ends_nothing_and_no_longer_holds_the_study(sessi
     for association in ("aborted", "released"):
         transfers.begin(sessions, association, STUDY)
     receive(sessions, STUDY, 1)
-    assert transfers.end(sessions, "aborted", released=False) == set()
+    assert transfers.end(sessions, "aborted", released=False, stale_after=HOUR) == set()
     assert not ended(sessions, STUDY)
     # The failed transfer no longer counts: the other one's release ends the study.
-    assert transfers.end(sessions, "released", released=True) == {STUDY}
+    assert transfers.end(sessions, "released", released=True, stale_after=HOUR) == {STUDY}
 
 
 def test_a_study_recorded_twice_by_one_association_is_held_once(sessions) -> None:
     transfers.begin(sessions, "a", STUDY)
     transfers.begin(sessions, "a", STUDY)  # an earlier store of its first instance failed
     receive(sessions, STUDY, 1)
-    assert transfers.end(sessions, "a", released=True) == {STUDY}
+    assert transfers.end(sessions, "a", released=True, stale_after=HOUR) == {STUDY}
 
 
 def release_at_once(sessions, associations: list[str]) -> list[set[str]]:
@@ -76,7 +80,7 @@ def release_at_once(sessions, associations: list[str]) -> list[set[str]]:
 
     def release(association: str) -> None:
         start.wait()
-        results.append(transfers.end(sessions, association, released=True))
+        results.append(transfers.end(sessions, association, released=True, stale_after=HOUR))
 
     threads = [threading.Thread(target=release, args=(a,)) for a in associations]
     for thread in threads:
@@ -108,15 +112,78 @@ def test_rows_of_a_listener_process_that_died_are_removed_at_start(sessions) -> 
         check=True,
     ).stdout.strip()
     host = socket.gethostname()
+    alive = transfers.listener_name()
     rows = {
-        "dead": f"{host}:{dead}",
-        "alive": transfers.listener_name(),
-        "elsewhere": f"another-host.{host}:{dead}",
+        "dead": f"{host}:{dead}:1234",
+        # PID 1 of a container restarted under the same name: the pid runs, another process.
+        "pid taken over": alive.rpartition(":")[0] + ":1",
+        "alive": alive,
+        "elsewhere": f"another-host.{host}:{dead}:1234",
+        "elsewhere, long dead": f"old-container:{dead}:1234",
     }
     with sessions() as session, session.begin():
         for association, listener in rows.items():
-            session.add(Transfer(association=association, listener=listener, study_uid=STUDY))
-    assert transfers.forget_dead_listeners(sessions) == 1
+            started = utcnow() - timedelta(hours=2 if "long dead" in association else 0)
+            session.add(
+                Transfer(
+                    association=association, listener=listener, study_uid=STUDY, started_at=started
+                )
+            )
+    assert transfers.forget_dead_listeners(sessions, stale_after=HOUR) == 3
     with sessions() as session:
         left = set(session.scalars(select(Transfer.association)))
     assert left == {"alive", "elsewhere"}
+
+
+def test_a_row_older_than_the_maximum_wait_holds_no_study(sessions) -> None:
+    # Its process died where no successor recognises it (a container under a new name); the
+    # maximum wait closes its study whatever associations are open.
+    with sessions() as session, session.begin():
+        session.add(
+            Transfer(
+                association="forgotten",
+                listener="old-container:1:1234",
+                study_uid=STUDY,
+                started_at=utcnow() - timedelta(hours=2),
+            )
+        )
+    transfers.begin(sessions, "live", STUDY)
+    receive(sessions, STUDY, 1)
+    assert transfers.end(sessions, "live", released=True, stale_after=HOUR) == {STUDY}
+
+
+def test_a_release_the_database_missed_leaves_no_rows_behind(
+    sessions, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The connection's close leaves a released association to its release handler, which
+    # must forget the rows itself when it cannot end the study.
+    transfers.begin(sessions, "k1", STUDY)
+    receive(sessions, STUDY, 1)
+    event = SimpleNamespace(assoc=SimpleNamespace(dicomai_transfer="k1", is_released=True))
+    real_end = transfers.end
+
+    def outage_at_release(*args: object, released: bool, **kwargs: object) -> set[str]:
+        if released:
+            raise OperationalError("UPDATE", {}, Exception("server closed the connection"))
+        return real_end(*args, released=released, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(transfers, "end", outage_at_release)
+    scp.on_association_end(event, sessions, HOUR)
+    scp.on_connection_close(event, sessions)
+    with sessions() as session:
+        assert session.scalars(select(Transfer)).all() == [], "the rows outlived the association"
+    assert not ended(sessions, STUDY)
+
+
+def test_a_connection_closing_before_the_release_handler_runs_leaves_the_study_to_it(
+    sessions,
+) -> None:
+    # The peer closes the connection once it has the release's answer, and the close handler
+    # may run first: it had forgotten the rows, and the study then never ended.
+    transfers.begin(sessions, "k1", STUDY)
+    receive(sessions, STUDY, 1)
+    event = SimpleNamespace(assoc=SimpleNamespace(dicomai_transfer="k1", is_released=False))
+    event.assoc.dicomai_releasing = True  # set by the reactor before it answers
+    scp.on_connection_close(event, sessions)
+    scp.on_association_end(event, sessions, HOUR)
+    assert ended(sessions, STUDY)
