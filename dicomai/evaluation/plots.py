@@ -83,13 +83,17 @@ def plot_risk_coverage(path: Path, curves: dict[str, np.ndarray], error_rate: fl
 def plot_misclassified(
     path: Path, items: list[tuple[np.ndarray, np.ndarray | None, str]], columns: int = 4
 ) -> None:
-    """A grid of images (grey, (H, W) in [0, 1]) with their heat maps over them and a caption."""
+    """A grid of images (grey (H, W) or RGB (H, W, 3), in [0, 1]) with their heat maps over
+    them and a caption."""
     rows = max(1, -(-len(items) // columns))
     figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.2 * rows), squeeze=False)
     for axis in axes.ravel():
         axis.axis("off")
     for axis, (image, heatmap, caption) in zip(axes.ravel(), items, strict=False):
-        axis.imshow(image, cmap="gray", vmin=0, vmax=1)
+        if image.ndim == 3:
+            axis.imshow(image)
+        else:
+            axis.imshow(image, cmap="gray", vmin=0, vmax=1)
         if heatmap is not None:
             axis.imshow(heatmap, cmap="jet", alpha=0.35, vmin=0, vmax=1)
         axis.set_title(caption, fontsize=8)

@@ -6,7 +6,11 @@ Writes into the output folder:
   AUC of a class without positives)::
 
       model            {name, version, architecture, weights_sha256, temperature}
-      data             {path, n, task ("binary" | "multiclass" | "multilabel"), per_class counts}
+      data             {path, n (the images evaluated, which every number below is of), task
+                       ("binary" | "multiclass" | "multilabel"), per_class counts,
+                       n_not_evaluated, not_evaluated [{file, reason}]: the images the daemon
+                       would not evaluate (blank, too small for the model, pixel data that
+                       cannot be decoded...), left out of every number}
       task, n
       decision         which rule decided (below)
       accuracy         binary and multi-label (exact-match accuracy for multi-label)
@@ -75,7 +79,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dicomai.errors import DatasetError, NotEvaluable
+from dicomai.errors import DatasetError, DicomaiError, NotEvaluable
 from dicomai.evaluation.localisation import LOCALISATION, localisation_metrics
 from dicomai.evaluation.metrics import (
     compute_metrics,
@@ -97,7 +101,8 @@ from dicomai.evaluation.uncertainty_quality import (
     uncertainty_report,
 )
 from dicomai.imaging.decode import read_instance
-from dicomai.imaging.preprocess import prepare, to_model_input
+from dicomai.imaging.preprocess import prepare, require_evaluable, to_model_input
+from dicomai.imaging.spec import InputSpec
 from dicomai.inference.runner import Classifier
 from dicomai.inference.uncertainty import Summary
 from dicomai.models.package import ClassSpec, LoadedModel, load_model
@@ -149,21 +154,22 @@ def evaluate_package(
     Raises
     ------
     DatasetError, ModelPackageError
-        On a bad data layout or package.
+        On a bad data layout or package, a file that cannot be read (missing, not DICOM), or
+        when the daemon would evaluate none of the images.
     """
     loaded = load_model(package)
     manifest = loaded.manifest
     classes = manifest.class_names
-    images = load_evaluation_data(data, classes, labels_csv, split, log=log)
+    listed = load_evaluation_data(data, classes, labels_csv, split, log=log)
     task = _task(loaded)
-    if (images.targets.ndim == 2) != (task is Task.MULTILABEL):
-        given = "several labels per image" if images.targets.ndim == 2 else "one label per image"
+    if (listed.targets.ndim == 2) != (task is Task.MULTILABEL):
+        given = "several labels per image" if listed.targets.ndim == 2 else "one label per image"
         raise DatasetError(
             f"{labels_csv or data}: the data give {given}, but the package's model is "
             f"{'multi-label' if task is Task.MULTILABEL else 'single-label'}"
         )
+    images, inputs, left_out = _model_inputs(listed, loaded, labels_csv or data, log)
     classifier = Classifier(loaded)
-    inputs = [_model_input(path, loaded) for path in images.paths]
     summary = _summary(classifier, inputs)
     probabilities = summary.mean
     thresholds = np.array([spec.threshold for spec in manifest.classes])
@@ -187,6 +193,8 @@ def evaluate_package(
             "n": len(images),
             "task": task.value,
             "per_class": class_counts(images, classes, task),
+            "n_not_evaluated": len(left_out),
+            "not_evaluated": left_out,
         },
         "decision": MULTICLASS_DECISION if task is Task.MULTICLASS else THRESHOLD_DECISION,
         **metrics,
@@ -225,8 +233,10 @@ def evaluate_package(
                 f' ({best}: {found["pointing"][best]:.2f}; `explanation = "{best}"` in '
                 "model.toml would draw its maps)"
             )
+    skipped = f" ({len(left_out)} not evaluated, left out)" if left_out else ""
     log(
-        f"{manifest.name} {manifest.version} on {len(images)} images: {_decided(metrics)}, "
+        f"{manifest.name} {manifest.version} on {len(images)} images{skipped}: "
+        f"{_decided(metrics)}, "
         f"AUC {_auc_text(metrics, report['data']['per_class'])}, ECE {metrics['ece']:.3f}"
         f"{dice}{pointing}; report in {out}"
     )
@@ -316,15 +326,67 @@ def _task(loaded: LoadedModel) -> Task:
     return Task.BINARY if loaded.num_classes == 2 else Task.MULTICLASS
 
 
-def _model_input(path: Path, loaded: LoadedModel) -> np.ndarray:
-    """The input the daemon would give the model: DICOM through `prepare`, else the same steps."""
-    spec = loaded.manifest.input
-    if path.suffix.lower() in DICOM_SUFFIXES:
+def _model_inputs(
+    images: LabelledImages, loaded: LoadedModel, source: Path, log: Log
+) -> tuple[LabelledImages, list[np.ndarray], list[dict[str, str]]]:
+    """The images the daemon would evaluate and their model inputs, and the others, each with
+    the reason the daemon would give and logged on a line of its own.
+
+    One blank or undecodable image had stopped the whole evaluation, where the daemon reports
+    it "not evaluated" and goes on; its metrics are of the images it does evaluate.
+
+    Raises
+    ------
+    DatasetError
+        If a file cannot be read at all, or no image is left.
+    """
+    inputs, kept, left_out = [], [], []
+    for index, path in enumerate(images.paths):
         try:
-            return prepare(read_instance(path), spec)[1]
-        except (NotEvaluable, OSError) as error:
-            raise DatasetError(f"{path}: unreadable DICOM image: {error}") from None
-    return to_model_input(read_image01(path, spec.voi_window, spec.keeps_colour), spec)
+            inputs.append(_model_input(path, loaded))
+        except NotEvaluable as reason:
+            log(f"{path}: not evaluated, left out of the metrics: {reason}")
+            left_out.append({"file": str(path), "reason": str(reason)})
+        else:
+            kept.append(index)
+    if not images.paths:
+        raise DatasetError(f"{source}: no images to evaluate")
+    if not kept:
+        raise DatasetError(
+            f"{source}: the daemon would evaluate none of its {len(images)} images "
+            f"({left_out[0]['reason']})"
+        )
+    return images.subset(np.array(kept, dtype=np.intp)), inputs, left_out
+
+
+def _model_input(path: Path, loaded: LoadedModel) -> np.ndarray:
+    """The input the daemon would give the model: DICOM through `prepare`, else the same steps.
+
+    Raises
+    ------
+    NotEvaluable
+        If the daemon would not evaluate the image: blank, too small for the model, pixel
+        data or lookup tables that cannot be applied, or any other error preparing it.
+    DatasetError
+        If the file cannot be read: missing, not DICOM, a header that cannot be parsed.
+    """
+    spec = loaded.manifest.input
+    if path.suffix.lower() not in DICOM_SUFFIXES:
+        image = read_image01(path, spec.voi_window, spec.keeps_colour)
+        require_evaluable(image, spec)
+        return to_model_input(image, spec)
+    try:
+        dataset = read_instance(path)
+    except (NotEvaluable, OSError) as error:
+        raise DatasetError(f"{path}: unreadable DICOM image: {error}") from None
+    try:
+        return prepare(dataset, spec)[1]
+    except (DicomaiError, OSError, MemoryError):
+        raise
+    except Exception as error:
+        # As `dicomai.jobs.reading.read_image` says of such an image: the type only, since a
+        # message may quote the header's values.
+        raise NotEvaluable(f"image could not be prepared ({type(error).__name__})") from error
 
 
 def _summary(classifier: Classifier, inputs: list[np.ndarray]) -> Summary:
@@ -397,13 +459,23 @@ def _write_figures(
     items = []
     if len(chosen):
         explained = classifier.predict([(str(i), inputs[i]) for i in chosen])
+        spec = classifier.loaded.manifest.input
         for i, prediction in zip(chosen, explained, strict=True):
-            spec = classifier.loaded.manifest.input
-            grey = inputs[i][0] * spec.std[0] + spec.mean[0]
             caption = f"{images.paths[i].name[:24]}\ntrue {_label(images.targets[i], classes)}"
             caption += f", said {_label(said[i], classes)}"
-            items.append((np.clip(grey, 0, 1), prediction.heatmap, caption))
+            items.append((_as_seen(inputs[i], spec), prediction.heatmap, caption))
     plot_misclassified(out / "misclassified.png", items)
+
+
+def _as_seen(model_input: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """A model input as the image it was made from, in [0, 1]: RGB (H, W, 3) for a colour
+    model, whose finding may be in the hue (its red plane alone showed a blue lesion black),
+    else grey (H, W), the three channels being one."""
+    mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
+    image = model_input * std + mean
+    shown = image.transpose(1, 2, 0) if spec.keeps_colour else image[0]
+    return np.clip(shown, 0.0, 1.0)
 
 
 def _label(value: Any, classes: tuple[str, ...]) -> str:
@@ -477,6 +549,11 @@ def _tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
             f"the mask or within {found['margin_px']} px)"
         )
         tables.append((title, ["method", "pointing game"], rows))
+    left_out = report["data"].get("not_evaluated")
+    if left_out:
+        rows = [[item["file"], item["reason"]] for item in left_out]
+        title = f"Not evaluated ({len(left_out)} images, left out of every number above)"
+        tables.append((title, ["file", "reason the daemon gives"], rows))
     return tables
 
 
@@ -532,10 +609,16 @@ def _multiclass_tables(report: dict[str, Any]) -> list[tuple[str, list[str], lis
 
 def _heading(report: dict[str, Any]) -> str:
     model, data = report["model"], report["data"]
+    skipped = data.get("n_not_evaluated")
+    left_out = (
+        f", {skipped} more left out, which the daemon would not evaluate (listed below)"
+        if skipped
+        else ""
+    )
     return (
         f"{model['name']} {model['version']} ({model['architecture']}, temperature "
-        f"{model['temperature']}) on {data['n']} images of {data['path']} ({data['task']}); "
-        f"decision: {report['decision']}"
+        f"{model['temperature']}) on {data['n']} images of {data['path']} ({data['task']})"
+        f"{left_out}; decision: {report['decision']}"
     )
 
 

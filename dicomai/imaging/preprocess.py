@@ -256,15 +256,53 @@ def prepare(ds: Dataset, spec: InputSpec, frame: int = 0) -> tuple[np.ndarray, n
         If the image cannot be decoded or rendered, is too small for the model, or is
         blank (one value everywhere).
     """
+    prepared = prepare_unless_blank(ds, spec, frame)
+    if prepared is None:
+        raise NotEvaluable(BLANK)
+    return prepared
+
+
+# A failed exposure, a blank frame, a test pattern of one value: the model would report on no
+# anatomy, and its "Absent" at 0 % reads as a certain negative.
+BLANK = "image is blank: every pixel has the same value"
+
+
+def prepare_unless_blank(
+    ds: Dataset, spec: InputSpec, frame: int = 0
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """`prepare`, but None for a blank frame, where the caller decides what a blank means:
+    one blank frame of a multi-frame image whose frames are all read is left out.
+
+    Raises
+    ------
+    dicomai.errors.NotEvaluable
+        If the image cannot be decoded or rendered, or is too small for the model.
+    """
     image = render(ds, frame, spec.voi_window, colour=spec.keeps_colour)
     _large_enough(image.shape, spec)
-    if (image == image[0, 0]).all():
-        # A failed exposure, a blank frame, a test pattern of one value: the model would
-        # report on no anatomy, and its "Absent" at 0 % reads as a certain negative.
-        raise NotEvaluable("image is blank: every pixel has the same value")
+    if is_blank(image):
+        return None
     # Overlays and masks are drawn on the grey image, where a heat map's colours read.
     grey = luminance01(image) if image.ndim == 3 else image
     return to_display(grey), to_model_input(image, spec)
+
+
+def require_evaluable(image01: np.ndarray, spec: InputSpec) -> None:
+    """Refuse a rendered image the daemon would not evaluate: too small for the model, or blank.
+
+    Raises
+    ------
+    dicomai.errors.NotEvaluable
+        With the reason the daemon gives.
+    """
+    _large_enough(image01.shape, spec)
+    if is_blank(image01):
+        raise NotEvaluable(BLANK)
+
+
+def is_blank(image01: np.ndarray) -> bool:
+    """Whether a rendered image, grey or RGB, has one value (one colour) in every pixel."""
+    return bool((image01 == image01[0, 0]).all())
 
 
 # A side this many times smaller than the model's, or more, is blown up from too few pixels

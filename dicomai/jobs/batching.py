@@ -102,8 +102,10 @@ def _reported_frame(classifier: Classifier, image: ReadImage) -> ReadImage:
         batch = torch.from_numpy(chunk).to(classifier.device)
         scores.append(classifier.summary(batch).mean[:, columns].max(axis=1))
     frame = int(np.argmax(np.concatenate(scores)))
-    log.debug("%s: reported by frame %d of %d", image.sop_uid, frame + 1, len(image.frames))
-    return with_frame(image, frame, manifest.input)
+    chosen = with_frame(image, frame, manifest.input)
+    number = chosen.source.frame + 1 if chosen.source is not None else frame + 1
+    log.debug("%s: reported by frame %d (blank frames left out)", image.sop_uid, number)
+    return chosen
 
 
 def _run_pass(

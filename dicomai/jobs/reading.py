@@ -16,7 +16,7 @@ from pydicom.uid import UID
 
 from dicomai.errors import NotEvaluable
 from dicomai.imaging.decode import read_instance
-from dicomai.imaging.preprocess import prepare, selected_frames
+from dicomai.imaging.preprocess import prepare, prepare_unless_blank, selected_frames
 from dicomai.imaging.spec import InputSpec
 from dicomai.results.context import SourceImage
 
@@ -36,9 +36,11 @@ class ReadImage:
     source: SourceImage | None
     tensor: np.ndarray | None
     reason: str | None = None
-    # With ``frames = "all"``, the model input of every frame of a multi-frame image, from
-    # which `dicomai.jobs.batching` picks the one reported; `tensor` is the first's.
+    # With ``frames = "all"``, the model input of every frame of a multi-frame image that is
+    # not blank, from which `dicomai.jobs.batching` picks the one reported; `tensor` and the
+    # source's display are the first one's. `frame_indices` holds each one's zero-based frame.
     frames: tuple[np.ndarray, ...] = ()
+    frame_indices: tuple[int, ...] = ()
 
 
 def read_image(sop_uid: str, path: Path, spec: InputSpec) -> ReadImage:
@@ -72,8 +74,7 @@ def read_image(sop_uid: str, path: Path, spec: InputSpec) -> ReadImage:
         # report failed with it.
         return ReadImage(sop_uid, None, None, f"SOP class {sop_class} is not a standard image")
     try:
-        display, tensor = prepare(dataset, spec)
-        frames = _other_frames(dataset, spec, tensor)
+        prepared = _prepare(dataset, spec)
     except NotEvaluable as exc:
         return _not_evaluated(sop_uid, dataset, str(exc))
     except (OSError, MemoryError):
@@ -84,7 +85,10 @@ def read_image(sop_uid: str, path: Path, spec: InputSpec) -> ReadImage:
         return _not_evaluated(
             sop_uid, dataset, f"image could not be prepared ({type(exc).__name__})"
         )
-    return ReadImage(sop_uid, SourceImage(dataset=dataset, display=display), tensor, None, frames)
+    source = SourceImage(dataset=dataset, display=prepared.display, frame=prepared.indices[0])
+    if len(prepared.inputs) == 1:
+        return ReadImage(sop_uid, source, prepared.inputs[0])
+    return ReadImage(sop_uid, source, prepared.inputs[0], None, prepared.inputs, prepared.indices)
 
 
 def _not_evaluated(sop_uid: str, dataset: Dataset, reason: str) -> ReadImage:
@@ -92,38 +96,66 @@ def _not_evaluated(sop_uid: str, dataset: Dataset, reason: str) -> ReadImage:
     return ReadImage(sop_uid, source, None, reason)
 
 
-def _other_frames(dataset: Dataset, spec: InputSpec, first: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Every frame's model input where the package asks for all frames and there are several
-    (the first given); none otherwise.
+@dataclass(frozen=True)
+class _Prepared:
+    """The display of an image's first frame evaluated, and the model input of each frame
+    evaluated (`indices`, zero-based)."""
+
+    display: np.ndarray
+    inputs: tuple[np.ndarray, ...]
+    indices: tuple[int, ...]
+
+
+def _prepare(dataset: Dataset, spec: InputSpec) -> _Prepared:
+    """The frames of `dataset` the model evaluates, prepared.
+
+    With ``frames = "all"`` and several frames, a blank frame (a dark lead-in or padding
+    frame of an XA run or a cine) is left out: it shows nothing that the other frames could
+    report Absent. A single frame, or the first with ``frames = "first"``, that is blank is
+    not evaluated.
 
     Raises
     ------
     NotEvaluable
-        A frame cannot be rendered: the image is not evaluated (its other frames alone could
-        report a finding Absent that the unreadable one shows).
+        The image, or one of its frames, cannot be rendered or is too small: the image is not
+        evaluated (its other frames alone could report a finding Absent that the unreadable
+        one shows); or every frame is blank.
     """
     indices = selected_frames(dataset, spec)
     if len(indices) < 2:
-        return ()
-    inputs = [first]
-    for index in indices[1:]:
+        only, tensor = prepare(dataset, spec)
+        return _Prepared(only, (tensor,), (0,))
+    display: np.ndarray | None = None
+    inputs, kept = [], []
+    for index in indices:
         try:
-            inputs.append(prepare(dataset, spec, index)[1])
+            prepared = prepare_unless_blank(dataset, spec, index)
         except NotEvaluable as exc:
-            raise NotEvaluable(f"frame {index + 1}: {exc}") from None
-    return tuple(inputs)
+            raise NotEvaluable(f"frame {index + 1}: {exc}" if index else str(exc)) from None
+        if prepared is None:
+            continue
+        if display is None:
+            # With several frames kept, the reported one's display replaces it (`with_frame`).
+            display = prepared[0]
+        inputs.append(prepared[1])
+        kept.append(index)
+    if display is None:
+        raise NotEvaluable(f"image is blank: all {len(indices)} frames have one value each")
+    return _Prepared(display, tuple(inputs), tuple(kept))
 
 
-def with_frame(image: ReadImage, frame: int, spec: InputSpec) -> ReadImage:
-    """`image` reported by its frame `frame` (zero-based): that frame's input and display."""
+def with_frame(image: ReadImage, choice: int, spec: InputSpec) -> ReadImage:
+    """`image` reported by `image.frames[choice]`: that frame's input and display, and its
+    frame number in the source (blank frames left out of `frames` counted)."""
     source = image.source
     if source is None or not image.frames:
         raise ValueError("only an image read with all its frames has a frame to choose")
+    frame = image.frame_indices[choice]
     display, _ = prepare(source.dataset, spec, frame)
     return ReadImage(
         image.sop_uid,
         SourceImage(dataset=source.dataset, display=display, frame=frame),
-        image.frames[frame],
+        image.frames[choice],
         image.reason,
     )
 
