@@ -138,7 +138,9 @@ class MetricsSettings(Section):
     @field_validator("host")
     @classmethod
     def _host(cls, value: str) -> str:
-        return _listen_host(value)
+        # Empty is every interface, as for [ingest] host; the HTTP server resolves the name
+        # and does not take "" for it.
+        return _listen_host(value) or "0.0.0.0"
 
 
 class StorageSettings(Section):

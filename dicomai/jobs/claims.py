@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, or_, select, update
@@ -53,6 +54,9 @@ class Claim:
     weights_sha256: str = ""
     manifest: dict[str, Any] | None = None
     attempt: int = 0  # no job runs attempt 0: a claim built without its token writes nothing
+    # When the job was queued (its study complete): the report's time on every attempt, so
+    # that a retry's overlays show the time of the SR an earlier attempt may have sent.
+    created_at: datetime | None = None
 
 
 def claim_job(
@@ -247,4 +251,5 @@ def _started(session: Session, job: Job, instances: list[tuple[str, str]]) -> Cl
         instances=tuple(instances),
         weights_sha256=model.weights_sha256,
         manifest=model.manifest,
+        created_at=job.created_at,
     )

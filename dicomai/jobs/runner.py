@@ -14,6 +14,7 @@ import tomllib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -435,6 +436,8 @@ class JobRunner:
             input_digest=claim.input_digest,
             uid_root=self.settings.uid_root,
             **self._predecessors(claim, manifest.name),
+            # In the server's local time, as the captions say.
+            created=_local(claim.created_at) if claim.created_at else datetime.now(),
         )
 
     def _overlays(self, held: _Held, claim: Claim, context: ResultContext) -> list[Output]:
@@ -613,6 +616,10 @@ class JobRunner:
             if failed and report_instead(session, job, WORKER):
                 log.warning("job %d failed for good: another version reports instead", job.id)
         JOBS.labels(state=outcome).inc()
+
+
+def _local(moment: datetime) -> datetime:
+    return moment.astimezone().replace(tzinfo=None)
 
 
 class _Stopwatch:

@@ -205,7 +205,7 @@ def _copy_for_image(first: Dataset, pixels: np.ndarray, uid: str, number: int) -
     return sc
 
 
-def caption_lines(context: ResultContext, index: int) -> tuple[str, str, str]:
+def caption_lines(context: ResultContext, index: int) -> tuple[str, str, str, str]:
     """Return the caption of the overlay of ``context.sources[index]``.
 
     Only the finding, the model, the report and a disclaimer: nothing from the source's
@@ -222,7 +222,7 @@ def caption_lines(context: ResultContext, index: int) -> tuple[str, str, str]:
     -------
     tuple of str
         "<finding>: <probability %>" (">99%" and "<1%" at the ends, see
-        `codes.shown_percent`), "<model name> <version> - <report_label>" and the disclaimer.
+        `codes.shown_percent`), "<model name> <version>", `report_label` and the disclaimer.
 
     Raises
     ------
@@ -235,7 +235,9 @@ def caption_lines(context: ResultContext, index: int) -> tuple[str, str, str]:
         raise ValueError(f"source image {index + 1} has a heat map but no explained class")
     score = prediction.score(prediction.explained)
     finding = f"{score.code.meaning}: {codes.shown_percent(score)}"
-    return finding, f"{codes.model_label(context.model)} - {report_label(context)}", DISCLAIMER
+    # The report on a line of its own: one font size serves all lines, fitted to the longest,
+    # and on the model's line it had made every line a third smaller.
+    return finding, codes.model_label(context.model), report_label(context), DISCLAIMER
 
 
 def report_label(context: ResultContext) -> str:
@@ -450,9 +452,9 @@ def _describe_derivation(
     # PS3.3 C.8.6.1: produced on a workstation, not digitized from an interface or film.
     sc.ConversionType = "WSD"
     sc.PatientOrientation = codes.patient_orientation(source)
-    finding, report = caption[0], caption[1]
+    finding, model, report = caption[0], caption[1], caption[2]
     sc.DerivationDescription = (
-        f"{method} heat map ({finding}) blended over the source image; {report}"
+        f"{method} heat map ({finding}) blended over the source image; {model} - {report}"
     )
     reference = Dataset()
     reference.ReferencedSOPClassUID = source.SOPClassUID

@@ -132,6 +132,10 @@ def test_sr_image_n_and_overlay_n_are_the_studys_nth_image(tmp_path) -> None:
     again = assert_in_viewing_order(settings, sessions, job_id, datasets)
     assert again.SOPInstanceUID == first.SOPInstanceUID
     assert numbered_images(again) == numbered_images(first)
+    # And the same time: an SR an earlier attempt sent and a retry's overlays agree on it.
+    assert (again.ContentDate, again.ContentTime) == (first.ContentDate, first.ContentTime)
+    for overlay in outputs(settings, sessions, job_id)["sc"]:
+        assert (overlay.ContentDate, overlay.ContentTime) == (first.ContentDate, first.ContentTime)
 
 
 def test_jobs_batched_together_each_keep_their_studys_order(tmp_path) -> None:

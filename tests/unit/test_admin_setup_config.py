@@ -7,6 +7,7 @@ import socket
 
 import pytest
 
+from dicomai.config import load_settings
 from dicomai.daemon import _listening
 from dicomai.errors import ConfigError
 
@@ -29,3 +30,10 @@ def test_a_bind_failure_names_the_setting_behind_it(error: OSError, key: str) ->
 def test_other_errors_are_not_taken_for_the_settings() -> None:
     with pytest.raises(PermissionError), _listening("[ingest]", "0.0.0.0", 11112):
         raise PermissionError(errno.EACCES, "Permission denied", "/var/lib/dicomai/spool")
+
+
+def test_an_empty_metrics_host_is_every_interface_as_for_ingest() -> None:
+    # It loaded, then serve would not start: "cannot listen on :19531 ([metrics] host)".
+    settings = load_settings(None, metrics={"host": "", "port": 19531}, ingest={"host": ""})
+    assert settings.metrics.host == "0.0.0.0"
+    assert settings.ingest.host == ""

@@ -329,7 +329,8 @@ def test_caption_has_finding_model_and_warning_but_no_patient_data(context, monk
 
     assert drawn == [
         "Pneumothorax: 87%",
-        "chest-ptx 1.2.0 - report #1, 2026-11-25 02:04",
+        "chest-ptx 1.2.0",
+        "report #1, 2026-11-25 02:04",
         "AI generated - not for primary diagnosis",
     ]
     for text in drawn:
