@@ -120,7 +120,7 @@ def on_association_end(
     if key is None:
         return
     try:
-        transfers.end(sessions, key, released=True, stale_after=stale_after)
+        transfers.end(sessions, key, stale_after)
     except Exception as exc:  # the quiet period still completes these studies
         log.error("could not record association end: %s", type(exc).__name__)
         _forget(sessions, key)
@@ -140,7 +140,7 @@ def on_connection_close(event: evt.Event, sessions: sessionmaker[Session]) -> No
 
 def _forget(sessions: sessionmaker[Session], key: str) -> None:
     try:
-        transfers.end(sessions, key, released=False, stale_after=0.0)
+        transfers.forget(sessions, key)
     except Exception as exc:  # left, the rows count for the maximum wait at most
         log.error("could not forget an association's transfers: %s", type(exc).__name__)
 

@@ -53,27 +53,15 @@ def begin(sessions: sessionmaker[Session], association: str, study_uid: str) -> 
         pass
 
 
-def end(
-    sessions: sessionmaker[Session], association: str, released: bool, stale_after: float
-) -> set[str]:
-    """Forget `association`'s transfers; when it was released, mark as ended the studies no
-    other association is still sending, and return them.
-
-    An aborted association (`released` False) is a failed transfer that its sender repeats:
-    its studies are left to the quiet period. Rows older than `stale_after` seconds (the
-    maximum wait) do not hold a study.
-    """
+def end(sessions: sessionmaker[Session], association: str, stale_after: float) -> set[str]:
+    """Forget a released `association`'s transfers, mark as ended the studies no other
+    association is still sending, and return them. Rows older than `stale_after` seconds (the
+    maximum wait) do not hold a study."""
     with sessions() as session, session.begin():
         # Deleted first: on SQLite this takes the write lock, so two ends run one after the
         # other; on PostgreSQL the study rows' lock below orders them.
-        studies = set(
-            session.scalars(
-                delete(Transfer)
-                .where(Transfer.association == association)
-                .returning(Transfer.study_uid)
-            )
-        )
-        if not released or not studies:
+        studies = _delete(session, association)
+        if not studies:
             return set()
         # Two associations released at once: each would see the other's row, not yet deleted,
         # and neither end the study. The second to lock sees the first one's delete.
@@ -98,6 +86,23 @@ def end(
                 .values(association_ended_at=utcnow())
             )
         return ended
+
+
+def forget(sessions: sessionmaker[Session], association: str) -> None:
+    """Forget `association`'s transfers without ending anything: an aborted association is a
+    failed transfer that its sender repeats, and its studies are left to the quiet period."""
+    with sessions() as session, session.begin():
+        _delete(session, association)
+
+
+def _delete(session: Session, association: str) -> set[str]:
+    return set(
+        session.scalars(
+            delete(Transfer)
+            .where(Transfer.association == association)
+            .returning(Transfer.study_uid)
+        )
+    )
 
 
 def forget_dead_listeners(sessions: sessionmaker[Session], stale_after: float) -> int:

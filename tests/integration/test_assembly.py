@@ -180,7 +180,7 @@ def test_association_end_completes_when_configured(sessions) -> None:
     add_model(sessions, [])
     transfers.begin(sessions, "a", "1.2.3")
     receive(sessions, "1.2.3", "1.2.3.1")
-    assert transfers.end(sessions, "a", released=True, stale_after=3600) == {"1.2.3"}
+    assert transfers.end(sessions, "a", 3600) == {"1.2.3"}
     assert complete_studies(sessions, CompletionPolicy(quiet_seconds=3600)) == []
     policy = CompletionPolicy(quiet_seconds=3600, on_association_end=True)
     assert len(complete_studies(sessions, policy)) == 1

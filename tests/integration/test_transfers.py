@@ -50,9 +50,9 @@ def test_a_study_sent_on_two_associations_ends_at_the_release_of_the_second(sess
     for association in ("fast", "slow"):
         transfers.begin(sessions, association, STUDY)
         receive(sessions, STUDY, len(association))
-    assert transfers.end(sessions, "fast", released=True, stale_after=HOUR) == set()
+    assert transfers.end(sessions, "fast", HOUR) == set()
     assert not ended(sessions, STUDY)
-    assert transfers.end(sessions, "slow", released=True, stale_after=HOUR) == {STUDY}
+    assert transfers.end(sessions, "slow", HOUR) == {STUDY}
     assert ended(sessions, STUDY)
 
 
@@ -60,17 +60,17 @@ def test_an_aborted_association_ends_nothing_and_no_longer_holds_the_study(sessi
     for association in ("aborted", "released"):
         transfers.begin(sessions, association, STUDY)
     receive(sessions, STUDY, 1)
-    assert transfers.end(sessions, "aborted", released=False, stale_after=HOUR) == set()
+    transfers.forget(sessions, "aborted")
     assert not ended(sessions, STUDY)
     # The failed transfer no longer counts: the other one's release ends the study.
-    assert transfers.end(sessions, "released", released=True, stale_after=HOUR) == {STUDY}
+    assert transfers.end(sessions, "released", HOUR) == {STUDY}
 
 
 def test_a_study_recorded_twice_by_one_association_is_held_once(sessions) -> None:
     transfers.begin(sessions, "a", STUDY)
     transfers.begin(sessions, "a", STUDY)  # an earlier store of its first instance failed
     receive(sessions, STUDY, 1)
-    assert transfers.end(sessions, "a", released=True, stale_after=HOUR) == {STUDY}
+    assert transfers.end(sessions, "a", HOUR) == {STUDY}
 
 
 def release_at_once(sessions, associations: list[str]) -> list[set[str]]:
@@ -80,7 +80,7 @@ def release_at_once(sessions, associations: list[str]) -> list[set[str]]:
 
     def release(association: str) -> None:
         start.wait()
-        results.append(transfers.end(sessions, association, released=True, stale_after=HOUR))
+        results.append(transfers.end(sessions, association, HOUR))
 
     threads = [threading.Thread(target=release, args=(a,)) for a in associations]
     for thread in threads:
@@ -149,7 +149,7 @@ def test_a_row_older_than_the_maximum_wait_holds_no_study(sessions) -> None:
         )
     transfers.begin(sessions, "live", STUDY)
     receive(sessions, STUDY, 1)
-    assert transfers.end(sessions, "live", released=True, stale_after=HOUR) == {STUDY}
+    assert transfers.end(sessions, "live", HOUR) == {STUDY}
 
 
 def test_a_release_the_database_missed_leaves_no_rows_behind(
@@ -160,12 +160,9 @@ def test_a_release_the_database_missed_leaves_no_rows_behind(
     transfers.begin(sessions, "k1", STUDY)
     receive(sessions, STUDY, 1)
     event = SimpleNamespace(assoc=SimpleNamespace(dicomai_transfer="k1", is_released=True))
-    real_end = transfers.end
 
-    def outage_at_release(*args: object, released: bool, **kwargs: object) -> set[str]:
-        if released:
-            raise OperationalError("UPDATE", {}, Exception("server closed the connection"))
-        return real_end(*args, released=released, **kwargs)  # type: ignore[arg-type]
+    def outage_at_release(*args: object, **kwargs: object) -> set[str]:
+        raise OperationalError("UPDATE", {}, Exception("server closed the connection"))
 
     monkeypatch.setattr(transfers, "end", outage_at_release)
     scp.on_association_end(event, sessions, HOUR)
