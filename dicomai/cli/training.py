@@ -153,6 +153,20 @@ def _epochs(text: str) -> tuple[int, ...]:
         raise click.BadParameter(f"{text!r}: comma-separated epoch numbers") from error
 
 
+def _rates(text: str) -> tuple[float, ...]:
+    try:
+        rates = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError as error:
+        raise click.BadParameter(
+            f"{text!r}: comma-separated learning rates", param_hint="--lld-rates"
+        ) from error
+    if not all(0 < rate < 1 for rate in rates):
+        raise click.BadParameter(
+            f"{text!r}: each rate must be above 0 and below 1", param_hint="--lld-rates"
+        )
+    return rates
+
+
 @click.command("train")
 @click.option(
     "--data",
@@ -262,6 +276,12 @@ def _epochs(text: str) -> tuple[int, ...]:
     show_default=True,
     help="lld: decay per residual block, or per stage (a ResNet's layer1-4, as seed 002: "
     "layer4 at lr*decay, layer3 at lr*decay^2, ...).",
+)
+@click.option(
+    "--lld-rates",
+    default="",
+    help="lld: each unit's rate from the top instead of --layer-decay, e.g. 1e-4,1e-5,1e-6,1e-6 "
+    "(seed 002's layer4 to layer1); units beyond the list do not train.",
 )
 @click.option("--unfreeze-at", default="", help="gradual: epochs, e.g. 2,4,6.")
 @click.option("--epochs", default=20, type=_POSITIVE_INT, show_default=True)
@@ -503,6 +523,7 @@ def _run_settings(o: dict[str, Any]) -> RunSettings:
             layer_decay=float(o["layer_decay"]),
             unfreeze_at=_epochs(str(o["unfreeze_at"])),
             lld_unit=DecayUnit(str(o["lld_unit"])),
+            lld_rates=_rates(str(o["lld_rates"])),
         ),
         loss=LossSettings(
             name=loss,

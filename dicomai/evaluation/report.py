@@ -101,10 +101,11 @@ from dicomai.evaluation.uncertainty_quality import (
     uncertainty_report,
 )
 from dicomai.imaging.decode import read_instance
-from dicomai.imaging.preprocess import prepare, require_evaluable, to_model_input
+from dicomai.imaging.preprocess import require_evaluable, to_model_input
 from dicomai.imaging.spec import InputSpec
 from dicomai.inference.runner import Classifier
 from dicomai.inference.uncertainty import Summary
+from dicomai.jobs.reading import prepare_frames, reported_frame
 from dicomai.models.package import ClassSpec, LoadedModel, load_model
 from dicomai.training.datasets import (
     DICOM_SUFFIXES,
@@ -168,9 +169,9 @@ def evaluate_package(
             f"{labels_csv or data}: the data give {given}, but the package's model is "
             f"{'multi-label' if task is Task.MULTILABEL else 'single-label'}"
         )
-    images, inputs, left_out = _model_inputs(listed, loaded, labels_csv or data, log)
+    images, frames, left_out = _model_inputs(listed, loaded, labels_csv or data, log)
     classifier = Classifier(loaded)
-    summary = _summary(classifier, inputs)
+    inputs, summary = _reported(classifier, frames)
     probabilities = summary.mean
     thresholds = np.array([spec.threshold for spec in manifest.classes])
     positive = positive_class(manifest.classes)
@@ -328,8 +329,9 @@ def _task(loaded: LoadedModel) -> Task:
 
 def _model_inputs(
     images: LabelledImages, loaded: LoadedModel, source: Path, log: Log
-) -> tuple[LabelledImages, list[np.ndarray], list[dict[str, str]]]:
-    """The images the daemon would evaluate and their model inputs, and the others, each with
+) -> tuple[LabelledImages, list[tuple[np.ndarray, ...]], list[dict[str, str]]]:
+    """The images the daemon would evaluate and the model inputs of the frames it would read
+    of each (one, or every frame not blank with ``frames = "all"``), and the others, each with
     the reason the daemon would give and logged on a line of its own.
 
     One blank or undecodable image had stopped the whole evaluation, where the daemon reports
@@ -359,8 +361,9 @@ def _model_inputs(
     return images.subset(np.array(kept, dtype=np.intp)), inputs, left_out
 
 
-def _model_input(path: Path, loaded: LoadedModel) -> np.ndarray:
-    """The input the daemon would give the model: DICOM through `prepare`, else the same steps.
+def _model_input(path: Path, loaded: LoadedModel) -> tuple[np.ndarray, ...]:
+    """The inputs the daemon would give the model: DICOM through `prepare_frames`, else the
+    same steps.
 
     Raises
     ------
@@ -374,19 +377,37 @@ def _model_input(path: Path, loaded: LoadedModel) -> np.ndarray:
     if path.suffix.lower() not in DICOM_SUFFIXES:
         image = read_image01(path, spec.voi_window, spec.keeps_colour)
         require_evaluable(image, spec)
-        return to_model_input(image, spec)
+        return (to_model_input(image, spec),)
     try:
         dataset = read_instance(path)
     except (NotEvaluable, OSError) as error:
         raise DatasetError(f"{path}: unreadable DICOM image: {error}") from None
     try:
-        return prepare(dataset, spec)[1]
+        return prepare_frames(dataset, spec).inputs
     except (DicomaiError, OSError, MemoryError):
         raise
     except Exception as error:
         # As `dicomai.jobs.reading.read_image` says of such an image: the type only, since a
         # message may quote the header's values.
         raise NotEvaluable(f"image could not be prepared ({type(error).__name__})") from error
+
+
+def _reported(
+    classifier: Classifier, frames: list[tuple[np.ndarray, ...]]
+) -> tuple[list[np.ndarray], Summary]:
+    """Each image's input and summary as the daemon reports it: of an image read with all its
+    frames, the frame `reported_frame` chooses (a multi-frame image had been scored on its
+    first frame only, whatever the package's ``frames``)."""
+    flat = [tensor for group in frames for tensor in group]
+    every = _summary(classifier, flat)
+    classes = classifier.loaded.manifest.classes
+    rows, start = [], 0
+    for group in frames:
+        rows.append(start + reported_frame(every.mean[start : start + len(group)], classes))
+        start += len(group)
+    chosen = np.array(rows, dtype=np.intp)
+    summary = Summary(*(getattr(every, f.name)[chosen] for f in fields(Summary)))
+    return [flat[row] for row in rows], summary
 
 
 def _summary(classifier: Classifier, inputs: list[np.ndarray]) -> Summary:

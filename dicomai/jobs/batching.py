@@ -13,7 +13,7 @@ from dicomai.inference.runner import Classifier
 from dicomai.inference.types import ImagePrediction
 from dicomai.ingest.spool import Spool
 from dicomai.jobs.claims import Claim
-from dicomai.jobs.reading import Reader, ReadImage, viewing_order, with_frame
+from dicomai.jobs.reading import Reader, ReadImage, reported_frame, viewing_order, with_frame
 from dicomai.results.context import SourceImage
 
 log = logging.getLogger(__name__)
@@ -94,14 +94,12 @@ def _reported_frame(classifier: Classifier, image: ReadImage) -> ReadImage:
     equals. Only that frame is explained; the others are classified, not explained.
     """
     manifest = classifier.loaded.manifest
-    findings = [i for i, spec in enumerate(manifest.classes) if spec.is_finding]
-    columns = findings or list(range(len(manifest.classes)))
-    scores = []
+    means = []
     for start in range(0, len(image.frames), classifier.batch_size):
         chunk = np.stack(image.frames[start : start + classifier.batch_size])
         batch = torch.from_numpy(chunk).to(classifier.device)
-        scores.append(classifier.summary(batch).mean[:, columns].max(axis=1))
-    frame = int(np.argmax(np.concatenate(scores)))
+        means.append(classifier.summary(batch).mean)
+    frame = reported_frame(np.concatenate(means), manifest.classes)
     chosen = with_frame(image, frame, manifest.input)
     number = chosen.source.frame + 1 if chosen.source is not None else frame + 1
     log.debug("%s: reported by frame %d (blank frames left out)", image.sop_uid, number)

@@ -18,6 +18,7 @@ from dicomai.errors import NotEvaluable
 from dicomai.imaging.decode import read_instance
 from dicomai.imaging.preprocess import prepare, prepare_unless_blank, selected_frames
 from dicomai.imaging.spec import InputSpec
+from dicomai.models.manifest import ClassSpec
 from dicomai.results.context import SourceImage
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def read_image(sop_uid: str, path: Path, spec: InputSpec) -> ReadImage:
         # report failed with it.
         return ReadImage(sop_uid, None, None, f"SOP class {sop_class} is not a standard image")
     try:
-        prepared = _prepare(dataset, spec)
+        prepared = prepare_frames(dataset, spec)
     except NotEvaluable as exc:
         return _not_evaluated(sop_uid, dataset, str(exc))
     except (OSError, MemoryError):
@@ -97,7 +98,7 @@ def _not_evaluated(sop_uid: str, dataset: Dataset, reason: str) -> ReadImage:
 
 
 @dataclass(frozen=True)
-class _Prepared:
+class PreparedFrames:
     """The display of an image's first frame evaluated, and the model input of each frame
     evaluated (`indices`, zero-based)."""
 
@@ -106,7 +107,7 @@ class _Prepared:
     indices: tuple[int, ...]
 
 
-def _prepare(dataset: Dataset, spec: InputSpec) -> _Prepared:
+def prepare_frames(dataset: Dataset, spec: InputSpec) -> PreparedFrames:
     """The frames of `dataset` the model evaluates, prepared.
 
     With ``frames = "all"`` and several frames, a blank frame (a dark lead-in or padding
@@ -124,7 +125,7 @@ def _prepare(dataset: Dataset, spec: InputSpec) -> _Prepared:
     indices = selected_frames(dataset, spec)
     if len(indices) < 2:
         only, tensor = prepare(dataset, spec)
-        return _Prepared(only, (tensor,), (0,))
+        return PreparedFrames(only, (tensor,), (0,))
     display: np.ndarray | None = None
     inputs, kept = [], []
     for index in indices:
@@ -141,7 +142,16 @@ def _prepare(dataset: Dataset, spec: InputSpec) -> _Prepared:
         kept.append(index)
     if display is None:
         raise NotEvaluable(f"image is blank: all {len(indices)} frames have one value each")
-    return _Prepared(display, tuple(inputs), tuple(kept))
+    return PreparedFrames(display, tuple(inputs), tuple(kept))
+
+
+def reported_frame(means: np.ndarray, classes: Sequence[ClassSpec]) -> int:
+    """Which of an image's frames reports it, from the frames' (frames, classes) mean
+    probabilities: that whose most probable finding is the most probable of all frames (any
+    class where none is a finding), the first of equals. `dicomai evaluate` chooses so too."""
+    findings = [i for i, spec in enumerate(classes) if spec.is_finding]
+    columns = findings or list(range(len(classes)))
+    return int(np.argmax(means[:, columns].max(axis=1)))
 
 
 def with_frame(image: ReadImage, choice: int, spec: InputSpec) -> ReadImage:

@@ -344,6 +344,7 @@ def _training_table(
     strategy["strategy"] = settings.strategy.strategy.value
     strategy["unfreeze_at"] = list(settings.strategy.unfreeze_at)
     strategy["lld_unit"] = str(settings.strategy.lld_unit)
+    strategy["lld_rates"] = list(settings.strategy.lld_rates)
     loss = asdict(settings.loss)
     if settings.loss.name != "multitask":
         del loss["multitask_alpha"]

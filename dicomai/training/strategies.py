@@ -15,7 +15,10 @@ its own optimiser and a fresh warm-up + cosine schedule over the phase's epochs.
   stage instead of a block: each stack of blocks (a ResNet's ``layer1``...``layer4``, a
   DenseNet's dense blocks) with the layers that follow it up to the next stack (a transition),
   and the stem before the first stack; so ``layer4`` trains at ``lr * layer_decay``,
-  ``layer3`` at ``lr * layer_decay**2``..., as seed 002's per-stage rates do.
+  ``layer3`` at ``lr * layer_decay**2``..., as seed 002's per-stage rates do. ``lld_rates``
+  gives the units' rates from the top instead of a decay (seed 002 trains ``layer2`` and
+  ``layer1`` both at 1e-6); units beyond the list do not train, as parameters left out of a
+  hand-written optimiser's groups do not (seed 002's stem).
 - ``gradual``: the head only, then at each epoch of ``unfreeze_at`` the next slice of backbone
   blocks from the top joins (the last slice is the rest), all at ``lr``.
 """
@@ -59,6 +62,7 @@ class StrategySettings:
     layer_decay: float = 0.75
     unfreeze_at: tuple[int, ...] = ()
     lld_unit: DecayUnit = DecayUnit.BLOCK
+    lld_rates: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -223,10 +227,17 @@ def plan(model: nn.Module, settings: StrategySettings, epochs: int) -> list[Phas
             units = blocks
             if DecayUnit(settings.lld_unit) is DecayUnit.STAGE:
                 units = _trainable(backbone_stages(model), fixed)
-            groups = [(head, lr)] + [
-                (unit, lr * settings.layer_decay**depth)
-                for depth, unit in enumerate(reversed(units), start=1)
-            ]
+            top_first = list(reversed(units))
+            rates = settings.lld_rates or tuple(
+                lr * settings.layer_decay**depth for depth in range(1, len(units) + 1)
+            )
+            if len(rates) > len(top_first):
+                unit = DecayUnit(settings.lld_unit).value
+                raise DatasetError(
+                    f"lld: --lld-rates gives {len(rates)} rates, the network has "
+                    f"{len(top_first)} backbone {unit}{'' if len(top_first) == 1 else 's'}"
+                )
+            groups = [(head, lr), *zip(top_first, rates, strict=False)]
             return [Phase(0, epochs, tuple(groups))]
         case Strategy.GRADUAL:
             return _gradual(head, blocks, settings, epochs)

@@ -396,3 +396,40 @@ def test_train_takes_and_records_the_decay_unit(pngs: Path, tmp_path: Path) -> N
                        *FAST, "--strategy", "lld", "--lld-unit", "stage")  # fmt: skip
     assert code == 0, output
     assert load_model(out / "package").manifest.training["strategy"]["lld_unit"] == "stage"
+
+
+def test_given_stage_rates_train_layer2_and_layer1_alike_and_leave_the_stem_out() -> None:
+    # Seed 002's groups: layer4 1e-4, layer3 1e-5, layer2 and layer1 1e-6, the head 1e-3; its
+    # stem is in no group. A decay of 0.1 gave layer1 1e-7 and trained the stem at 1e-8.
+    model = build("resnet18", 2)
+    lld = StrategySettings(
+        Strategy.LLD, lr=1e-3, lld_unit=DecayUnit.STAGE, lld_rates=(1e-4, 1e-5, 1e-6, 1e-6)
+    )
+    (phase,) = plan(model, lld, 2)
+    rate_of = {id(p): lr for params, lr in phase.groups for p in params}
+    rates: dict[str, set[float | None]] = {}
+    for name, parameter in model.named_parameters():
+        rates.setdefault(name.split(".")[0], set()).add(rate_of.get(id(parameter)))
+    assert rates == {"fc": {1e-3}, "layer4": {1e-4}, "layer3": {1e-5}, "layer2": {1e-6},
+                     "layer1": {1e-6}, "conv1": {None}, "bn1": {None}}  # fmt: skip
+    with pytest.raises(DatasetError, match="6 rates, the network has 5 backbone stages"):
+        plan(model, StrategySettings(Strategy.LLD, lld_unit=DecayUnit.STAGE,
+                                     lld_rates=(1e-4,) * 6), 2)  # fmt: skip
+
+
+def test_train_takes_and_records_stage_rates_and_refuses_bad_ones(
+    pngs: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    code, output = run("train", "--data", str(pngs), "--out", str(out), "--name", "lld",
+                       *FAST, "--strategy", "lld", "--lld-unit", "stage",
+                       "--lld-rates", "1e-4")  # fmt: skip
+    assert code == 0, output
+    strategy = load_model(out / "package").manifest.training["strategy"]
+    assert strategy["lld_rates"] == [1e-4]
+    for bad in ("1e-4,x", "0,1e-5", "2"):
+        code, output = run("train", "--data", str(pngs), "--out", str(tmp_path / "bad"),
+                           "--name", "lld", *FAST, "--strategy", "lld",
+                           "--lld-rates", bad)  # fmt: skip
+        assert code == 2 and "--lld-rates" in output and "Traceback" not in output, output
+        assert not (tmp_path / "bad").exists()
