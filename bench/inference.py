@@ -7,7 +7,9 @@ against a textbook Grad-CAM (hooks on the same target layer, a full backward fro
 score, channel weights = mean gradients, ReLU, bilinear upsampling, scaled to the maximum).
 Architectures whose heat maps are another method by default (the ViTs' attention relevance,
 the DenseNet-Transformer's LayerCAM) are timed with Grad-CAM for that comparison, and with
-their own method in the last column, against the same textbook Grad-CAM.
+their own method in the last column, against the same textbook Grad-CAM. A network that also
+segments (``resnet50_multitask``) runs both branches in plain torch too (``forward_multitask``),
+since the Classifier delivers its mask.
 Prints a Markdown table of medians and ratios (dicomai ÷ plain: below 1 is faster); the four
 measurements of a row take turns, round after round.
 
@@ -75,7 +77,7 @@ def textbook_gradcam(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> np.
     handle = layer.register_forward_hook(keep)
     try:
         model.zero_grad(set_to_none=True)
-        logits = model(x)
+        logits = both_branches(model)(x)[0] if segments(model) else model(x)
         logits[:, 1].sum().backward()
     finally:
         handle.remove()
@@ -85,6 +87,14 @@ def textbook_gradcam(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> np.
     cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     peak = cam.flatten(1).amax(dim=1).clamp_min(1e-12)
     return (cam / peak[:, None, None]).detach().cpu().numpy()
+
+
+def segments(model: nn.Module) -> bool:
+    return hasattr(model, "forward_multitask")
+
+
+def both_branches(model: nn.Module) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
+    return model.forward_multitask  # type: ignore[no-any-return]
 
 
 def classifier(model: nn.Module, findings: bool, method: str = "gradcam") -> Classifier:
@@ -115,7 +125,7 @@ def bench_one(name: str, batch: int, budget_s: float) -> dict[str, float]:
 
     def plain_forward() -> None:
         with torch.inference_mode():
-            model(x)
+            both_branches(model)(x) if segments(model) else model(x)
 
     # Built before the clock starts: building one runs its warm-up pass.
     forward_only, with_cam = classifier(ours, False), classifier(ours, True)
