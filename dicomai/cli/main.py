@@ -118,6 +118,11 @@ class Context:
 @click.pass_context
 def cli(ctx: click.Context, config_file: Path | None) -> None:
     """dicomai: classify DICOM studies, explain them with heat maps, report back to the PACS."""
+    from dicomai.logs import configure_logging
+
+    # Before any command runs, not only those that read the settings: a library's warning in
+    # `train` or `evaluate` may quote a value of the images' headers, which the filter redacts.
+    configure_logging("WARNING")
     ctx.obj = Context(config_file)
 
 

@@ -72,6 +72,14 @@ def read_instance(path: str | os.PathLike[str]) -> Dataset:
         raise NotEvaluable("not a DICOM file") from exc
     except (ValueError, EOFError, KeyError, TypeError) as exc:
         raise NotEvaluable("DICOM header could not be parsed") from exc
+    relabelled = relabel_identification(dataset)
+    if relabelled:
+        log.warning(
+            "%s: patient or study identification sent with another VR, read as its "
+            "dictionary's: %s",
+            dataset.get("SOPInstanceUID", "instance"),
+            ", ".join(relabelled),
+        )
     dropped = drop_unreadable_values(dataset)
     if dropped:
         log.warning(
@@ -80,6 +88,40 @@ def read_instance(path: str | os.PathLike[str]) -> Dataset:
             ", ".join(dropped),
         )
     return dataset
+
+
+# Copied from each source into the SR and overlays, which the PACS files by them.
+_IDENTIFICATION = frozenset(
+    {
+        0x00080020,  # Study Date
+        0x00080030,  # Study Time
+        0x00080050,  # Accession Number
+        0x00080090,  # Referring Physician's Name
+        0x00081030,  # Study Description
+        0x0020000D,  # Study Instance UID
+        0x00200010,  # Study ID
+    }
+)
+
+
+def relabel_identification(dataset: Dataset) -> list[str]:
+    """Read the patient's and the study's identification with their dictionary VRs; return
+    the keywords of those sent with another.
+
+    A Patient ID labelled DS was dropped as a number that is not one, and the results reached
+    the PACS without it; a Patient's Name labelled US read as integers and failed every
+    attempt of the study's job. The value's bytes are the sender's text either way.
+    """
+    relabelled = []
+    for tag, raw in list(dataset._dict.items()):
+        if not (tag.group == 0x0010 or tag in _IDENTIFICATION) or not raw.is_raw:
+            continue
+        vr = _dictionary_vr(tag)
+        if raw.VR in (None, "UN", vr) or not vr or " " in vr or vr == "SQ":
+            continue
+        dataset._dict[tag] = raw._replace(VR=vr)
+        relabelled.append(keyword_for_tag(tag) or str(tag))
+    return relabelled
 
 
 def drop_unreadable_values(dataset: Dataset) -> list[str]:
