@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import numpy as np
 from pydicom import Dataset, dcmread
 from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataelem import RawDataElement
 from pydicom.encaps import generate_frames, get_frame
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
@@ -114,7 +115,9 @@ def relabel_identification(dataset: Dataset) -> list[str]:
     """
     relabelled = []
     for tag, raw in list(dataset._dict.items()):
-        if not (tag.group == 0x0010 or tag in _IDENTIFICATION) or not raw.is_raw:
+        if not (tag.group == 0x0010 or tag in _IDENTIFICATION) or not isinstance(
+            raw, RawDataElement
+        ):
             continue
         vr = _dictionary_vr(tag)
         if raw.VR in (None, "UN", vr) or not vr or " " in vr or vr == "SQ":

@@ -102,7 +102,8 @@ def handlers(
         ),
         # A release alone ends a transfer: an A-ABORT is a failed one, the sender sends again
         # (closed at the abort, a report on part of the study went out before the retry). An
-        # aborted association's studies are left to the quiet period.
+        # aborted association's studies are left to the quiet period, and so are those of a
+        # released one that had a store refused.
         (
             evt.EVT_RELEASED,
             on_association_end,
@@ -115,9 +116,13 @@ def on_association_end(
     event: evt.Event, sessions: sessionmaker[Session], stale_after: float
 ) -> None:
     """Mark as ended the studies this released association sent that no other association,
-    in any listener process, is still sending (`transfers.end`)."""
+    in any listener process, is still sending (`transfers.end`); an association that had a
+    store refused ended nothing, as an aborted one did not."""
     key = event.assoc.__dict__.get("dicomai_transfer")
     if key is None:
+        return
+    if event.assoc.__dict__.get("dicomai_refused"):
+        _forget(sessions, key)
         return
     try:
         transfers.end(sessions, key, stale_after)

@@ -83,6 +83,11 @@ class Storer:
         reset_dataset_count(event)
         with STORE_SECONDS.time():
             status = self._answer(event, calling)
+        if status != SUCCESS:
+            # A transfer with a refused instance failed, as an aborted one did: its release
+            # must not end its studies (a report on 8 of 20 images went out while the sender,
+            # refused 0xA700 below the disk watermark, released to retry later).
+            event.assoc.__dict__["dicomai_refused"] = True
         sender = sender_label(calling, self.peers)
         STORES.labels(calling_ae=sender, status=f"0x{status:04X}").inc()
         return status

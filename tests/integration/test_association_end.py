@@ -111,6 +111,27 @@ def test_an_aborted_association_leaves_its_study_open_for_the_senders_retry(
     assert closes(listener, STUDY) == [4]
 
 
+def test_a_released_association_that_had_a_store_refused_leaves_its_study_open(
+    listener: Listener,
+) -> None:
+    # 2 of 3 images stored, the third refused, then a normal release (storescu releases
+    # after 0xA700 below the disk watermark): the release closed the study on 2 images.
+    first = associate(listener, "SENDERA")
+    send(first, STUDY, 1, 2)
+    refused = image(STUDY, 3)
+    refused.SeriesInstanceUID = "1.2.abc"  # not a UID
+    assert first.send_c_store(refused).Status == 0xC000
+    first.release()
+    another_study_closed_at_its_release(listener)
+    assert state(listener, STUDY) == ("receiving", 2), "the release closed a failed transfer"
+
+    retry = associate(listener, "SENDERA")
+    send(retry, STUDY, 1, 2, 3)
+    retry.release()
+    closed(listener, STUDY, "at the retry's release")
+    assert closes(listener, STUDY) == [3]
+
+
 # Two listener processes: a busy one lets the other take the next connection
 # (`dicomai.ingest.server`), so the two associations are held by different processes.
 @pytest.mark.parametrize("listener", [1, 2], indirect=True, ids=["one_process", "two_processes"])
