@@ -15,6 +15,7 @@ from dicomai.cli.tables import print_fields, print_table, when
 from dicomai.db.models import AuditEvent, ModelState, ModelVersion
 
 if TYPE_CHECKING:
+    from dicomai.models.manifest import Manifest
     from dicomai.rollout.gate import GateDecision
 
 _REASON = click.option("--reason", default="", help="Why; recorded in the audit trail.")
@@ -41,8 +42,11 @@ def models_register(obj: Context, path: Path, reason: str) -> None:
 @models.command("list")
 @click.pass_obj
 def models_list(obj: Context) -> None:
-    """List registered model versions, their states and headline metrics."""
-    from dicomai.rollout.gate import gate_metrics
+    """List registered model versions, their states and headline metrics.
+
+    The metrics are the site evaluation's where one is recorded (the gate prefers it), else
+    the package's own validation metrics; each says which it is.
+    """
     from dicomai.rollout.registry import list_versions
 
     with admin_session(obj) as session:
@@ -52,7 +56,7 @@ def models_list(obj: Context) -> None:
                 r.version,
                 r.architecture,
                 _state(r),
-                _metrics_text(gate_metrics(r.manifest.get("metrics", {}))),
+                _headline_text(r),
                 when(r.state_changed_at),
             ]
             for r in list_versions(session)
@@ -65,7 +69,10 @@ def models_list(obj: Context) -> None:
 @click.argument("version", required=False)
 @click.pass_obj
 def models_show(obj: Context, name: str, version: str | None) -> None:
-    """Show a version's state, metrics and model card (default: the active, else newest)."""
+    """Show a version's state, how the daemon runs it, its metrics and model card.
+
+    Default: the active version, else the newest.
+    """
     with admin_session(obj) as session:
         row = _pick(session, name, version)
         _print_card(row)
@@ -266,6 +273,8 @@ def _print_card(row: ModelVersion) -> None:
             ("applies to", ", ".join(f"{k}={v}" for k, v in scope.items()) or "any image"),
         ]
     )
+    click.echo("\nhow the daemon runs it:")
+    print_fields(_running_fields(manifest))
     click.echo("\nclasses:")
     print_table(
         ["NAME", "CODE", "MEANING", "THRESHOLD", "FINDING"],
@@ -282,12 +291,122 @@ def _print_card(row: ModelVersion) -> None:
     )
     for title, table in (
         ("training", manifest.get("training", {})),
-        ("metrics", manifest.get("metrics", {})),
-        ("site evaluation", row.evaluation or {}),
+        (_PACKAGE_METRICS, manifest.get("metrics", {})),
     ):
         if table:
             click.echo(f"\n{title}:")
             print_fields([(str(k), _value(v)) for k, v in table.items()])
+    _print_site_evaluation(row.evaluation)
+
+
+_PACKAGE_METRICS = (
+    "package metrics (model.toml [metrics]: val_* on the package's validation set, test_* on "
+    "its test set)"
+)
+
+
+def _running_fields(raw: dict[str, Any]) -> list[tuple[str, str]]:
+    """What the daemon does with the model: its manifest as the daemon reads it, defaults
+    filled in (a package that leaves out ``[input]`` runs at 224 x 224, not at no size)."""
+    from dicomai.errors import ModelPackageError
+    from dicomai.models.manifest import Manifest
+
+    try:
+        manifest = Manifest.from_dict(raw)
+    except ModelPackageError as error:
+        return [("manifest", f"not readable by this dicomai: {error}")]
+    spec = manifest.input
+    equalize = spec.equalize.value
+    if equalize == "clahe":
+        equalize += f" (clip {spec.clahe_clip:g})"
+    window, window_text = spec.voi_window, "stored (the image's own VOI LUT or window)"
+    if window is not None:
+        preset = f"{spec.window}: " if isinstance(spec.window, str) else ""
+        window_text = f"{preset}center {window[0]:g}, width {window[1]:g}"
+    outputs = "each class's sigmoid (multi-label)" if manifest.multi_label else "the softmax"
+    return [
+        ("input size", f"{spec.size[0]} x {spec.size[1]} (rows x columns)"),
+        ("colour", spec.color.value),
+        ("window", window_text),
+        ("frames", spec.frames.value),
+        ("equalisation", equalize),
+        ("normalisation", f"mean {_numbers(spec.mean)}, std {_numbers(spec.std)}"),
+        ("temperature", f"{manifest.temperature:.6g} (calibration: logits / T before {outputs})"),
+        ("uncertainty", _uncertainty_text(manifest)),
+        (
+            "heat maps",
+            manifest.explanation or "the architecture's own (Grad-CAM unless it names one)",
+        ),
+    ]
+
+
+def _uncertainty_text(manifest: Manifest) -> str:
+    method = manifest.uncertainty
+    if method.method == "mc_dropout":
+        return f"MC dropout, {method.passes} passes (seed {method.seed}), decided on their mean"
+    if method.method == "ensemble":
+        files = [manifest.weights_file, *(member.file for member in manifest.ensemble)]
+        return f"ensemble of {len(files)} members ({', '.join(files)}), decided on their mean"
+    return "none (one pass)"
+
+
+def _print_site_evaluation(evaluation: dict[str, Any] | None) -> None:
+    """The site's evaluation, its numbers only (per-class tables stay in the audit trail)."""
+    from dicomai.rollout.gate import evaluation_metrics
+
+    if not evaluation:
+        click.echo("\nsite evaluation: none recorded (the gate compares package metrics)")
+        return
+    data = evaluation.get("data")
+    about = [("data", data["path"])] if isinstance(data, dict) and "path" in data else []
+    scalars = {
+        **{k: v for k, v in evaluation.items() if not isinstance(v, dict | list)},
+        **{
+            k: v
+            for k, v in evaluation_metrics(evaluation).items()
+            if not isinstance(v, dict | list)
+        },
+    }
+    click.echo("\nsite evaluation (recorded by `models evaluation`; the rollout gate prefers it):")
+    print_fields(about + [(str(k), _value(v)) for k, v in scalars.items()])
+
+
+def _headline_text(row: ModelVersion) -> str:
+    """The site evaluation's AUC and accuracy, labelled as such, else the package's
+    validation ones, labelled ``validation`` (its test ones, labelled ``package test``)."""
+    from dicomai.rollout.gate import evaluation_metrics, gate_metrics
+
+    if row.evaluation:
+        site = gate_metrics(evaluation_metrics(row.evaluation))
+        return _labelled("site evaluation", _headline(site, ""))
+    packaged = gate_metrics(row.manifest.get("metrics", {}))
+    for label, prefix in (("validation", "val_"), ("package test", "test_"), ("package", "")):
+        found = _headline(packaged, prefix)
+        if found:
+            return _labelled(label, found)
+    return ""
+
+
+# The figures a list shows first: the AUC (threshold-free), then the accuracy.
+_HEADLINES = (("auc_macro", "auc", "auc_micro"), ("accuracy", "accuracy_argmax"))
+
+
+def _headline(metrics: dict[str, float], prefix: str) -> dict[str, float]:
+    """`_HEADLINES` among the metrics named ``prefix...`` (named without the prefix), else the
+    first of those metrics by name."""
+    found = {}
+    for names in _HEADLINES:
+        name = next((n for n in names if prefix + n in metrics), None)
+        if name is not None:
+            found[name] = metrics[prefix + name]
+    named = sorted(k for k in metrics if k.startswith(prefix))
+    if not found and named:
+        found[named[0].removeprefix(prefix)] = metrics[named[0]]
+    return found
+
+
+def _labelled(label: str, metrics: dict[str, float]) -> str:
+    return f"{label}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
 
 
 def _state(row: ModelVersion) -> str:
@@ -298,6 +417,10 @@ def _state(row: ModelVersion) -> str:
 
 def _metrics_text(metrics: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
+
+
+def _numbers(values: tuple[float, ...]) -> str:
+    return " ".join(f"{v:g}" for v in values)
 
 
 def _value(value: Any) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 import tarfile
 import tempfile
@@ -162,18 +163,65 @@ def record_evaluation(
 
 def _same_model(row: ModelVersion, evaluation: dict[str, Any]) -> None:
     """Refuse an evaluation whose ``model`` block (as `dicomai evaluate` writes it) names another
-    model: another version's report, recorded for this one, passed the gate for it."""
+    model: another version's report, recorded for this one, passed the gate for it.
+
+    Compared where the evaluation gives them: name, version, architecture, temperature, the
+    SHA-256 of every weights file (``weights_sha256`` the first; ``ensemble_sha256`` the
+    further members, as the manifest's ``[ensemble] sha256`` lists them) and the uncertainty
+    method with its number of passes or members. The first weights file alone let a 2-member
+    ensemble's evaluation pass for the single model that was its first member.
+    """
     model = evaluation.get("model")
     if not isinstance(model, dict):
         return
-    expected = {"name": row.name, "version": row.version, "weights_sha256": row.weights_sha256}
-    for key, value in expected.items():
-        given = model.get(key)
-        if given is not None and str(given) != value:
+    evaluated = f"{model.get('name')} {model.get('version')}"
+    subject = (
+        f"of another model than {row.label} (of the same name and version)"
+        if evaluated == row.label
+        else f"of {evaluated}, not of {row.label}"
+    )
+    for what, given, expected in _identities(row, model, evaluation.get("uncertainty")):
+        if given is not None and given != expected:
             raise ModelPackageError(
-                f"the evaluation is of {model.get('name')} {model.get('version')} (its {key} is "
-                f"{str(given)[:64]!r}), not of {row.label}"
+                f"the evaluation is {subject}: its {what} is {str(given)[:64]!r}, the "
+                f"package's {str(expected)[:64]!r}"
             )
+
+
+def _identities(
+    row: ModelVersion, model: dict[str, Any], uncertainty: Any
+) -> Iterator[tuple[str, Any, Any]]:
+    """(what, the evaluation's value or None where it gives none, the package's value)."""
+    from dicomai.models.manifest import Manifest
+
+    manifest = Manifest.from_dict(row.manifest)
+    for key, value in (
+        ("name", row.name),
+        ("version", row.version),
+        ("weights_sha256", row.weights_sha256),
+        ("architecture", row.architecture),
+    ):
+        yield key, None if model.get(key) is None else str(model[key]), value
+    temperature = model.get("temperature")
+    if isinstance(temperature, int | float) and not math.isclose(
+        temperature, manifest.temperature, rel_tol=1e-9
+    ):
+        yield "temperature", temperature, manifest.temperature
+    members = model.get("ensemble_sha256")
+    if members is not None:
+        expected = [member.sha256 for member in manifest.ensemble]
+        given = members if isinstance(members, list) else [members]
+        yield "number of ensemble members", 1 + len(given), 1 + len(expected)
+        for index, (digest, own) in enumerate(zip(given, expected, strict=True), start=2):
+            yield f"ensemble member {index}'s sha256", str(digest), own
+    if isinstance(uncertainty, dict):
+        method = manifest.uncertainty.method
+        samples = {
+            "mc_dropout": manifest.uncertainty.passes,
+            "ensemble": 1 + len(manifest.ensemble),
+        }
+        yield "uncertainty method", uncertainty.get("method"), method
+        yield "number of passes or members", uncertainty.get("samples"), samples.get(method, 1)
 
 
 def list_versions(session: Session) -> list[ModelVersion]:
