@@ -585,12 +585,27 @@ def _run_settings(o: dict[str, Any]) -> RunSettings:
     show_default=True,
     help="Set of the layout to use.",
 )
-@click.option("--out", type=click.Path(path_type=Path), help="Report folder [PACKAGE-evaluation].")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    help="Report folder [PACKAGE-evaluation]; not inside the package. One that holds an "
+    "earlier report or other files is refused without --overwrite.",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace the report already in OUT, or write it among OUT's other files.",
+)
 def evaluate(
-    package: Path, data: Path, labels_csv: Path | None, split: str, out: Path | None
+    package: Path,
+    data: Path,
+    labels_csv: Path | None,
+    split: str,
+    out: Path | None,
+    overwrite: bool,
 ) -> None:
     """Evaluate a model package (folder or .tar) on labelled images: metrics, figures and a
-    report."""
+    report. How far a set of 100 images or more is read and evaluated goes to stderr."""
     from dicomai.evaluation.report import evaluate_package
     from dicomai.rollout.registry import package_folder
 
@@ -599,7 +614,16 @@ def evaluate(
     name = package.name.removesuffix(".tar")
     target = out if out is not None else package.with_name(f"{name}-evaluation")
     with package_folder(package) as folder:
-        evaluate_package(folder, data, target, labels_csv, split, log=click.echo)
+        evaluate_package(
+            folder,
+            data,
+            target,
+            labels_csv,
+            split,
+            log=click.echo,
+            progress=lambda line: click.echo(line, err=True),
+            overwrite=overwrite,
+        )
 
 
 def register(group: click.Group) -> None:

@@ -1,6 +1,11 @@
 """`dicomai evaluate`: a package run on labelled images as the daemon runs it, and the report.
 
-Writes into the output folder:
+The output folder must not be the package's (or inside it), and must be new, empty or hold
+only the outputs below of an earlier evaluation without its ``evaluation.json``: a folder with
+other files, or with an earlier report, is refused unless asked to ``overwrite``, so that a
+report is never replaced, or mixed among other files, unawares. On sets of
+`PROGRESS_FROM` images or more, reading and scoring them are reported at each tenth. Writes
+into the output folder:
 
 - ``evaluation.json``: every number, with this schema (floats; NaN where undefined, e.g. the
   AUC of a class without positives)::
@@ -119,6 +124,13 @@ from dicomai.training.package_writer import positive_class, rounded
 
 MAX_MISCLASSIFIED = 16
 Log = Any
+REPORT_FILES = (
+    "predictions.csv", "roc.png", "reliability.png", "risk_coverage.png", "misclassified.png",
+    "evaluation.json", "report.md", "report.html",
+)  # fmt: skip
+# A smaller set is read and scored in seconds: its summary line says enough.
+PROGRESS_FROM = 100
+PROGRESS_STEPS = 10
 
 
 def evaluate_package(
@@ -128,6 +140,8 @@ def evaluate_package(
     labels_csv: Path | None = None,
     split: str = "test",
     log: Log = print,
+    progress: Log | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a model package on labelled images and write the report into `out`.
 
@@ -139,13 +153,18 @@ def evaluate_package(
         Image folders (``test/<class>/`` or the class folders themselves) or, with
         `labels_csv`, a folder of images.
     out
-        The report folder (created).
+        The report folder (created), checked by `check_report_folder` before any work.
     labels_csv
         A labels CSV, as `dicomai train` reads it.
     split
         Which set of the layout (or of the CSV's split column) to use.
     log
-        Receives a summary line.
+        Receives a summary line, and a line per image the daemon would not evaluate.
+    progress
+        Receives how many images were read and scored so far, at each tenth of a set of
+        `PROGRESS_FROM` images or more (default: `log`).
+    overwrite
+        Write into a folder that holds an earlier report or other files.
 
     Returns
     -------
@@ -157,7 +176,11 @@ def evaluate_package(
     DatasetError, ModelPackageError
         On a bad data layout or package, a file that cannot be read (missing, not DICOM), or
         when the daemon would evaluate none of the images.
+    DicomaiError
+        If `out` is refused (`check_report_folder`); nothing is then written.
     """
+    check_report_folder(out, package, overwrite)
+    progress = log if progress is None else progress
     loaded = load_model(package)
     manifest = loaded.manifest
     classes = manifest.class_names
@@ -169,9 +192,9 @@ def evaluate_package(
             f"{labels_csv or data}: the data give {given}, but the package's model is "
             f"{'multi-label' if task is Task.MULTILABEL else 'single-label'}"
         )
-    images, frames, left_out = _model_inputs(listed, loaded, labels_csv or data, log)
+    images, frames, left_out = _model_inputs(listed, loaded, labels_csv or data, log, progress)
     classifier = Classifier(loaded)
-    inputs, summary = _reported(classifier, frames)
+    inputs, summary = _reported(classifier, frames, progress)
     probabilities = summary.mean
     thresholds = np.array([spec.threshold for spec in manifest.classes])
     positive = positive_class(manifest.classes)
@@ -187,6 +210,9 @@ def evaluate_package(
             "version": manifest.version,
             "architecture": manifest.architecture,
             "weights_sha256": manifest.weights_sha256,
+            # The further members' too: the registry refuses this report for another ensemble
+            # sharing the first one.
+            "ensemble_sha256": [member.sha256 for member in manifest.ensemble],
             "temperature": manifest.temperature,
         },
         "data": {
@@ -214,6 +240,8 @@ def evaluate_package(
     if images.masks is not None and segments(classifier):
         report[SEGMENTATION] = segmentation_metrics(classifier, images, inputs)
     if images.masks is not None and any(spec.is_finding for spec in manifest.classes):
+        if len(images) >= PROGRESS_FROM:
+            progress("localisation: drawing every heat-map method on the images with a lesion")
         report[LOCALISATION] = localisation_metrics(classifier, images, inputs)
     out.mkdir(parents=True, exist_ok=True)
     _write_predictions(out / "predictions.csv", images, classes, probabilities, predicted, present)
@@ -242,6 +270,61 @@ def evaluate_package(
         f"{dice}{pointing}; report in {out}"
     )
     return report
+
+
+def check_report_folder(out: Path, package: Path, overwrite: bool = False) -> None:
+    """Refuse a report folder where the report would sit among the package's files, or
+    replace an earlier report or sit among other files unasked.
+
+    Parameters
+    ----------
+    out
+        The report folder; may not exist yet.
+    package
+        The package folder evaluated.
+    overwrite
+        Accept a folder holding an earlier report (replaced) or other files (left as they are).
+
+    Raises
+    ------
+    DicomaiError
+        If `out` is the package folder or inside it (even with `overwrite`: a package holds
+        its own files only), is not a folder, or, without `overwrite`, holds
+        ``evaluation.json`` or any file that is not one of `REPORT_FILES`.
+    """
+    where, home = out.resolve(), package.resolve()
+    if where == home or home in where.parents:
+        raise DicomaiError(
+            f"{out}: inside the package folder {package}, whose files are the package's own: "
+            "give another --out"
+        )
+    if out.exists() and not out.is_dir():
+        raise DicomaiError(f"{out}: not a folder, cannot hold the report: give another --out")
+    if overwrite or not out.exists():
+        return
+    present = sorted(entry.name for entry in out.iterdir())
+    others = [name for name in present if name not in REPORT_FILES]
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise DicomaiError(
+            f"{out} already holds other files ({shown}): give --overwrite to write the report "
+            "among them, or another --out"
+        )
+    if "evaluation.json" in present:
+        raise DicomaiError(
+            f"{out} already holds an evaluation (evaluation.json): give --overwrite to "
+            "replace it, or another --out"
+        )
+
+
+def _tell_progress(
+    progress: Log, verb: str, unit: str, before: int, after: int, total: int
+) -> None:
+    """Say ``VERB AFTER/TOTAL UNIT`` when `after` passes a tenth of a set of `PROGRESS_FROM` or
+    more (so at the end too)."""
+    steps = PROGRESS_STEPS
+    if total >= PROGRESS_FROM and after * steps // total > before * steps // total:
+        progress(f"{verb} {after}/{total} {unit}")
 
 
 UNCERTAINTY = "uncertainty"
@@ -328,7 +411,7 @@ def _task(loaded: LoadedModel) -> Task:
 
 
 def _model_inputs(
-    images: LabelledImages, loaded: LoadedModel, source: Path, log: Log
+    images: LabelledImages, loaded: LoadedModel, source: Path, log: Log, progress: Log
 ) -> tuple[LabelledImages, list[tuple[np.ndarray, ...]], list[dict[str, str]]]:
     """The images the daemon would evaluate and the model inputs of the frames it would read
     of each (one, or every frame not blank with ``frames = "all"``), and the others, each with
@@ -351,6 +434,7 @@ def _model_inputs(
             left_out.append({"file": str(path), "reason": str(reason)})
         else:
             kept.append(index)
+        _tell_progress(progress, "read", "images", index, index + 1, len(images.paths))
     if not images.paths:
         raise DatasetError(f"{source}: no images to evaluate")
     if not kept:
@@ -393,13 +477,14 @@ def _model_input(path: Path, loaded: LoadedModel) -> tuple[np.ndarray, ...]:
 
 
 def _reported(
-    classifier: Classifier, frames: list[tuple[np.ndarray, ...]]
+    classifier: Classifier, frames: list[tuple[np.ndarray, ...]], progress: Log
 ) -> tuple[list[np.ndarray], Summary]:
     """Each image's input and summary as the daemon reports it: of an image read with all its
     frames, the frame `reported_frame` chooses (a multi-frame image had been scored on its
     first frame only, whatever the package's ``frames``)."""
     flat = [tensor for group in frames for tensor in group]
-    every = _summary(classifier, flat)
+    unit = "images" if len(flat) == len(frames) else "frames"
+    every = _summary(classifier, flat, progress, unit)
     classes = classifier.loaded.manifest.classes
     rows, start = [], 0
     for group in frames:
@@ -410,11 +495,13 @@ def _reported(
     return [flat[row] for row in rows], summary
 
 
-def _summary(classifier: Classifier, inputs: list[np.ndarray]) -> Summary:
+def _summary(classifier: Classifier, inputs: list[np.ndarray], progress: Log, unit: str) -> Summary:
     chunks = []
     for start in range(0, len(inputs), 64):
         batch = torch.from_numpy(np.stack(inputs[start : start + 64]))
         chunks.append(classifier.summary(batch.to(classifier.device)))
+        done = min(start + 64, len(inputs))
+        _tell_progress(progress, "evaluated", unit, start, done, len(inputs))
     return Summary(*(np.concatenate([getattr(c, f.name) for c in chunks]) for f in fields(Summary)))
 
 
