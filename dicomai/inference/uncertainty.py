@@ -29,7 +29,6 @@ __all__ = [
     "dropout_layers",
     "ensemble_passes",
     "ensemble_probabilities",
-    "expected_calibration_error",
     "fit_temperature",
     "mc_dropout_passes",
     "mc_dropout_probabilities",
@@ -259,37 +258,3 @@ def summarize(samples: np.ndarray) -> Summary:
 def _entropy(probabilities: np.ndarray) -> np.ndarray:
     p = np.clip(probabilities, 1e-12, 1.0)
     return -(p * np.log(p)).sum(axis=-1)
-
-
-def expected_calibration_error(
-    probabilities: np.ndarray, targets: np.ndarray, bins: int = 15
-) -> float:
-    """ECE of the top-class confidence: the bin-weighted |accuracy - confidence| (Guo et al.).
-
-    Parameters
-    ----------
-    probabilities
-        (N, C) predicted probabilities.
-    targets
-        (N,) true classes.
-    bins
-        Equal-width confidence bins over (0, 1].
-
-    Returns
-    -------
-    float
-        The ECE in [0, 1]; 0.0 for no images.
-    """
-    if len(probabilities) == 0:
-        return 0.0
-    confidence = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == np.asarray(targets)
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
-    error = 0.0
-    for index in range(bins):
-        members = which == index
-        if members.any():
-            gap = abs(correct[members].mean() - confidence[members].mean())
-            error += members.mean() * gap
-    return float(error)
