@@ -131,6 +131,7 @@ def main() -> None:
         audit,
         db,
         deliveries,
+        ensemble,
         health,
         jobs,
         models,
@@ -139,6 +140,7 @@ def main() -> None:
         training,
     )
 
-    for module in (service, db, models, jobs, studies, deliveries, audit, health, training):
+    commands = (service, db, models, jobs, studies, deliveries, audit, health, training, ensemble)
+    for module in commands:
         module.register(cli)
     cli(prog_name="dicomai")

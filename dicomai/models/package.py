@@ -36,6 +36,7 @@ __all__ = [
     "UncertaintySpec",
     "load_model",
     "read_manifest",
+    "refuse_occupied",
     "smoke_test",
     "verify_weights",
     "write_ensemble_package",
@@ -175,70 +176,140 @@ def _check_fit(module: nn.Module, state: dict[str, torch.Tensor], architecture: 
 
 
 def write_package(
-    folder: Path, manifest: Manifest, state_dict: dict[str, torch.Tensor]
+    folder: Path,
+    manifest: Manifest,
+    state_dict: dict[str, torch.Tensor],
+    overwrite: bool = False,
 ) -> Manifest:
     """Write a package: the weights as safetensors, their SHA-256 and the manifest.
 
     Parameters
     ----------
     folder
-        Destination folder, created if missing; an existing package there is replaced.
+        Destination folder, created if missing; it must be empty unless `overwrite`.
     manifest
         The manifest; its `weights_file` and `weights_sha256` are filled in here.
     state_dict
         The network's tensors (``module.state_dict()``).
+    overwrite
+        Replace the package in a folder that is not empty: its weights files that the new
+        package does not name (an older ensemble's members) are removed, other files kept.
 
     Returns
     -------
     Manifest
         The manifest as written.
+
+    Raises
+    ------
+    ModelPackageError
+        If `folder` is not a folder, or is not empty and `overwrite` is not given.
     """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    data = _encode_state(state_dict)
-    written = replace(
-        manifest,
-        weights_file="weights.safetensors",
-        weights_sha256=hashlib.sha256(data).hexdigest(),
-    )
-    _write_atomically(folder / written.weights_file, data)
-    _write_atomically(folder / MANIFEST_NAME, written.to_toml().encode("utf-8"))
-    return written
+    return _write(Path(folder), manifest, [state_dict], overwrite)
 
 
 def write_ensemble_package(
-    folder: Path, manifest: Manifest, state_dicts: list[dict[str, torch.Tensor]]
+    folder: Path,
+    manifest: Manifest,
+    state_dicts: list[dict[str, torch.Tensor]],
+    overwrite: bool = False,
 ) -> Manifest:
     """Write a deep ensemble: the first member as the package's weights, the others beside it.
+
+    The manifest's temperature, thresholds and ``[metrics]`` are written as given: fit them on
+    the members' averaged probabilities (`dicomai ensemble` does), not one member's.
 
     Parameters
     ----------
     folder
-        Destination folder, created if missing.
+        Destination folder, created if missing; it must be empty unless `overwrite`.
     manifest
         The manifest; its weights, ``[ensemble]`` and ``[uncertainty] method`` are filled in.
     state_dicts
         Two or more members' tensors, all of the manifest's architecture.
+    overwrite
+        As for `write_package`.
 
     Returns
     -------
     Manifest
         The manifest as written.
+
+    Raises
+    ------
+    ModelPackageError
+        If `folder` is not a folder, or is not empty and `overwrite` is not given.
     """
     if len(state_dicts) < 2:
         raise ValueError(f"an ensemble needs two or more members, got {len(state_dicts)}")
+    spec = replace(manifest.uncertainty, method="ensemble")
+    return _write(Path(folder), replace(manifest, uncertainty=spec), state_dicts, overwrite)
+
+
+def refuse_occupied(folder: Path, overwrite: bool) -> None:
+    """Refuse to write a package into `folder` if it holds anything, unless told to overwrite.
+
+    A package written over another had silently replaced a trained run's weights (an output
+    path given in the place of a member's).
+
+    Raises
+    ------
+    ModelPackageError
+        If `folder` exists and is not a folder, or is not empty and `overwrite` is false.
+    """
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ModelPackageError(f"{folder} exists and is not a folder")
+    held = sorted(path.name for path in folder.iterdir()) if folder.is_dir() else []
+    if held and not overwrite:
+        more = f" and {len(held) - 3} more" if len(held) > 3 else ""
+        raise ModelPackageError(
+            f"{folder} is not empty ({', '.join(held[:3])}{more}): write the package to a new "
+            "or empty folder, or overwrite the one there (--overwrite)"
+        )
+
+
+def _write(
+    folder: Path, manifest: Manifest, states: list[dict[str, torch.Tensor]], overwrite: bool
+) -> Manifest:
+    """The package's weights files, then its manifest, then the files of the package it
+    replaced that the new one does not name."""
+    refuse_occupied(folder, overwrite)
+    stale = _package_files(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    encoded = [_encode_state(state) for state in states]
     members = []
-    for index, state in enumerate(state_dicts[1:], start=1):
-        data = _encode_state(state)
+    for index, data in enumerate(encoded[1:], start=1):
         name = f"member{index}.safetensors"
         _write_atomically(folder / name, data)
         members.append(EnsembleMember(name, hashlib.sha256(data).hexdigest()))
-    spec = replace(manifest.uncertainty, method="ensemble")
-    return write_package(
-        folder, replace(manifest, ensemble=tuple(members), uncertainty=spec), state_dicts[0]
+    written = replace(
+        manifest,
+        weights_file="weights.safetensors",
+        weights_sha256=hashlib.sha256(encoded[0]).hexdigest(),
+        ensemble=tuple(members),
     )
+    _write_atomically(folder / written.weights_file, encoded[0])
+    _write_atomically(folder / MANIFEST_NAME, written.to_toml().encode("utf-8"))
+    kept = {MANIFEST_NAME, written.weights_file, *(member.file for member in members)}
+    for path in stale:
+        if path.name not in kept:
+            path.unlink(missing_ok=True)
+    return written
+
+
+def _package_files(folder: Path) -> list[Path]:
+    """The weights files of the package in `folder`: those its manifest names, and any
+    ``member*.safetensors`` (a manifest that cannot be read names none)."""
+    if not folder.is_dir():
+        return []
+    found = set(folder.glob("member*.safetensors"))
+    try:
+        old = read_manifest(folder)
+    except ModelPackageError:
+        return sorted(found)
+    found |= {folder / old.weights_file, *(folder / member.file for member in old.ensemble)}
+    return sorted(found)
 
 
 def _encode_state(state_dict: dict[str, torch.Tensor]) -> bytes:

@@ -91,7 +91,8 @@ def build_demo_package(
         training=_training_summary(n_images, seed, seconds, settings),
         metrics=metrics,
     )
-    written = write_package(out_dir, manifest, model.state_dict())
+    # `make demo-model` rebuilds the demo package where the last one was.
+    written = write_package(out_dir, manifest, model.state_dict(), overwrite=True)
     log(
         f"{DEMO_NAME} {DEMO_VERSION}: validation accuracy {metrics['val_accuracy']:.3f}, "
         f"temperature {temperature:.3f}, trained in {seconds:.0f} s"

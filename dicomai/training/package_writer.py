@@ -52,7 +52,8 @@ def calibrate(logits: np.ndarray, targets: np.ndarray, multilabel: bool) -> floa
 def choose_thresholds(
     probabilities: np.ndarray, targets: np.ndarray, task: Task, positive: int = 1
 ) -> np.ndarray:
-    """Per class, the calibrated-probability threshold maximising Youden's J, one class vs rest.
+    """Per class, the calibrated-probability threshold maximising Youden's J, one class vs rest,
+    put midway between the validation score it cuts at and the next lower one (`below_cut`).
 
     A binary model's two probabilities sum to one, so one threshold decides both: `positive`'s
     by Youden's J, the other's just above its complement. Chosen apart (benign 0.4827,
@@ -60,17 +61,60 @@ def choose_thresholds(
     """
     k = probabilities.shape[1]
     if task is Task.BINARY:
-        # Not rounded: Youden's threshold is one of the scores, and a rounded one put that
-        # image on neither side. The margin is far above softmax's rounding (1e-16).
-        threshold = youden_threshold(probabilities[:, positive], targets == positive)
+        # Not rounded: a rounded threshold can cross a score the validation set decided by.
+        scores = probabilities[:, positive]
+        threshold = below_cut(scores, youden_threshold(scores, targets == positive))
         chosen = np.empty(2)
         chosen[positive] = threshold
         chosen[1 - positive] = min(1.0 - threshold + 1e-9, 1.0)
         return chosen
     truth = targets if task is Task.MULTILABEL else np.eye(k)[targets]
     return np.array(
-        [round(youden_threshold(probabilities[:, c], truth[:, c]), 6) for c in range(k)]
+        [
+            below_cut(
+                probabilities[:, c], youden_threshold(probabilities[:, c], truth[:, c]), digits=6
+            )
+            for c in range(k)
+        ]
     )
+
+
+def below_cut(scores: np.ndarray, threshold: float, digits: int | None = None) -> float:
+    """A threshold equal to one of `scores` moved down, midway to the next lower distinct score.
+
+    Youden's threshold is the score of the lowest image it flags; the daemon computes that
+    score again (another batch size, memory layout, device or precision) about 1e-9 lower,
+    and the image fell below its own threshold: a validated finding Absent. Midway, both
+    neighbours are as far from it as the validation set allows, and every validation image is
+    decided as before.
+
+    Parameters
+    ----------
+    scores
+        The class's validation probabilities.
+    threshold
+        The chosen threshold; one that is not a score (an undefined J's 0.5), or the lowest
+        score, is kept as it is.
+    digits
+        Round to this many decimals where the rounded value still lies strictly between the
+        two scores (else the midpoint is kept unrounded).
+
+    Returns
+    -------
+    float
+        The threshold to store.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    lower = scores[scores < threshold]
+    if not np.any(scores == threshold) or len(lower) == 0:
+        return float(threshold)
+    below = float(lower.max())
+    middle = (float(threshold) + below) / 2.0
+    if digits is not None:
+        short = round(middle, digits)
+        if below < short < threshold:
+            return short
+    return middle
 
 
 _TRUE = ("1", "true", "yes", "y")

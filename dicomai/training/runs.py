@@ -24,13 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from dicomai.errors import DatasetError, ModelPackageError, TrainingError
 from dicomai.evaluation.metrics import compute_metrics, finding_metrics, reported_present
 from dicomai.evaluation.plots import plot_history
 from dicomai.explain.gradcam import methods_for
 from dicomai.imaging.spec import InputSpec
-from dicomai.inference.uncertainty import dropout_layers
+from dicomai.inference.uncertainty import dropout_layers, mc_dropout_passes, summarize
 from dicomai.models.architectures import build
 from dicomai.models.initial import load_initial_weights
 from dicomai.models.manifest import AppliesTo, Manifest, UncertaintySpec
@@ -59,6 +60,8 @@ from dicomai.training.package_writer import (
 )
 from dicomai.training.strategies import StrategySettings, plan
 
+# The losses that apply label smoothing (`dicomai.training.objectives`).
+SMOOTHED = ("ce", "multitask")
 # A multi-class model's findings as its SR reports them (`finding_metrics`).
 REPORTED_MACROS = ("sensitivity_macro", "specificity_macro", "ppv_macro", "npv_macro")
 
@@ -169,7 +172,8 @@ def train_package(settings: RunSettings, log: Log = print) -> Manifest:
         history_file=settings.out / HISTORY,
     )
     logits, targets = predict_logits(model, val, device)
-    temperature = calibrate(logits, targets, multilabel)
+    # Rounded as the manifest keeps it, so that the probabilities below are the daemon's.
+    temperature = round(calibrate(logits, targets, multilabel), 6)
     if not 0.05 < temperature < 20.0:
         # At its bound the fit did not converge: the validation set is too small or of one
         # outcome, and the probabilities the package reports are not calibrated.
@@ -177,7 +181,9 @@ def train_package(settings: RunSettings, log: Log = print) -> Manifest:
             f"warning: the temperature reached its bound ({temperature:g}): probabilities are "
             f"not calibrated; use a larger validation set ({len(data.val)} images)"
         )
-    probabilities = probabilities_of(logits, multilabel, temperature)
+    probabilities = _reported_probabilities(
+        model, val, logits, temperature, settings.uncertainty, multilabel, device
+    )
     thresholds = choose_thresholds(probabilities, targets, data.task, positive_class(provisional))
     specs = class_specs(data.classes, thresholds, codes)
     metrics = compute_metrics(
@@ -204,7 +210,7 @@ def train_package(settings: RunSettings, log: Log = print) -> Manifest:
         options=settings.options,
         description=settings.description,
         input=settings.spec,
-        temperature=round(temperature, 6),
+        temperature=temperature,
         applies_to=settings.applies_to,
         training=rounded(_training_table(settings, data, result, device)),
         metrics=rounded(_headline(metrics)),
@@ -212,7 +218,11 @@ def train_package(settings: RunSettings, log: Log = print) -> Manifest:
         explanation=settings.explanation,
         uncertainty=settings.uncertainty,
     )
-    written = write_package(settings.out / "package", manifest, model.cpu().state_dict())
+    # check_output_folder let a run into an `out` with a package only to continue it
+    # (--overwrite has removed the old one by now): a resumed run's package replaces its own.
+    written = write_package(
+        settings.out / "package", manifest, model.cpu().state_dict(), overwrite=settings.resume
+    )
     plot_history(settings.out / "curves.png", result.history)
     dice = f", Dice {metrics['dice']:.3f}" if masks else ""
     log(
@@ -221,6 +231,33 @@ def train_package(settings: RunSettings, log: Log = print) -> Manifest:
         f"ECE {metrics['ece']:.3f}, temperature {temperature:.3f}{dice}"
     )
     return written
+
+
+def _reported_probabilities(
+    model: nn.Module,
+    val: ImageDataset,
+    logits: np.ndarray,
+    temperature: float,
+    uncertainty: UncertaintySpec,
+    multilabel: bool,
+    device: torch.device,
+) -> np.ndarray:
+    """The validation probabilities (N, C) the daemon reports, for the thresholds and metrics.
+
+    One deterministic pass (`logits`, tempered), or with MC dropout the mean of the package's
+    passes, temperature and seed (`dicomai.inference.runner.Classifier`): the daemon decides
+    on that mean, which pulls a finding's probability toward the prior, and thresholds chosen
+    on the deterministic pass had left validated nodules Absent.
+    """
+    if uncertainty.method != "mc_dropout":
+        return probabilities_of(logits, multilabel, temperature)
+    means = []
+    for inputs, *_ in DataLoader(val, batch_size=64):
+        passes = mc_dropout_passes(
+            model, inputs.to(device), uncertainty.passes, temperature, uncertainty.seed, multilabel
+        )
+        means.append(summarize(passes.probabilities).mean)
+    return np.concatenate(means)
 
 
 HISTORY = "training_log.csv"
@@ -348,6 +385,9 @@ def _training_table(
     loss = asdict(settings.loss)
     if settings.loss.name != "multitask":
         del loss["multitask_alpha"]
+    if settings.loss.name not in SMOOTHED:
+        # Focal and BCE ignore it: a focal run had recorded the default 0.1 it never applied.
+        del loss["label_smoothing"]
     return {
         "data": data.summary(),
         "strategy": strategy,
@@ -364,8 +404,18 @@ def _training_table(
         "code": code_version(),
         "torch": torch.__version__,
         "machine": f"{platform.machine()}, {resolve_device(settings.device)}",
-        "validation": "temperature fitted and thresholds chosen (Youden's J) on validation",
+        "validation": _validation_note(settings.uncertainty),
     }
+
+
+def _validation_note(uncertainty: UncertaintySpec) -> str:
+    note = "temperature fitted and thresholds chosen (Youden's J) on validation"
+    if uncertainty.method != "mc_dropout":
+        return note
+    return (
+        f"{note}; the temperature on the deterministic pass, the thresholds and metrics on the "
+        f"mean of the {uncertainty.passes} MC-dropout passes"
+    )
 
 
 def _uses_amp(fit_settings: FitSettings, device: torch.device) -> bool:
