@@ -17,6 +17,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
+from pydicom.valuerep import VR
 
 from dicomai.errors import InvalidInstance
 from dicomai.ingest.limits import inflate_bounded
@@ -24,6 +25,8 @@ from dicomai.ingest.tag_scan import scan_tags
 from dicomai.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, is_valid_uid
 
 PREAMBLE = b"\x00" * 128 + b"DICM"
+# Two letters that name a VR, as bytes 4-5 of an explicit VR element hold.
+_VRS = frozenset(vr.value for vr in VR)
 _REQUIRED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
 _HEAD = 64 << 10
 
@@ -115,17 +118,20 @@ def _short_element(element: int, vr: bytes, value: bytes) -> bytes:
 
 def encoded_syntax(negotiated: str, dataset: bytes | memoryview) -> str:
     """The transfer syntax the dataset is in: Implicit VR Little Endian where a sender that
-    negotiated Explicit VR sent implicit (a known vendor fault), else the negotiated one.
+    negotiated Explicit VR sent implicit (a known vendor fault), Explicit VR Little Endian
+    where one that negotiated Implicit VR sent explicit (pynetdicom sends a file's bytes as
+    they are), else the negotiated one.
 
     The bytes are stored as received; the file meta must say what they are, or readers
-    stricter than pydicom (dcmtk's, a viewer's) cannot read the stored file. In explicit VR
-    the first element's bytes 4-5 are its VR, two capital letters; in implicit VR they are
-    the low bytes of its length.
+    stricter than pydicom (dcmtk's, a viewer's) cannot read the stored file, and pydicom
+    itself read the sequences of an explicit dataset labelled implicit without their VRs (the
+    study's SR could then not be written). In explicit VR the first element's bytes 4-5 are
+    its VR; in implicit VR they are the low bytes of its length.
     """
-    if negotiated != ExplicitVRLittleEndian or len(dataset) < 8:
+    if negotiated not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) or len(dataset) < 8:
         return negotiated
-    vr = bytes(dataset[4:6])
-    return negotiated if vr.isalpha() and vr.isupper() else ImplicitVRLittleEndian
+    explicit = bytes(dataset[4:6]).decode("latin-1") in _VRS
+    return ExplicitVRLittleEndian if explicit else ImplicitVRLittleEndian
 
 
 def read_header(

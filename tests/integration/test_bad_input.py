@@ -50,13 +50,42 @@ def no_partial_files(listener: Listener) -> None:
     assert leftovers == [], f"partial files left in the spool: {leftovers}"
 
 
-def send_raw(listener: Listener, path: Path) -> int | None:
-    """Send a file's bytes as they are, not re-encoded by pydicom."""
+def send_raw(listener: Listener, path: Path, syntax: str = ExplicitVRLittleEndian) -> int | None:
+    """Send a file's bytes as they are, not re-encoded by pydicom, on a context of `syntax`."""
     _config.STORE_SEND_CHUNKED_DATASET = True
     try:
-        return send(listener, path, ExplicitVRLittleEndian)
+        return send(listener, path, syntax)
     finally:
         _config.STORE_SEND_CHUNKED_DATASET = False
+
+
+def mislabelled(ds: pydicom.Dataset, implicit: bool, negotiated: str, path: Path) -> bytes:
+    """Write `ds` to `path` in implicit or explicit VR under a file meta naming `negotiated`;
+    return the dataset's bytes."""
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, implicit
+    write_dataset(body, ds)
+    head = DicomBytesIO()
+    head.is_little_endian, head.is_implicit_VR = True, False
+    head.write(b"\0" * 128 + b"DICM")
+    ds.file_meta.TransferSyntaxUID = negotiated  # what the sender negotiates
+    write_file_meta_info(head, ds.file_meta)
+    path.write_bytes(head.getvalue() + body.getvalue())
+    return body.getvalue()
+
+
+def stored_as(listener: Listener, uid: str, syntax: str, body: bytes) -> None:
+    """The instance is recorded and stored under `syntax`, its bytes as received, and dcmtk
+    reads the file."""
+    ((relative, recorded),) = listener.query(
+        "SELECT path, transfer_syntax_uid FROM instances WHERE sop_instance_uid = :u", u=uid
+    )
+    assert recorded == syntax
+    stored = listener.root / "var" / "spool" / relative
+    assert pydicom.dcmread(stored).file_meta.TransferSyntaxUID == syntax
+    dump = subprocess.run(["dcmdump", "-q", str(stored)], capture_output=True, text=True)
+    assert dump.returncode == 0 and "OtherPatientIDsSequence" in dump.stdout, dump.stderr
+    assert stored.read_bytes().endswith(body), "the dataset is stored as received"
 
 
 def truncated(tmp_path: Path, uid: str, keep: float) -> Path:
@@ -169,25 +198,20 @@ def test_implicit_vr_sent_on_an_explicit_context_is_stored_readable(
     VR. Stored as received, with a file meta that says what the bytes are, so that readers
     stricter than pydicom can read the file."""
     ds = ct("1.2.826.0.1.9071")
-    body = DicomBytesIO()
-    body.is_little_endian, body.is_implicit_VR = True, True
-    write_dataset(body, ds)
-    head = DicomBytesIO()
-    head.is_little_endian, head.is_implicit_VR = True, False
-    head.write(b"\0" * 128 + b"DICM")
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian  # what the sender negotiates
-    write_file_meta_info(head, ds.file_meta)
-    path = tmp_path / "mislabelled.dcm"
-    path.write_bytes(head.getvalue() + body.getvalue())
+    body = mislabelled(ds, True, ExplicitVRLittleEndian, tmp_path / "mislabelled.dcm")
 
-    assert send_raw(listener, path) == 0x0000
-    ((relative, syntax),) = listener.query(
-        "SELECT path, transfer_syntax_uid FROM instances WHERE sop_instance_uid = :u",
-        u="1.2.826.0.1.9071",
-    )
-    assert syntax == ImplicitVRLittleEndian
-    stored = listener.root / "var" / "spool" / relative
-    assert pydicom.dcmread(stored).file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
-    dump = subprocess.run(["dcmdump", "-q", str(stored)], capture_output=True, text=True)
-    assert dump.returncode == 0, dump.stderr
-    assert stored.read_bytes().endswith(body.getvalue()), "the dataset is stored as received"
+    assert send_raw(listener, tmp_path / "mislabelled.dcm") == 0x0000
+    stored_as(listener, "1.2.826.0.1.9071", ImplicitVRLittleEndian, body)
+
+
+def test_explicit_vr_sent_on_an_implicit_context_is_stored_readable(
+    listener: Listener, tmp_path: Path
+) -> None:
+    """pynetdicom sends a file's bytes as they are: an explicit VR file on an Implicit VR
+    context. Labelled implicit, dcmtk could not read the file, and pydicom read its sequences
+    without their VRs."""
+    ds = ct("1.2.826.0.1.9072")
+    body = mislabelled(ds, False, ImplicitVRLittleEndian, tmp_path / "mislabelled.dcm")
+
+    assert send_raw(listener, tmp_path / "mislabelled.dcm", ImplicitVRLittleEndian) == 0x0000
+    stored_as(listener, "1.2.826.0.1.9072", ExplicitVRLittleEndian, body)
