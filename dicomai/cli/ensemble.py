@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from dicomai.cli.training import _checked_name, _checked_version
+from dicomai.cli.training import _checked_name, _checked_version, labelled_images
 from dicomai.training.ensemble import join_packages
 
 
@@ -19,20 +19,7 @@ from dicomai.training.ensemble import join_packages
     "--version", "model_version", default="1.0.0", show_default=True, callback=_checked_version
 )
 @click.option("--description", default="", help="Model card text [names the members' first's].")
-@click.option(
-    "--data",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="val/<class>/ (or <class>/) folders, or images with --labels.",
-)
-@click.option("--labels", "labels_csv", type=click.Path(path_type=Path), help="Labels CSV.")
-@click.option(
-    "--split",
-    type=click.Choice(["train", "val", "test"]),
-    default="val",
-    show_default=True,
-    help="Set of the layout to fit and measure on.",
-)
+@labelled_images("val", "fit and measure on")
 @click.option("--overwrite", is_flag=True, help="Replace a package already in OUT.")
 def ensemble(
     out: Path,

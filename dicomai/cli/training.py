@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -569,22 +570,40 @@ def _run_settings(o: dict[str, Any]) -> RunSettings:
     )
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def labelled_images(split: str, use: str) -> Callable[[F], F]:
+    """The options naming labelled images, as `evaluate` and `ensemble` read them: --data,
+    --labels and --split (default `split`, a set of the layout "to `use`")."""
+    options = (
+        click.option(
+            "--data",
+            required=True,
+            type=click.Path(path_type=Path),
+            help=f"{split}/<class>/ (or <class>/) folders, or images with --labels.",
+        ),
+        click.option("--labels", "labels_csv", type=click.Path(path_type=Path), help="Labels CSV."),
+        click.option(
+            "--split",
+            type=click.Choice(["train", "val", "test"]),
+            default=split,
+            show_default=True,
+            help=f"Set of the layout to {use}.",
+        ),
+    )
+
+    def decorate(command: F) -> F:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
 @click.command("evaluate")
 @click.argument("package", type=click.Path(path_type=Path))
-@click.option(
-    "--data",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="test/<class>/ (or <class>/) folders, or images with --labels.",
-)
-@click.option("--labels", "labels_csv", type=click.Path(path_type=Path), help="Labels CSV.")
-@click.option(
-    "--split",
-    type=click.Choice(["train", "val", "test"]),
-    default="test",
-    show_default=True,
-    help="Set of the layout to use.",
-)
+@labelled_images("test", "use")
 @click.option(
     "--out",
     type=click.Path(path_type=Path),
