@@ -154,7 +154,12 @@ def _epochs(text: str) -> tuple[int, ...]:
         raise click.BadParameter(f"{text!r}: comma-separated epoch numbers") from error
 
 
-def _rates(text: str) -> tuple[float, ...]:
+def _rates(text: str, strategy: str) -> tuple[float, ...]:
+    if text.strip() and strategy != "lld":
+        # Recorded in the package though unused, it would say the run trained as it did not.
+        raise click.BadParameter(
+            f"takes effect with --strategy lld only, not {strategy}", param_hint="--lld-rates"
+        )
     try:
         rates = tuple(float(part) for part in text.split(",") if part.strip())
     except ValueError as error:
@@ -524,7 +529,7 @@ def _run_settings(o: dict[str, Any]) -> RunSettings:
             layer_decay=float(o["layer_decay"]),
             unfreeze_at=_epochs(str(o["unfreeze_at"])),
             lld_unit=DecayUnit(str(o["lld_unit"])),
-            lld_rates=_rates(str(o["lld_rates"])),
+            lld_rates=_rates(str(o["lld_rates"]), str(o["strategy"])),
         ),
         loss=LossSettings(
             name=loss,

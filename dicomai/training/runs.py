@@ -422,9 +422,19 @@ def _uses_amp(fit_settings: FitSettings, device: torch.device) -> bool:
     return fit_settings.amp and device.type == "cuda"
 
 
+# Settings fields added after checkpoints were written, left out of a fingerprint while at
+# these defaults: a run interrupted before an upgrade resumes after it (an added `lld_rates`
+# had refused every earlier checkpoint).
+_ADDED_LATER: dict[str, Any] = {"lld_rates": ()}
+
+
 def _fields(settings: Any) -> dict[str, str]:
     """A settings dataclass field by field (reprs), so a refused resume names the field."""
-    return {name: repr(value) for name, value in vars(settings).items()}
+    return {
+        name: repr(value)
+        for name, value in vars(settings).items()
+        if not (name in _ADDED_LATER and value == _ADDED_LATER[name])
+    }
 
 
 def _fingerprint(settings: RunSettings, data: TrainingData) -> dict[str, Any]:

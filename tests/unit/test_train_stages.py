@@ -24,6 +24,7 @@ from dicomai.models.architectures import build
 from dicomai.models.package import load_model
 from dicomai.training import fit as fit_module
 from dicomai.training.augment import Augmentation
+from dicomai.training.checkpoints import LAST, load_checkpoint, save_checkpoint
 from dicomai.training.fit import FitSettings
 from dicomai.training.runs import RunSettings, train_package
 from dicomai.training.strategies import DecayUnit, Strategy, StrategySettings, plan
@@ -256,6 +257,25 @@ def test_a_refused_resume_names_the_setting_that_changed(pngs: Path, tmp_path: P
         train_package(changed, log=lambda _: None)
 
 
+def test_a_checkpoint_written_before_a_setting_was_added_still_resumes(
+    pngs: Path, tmp_path: Path
+) -> None:
+    # `lld_rates` joined the strategy settings: every earlier checkpoint, which lacks it, was
+    # refused as "written by a run with other settings (strategy.lld_rates: None, now ())".
+    out = tmp_path / "run"
+    train_package(settings(pngs, out), log=lambda _: None)
+    folder = out / "checkpoints"
+    saved = load_checkpoint(folder)
+    saved["fingerprint"]["strategy"].pop("lld_rates", None)  # as before the field existed
+    save_checkpoint(folder, LAST, saved)
+
+    train_package(settings(pngs, out, resume=True), log=lambda _: None)
+
+    given = settings(pngs, out, strategy=StrategySettings(lr=3e-3, lld_rates=(1e-4,)), resume=True)
+    with pytest.raises(DatasetError, match=r"strategy\.lld_rates: None, now \(0\.0001,\)"):
+        train_package(given, log=lambda _: None)
+
+
 def test_a_long_changed_value_is_shown_where_it_differs() -> None:
     saved = {"train": repr(["a" * 60 + "/one.png"])}
     wanted = {"train": repr(["a" * 60 + "/two.png"])}
@@ -427,9 +447,9 @@ def test_train_takes_and_records_stage_rates_and_refuses_bad_ones(
     assert code == 0, output
     strategy = load_model(out / "package").manifest.training["strategy"]
     assert strategy["lld_rates"] == [1e-4]
-    for bad in ("1e-4,x", "0,1e-5", "2"):
+    for strategy, bad in (("lld", "1e-4,x"), ("lld", "0,1e-5"), ("lld", "2"), ("full", "1e-4")):
         code, output = run("train", "--data", str(pngs), "--out", str(tmp_path / "bad"),
-                           "--name", "lld", *FAST, "--strategy", "lld",
+                           "--name", "lld", *FAST, "--strategy", strategy,
                            "--lld-rates", bad)  # fmt: skip
         assert code == 2 and "--lld-rates" in output and "Traceback" not in output, output
         assert not (tmp_path / "bad").exists()
