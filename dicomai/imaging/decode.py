@@ -7,16 +7,19 @@ import math
 import os
 import struct
 from collections.abc import Iterator
+from io import BytesIO
+from itertools import islice
+from typing import Any
 
 import numpy as np
 from pydicom import Dataset, dcmread
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import RawDataElement
-from pydicom.encaps import generate_frames, get_frame
+from pydicom.encaps import generate_frames, get_frame, parse_basic_offsets, parse_fragments
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder, pixel_array
-from pydicom.uid import UID
+from pydicom.uid import UID, RLELossless
 
 from dicomai.errors import NotEvaluable
 
@@ -45,6 +48,11 @@ _LAST_RESORT = "gdcm"
 # ISO/IEC 14495-1's SOF55 (F7) for JPEG-LS; all share one layout.
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}
 _SOS_MARKER = 0xDA
+# ISO/IEC 10918-1 B.1.1.3 EOI, ISO/IEC 15444-1 A.4.4 EOC: the end of a frame's codestream.
+_END_OF_IMAGE = b"\xff\xd9"
+
+# The dataset attribute (not a DICOM element) where `_frames_held` keeps its count.
+_HELD = "_dicomai_frames_held"
 
 
 def read_instance(path: str | os.PathLike[str]) -> Dataset:
@@ -225,22 +233,40 @@ def pixel_frames(ds: Dataset, index: int | None = None) -> np.ndarray:
     ------
     dicomai.errors.NotEvaluable
         If there is no pixel data, the dimensions are absent or absurd, the data is shorter
-        than the dimensions require, a JPEG, JPEG-LS or JPEG 2000 codestream declares other
-        dimensions or components than the header, no decoder handles the transfer syntax, or
-        decoding fails. The reason names no patient data.
+        than the dimensions require, compressed data hold fewer frames than Number of Frames
+        (whichever frame `index` asks for), a JPEG, JPEG-LS or JPEG 2000 codestream declares
+        other dimensions or components than the header, no decoder handles the transfer
+        syntax, or decoding fails. The reason names no patient data.
+
+    Notes
+    -----
+    Pixel data holding more whole frames than Number of Frames are read by their first Number
+    of Frames frames, as a viewer shows them; one warning is logged per dataset.
     """
     samples = _check_geometry(ds)
-    if index is not None and not 0 <= index < frame_count(ds):
+    declared = frame_count(ds)
+    if index is not None and not 0 <= index < declared:
         raise NotEvaluable(f"frame {index} does not exist")
     tsyntax = _transfer_syntax(ds)
+    held = _frames_held(ds, samples, tsyntax)
+    options: dict[str, Any] = {}
+    if held > declared and tsyntax.is_encapsulated:
+        # pydicom, told of the extra frames, delimits the fragments as they were counted: an
+        # RLE frame is one fragment, and without them it took every fragment for frame 1 and
+        # found no frame 2.
+        options = {"number_of_frames": held}
+    elif held > declared:
+        options = {"allow_excess_frames": False}  # else returned with the declared ones
     if tsyntax.is_encapsulated:
-        _check_codestreams(ds, samples, index)
+        _check_codestreams(ds, samples, index, held)
+    if index is None and held > declared and tsyntax.is_encapsulated:
+        # Frame by frame: all frames at once would be all `held` of them.
+        arr = np.stack([_decode(ds, tsyntax, i, options) for i in range(declared)])
     else:
-        _check_native_length(ds, samples)
-    arr = _decode(ds, tsyntax, index)
+        arr = _decode(ds, tsyntax, index, options)
     single = 2 if samples == 1 else 3
     arr = arr[np.newaxis] if arr.ndim == single else arr
-    expected = (1 if index is not None else frame_count(ds), ds.Rows, ds.Columns)
+    expected = (1 if index is not None else declared, ds.Rows, ds.Columns)
     if arr.shape != expected + ((samples,) if samples > 1 else ()):
         raise NotEvaluable("decoded pixel data do not match Rows, Columns and Samples per Pixel")
     return arr
@@ -277,26 +303,126 @@ def _transfer_syntax(ds: Dataset) -> UID:
     return tsyntax
 
 
-def _check_native_length(ds: Dataset, samples: int) -> None:
+def _frames_held(ds: Dataset, samples: int, tsyntax: UID) -> int:
+    """How many whole frames the pixel data of `ds` hold, at least Number of Frames.
+
+    Counted once per dataset and pixel data, without decoding: a cine's frames are read one
+    call each. More frames than Number of Frames are logged (a malformed source whose extra
+    frames are not read, as a viewer does not show them); fewer are refused, for every frame,
+    so that frame 1 is not evaluated alone as though it were the image.
+
+    Raises
+    ------
+    dicomai.errors.NotEvaluable
+        If the pixel data hold fewer frames than Number of Frames, or native data are shorter
+        than their dimensions need.
+    """
+    pixels = ds.PixelData
+    declared = frame_count(ds)
+    key = (tsyntax, declared, ds.Rows, ds.Columns, samples, ds.get("BitsAllocated"))
+    cached = getattr(ds, _HELD, None)
+    if cached is not None and cached[0] is pixels and cached[1] == key:
+        return int(cached[2])
+    if tsyntax.is_encapsulated:
+        held = _encapsulated_frames(pixels, ds, tsyntax)
+    else:
+        held = _native_frames(ds, samples)
+    if held < declared:
+        raise NotEvaluable(
+            f"Number of Frames is {declared}, the pixel data hold {held} "
+            f"frame{'' if held == 1 else 's'}"
+        )
+    # Kept with the pixel data it counts (compared by identity, so never stale); a plain
+    # attribute, not an element: pydicom leaves lower-case names to Python.
+    setattr(ds, _HELD, (pixels, key, held))
+    if held > declared:
+        log.warning(
+            "%s: Number of Frames is %d, the pixel data hold %d frames; only the first %d are read",
+            ds.get("SOPInstanceUID", "instance"),
+            declared,
+            held,
+            declared,
+        )
+    return held
+
+
+def _native_frames(ds: Dataset, samples: int) -> int:
     bits_allocated = ds.get("BitsAllocated")
     if bits_allocated not in (1, 8, 16, 32, 64):
         raise NotEvaluable("invalid Bits Allocated")
-    bits = ds.Rows * ds.Columns * samples * frame_count(ds) * bits_allocated
+    frame_bits = ds.Rows * ds.Columns * samples * bits_allocated
     if ds.get("PhotometricInterpretation") == "YBR_FULL_422":
         # PS3.3 C.7.6.3.1.2: two chroma samples are shared by each pair of pixels.
-        bits = bits * 2 // 3
-    expected = math.ceil(bits / 8)
+        frame_bits = frame_bits * 2 // 3
+    expected = math.ceil(frame_bits * frame_count(ds) / 8)
     actual = len(ds.PixelData)
     if actual < expected:
         raise NotEvaluable(f"pixel data is {actual} bytes, its dimensions need {expected}")
+    return actual * 8 // frame_bits
 
 
-def _check_codestreams(ds: Dataset, samples: int, index: int | None) -> None:
+def _encapsulated_frames(pixels: bytes, ds: Dataset, tsyntax: UID) -> int:
+    """The frames encapsulated `pixels` hold, delimited as pydicom delimits them for decoding,
+    from the offset tables and the items' headers only (PS3.5 A.4)."""
+    declared = frame_count(ds)
+    buffer = BytesIO(pixels)  # shares the bytes: nothing is copied
+    try:
+        basic = parse_basic_offsets(buffer)
+        start = buffer.tell()
+        count, positions = parse_fragments(buffer)
+    except (ValueError, struct.error):
+        return declared  # an encapsulation the decoders reject with their own error
+    extended = _extended_offsets(ds)
+    if extended is not None:
+        # PS3.3 C.7.6.3.1.8: one fragment a frame, at these offsets from the first one.
+        return sum(
+            start + offset + 8 + length <= len(pixels)
+            for offset, length in zip(*extended, strict=False)
+        )
+    if basic:
+        # pydicom begins the next frame at the first fragment at or past its offset.
+        held = 1
+        for position in positions:
+            if held < len(basic) and position - start >= basic[held]:
+                held += 1
+        return held
+    if count in (0, declared):
+        return count
+    if count == 1 or declared == 1:
+        return 1  # pydicom: one fragment is one frame, and one frame may be many fragments
+    if tsyntax == RLELossless:
+        return count  # PS3.5 A.4.2: each frame is one fragment
+    # pydicom: a frame ends with the fragment whose last bytes hold the end of a codestream;
+    # fragments after the last such one are a frame of their own.
+    ends = [_END_OF_IMAGE in pixels[end - 10 : end] for end in _fragment_ends(pixels, positions)]
+    return sum(ends) + (not ends[-1])
+
+
+def _fragment_ends(pixels: bytes, positions: list[int]) -> Iterator[int]:
+    for position in positions:
+        (length,) = struct.unpack_from("<L", pixels, position + 4)
+        yield position + 8 + length
+
+
+def _extended_offsets(ds: Dataset) -> tuple[list[int], list[int]] | None:
+    if "ExtendedOffsetTable" not in ds or "ExtendedOffsetTableLengths" not in ds:
+        return None
+    tables = []
+    for raw in (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths):
+        if isinstance(raw, bytes | bytearray):
+            raw = struct.unpack(f"<{len(raw) // 8}Q", raw[: len(raw) // 8 * 8])
+        tables.append([int(value) for value in raw])
+    return tables[0], tables[1]
+
+
+def _check_codestreams(ds: Dataset, samples: int, index: int | None, frames: int) -> None:
     """Refuse a JPEG, JPEG-LS or JPEG 2000 frame whose codestream declares another size or
     number of components than the header: a bad file, not a codec missing, which no decoder
-    is to be tried on (GDCM aborts the process on some)."""
+    is to be tried on (GDCM aborts the process on some). `frames`: how many the pixel data
+    hold, of which Number of Frames are checked."""
     declared = (ds.Rows, ds.Columns, samples)
-    for frame in _codestreams(ds, index):
+    streams = _codestreams(ds, index, frames)
+    for frame in islice(streams, None if index is not None else frame_count(ds)):
         size = _codestream_size(frame)
         if size is None:
             continue
@@ -310,11 +436,10 @@ def _check_codestreams(ds: Dataset, samples: int, index: int | None) -> None:
             )
 
 
-def _codestreams(ds: Dataset, index: int | None) -> Iterator[bytes]:
+def _codestreams(ds: Dataset, index: int | None, count: int) -> Iterator[bytes]:
     offsets = None
     if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
         offsets = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
-    count = frame_count(ds)
     try:
         if index is not None:
             yield get_frame(ds.PixelData, index, number_of_frames=count, extended_offsets=offsets)
@@ -361,14 +486,15 @@ def _jpeg_size(frame: bytes) -> tuple[int, int, int] | None:
     return None
 
 
-def _decode(ds: Dataset, tsyntax: UID, index: int | None) -> np.ndarray:
+def _decode(ds: Dataset, tsyntax: UID, index: int | None, options: dict[str, Any]) -> np.ndarray:
+    """Decode `ds`, or its frame `index`, with pydicom's decoding `options`."""
     failure: Exception | None = None
     for plugin in _plugins(tsyntax):
         # Decoders are third-party code whose errors on corrupt data are of no fixed type
         # (ValueError, RuntimeError, OSError from Pillow, struct.error...): whichever it is,
         # the image cannot be evaluated.
         try:
-            return pixel_array(ds, index=index, decoding_plugin=plugin)
+            return pixel_array(ds, index=index, decoding_plugin=plugin, **options)
         except Exception as exc:
             failure = exc
     raise NotEvaluable(f"pixel data could not be decoded ({tsyntax.name})") from failure

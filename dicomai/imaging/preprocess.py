@@ -253,18 +253,33 @@ def prepare(ds: Dataset, spec: InputSpec, frame: int = 0) -> tuple[np.ndarray, n
     Raises
     ------
     dicomai.errors.NotEvaluable
-        If the image cannot be decoded or rendered, is too small for the model, or is
-        blank (one value everywhere).
+        If the image cannot be decoded or rendered, is too small for the model, or the
+        frame is blank (one value everywhere; see `blank_reason`).
     """
     prepared = prepare_unless_blank(ds, spec, frame)
     if prepared is None:
-        raise NotEvaluable(BLANK)
+        raise NotEvaluable(blank_reason(ds, frame))
     return prepared
 
 
 # A failed exposure, a blank frame, a test pattern of one value: the model would report on no
 # anatomy, and its "Absent" at 0 % reads as a certain negative.
 BLANK = "image is blank: every pixel has the same value"
+
+
+def blank_reason(ds: Dataset, frame: int = 0) -> str:
+    """Why a blank `frame` of `ds` is not evaluated: `BLANK`, or of a multi-frame image
+    "frame 1 is blank: ...", since the image is not blank, only the frame read (the dark
+    lead-in frame of an XA run read with ``frames = "first"``).
+
+    Raises
+    ------
+    dicomai.errors.NotEvaluable
+        If Number of Frames is not a positive integer.
+    """
+    if frame_count(ds) > 1:
+        return f"frame {frame + 1} is blank: every pixel has the same value"
+    return BLANK
 
 
 def prepare_unless_blank(

@@ -19,6 +19,7 @@ from dicomai.imaging.decode import read_instance
 from dicomai.imaging.preprocess import prepare, prepare_unless_blank, selected_frames
 from dicomai.imaging.spec import InputSpec
 from dicomai.models.manifest import ClassSpec
+from dicomai.results.codes import referenced_as_multi_frame
 from dicomai.results.context import SourceImage
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,10 @@ def prepare_frames(dataset: Dataset, spec: InputSpec) -> PreparedFrames:
     With ``frames = "all"`` and several frames, a blank frame (a dark lead-in or padding
     frame of an XA run or a cine) is left out: it shows nothing that the other frames could
     report Absent. A single frame, or the first with ``frames = "first"``, that is blank is
-    not evaluated.
+    not evaluated. An image whose IOD is a single-frame one but that holds several frames (a
+    Secondary Capture of Number of Frames 2) is read by its first frame whatever `spec`
+    says: a reference to it carries no frame number (PS3.3 C.10.1), so a viewer shows a
+    region reported on frame 2 on frame 1.
 
     Raises
     ------
@@ -123,6 +127,8 @@ def prepare_frames(dataset: Dataset, spec: InputSpec) -> PreparedFrames:
         one shows); or every frame is blank.
     """
     indices = selected_frames(dataset, spec)
+    if len(indices) > 1 and not _frames_referenced(dataset):
+        indices = indices[:1]
     if len(indices) < 2:
         only, tensor = prepare(dataset, spec)
         return PreparedFrames(only, (tensor,), (0,))
@@ -143,6 +149,12 @@ def prepare_frames(dataset: Dataset, spec: InputSpec) -> PreparedFrames:
     if display is None:
         raise NotEvaluable(f"image is blank: all {len(indices)} frames have one value each")
     return PreparedFrames(display, tuple(inputs), tuple(kept))
+
+
+def _frames_referenced(dataset: Dataset) -> bool:
+    # Without a SOP class (`dicomai evaluate` reads such files) the instance is trusted, as
+    # `referenced_as_multi_frame` trusts it for a class it does not know.
+    return "SOPClassUID" not in dataset or referenced_as_multi_frame(dataset)
 
 
 def reported_frame(means: np.ndarray, classes: Sequence[ClassSpec]) -> int:

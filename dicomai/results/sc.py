@@ -113,7 +113,8 @@ class OverlayBuilder:
         else:
             # Only highdicom needs a copy of the header; the derivation reads the source.
             sc = _copy_for_image(self._first, pixels, uid, index + 1)
-        _describe_derivation(sc, source, codes.method_label(context.model), lines)
+        finding = finding_label(context, index)
+        _describe_derivation(sc, source, codes.method_label(context.model), finding, lines)
         for keyword, value in self._series.items():
             setattr(sc, keyword, value)
         return sc
@@ -221,8 +222,30 @@ def caption_lines(context: ResultContext, index: int) -> tuple[str, str, str, st
     Returns
     -------
     tuple of str
-        "<finding>: <probability %>" (">99%" and "<1%" at the ends, see
-        `codes.shown_percent`), "<model name> <version>", `report_label` and the disclaimer.
+        `finding_label` ("<finding>: <probability %>"), followed for a source of several
+        frames by ", " and `frame_label` ("Nodule: 87%, frame 6 of 8"); "<model name>
+        <version>", `report_label` and the disclaimer.
+
+    Raises
+    ------
+    ValueError
+        If the prediction has no heat map or does not say which class it explains.
+    """
+    finding = finding_label(context, index)
+    frame = frame_label(context.sources[index])
+    if frame is not None:
+        # On the finding's line, the shortest: "Nodule: >99%, frame 120 of 120" is still
+        # narrower than the disclaimer, the line the font size is fitted to, and a line of its
+        # own would make the band taller.
+        finding = f"{finding}, {frame}"
+    # The report on a line of its own: one font size serves all lines, fitted to the longest,
+    # and on the model's line it had made every line a third smaller.
+    return finding, codes.model_label(context.model), report_label(context), DISCLAIMER
+
+
+def finding_label(context: ResultContext, index: int) -> str:
+    """The finding the overlay of ``context.sources[index]`` explains, with its probability:
+    "Nodule: 87%" (">99%" and "<1%" at the ends, see `codes.shown_percent`).
 
     Raises
     ------
@@ -234,10 +257,18 @@ def caption_lines(context: ResultContext, index: int) -> tuple[str, str, str, st
     if prediction.explained is None:
         raise ValueError(f"source image {index + 1} has a heat map but no explained class")
     score = prediction.score(prediction.explained)
-    finding = f"{score.code.meaning}: {codes.shown_percent(score)}"
-    # The report on a line of its own: one font size serves all lines, fitted to the longest,
-    # and on the model's line it had made every line a third smaller.
-    return finding, codes.model_label(context.model), report_label(context), DISCLAIMER
+    return f"{score.code.meaning}: {codes.shown_percent(score)}"
+
+
+def frame_label(image: SourceImage) -> str | None:
+    """Which frame of a multi-frame source an overlay shows, "frame 6 of 8"; None for a
+    source of one frame.
+
+    A radiologist who opens a cine or an XA run finds it on its first frame: without the
+    frame, a heat map on frame 6 matched nothing there, and only a header dump named it.
+    """
+    frames = int(image.dataset.get("NumberOfFrames", 1) or 1)
+    return f"frame {image.frame + 1} of {frames}" if frames > 1 else None
 
 
 def report_label(context: ResultContext) -> str:
@@ -438,13 +469,14 @@ def _resized(display: np.ndarray, rows: int, columns: int) -> np.ndarray:
 
 
 def _describe_derivation(
-    sc: Dataset, image: SourceImage, method: str, caption: Sequence[str]
+    sc: Dataset, image: SourceImage, method: str, finding: str, caption: Sequence[str]
 ) -> None:
     """Set what makes the SC a derived, annotated image of `image` (PS3.3 C.7.6.1, C.8.6).
 
-    The Derivation Description names the finding, the model and the report as the caption
-    (`caption_lines`) does: "Grad-CAM heat map (Nodule: 87%) blended over the source image;
-    demo-chest-nodule 1.0.0 - report #2, 2026-11-25 02:04".
+    The Derivation Description names the finding (`finding_label`), the frame of a
+    multi-frame source (`frame_label`), the model and the report as the caption
+    (`caption_lines`) does: "Grad-CAM heat map (Nodule: 87%) blended over frame 6 of 8 of
+    the source image; demo-chest-nodule 1.0.0 - report #2, 2026-11-25 02:04".
     """
     source = image.dataset
     sc.ImageType = ["DERIVED", "SECONDARY"]
@@ -452,9 +484,11 @@ def _describe_derivation(
     # PS3.3 C.8.6.1: produced on a workstation, not digitized from an interface or film.
     sc.ConversionType = "WSD"
     sc.PatientOrientation = codes.patient_orientation(source)
-    finding, model, report = caption[0], caption[1], caption[2]
+    frame = frame_label(image)
+    shown = "the source image" if frame is None else f"{frame} of the source image"
+    model, report = caption[1], caption[2]
     sc.DerivationDescription = (
-        f"{method} heat map ({finding}) blended over the source image; {model} - {report}"
+        f"{method} heat map ({finding}) blended over {shown}; {model} - {report}"
     )
     reference = Dataset()
     reference.ReferencedSOPClassUID = source.SOPClassUID

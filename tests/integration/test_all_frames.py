@@ -11,9 +11,11 @@ import pydicom
 import torch
 from daemon import REPO
 from servers import dciodvfy
+from sqlalchemy import select
 from test_job_runner import ingest, make_world
 
 from dicomai.audit import Operator, os_user
+from dicomai.db.models import Prediction
 from dicomai.imaging.preprocess import prepare
 from dicomai.inference.runner import Classifier
 from dicomai.jobs.assembler import complete_quiet_studies
@@ -24,6 +26,7 @@ from dicomai.rollout.registry import register
 from dicomai.training.synthetic import write_dicom_images
 
 MULTI_FRAME_WORD_SC = "1.2.840.10008.5.1.4.1.1.7.3"
+SINGLE_FRAME_SC = "1.2.840.10008.5.1.4.1.1.7"
 NODULE_FRAME = 3
 
 
@@ -103,3 +106,26 @@ def test_a_package_of_the_first_frame_reports_frame_one(tmp_path: Path) -> None:
     (job_id,) = complete_quiet_studies(sessions, 0)
     JobRunner(settings, sessions, device="cpu").run_job(job_id)
     assert reported_frames(tmp_path / "delivered") == {"SR": {1}, "OT": {1}}
+
+
+def test_a_single_frame_iod_of_several_frames_is_reported_by_its_first(tmp_path: Path) -> None:
+    # Its references carry no frame number (PS3.3 C.10.1): the nodule of frame 3 was reported,
+    # and a viewer drew its region on frame 1, which is clear.
+    settings, sessions, _ = make_world(tmp_path)
+    with sessions() as session, session.begin():
+        operator = Operator(os_user(), "test")
+        register(session, package_of_all_frames(tmp_path), settings.registry_dir, operator)
+        activate(session, "demo-chest-nodule", "1.1.0", operator)
+    ds = three_frames(tmp_path / "frames")
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SINGLE_FRAME_SC
+    del ds.FrameIncrementPointer, ds.FrameTime
+
+    ingest(settings, sessions, ds, tmp_path)
+    (job_id,) = complete_quiet_studies(sessions, 0)
+    JobRunner(settings, sessions, device="cpu").run_job(job_id)
+
+    with sessions() as session:
+        (prediction,) = session.scalars(select(Prediction).where(Prediction.job_id == job_id))
+        assert prediction.evaluated, prediction.reason
+        assert not prediction.positive, "a frame other than the one the SR names was reported"
+    assert reported_frames(tmp_path / "delivered") == {"SR": set(), "OT": set()}
