@@ -12,9 +12,11 @@ import torch
 from daemon import REPO
 from servers import dciodvfy
 from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 from test_job_runner import ingest, make_world
 
 from dicomai.audit import Operator, os_user
+from dicomai.config import Settings
 from dicomai.db.models import Prediction
 from dicomai.imaging.preprocess import prepare
 from dicomai.inference.runner import Classifier
@@ -75,12 +77,18 @@ def _collect_frames(item: pydicom.Dataset, found: set[int]) -> None:
                 _collect_frames(child, found)
 
 
-def test_a_multi_frame_image_is_reported_by_the_frame_with_the_nodule(tmp_path: Path) -> None:
+def world_of_all_frames(tmp_path: Path) -> tuple[Settings, sessionmaker[Session]]:
+    """`make_world` with the demo model's package of every frame (1.1.0) active."""
     settings, sessions, _ = make_world(tmp_path)
     with sessions() as session, session.begin():
         operator = Operator(os_user(), "test")
         register(session, package_of_all_frames(tmp_path), settings.registry_dir, operator)
         activate(session, "demo-chest-nodule", "1.1.0", operator)
+    return settings, sessions
+
+
+def test_a_multi_frame_image_is_reported_by_the_frame_with_the_nodule(tmp_path: Path) -> None:
+    settings, sessions = world_of_all_frames(tmp_path)
     ds = three_frames(tmp_path / "frames")
 
     # What the model says of each frame on its own.
@@ -111,11 +119,7 @@ def test_a_package_of_the_first_frame_reports_frame_one(tmp_path: Path) -> None:
 def test_a_single_frame_iod_of_several_frames_is_reported_by_its_first(tmp_path: Path) -> None:
     # Its references carry no frame number (PS3.3 C.10.1): the nodule of frame 3 was reported,
     # and a viewer drew its region on frame 1, which is clear.
-    settings, sessions, _ = make_world(tmp_path)
-    with sessions() as session, session.begin():
-        operator = Operator(os_user(), "test")
-        register(session, package_of_all_frames(tmp_path), settings.registry_dir, operator)
-        activate(session, "demo-chest-nodule", "1.1.0", operator)
+    settings, sessions = world_of_all_frames(tmp_path)
     ds = three_frames(tmp_path / "frames")
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SINGLE_FRAME_SC
     del ds.FrameIncrementPointer, ds.FrameTime

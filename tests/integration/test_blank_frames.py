@@ -11,18 +11,15 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from sqlalchemy import select
-from test_all_frames import MULTI_FRAME_WORD_SC, package_of_all_frames, reported_frames
-from test_job_runner import ingest, make_world
+from test_all_frames import MULTI_FRAME_WORD_SC, reported_frames, world_of_all_frames
+from test_job_runner import ingest
 
-from dicomai.audit import Operator, os_user
 from dicomai.db.models import Prediction
 from dicomai.imaging.preprocess import prepare
 from dicomai.imaging.spec import InputSpec
 from dicomai.jobs.assembler import complete_quiet_studies
 from dicomai.jobs.reading import read_image, with_frame
 from dicomai.jobs.runner import JobRunner
-from dicomai.rollout.deployment import activate
-from dicomai.rollout.registry import register
 from dicomai.training.synthetic import write_dicom_images
 
 ALL_FRAMES = InputSpec(size=(64, 64), frames="all")
@@ -52,11 +49,7 @@ def saved(ds: pydicom.Dataset, folder: Path) -> Path:
 
 
 def test_a_blank_lead_in_frame_is_left_out_and_the_nodule_frame_reported(tmp_path: Path) -> None:
-    settings, sessions, _ = make_world(tmp_path)
-    with sessions() as session, session.begin():
-        operator = Operator(os_user(), "test")
-        register(session, package_of_all_frames(tmp_path), settings.registry_dir, operator)
-        activate(session, "demo-chest-nodule", "1.1.0", operator)
+    settings, sessions = world_of_all_frames(tmp_path)
     ds = multi_frame(tmp_path / "frames", ["blank", "clear", "clear", "nodule"])
 
     ingest(settings, sessions, ds, tmp_path)
